@@ -1,0 +1,161 @@
+"""Axis bookkeeping and argument checks shared by the pure layer and the modules.
+
+Every check runs on static information (shapes, dtypes, Python numbers), so a bad
+argument fails when the function is traced, with a message that names the argument
+and the fix.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Hashable, Sequence
+
+import jax
+import jax.numpy as jnp
+
+Axes = int | Sequence[int]
+AxisName = Hashable | tuple[Hashable, ...] | None
+
+
+def feature_axes(ndim: int, axis: Axes, *, name: str = "axis") -> tuple[int, ...]:
+    """The feature axes as sorted non-negative ints; raises if any is out of range."""
+    axes = (axis,) if isinstance(axis, int) else tuple(axis)
+    if not axes:
+        raise ValueError(f"`{name}` is empty: name at least one feature axis, e.g. {name}=-1.")
+    out = []
+    for a in axes:
+        if not isinstance(a, int):
+            raise TypeError(f"`{name}` must be an int or a tuple of ints, got {axis!r}.")
+        if not -ndim <= a < ndim:
+            raise ValueError(
+                f"`{name}`={axis!r} is out of range for an input of rank {ndim}: "
+                f"use values in [{-ndim}, {ndim - 1}] (e.g. -1 for NHWC, 1 for NCHW)."
+            )
+        out.append(a % ndim)
+    if len(set(out)) != len(out):
+        raise ValueError(f"`{name}`={axis!r} names the same axis twice.")
+    return tuple(sorted(out))
+
+
+def reduction_axes(ndim: int, features: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(a for a in range(ndim) if a not in features)
+
+
+def feature_shape(shape: Sequence[int], features: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(shape[a] for a in features)
+
+
+def expand_features(v: jax.Array, ndim: int, features: tuple[int, ...]) -> jax.Array:
+    """Reshape a feature-shaped array so that it broadcasts against the input."""
+    shape = [1] * ndim
+    for a, size in zip(features, v.shape):
+        shape[a] = size
+    return v.reshape(shape)
+
+
+def check_floating(x: Any, name: str = "x") -> jax.Array:
+    x = jnp.asarray(x)
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(
+            f"`{name}` has dtype {x.dtype}, but batch norm needs a floating input: "
+            f"cast it first, e.g. {name}.astype(jnp.float32)."
+        )
+    return x
+
+
+def stats_dtype(*dtypes) -> jnp.dtype:
+    """float32, or wider when an input is wider (float64 under x64)."""
+    return jnp.promote_types(jnp.result_type(*dtypes), jnp.float32)
+
+
+def check_feature_array(v: Any, fshape: tuple[int, ...], name: str, axis: Axes) -> jax.Array | None:
+    """`v` (scale, bias, a running statistic) must have exactly the feature shape."""
+    if v is None:
+        return None
+    v = jnp.asarray(v)
+    if v.shape != fshape:
+        raise ValueError(
+            f"`{name}` has shape {v.shape}, but the input's feature shape along axis={axis!r} is "
+            f"{fshape}: pass a `{name}` of shape {fshape}, or set `axis` to the feature axis of the input "
+            f"(for existing module variables, re-initialize them for this input)."
+        )
+    return v
+
+
+def check_momentum(momentum: Any) -> None:
+    if isinstance(momentum, (int, float)) and not 0.0 <= momentum <= 1.0:
+        raise ValueError(
+            f"`momentum`={momentum} is outside [0, 1]. jbn uses the Flax/Keras convention "
+            f"new = momentum * old + (1 - momentum) * batch, so PyTorch's momentum=0.1 is 0.9 here."
+        )
+
+
+def check_epsilon(epsilon: Any) -> None:
+    if isinstance(epsilon, (int, float)) and not epsilon > 0:
+        raise ValueError(f"`epsilon`={epsilon} must be > 0 (it keeps 1/sqrt(var + epsilon) finite); the usual value is 1e-5.")
+
+
+def broadcast_mask(mask: Any, x_shape: tuple[int, ...], features: tuple[int, ...]) -> jax.Array | None:
+    """The mask as a bool array of `x`'s rank (size 1 where it does not vary).
+
+    A mask of `x`'s rank broadcasts against `x`; a mask of rank `x.ndim - len(features)`
+    broadcasts against `x` without its feature axes (e.g. (N, T) for an (N, T, C) batch).
+    """
+    if mask is None:
+        return None
+    mask = jnp.asarray(mask)
+    ndim = len(x_shape)
+    if mask.ndim == ndim - len(features):
+        mask = jnp.expand_dims(mask, features)
+    elif mask.ndim != ndim:
+        raise ValueError(
+            f"`mask` has shape {mask.shape}, which does not broadcast against the input of shape {x_shape}: "
+            f"give it the input's rank ({ndim}) or the input's rank without the feature axes "
+            f"({ndim - len(features)}), e.g. shape {tuple(s for i, s in enumerate(x_shape) if i not in features)}."
+        )
+    for m, s in zip(mask.shape, x_shape):
+        if m not in (1, s):
+            raise ValueError(
+                f"`mask` has shape {mask.shape}, which does not broadcast against the input of shape {x_shape}: "
+                f"each mask dimension must equal the input's or be 1."
+            )
+    return mask.astype(bool)
+
+
+def normalize_axis_name(axis_name: AxisName) -> tuple[Hashable, ...] | None:
+    if axis_name is None:
+        return None
+    return tuple(axis_name) if isinstance(axis_name, (tuple, list)) else (axis_name,)
+
+
+def bound_axis_size(axis_name: tuple[Hashable, ...]) -> int:
+    """Number of participants along `axis_name`; a clear error when a name is not bound."""
+    try:
+        return int(jax.lax.axis_size(axis_name if len(axis_name) > 1 else axis_name[0]))
+    except NameError as e:
+        raise ValueError(
+            f"`axis_name`={axis_name if len(axis_name) > 1 else axis_name[0]!r} is not bound here ({e}). "
+            "Call the function inside the transform that binds it: jax.pmap(..., axis_name=NAME), "
+            "jax.shard_map over a mesh with that axis, or jax.vmap(..., axis_name=NAME). "
+            "Under plain jax.jit with batch-sharded arrays no axis_name is needed: pass axis_name=None "
+            "and XLA makes the reductions global."
+        ) from None
+
+
+def check_axis_index_groups(groups: Any, axis_name: tuple[Hashable, ...] | None, size: int) -> tuple[tuple[int, ...], ...] | None:
+    if groups is None:
+        return None
+    if axis_name is None:
+        raise ValueError("`axis_index_groups` needs an `axis_name`: pass the pmap axis name the groups refer to.")
+    groups = tuple(tuple(int(i) for i in g) for g in groups)
+    sizes = {len(g) for g in groups}
+    members = sorted(i for g in groups for i in g)
+    if len(sizes) != 1 or members != list(range(size)):
+        raise ValueError(
+            f"`axis_index_groups`={groups} must split the {size} indices of axis {axis_name!r} into groups of "
+            f"equal size, each index exactly once, e.g. [[0, 1, 2, 3], [4, 5, 6, 7]]."
+        )
+    return groups
+
+
+def element_count(shape: Sequence[int], axes: Sequence[int]) -> int:
+    return math.prod(shape[a] for a in axes)
