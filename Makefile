@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m experiments.demo
+	$(PY) -m experiments run configs/ioffe_fig1.yaml
 
 test: $(STAMP)
 	$(PY) -m pytest -q

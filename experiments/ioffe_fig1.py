@@ -1,0 +1,183 @@
+"""Experiment 1: Ioffe & Szegedy (2015), Figure 1.
+
+Claim: an MLP of 3 hidden layers of 100 sigmoid units trained with batches of 60 reaches
+a higher test accuracy sooner with batch norm, and the distribution of a sigmoid's input
+(its 15th, 50th and 85th percentiles) stays steady during training with BN while it drifts
+without ("internal covariate shift").
+"""
+from __future__ import annotations
+
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from experiments import data as datasets
+from experiments import report
+from experiments.models import MLP, NormSpec
+from experiments.training import TrainState, fit, first_step_reaching, make_optimizer, rngs_for
+
+NAME = "ioffe_fig1"
+DEFAULTS = {
+    "data": "mnist1d",  # a key of experiments.data.load
+    "widths": [100, 100, 100],  # hidden layers
+    "activation": "sigmoid",
+    "batch_size": 60,
+    "steps": 6000,
+    "eval_every": 100,
+    "optimizer": "sgd",
+    "learning_rate": 0.5,  # the same for both arms
+    "bn_momentum": 0.99,
+    "seeds": [0, 1, 2],
+    "unit": 0,  # which unit of the last hidden layer the percentile plot shows
+    "probe_examples": 1000,  # fixed test examples the percentiles are measured on
+    "settle_fraction": 0.1,  # the drift is measured after this fraction of training
+}
+TINY = {"steps": 40, "eval_every": 20, "seeds": [0], "probe_examples": 200}
+
+CLAIM = (
+    "With batch norm, a 3x100 sigmoid MLP (batch 60) reaches a higher test accuracy sooner, and the input "
+    "distribution of a last-hidden-layer sigmoid (15th/50th/85th percentiles) stays steady during training, "
+    "while without BN it drifts (Ioffe & Szegedy 2015, Fig. 1)."
+)
+PERCENTILES = (15.0, 50.0, 85.0)
+
+
+def percentile_probe(model, probe_x):
+    """probe(state, key) -> {"pct": (units, 3)} percentiles of the last hidden layer's
+    sigmoid input over `probe_x`, in training mode (what the sigmoid sees while training;
+    batch statistics of the probe batch, running statistics left unchanged)."""
+    last = len(model.widths) - 1
+
+    def probe(state: TrainState, key):
+        variables = {"params": state.params, **({"batch_stats": state.batch_stats} if state.batch_stats else {})}
+        _, inter = model.apply(variables, probe_x, train=True, rngs=rngs_for(key), mutable=["intermediates", "batch_stats"])
+        h = inter["intermediates"][f"act_input_{last}"][0]  # (N, units)
+        return {"pct": jnp.percentile(h, jnp.asarray(PERCENTILES), axis=0).T}
+
+    return probe
+
+
+def percentile_drift(pct: np.ndarray, steps: np.ndarray, settle_fraction: float) -> np.ndarray:
+    """(S,) how far the sigmoid-input distributions move after the first `settle_fraction`
+    of training, in units of their width: mean over units and over the 15th/50th/85th
+    percentiles of (max_t - min_t of the percentile) / mean_t (p85 - p15).
+
+    Args:
+      pct: (T, S, units, 3) percentiles over time.
+      steps: (T,) the steps they were taken at.
+    """
+    after = steps >= settle_fraction * steps[-1]
+    p = pct[after]  # (T', S, units, 3)
+    ranges = (p.max(0) - p.min(0)).mean(-1)  # (S, units)
+    width = (p[..., 2] - p[..., 0]).mean(0)
+    return np.nanmean(ranges / np.maximum(width, 1e-12), axis=-1)
+
+
+def run(config: dict, out_dir: pathlib.Path) -> dict:
+    out_dir = pathlib.Path(out_dir)
+    data = datasets.load(config["data"])
+    probe_x = jnp.asarray(data.x_test[: config["probe_examples"]])
+    arms = {"baseline": NormSpec("none"), "BN": NormSpec("bn", momentum=config["bn_momentum"])}
+    runs, rows = {}, []
+    for arm, norm in arms.items():
+        model = MLP(tuple(config["widths"]), data.num_classes, activation=config["activation"], norm=norm)
+        run_ = fit(
+            model,
+            make_optimizer(config["optimizer"], config["learning_rate"]),
+            data,
+            seeds=config["seeds"],
+            steps=config["steps"],
+            batch_size=config["batch_size"],
+            eval_every=config["eval_every"],
+            probe=percentile_probe(model, probe_x),
+            desc=arm,
+        )
+        runs[arm] = run_
+        rows += run_.rows(arm=arm)
+        unit = config["unit"]
+        for t, step in enumerate(run_.steps):
+            for s, seed in enumerate(run_.seeds):
+                for q, pq in enumerate(PERCENTILES):
+                    rows.append({"arm": arm, "seed": seed, "step": int(step), "metric": f"unit{unit}_p{pq:g}", "value": float(run_.series["pct"][t, s, unit, q])})
+    report.write_metrics(out_dir, rows)
+
+    # Numbers
+    final = {a: r.final("test_accuracy") for a, r in runs.items()}
+    drift = {a: percentile_drift(r.series["pct"], r.steps, config["settle_fraction"]) for a, r in runs.items()}
+    base_mean, base_std = report.mean_std(final["baseline"])
+    bn_mean, bn_std = report.mean_std(final["BN"])
+    target = base_mean
+    reach = {a: first_step_reaching(r, target) for a, r in runs.items()}
+    table_rows = []
+    for a, r in runs.items():
+        table_rows.append(
+            (
+                a,
+                report.fmt_seeds(final[a]),
+                report.fmt_seeds(r.final("train_loss")),
+                report.fmt_seeds(reach[a], 0) + ("" if np.all(np.isfinite(reach[a])) else f" ({int(np.sum(~np.isfinite(reach[a])))} never)"),
+                report.fmt_seeds(drift[a]),
+                f"{r.seconds:.0f}",
+            )
+        )
+    table = report.markdown_table(
+        ["arm", "final test acc", "final train loss", f"steps to {target:.3f} (baseline final)", "percentile drift", "seconds"],
+        table_rows,
+    )
+
+    # Criteria
+    steps = config["steps"]
+    bn_reach = report.mean_std(reach["BN"])[0]
+    d_base, d_bn = report.mean_std(drift["baseline"])[0], report.mean_std(drift["BN"])[0]
+    checks = [
+        report.Check(
+            "BN's final test accuracy beats the baseline's by more than their seed spreads combined (mean_BN - mean_base > std_BN + std_base)",
+            bool(bn_mean - base_mean > bn_std + base_std),
+            f"BN {report.fmt(bn_mean, bn_std)} vs baseline {report.fmt(base_mean, base_std)}",
+        ),
+        report.Check(
+            "BN reaches the baseline's final test accuracy within the first half of training (every seed)",
+            bool(np.all(reach["BN"] <= steps / 2)),
+            f"BN steps to {target:.3f}: {', '.join('never' if not np.isfinite(v) else str(int(v)) for v in reach['BN'])} (of {steps})",
+        ),
+        report.Check(
+            "The sigmoid-input percentiles drift less than half as much with BN as without (percentile drift, mean over seeds)",
+            bool(d_bn < 0.5 * d_base),
+            f"drift BN {d_bn:.3f} vs baseline {d_base:.3f}",
+        ),
+    ]
+
+    # Figure: accuracy, then the percentiles of one unit without and with BN (first seed).
+    fig, axes = report.figure(3, 1, width=3.6)
+    for a, r in runs.items():
+        report.band(axes[0, 0], r.steps, r.series["test_accuracy"], a)
+    axes[0, 0].set(xlabel="step", ylabel="test accuracy", title="(a) test accuracy")
+    axes[0, 0].legend()
+    unit = config["unit"]
+    for ax, a, letter in ((axes[0, 1], "baseline", "b"), (axes[0, 2], "BN", "c")):
+        pct = runs[a].series["pct"][:, 0, unit, :]
+        for q, pq in enumerate(PERCENTILES):
+            ax.plot(runs[a].steps, pct[:, q], color="C0" if a == "baseline" else "C1", lw=1.5 if pq == 50 else 0.8)
+        ax.set(xlabel="step", ylabel="sigmoid input", title=f"({letter}) {a}: unit {unit}, 15/50/85th pct")
+    ylim = (min(axes[0, 1].get_ylim()[0], axes[0, 2].get_ylim()[0]), max(axes[0, 1].get_ylim()[1], axes[0, 2].get_ylim()[1]))
+    axes[0, 1].set_ylim(ylim)
+    axes[0, 2].set_ylim(ylim)
+    figures = [report.save_figure(fig, out_dir, "ioffe_fig1.png")]
+
+    setup = (
+        f"{data.name}; MLP {config['widths']} {config['activation']} units, batch {config['batch_size']}, "
+        f"{config['optimizer']} lr {config['learning_rate']}, {steps} steps, seeds {config['seeds']}; BN = jbn.BatchNorm "
+        f"(momentum {config['bn_momentum']}) between each Dense and sigmoid, Dense without bias there. Test accuracy "
+        f"uses the running statistics. Percentiles of the last hidden layer's sigmoid inputs are taken on "
+        f"{len(probe_x)} fixed test examples in training mode. *Percentile drift* = mean over the "
+        f"{config['widths'][-1]} units and the 3 percentiles of (max - min over time of the percentile) / (the unit's "
+        f"mean 15-85 width), measured after the first {config['settle_fraction']:.0%} of training: 0 for a "
+        f"distribution that never moves."
+    )
+    _, v = report.write_summary(
+        out_dir, title="1. Ioffe & Szegedy 2015, Fig. 1", claim=CLAIM, setup=setup, table=table, checks=checks,
+        figures=figures, command=report.command_for(NAME),
+    )
+    return report.result(NAME, out_dir, v, table, figures, checks)

@@ -1,0 +1,176 @@
+"""The small networks the experiments train: an MLP and a conv net with a pluggable norm.
+
+A network's hidden layers are Dense/Conv -> norm -> activation (or activation -> norm,
+`placement="after"`). The norm is chosen by a `NormSpec`; jbn's layers do the batch
+normalization, flax's GroupNorm is the batch-independent reference. Each hidden layer
+`sow`s its norm input and its activation input into the `intermediates` collection, so an
+experiment can read them with `mutable=["intermediates"]`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+import jbn
+
+NORMS = ("none", "bn", "ghost", "renorm", "group", "noisy_bn")
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "relu": nn.relu,
+    "sigmoid": nn.sigmoid,
+    "tanh": jnp.tanh,
+    "linear": lambda x: x,
+}
+INITS = {
+    "lecun": nn.initializers.lecun_normal(),  # variance 1/fan_in (flax's default)
+    "he": nn.initializers.he_normal(),  # variance 2/fan_in, keeps ReLU signals at scale
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class NormSpec:
+    """Which normalization a hidden layer uses, and its settings.
+
+    Attributes:
+      kind: one of NORMS. "bn" is jbn.BatchNorm; "ghost" is jbn.BatchNorm with
+        `virtual_batch_size`; "renorm" is jbn.BatchRenorm; "group" is flax's GroupNorm;
+        "noisy_bn" is jbn.BatchNorm followed, in training, by a random per-unit scale
+        `exp(noise_scale * z1)` and shift `noise_shift * z2` (z ~ N(0, 1)) drawn afresh
+        every step (Santurkar et al. 2018); "none" is the identity.
+      momentum: running-average momentum of the batch-norm kinds.
+      virtual_batch_size: ghost batch size ("ghost").
+      group_size: channels per group ("group").
+      r_max, d_max: Batch Renorm clipping limits ("renorm").
+      noise_scale, noise_shift: noise magnitudes ("noisy_bn").
+    """
+
+    kind: str = "bn"
+    momentum: float = 0.99
+    virtual_batch_size: int = 8
+    group_size: int = 8
+    r_max: float = 3.0
+    d_max: float = 5.0
+    noise_scale: float = 0.5
+    noise_shift: float = 0.5
+
+    def __post_init__(self):
+        if self.kind not in NORMS:
+            raise ValueError(f"`kind`={self.kind!r}: use one of {', '.join(NORMS)}.")
+
+    @property
+    def normalizes(self) -> bool:
+        return self.kind != "none"
+
+
+class Norm(nn.Module):
+    """The normalization named by `spec`, applied to features on the last axis."""
+
+    spec: NormSpec
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        s = self.spec
+        if s.kind == "none":
+            return x
+        if s.kind in ("bn", "noisy_bn"):
+            y = jbn.BatchNorm(use_running_average=not train, momentum=s.momentum)(x)
+            if s.kind == "noisy_bn" and train and not self.is_initializing():
+                z_scale, z_shift = jax.random.normal(self.make_rng("noise"), (2, x.shape[-1]), x.dtype)
+                y = y * jnp.exp(s.noise_scale * z_scale) + s.noise_shift * z_shift
+            return y
+        if s.kind == "ghost":
+            return jbn.BatchNorm(use_running_average=not train, momentum=s.momentum, virtual_batch_size=s.virtual_batch_size)(x)
+        if s.kind == "renorm":
+            return jbn.BatchRenorm(use_running_average=not train, momentum=s.momentum, r_max=s.r_max, d_max=s.d_max)(x)
+        if s.kind == "group":
+            return nn.GroupNorm(num_groups=None, group_size=min(s.group_size, x.shape[-1]))(x)
+        raise AssertionError(s.kind)
+
+
+class MLP(nn.Module):
+    """A fully connected classifier.
+
+    Attributes:
+      widths: hidden layer widths, e.g. (100, 100, 100).
+      num_classes: output logits.
+      activation: a key of ACTIVATIONS.
+      norm: the normalization of every hidden layer.
+      placement: "before" (Dense -> norm -> activation, Ioffe & Szegedy) or "after"
+        (Dense -> activation -> norm).
+      dense_bias: whether hidden Dense layers have a bias; None = only when no norm
+        directly follows them (a bias before a norm's mean subtraction is redundant).
+      dropout: dropout rate, 0 for none.
+      dropout_placement: "each" puts dropout on every hidden layer's output (so it feeds
+        the next layer's norm); "last" only before the classifier, after the last norm.
+      weight_init: kernel initializer, a key of INITS.
+    """
+
+    widths: tuple[int, ...]
+    num_classes: int
+    activation: str = "relu"
+    norm: NormSpec = NormSpec("none")
+    placement: str = "before"
+    dense_bias: bool | None = None
+    dropout: float = 0.0
+    dropout_placement: str = "each"
+    weight_init: str = "lecun"
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        """x: (N, ...) inputs, flattened; returns (N, num_classes) logits."""
+        act = ACTIVATIONS[self.activation]
+        bias = self.dense_bias
+        if bias is None:
+            bias = not (self.norm.normalizes and self.placement == "before")
+        x = x.reshape(x.shape[0], -1)
+        for i, width in enumerate(self.widths):
+            if self.dropout > 0 and self.dropout_placement == "each" and i > 0:
+                x = nn.Dropout(self.dropout, deterministic=not train)(x)
+            h = nn.Dense(width, use_bias=bias, kernel_init=INITS[self.weight_init], name=f"dense_{i}")(x)
+            if self.placement == "before":
+                self.sow("intermediates", f"norm_input_{i}", h)
+                h = Norm(self.norm, name=f"norm_{i}")(h, train)
+                self.sow("intermediates", f"act_input_{i}", h)
+                x = act(h)
+            else:
+                self.sow("intermediates", f"act_input_{i}", h)
+                a = act(h)
+                self.sow("intermediates", f"norm_input_{i}", a)
+                x = Norm(self.norm, name=f"norm_{i}")(a, train)
+        if self.dropout > 0 and self.dropout_placement in ("each", "last"):
+            x = nn.Dropout(self.dropout, deterministic=not train)(x)
+        return nn.Dense(self.num_classes, kernel_init=INITS[self.weight_init], name="head")(x)
+
+
+class ConvNet(nn.Module):
+    """A small conv net for 8x8 digit images (or 1-D sequences): conv -> norm -> ReLU
+    blocks, 2x max-pooling after the blocks in `pool_after`, global average pooling and
+    a Dense classifier.
+
+    Attributes:
+      channels: output channels of each 3x3 (or length-3) convolution.
+      num_classes: output logits.
+      norm: the normalization of every block.
+      pool_after: indices of the blocks followed by 2x max-pooling.
+    """
+
+    channels: tuple[int, ...]
+    num_classes: int
+    norm: NormSpec = NormSpec("none")
+    pool_after: tuple[int, ...] = (1,)
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        """x: (N, H, W, C) or (N, L, C); returns (N, num_classes) logits."""
+        spatial = x.ndim - 2
+        for i, c in enumerate(self.channels):
+            x = nn.Conv(c, (3,) * spatial, use_bias=not self.norm.normalizes, name=f"conv_{i}")(x)
+            self.sow("intermediates", f"norm_input_{i}", x)
+            x = nn.relu(Norm(self.norm, name=f"norm_{i}")(x, train))
+            if i in self.pool_after:
+                x = nn.max_pool(x, (2,) * spatial, strides=(2,) * spatial)
+        x = x.mean(axis=tuple(range(1, 1 + spatial)))
+        return nn.Dense(self.num_classes, name="head")(x)

@@ -1,0 +1,270 @@
+"""The shared training loop: optax, jitted steps, several seeds at once, a progress bar.
+
+`fit` trains one network for several seeds in lockstep: the per-seed step is `vmap`ped
+over seeds and `lax.scan`ned over the steps between two evaluations, so each arm compiles
+once and Python runs once per evaluation, not once per step. Every seed has its own
+initialization, data order, dropout and noise keys, all derived from the seed, so a run is
+reproducible (on the same machine and library versions).
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import linen as nn
+from tqdm.auto import tqdm
+
+from experiments.data import Dataset, batch_indices
+
+OPTIMIZERS = ("sgd", "momentum", "adam")
+
+
+class TrainState(NamedTuple):
+    """Everything that changes during training (one seed, or stacked over seeds).
+
+    Attributes:
+      params: the `params` collection.
+      batch_stats: the `batch_stats` collection ({} for networks without batch norm).
+      opt_state: the optax state.
+    """
+
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+
+
+def make_optimizer(name: str, learning_rate: float, momentum: float = 0.9) -> optax.GradientTransformation:
+    """An optax optimizer by config name.
+
+    Args:
+      name: "sgd" (plain), "momentum" (SGD with heavy-ball momentum) or "adam".
+      learning_rate: step size.
+      momentum: heavy-ball coefficient for "momentum".
+    """
+    if name == "sgd":
+        return optax.sgd(learning_rate)
+    if name == "momentum":
+        return optax.sgd(learning_rate, momentum=momentum)
+    if name == "adam":
+        return optax.adam(learning_rate)
+    raise ValueError(f"`optimizer`={name!r}: use one of {', '.join(OPTIMIZERS)}.")
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """Mean softmax cross-entropy; logits (N, K), labels (N,) int."""
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+def accuracy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    return jnp.mean(jnp.argmax(logits, -1) == labels)
+
+
+def variables_of(state: TrainState) -> dict:
+    """The flax variables dict of `state`."""
+    variables = {"params": state.params}
+    if state.batch_stats:
+        variables["batch_stats"] = state.batch_stats
+    return variables
+
+
+def init_state(model: nn.Module, optimizer: optax.GradientTransformation, key: jax.Array, sample_x: jax.Array) -> TrainState:
+    """A fresh TrainState for one seed. `sample_x` is a batch with the input shape."""
+    variables = model.init({"params": key}, sample_x, train=False)
+    params = variables["params"]
+    return TrainState(params, variables.get("batch_stats", {}), optimizer.init(params))
+
+
+def rngs_for(key: jax.Array) -> dict:
+    """The rng streams a training forward may draw from: dropout masks and BN noise."""
+    dropout, noise = jax.random.split(key)
+    return {"dropout": dropout, "noise": noise}
+
+
+def training_loss(model: nn.Module, params, batch_stats, x, y, key):
+    """Loss of one batch in training mode -> (loss, (new batch_stats, logits))."""
+    variables = {"params": params, **({"batch_stats": batch_stats} if batch_stats else {})}
+    logits, updates = model.apply(variables, x, train=True, rngs=rngs_for(key), mutable=["batch_stats"])
+    return cross_entropy(logits, y), (updates.get("batch_stats", batch_stats), logits)
+
+
+def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation) -> Callable:
+    """`step(state, x, y, key) -> (state, {"loss", "accuracy"})` for one seed (not jitted)."""
+
+    def step(state: TrainState, x, y, key):
+        grad_fn = jax.value_and_grad(training_loss, argnums=1, has_aux=True)
+        (loss, (batch_stats, logits)), grads = grad_fn(model, state.params, state.batch_stats, x, y, key)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        return TrainState(params, batch_stats, opt_state), {"loss": loss, "accuracy": accuracy(logits, y)}
+
+    return step
+
+
+def make_evaluate(model: nn.Module) -> Callable:
+    """`evaluate(state, x, y) -> {"loss", "accuracy"}` in eval mode (running statistics)."""
+
+    def evaluate(state: TrainState, x, y):
+        logits = model.apply(variables_of(state), x, train=False)
+        return {"loss": cross_entropy(logits, y), "accuracy": accuracy(logits, y)}
+
+    return evaluate
+
+
+@dataclasses.dataclass
+class Run:
+    """What `fit` returns.
+
+    Attributes:
+      seeds: the seeds, in the order of every leading seed axis below.
+      steps: (T,) the steps at which the metrics were taken (0 = at initialization).
+      series: metric name -> array (T, S, ...): train_loss/train_accuracy (means over the
+        steps since the previous evaluation; NaN at step 0), test_loss/test_accuracy (eval
+        mode, whole test set), and whatever the probe returned.
+      state: the final TrainState, every leaf stacked over seeds.
+      seconds: wall-clock time of the training loop (compilation included).
+    """
+
+    seeds: list[int]
+    steps: np.ndarray
+    series: dict[str, np.ndarray]
+    state: TrainState
+    seconds: float
+
+    def final(self, name: str) -> np.ndarray:
+        """(S, ...) the metric at the last evaluation."""
+        return self.series[name][-1]
+
+    def rows(self, **extra) -> list[dict]:
+        """Long-format rows (one per evaluation step, seed and scalar metric) for metrics.csv."""
+        out = []
+        for t, step in enumerate(self.steps):
+            for s, seed in enumerate(self.seeds):
+                for name, values in self.series.items():
+                    v = values[t, s]
+                    if np.ndim(v) == 0:
+                        out.append({**extra, "seed": seed, "step": int(step), "metric": name, "value": float(v)})
+        return out
+
+
+def first_step_reaching(run: Run, threshold: float, metric: str = "test_accuracy") -> np.ndarray:
+    """(S,) first evaluated step where `metric` >= threshold, NaN for a seed that never does."""
+    values = run.series[metric]
+    out = np.full(values.shape[1], np.nan)
+    for s in range(values.shape[1]):
+        hits = np.flatnonzero(values[:, s] >= threshold)
+        if hits.size:
+            out[s] = run.steps[hits[0]]
+    return out
+
+
+def fit(
+    model: nn.Module,
+    optimizer: optax.GradientTransformation,
+    data: Dataset,
+    *,
+    seeds: list[int],
+    steps: int,
+    batch_size: int,
+    eval_every: int,
+    order: str = "shuffle",
+    classes_per_batch: int = 2,
+    order_seeds: list[int] | None = None,
+    probe: Callable[[TrainState, jax.Array], dict] | None = None,
+    desc: str = "",
+    progress: bool = True,
+) -> Run:
+    """Train `model` on `data` for every seed in `seeds`, evaluating every `eval_every` steps.
+
+    Args:
+      model: a flax module called as `model.apply(variables, x, train=...)`.
+      optimizer: the optax transformation.
+      data: the data set (NumPy arrays; moved to the device once).
+      seeds: one training run per seed, trained together (vmap).
+      steps: optimizer steps per run.
+      batch_size: examples per step.
+      eval_every: steps between evaluations (also the length of one jitted scan).
+      order, classes_per_batch: the batch order (see `data.batch_indices`).
+      order_seeds: seeds of the data orders, default `seeds` (pass equal init seeds and
+        different order seeds to vary only the order).
+      probe: optional `probe(state, key) -> dict of arrays` for ONE seed, run (vmapped,
+        jitted) at every evaluation; its outputs join `Run.series`.
+      desc: progress-bar label.
+      progress: show the tqdm progress bar.
+    """
+    if eval_every <= 0 or steps <= 0:
+        raise ValueError(f"`steps`={steps} and `eval_every`={eval_every} must be positive.")
+    order_seeds = list(seeds) if order_seeds is None else list(order_seeds)
+    start = time.perf_counter()
+    n_seeds = len(seeds)
+    x_train, y_train = jnp.asarray(data.x_train), jnp.asarray(data.y_train)
+    x_test, y_test = jnp.asarray(data.x_test), jnp.asarray(data.y_test)
+    keys = jnp.stack([jax.random.PRNGKey(s) for s in seeds])
+    init_keys, run_keys, probe_base = jax.vmap(lambda k: jax.random.split(k, 3), out_axes=1)(keys)
+    sample = x_train[:batch_size]
+    state = jax.jit(jax.vmap(lambda k: init_state(model, optimizer, k, sample)))(init_keys)
+    indices = np.stack(
+        [batch_indices(data.y_train, batch_size, steps, s, order, classes_per_batch) for s in order_seeds], axis=1
+    )  # (steps, S, B)
+
+    step = make_train_step(model, optimizer)
+
+    @jax.jit
+    def train_chunk(state, x_all, y_all, idx, ts):
+        def one_step(state, inputs):
+            idx_t, t = inputs  # idx_t (S, B); t the step number
+            step_keys = jax.vmap(jax.random.fold_in, (0, None))(run_keys, t)
+            return jax.vmap(step)(state, x_all[idx_t], y_all[idx_t], step_keys)
+
+        state, metrics = jax.lax.scan(one_step, state, (idx, ts))
+        return state, jax.tree.map(lambda m: m.mean(0), metrics)
+
+    evaluate = jax.jit(jax.vmap(make_evaluate(model), in_axes=(0, None, None)))
+    run_probe = None
+    if probe is not None:
+        run_probe = jax.jit(jax.vmap(probe))
+
+    history: dict[str, list] = {}
+
+    def record(state, t, train_metrics):
+        nan = np.full(n_seeds, np.nan)
+        values = {
+            "train_loss": nan if train_metrics is None else np.asarray(train_metrics["loss"]),
+            "train_accuracy": nan if train_metrics is None else np.asarray(train_metrics["accuracy"]),
+        }
+        test = evaluate(state, x_test, y_test)
+        values["test_loss"], values["test_accuracy"] = np.asarray(test["loss"]), np.asarray(test["accuracy"])
+        if run_probe is not None:
+            probe_keys = jax.vmap(jax.random.fold_in, (0, None))(probe_base, t)
+            values.update({k: np.asarray(v) for k, v in run_probe(state, probe_keys).items()})
+        for k, v in values.items():
+            history.setdefault(k, []).append(v)
+        return values
+
+    eval_steps = [0]
+    record(state, 0, None)
+    # Without an explicit `disable`, tqdm's environment settings (TQDM_DISABLE=1) apply.
+    bar_options = {} if progress else {"disable": True}
+    bar = tqdm(total=steps, desc=desc, leave=False, dynamic_ncols=True, mininterval=0.5, **bar_options)
+    done = 0
+    while done < steps:
+        n = min(eval_every, steps - done)
+        ts = jnp.arange(done, done + n)
+        state, train_metrics = train_chunk(state, x_train, y_train, jnp.asarray(indices[done : done + n]), ts)
+        done += n
+        values = record(state, done, train_metrics)
+        eval_steps.append(done)
+        bar.update(n)
+        bar.set_postfix(loss=f"{np.nanmean(values['train_loss']):.3f}", test_acc=f"{np.nanmean(values['test_accuracy']):.3f}")
+    bar.close()
+    series = {k: np.stack(v) for k, v in history.items()}
+    return Run(list(seeds), np.asarray(eval_steps), series, state, time.perf_counter() - start)
+
+
+def seed_slice(state: TrainState, s: int) -> TrainState:
+    """The TrainState of the s-th seed of a stacked state."""
+    return jax.tree.map(lambda leaf: leaf[s], state)
