@@ -1,8 +1,9 @@
 """The shared training loop: optax, jitted steps, several seeds at once, a progress bar.
 
-`fit` trains one network for several seeds in lockstep: the per-seed step is `vmap`ped
-over seeds and `lax.scan`ned over the steps between two evaluations, so each arm compiles
-once and Python runs once per evaluation, not once per step. Every seed has its own
+`fit` trains one network for several seeds. For MLPs the per-seed step is `vmap`ped over
+seeds and `lax.scan`ned over the steps between two evaluations, so each arm compiles once
+and Python runs once per evaluation, not once per step; conv nets run seed by seed with one
+jitted step per dispatch (faster on XLA:CPU, see `fit`). Every seed has its own
 initialization, data order, dropout and noise keys, all derived from the seed, so a run is
 reproducible (on the same machine and library versions).
 """
@@ -162,6 +163,27 @@ def first_step_reaching(run: Run, threshold: float, metric: str = "test_accuracy
     return out
 
 
+def _over_seeds(f: Callable, vectorize: bool, in_axes=0) -> Callable:
+    """`f` (for one seed) applied to arguments stacked over seeds: `jax.vmap` when
+    `vectorize`, else a squeeze/unsqueeze around one seed (leading axis of size 1)."""
+    if vectorize:
+        return jax.vmap(f, in_axes=in_axes)
+    axes = in_axes if isinstance(in_axes, tuple) else None
+
+    def one_seed(*args):
+        squeezed = [a if axes is not None and axes[i] is None else jax.tree.map(lambda v: v[0], a) for i, a in enumerate(args)]
+        return jax.tree.map(lambda v: v[None], f(*squeezed))
+
+    return one_seed
+
+
+def _merge_runs(runs: list[Run]) -> Run:
+    """Runs of single seeds -> one Run stacked over seeds."""
+    series = {k: np.concatenate([r.series[k] for r in runs], axis=1) for k in runs[0].series}
+    state = jax.tree.map(lambda *leaves: jnp.concatenate(leaves), *[r.state for r in runs])
+    return Run([s for r in runs for s in r.seeds], runs[0].steps, series, state, sum(r.seconds for r in runs))
+
+
 def fit(
     model: nn.Module,
     optimizer: optax.GradientTransformation,
@@ -177,6 +199,8 @@ def fit(
     probe: Callable[[TrainState, jax.Array], dict] | None = None,
     desc: str = "",
     progress: bool = True,
+    vmap_seeds: bool = True,
+    scan_steps: bool = True,
 ) -> Run:
     """Train `model` on `data` for every seed in `seeds`, evaluating every `eval_every` steps.
 
@@ -184,49 +208,76 @@ def fit(
       model: a flax module called as `model.apply(variables, x, train=...)`.
       optimizer: the optax transformation.
       data: the data set (NumPy arrays; moved to the device once).
-      seeds: one training run per seed, trained together (vmap).
+      seeds: one training run per seed.
       steps: optimizer steps per run.
       batch_size: examples per step.
-      eval_every: steps between evaluations (also the length of one jitted scan).
+      eval_every: steps between evaluations.
       order, classes_per_batch: the batch order (see `data.batch_indices`).
       order_seeds: seeds of the data orders, default `seeds` (pass equal init seeds and
         different order seeds to vary only the order).
-      probe: optional `probe(state, key) -> dict of arrays` for ONE seed, run (vmapped,
-        jitted) at every evaluation; its outputs join `Run.series`.
+      probe: optional `probe(state, key) -> dict of arrays` for ONE seed, run (jitted) at
+        every evaluation; its outputs join `Run.series`.
       desc: progress-bar label.
-      progress: show the tqdm progress bar.
+      progress: show the tqdm progress bar (TQDM_DISABLE=1 also hides it).
+      vmap_seeds: train the seeds together under `jax.vmap` (fast for MLPs); False trains
+        them one after the other (better for conv nets: on XLA:CPU a vmapped convolution
+        with per-seed kernels becomes a slow grouped convolution).
+      scan_steps: run the steps between evaluations in one jitted `lax.scan` (fewest
+        dispatches, fast for MLPs); False dispatches one jitted step per step (better for
+        conv nets: XLA:CPU runs convolutions inside a loop several times slower).
     """
     if eval_every <= 0 or steps <= 0:
         raise ValueError(f"`steps`={steps} and `eval_every`={eval_every} must be positive.")
     order_seeds = list(seeds) if order_seeds is None else list(order_seeds)
+    if len(order_seeds) != len(seeds):
+        raise ValueError(f"`order_seeds` has {len(order_seeds)} entries for {len(seeds)} seeds: give one per seed.")
+    options = dict(
+        steps=steps, batch_size=batch_size, eval_every=eval_every, order=order, classes_per_batch=classes_per_batch,
+        progress=progress, scan_steps=scan_steps,
+    )
+    fns = _Compiled(model, optimizer, probe, vmap_seeds)  # shared by all seeds: one compilation
+    if vmap_seeds or len(seeds) == 1:
+        return _fit(fns, data, seeds=list(seeds), order_seeds=order_seeds, desc=desc, **options)
+    runs = [_fit(fns, data, seeds=[s], order_seeds=[o], desc=f"{desc} seed {s}", **options) for s, o in zip(seeds, order_seeds)]
+    return _merge_runs(runs)
+
+
+class _Compiled:
+    """The jitted functions of one `fit` call, over a leading seed axis. The per-seed keys
+    are arguments (not closed over), so seeds trained one after the other share them."""
+
+    def __init__(self, model, optimizer, probe, vectorize: bool):
+        seeds_step = _over_seeds(make_train_step(model, optimizer), vectorize)
+
+        def one_step(state, run_keys, x_all, y_all, idx_t, t):
+            """One step of every seed; idx_t (S, B) batch indices, t the step number."""
+            step_keys = jax.vmap(jax.random.fold_in, (0, None))(run_keys, t)
+            return seeds_step(state, x_all[idx_t], y_all[idx_t], step_keys)
+
+        def chunk(state, run_keys, x_all, y_all, idx, ts):
+            state, metrics = jax.lax.scan(lambda st, inp: one_step(st, run_keys, x_all, y_all, *inp), state, (idx, ts))
+            return state, jax.tree.map(lambda m: m.mean(0), metrics)
+
+        self.init = jax.jit(jax.vmap(lambda k, sample: init_state(model, optimizer, k, sample), in_axes=(0, None)))
+        self.train_chunk = jax.jit(chunk)
+        self.train_step = jax.jit(one_step)
+        self.evaluate = jax.jit(_over_seeds(make_evaluate(model), vectorize, in_axes=(0, None, None)))
+        self.probe = None if probe is None else jax.jit(_over_seeds(probe, vectorize))
+
+
+def _fit(fns: _Compiled, data, *, seeds, order_seeds, steps, batch_size, eval_every, order, classes_per_batch, desc,
+         progress, scan_steps) -> Run:
     start = time.perf_counter()
     n_seeds = len(seeds)
     x_train, y_train = jnp.asarray(data.x_train), jnp.asarray(data.y_train)
     x_test, y_test = jnp.asarray(data.x_test), jnp.asarray(data.y_test)
     keys = jnp.stack([jax.random.PRNGKey(s) for s in seeds])
     init_keys, run_keys, probe_base = jax.vmap(lambda k: jax.random.split(k, 3), out_axes=1)(keys)
-    sample = x_train[:batch_size]
-    state = jax.jit(jax.vmap(lambda k: init_state(model, optimizer, k, sample)))(init_keys)
+    state = fns.init(init_keys, x_train[:batch_size])
     indices = np.stack(
         [batch_indices(data.y_train, batch_size, steps, s, order, classes_per_batch) for s in order_seeds], axis=1
     )  # (steps, S, B)
-
-    step = make_train_step(model, optimizer)
-
-    @jax.jit
-    def train_chunk(state, x_all, y_all, idx, ts):
-        def one_step(state, inputs):
-            idx_t, t = inputs  # idx_t (S, B); t the step number
-            step_keys = jax.vmap(jax.random.fold_in, (0, None))(run_keys, t)
-            return jax.vmap(step)(state, x_all[idx_t], y_all[idx_t], step_keys)
-
-        state, metrics = jax.lax.scan(one_step, state, (idx, ts))
-        return state, jax.tree.map(lambda m: m.mean(0), metrics)
-
-    evaluate = jax.jit(jax.vmap(make_evaluate(model), in_axes=(0, None, None)))
-    run_probe = None
-    if probe is not None:
-        run_probe = jax.jit(jax.vmap(probe))
+    train_chunk, train_step, evaluate, run_probe = fns.train_chunk, fns.train_step, fns.evaluate, fns.probe
 
     history: dict[str, list] = {}
 
@@ -253,8 +304,15 @@ def fit(
     done = 0
     while done < steps:
         n = min(eval_every, steps - done)
-        ts = jnp.arange(done, done + n)
-        state, train_metrics = train_chunk(state, x_train, y_train, jnp.asarray(indices[done : done + n]), ts)
+        if scan_steps:
+            ts = jnp.arange(done, done + n)
+            state, train_metrics = train_chunk(state, run_keys, x_train, y_train, jnp.asarray(indices[done : done + n]), ts)
+        else:
+            per_step = []
+            for t in range(done, done + n):
+                state, m = train_step(state, run_keys, x_train, y_train, jnp.asarray(indices[t]), t)
+                per_step.append(m)
+            train_metrics = jax.tree.map(lambda *ms: jnp.mean(jnp.stack(ms), axis=0), *per_step)
         done += n
         values = record(state, done, train_metrics)
         eval_steps.append(done)

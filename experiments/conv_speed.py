@@ -1,0 +1,114 @@
+"""Experiment 3: batch norm speeds up training of a conv net.
+
+Claim (the seed articles, after Ioffe & Szegedy 2015): with BN a network reaches a given
+accuracy in fewer steps. A small conv net on the 8x8 digit images, with and without
+BN, the same optimizer and learning rate, several seeds: steps to a target test accuracy.
+"""
+from __future__ import annotations
+
+import pathlib
+
+import numpy as np
+
+from experiments import data as datasets
+from experiments import report
+from experiments.models import ConvNet, NormSpec
+from experiments.training import fit, first_step_reaching, make_optimizer
+
+NAME = "conv_speed"
+DEFAULTS = {
+    "data": "digits_image",
+    "channels": [16, 32, 32],
+    "pool_after": [0],  # max-pool after these conv blocks
+    "batch_size": 32,
+    "steps": 400,
+    "eval_every": 10,
+    "optimizer": "momentum",
+    "learning_rates": [0.01, 0.03, 0.1, 0.3],  # both arms run every rate; each is compared at its best
+    "bn_momentum": 0.9,
+    "target_accuracy": 0.95,
+    "seeds": [0, 1, 2, 3, 4],
+}
+TINY = {"steps": 20, "eval_every": 10, "seeds": [0, 1], "channels": [8, 8], "target_accuracy": 0.2, "learning_rates": [0.1]}
+
+CLAIM = "Batch norm speeds up training: a conv net with BN reaches a target test accuracy in fewer steps than without."
+
+
+def run(config: dict, out_dir: pathlib.Path) -> dict:
+    out_dir = pathlib.Path(out_dir)
+    data = datasets.load(config["data"])
+    arms = {"baseline": NormSpec("none"), "BN": NormSpec("bn", momentum=config["bn_momentum"])}
+    target, steps, lrs = config["target_accuracy"], config["steps"], config["learning_rates"]
+    runs, reach, rows = {}, {}, []
+    for arm, norm in arms.items():
+        model = ConvNet(tuple(config["channels"]), data.num_classes, norm=norm, pool_after=tuple(config["pool_after"]))
+        for lr in lrs:
+            r = fit(
+                model, make_optimizer(config["optimizer"], lr), data, seeds=config["seeds"], steps=steps,
+                batch_size=config["batch_size"], eval_every=config["eval_every"], desc=f"{arm} lr {lr:g}",
+                vmap_seeds=False, scan_steps=False,
+            )
+            # A seed that never reaches the target counts as `steps` (a lower bound).
+            runs[arm, lr], reach[arm, lr] = r, first_step_reaching(r, target)
+            rows += r.rows(arm=arm, learning_rate=lr)
+            rows += [
+                {"arm": arm, "learning_rate": lr, "seed": s, "step": "", "metric": f"steps_to_{target:g}", "value": float(v)}
+                for s, v in zip(r.seeds, reach[arm, lr])
+            ]
+    report.write_metrics(out_dir, rows)
+
+    n_seeds = len(config["seeds"])
+    censored = {k: np.where(np.isfinite(v), v, steps) for k, v in reach.items()}
+    never = {k: int(np.sum(~np.isfinite(v))) for k, v in reach.items()}
+    best = {a: min(lrs, key=lambda lr: (np.mean(censored[a, lr]), -np.mean(runs[a, lr].final("test_accuracy")))) for a in arms}
+    table = report.markdown_table(
+        ["arm", "learning rate", f"steps to {target:g} test acc", "never reached", "final test acc"],
+        [
+            (a + (" (best rate)" if lr == best[a] else ""), f"{lr:g}", report.fmt_seeds(censored[a, lr], 0), f"{never[a, lr]} of {n_seeds}",
+             report.fmt_seeds(runs[a, lr].final("test_accuracy")))
+            for a in arms for lr in lrs
+        ],
+    )
+    kb, kn = ("BN", best["BN"]), ("baseline", best["baseline"])
+    (mb, sb), (mn, sn) = report.mean_std(censored[kb]), report.mean_std(censored[kn])
+    checks = [
+        report.Check(f"At its best rate, BN reaches {target:g} test accuracy in every seed", never[kb] == 0,
+                     f"BN at lr {best['BN']:g}: never reached in {never[kb]} of {n_seeds} seeds"),
+        report.Check(
+            "Each arm at its own best rate: BN needs fewer steps than the baseline, by more than the seed spreads combined "
+            "(mean_base - mean_BN > std_base + std_BN; a seed that never reaches the target counts as all steps)",
+            bool(mn - mb > sn + sb),
+            f"BN {report.fmt(mb, sb, 0)} (lr {best['BN']:g}) vs baseline {report.fmt(mn, sn, 0)} (lr {best['baseline']:g}) steps",
+        ),
+        report.Check(
+            "At every learning rate of the grid, BN needs fewer steps on average",
+            bool(all(np.mean(censored["BN", lr]) < np.mean(censored["baseline", lr]) for lr in lrs)),
+            ", ".join(f"lr {lr:g}: {np.mean(censored['BN', lr]):.0f} vs {np.mean(censored['baseline', lr]):.0f}" for lr in lrs),
+        ),
+    ]
+    fig, axes = report.figure(2, 1)
+    for a in arms:
+        means = [np.mean(censored[a, lr]) for lr in lrs]
+        stds = [np.std(censored[a, lr]) for lr in lrs]
+        axes[0, 0].errorbar(lrs, means, yerr=stds, marker="o", capsize=3, label=a)
+    axes[0, 0].set(xscale="log", xlabel="learning rate", ylabel=f"steps to {target:g} test acc", title=f"mean ± std over {n_seeds} seeds")
+    axes[0, 0].legend()
+    for a in arms:
+        r = runs[a, best[a]]
+        report.band(axes[0, 1], r.steps, r.series["test_accuracy"], f"{a} (lr {best[a]:g})")
+    axes[0, 1].axhline(target, color="gray", ls=":", lw=1)
+    axes[0, 1].set(xlabel="step", ylabel="test accuracy", title="at each arm's best rate", ylim=(0, 1))
+    axes[0, 1].legend()
+    figures = [report.save_figure(fig, out_dir, "conv_speed.png")]
+    setup = (
+        f"{data.name}; conv net {config['channels']} 3x3 channels, ReLU, max-pool after block(s) {config['pool_after']}, "
+        f"global average pool, Dense; batch {config['batch_size']}, {config['optimizer']} (0.9) at learning rates {lrs} for "
+        f"both arms, {steps} steps, test accuracy (running statistics) every {config['eval_every']} steps, seeds "
+        f"{config['seeds']} (same init seed and data order in both arms). BN = jbn.BatchNorm (momentum "
+        f"{config['bn_momentum']}) after each conv (conv without bias). Each arm's best rate = fewest mean steps to the target."
+    )
+    _, v = report.write_summary(
+        out_dir, title="3. Convergence speed on a conv net", claim=CLAIM, setup=setup, table=table, checks=checks,
+        figures=figures, command=report.command_for(NAME),
+    )
+    return report.result(NAME, out_dir, v, table, figures, checks)
