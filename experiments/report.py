@@ -35,11 +35,14 @@ class Check:
       criterion: what must hold, in words with its threshold.
       passed: True/False as measured; None when the arm it needs is waiting.
       measured: the numbers it was decided on (or the waiting marker).
+      part: which sub-claim it belongs to when an experiment tests several (e.g. "A");
+        each part then gets its own verdict besides the overall one.
     """
 
     criterion: str
     passed: bool | None
     measured: str
+    part: str = ""
 
     @property
     def mark(self) -> str:
@@ -52,11 +55,17 @@ def verdict(checks: Sequence[Check]) -> str:
     if not decided:
         waits = sorted({c.measured for c in checks})
         return "; ".join(waits) if waits else "no checks"
-    if all(decided):
-        return CONFIRMED
-    if not any(decided):
-        return NOT_CONFIRMED
-    return MIXED
+    result = CONFIRMED if all(decided) else NOT_CONFIRMED if not any(decided) else MIXED
+    waiting = len(checks) - len(decided)
+    if waiting:
+        result += f" ({waiting} of {len(checks)} checks waiting for a feature)"
+    return result
+
+
+def verdicts_by_part(checks: Sequence[Check]) -> dict[str, str]:
+    """{part: verdict of that part's checks} for experiments that test several sub-claims."""
+    parts = list(dict.fromkeys(c.part for c in checks if c.part))
+    return {p: verdict([c for c in checks if c.part == p]) for p in parts}
 
 
 def mean_std(values: Iterable[float]) -> tuple[float, float]:
@@ -185,6 +194,10 @@ def write_summary(
             "\n\nChecks marked `waiting` need a jbn feature that has not landed yet; they are left out "
             "of the verdict and no number is reported for them."
         )
+    parts = verdicts_by_part(checks)
+    part_lines = "".join(f"\n- Part {p}: **{v}**" for p, v in parts.items())
+    if part_lines:
+        part_lines = "\n\nBy part (each part's criteria alone):" + part_lines
     text = f"""# {title}
 
 **Claim.** {claim}
@@ -197,7 +210,7 @@ def write_summary(
 
 {figs}
 
-## Verdict: {result}
+## Verdict: {result}{part_lines}
 
 The verdict is computed from the criteria below: *confirmed* when every decided criterion
 holds, *not confirmed* when none holds, *mixed* otherwise.{waiting_note}
@@ -214,6 +227,9 @@ Measured with {versions()}.
 
 def result(name: str, out_dir: pathlib.Path, verdict_text: str, table: str, figures: Sequence[pathlib.Path], checks: Sequence[Check]) -> dict:
     """The dict an experiment's `run` returns (the CLI prints it)."""
+    parts = verdicts_by_part(checks)
+    if parts:
+        verdict_text += " (" + "; ".join(f"{p}: {v}" for p, v in parts.items()) + ")"
     return {
         "name": name,
         "verdict": verdict_text,
