@@ -38,13 +38,15 @@ class NormSpec:
       kind: one of NORMS. "bn" is jbn.BatchNorm; "ghost" is jbn.BatchNorm with
         `virtual_batch_size`; "renorm" is jbn.BatchRenorm; "group" is flax's GroupNorm;
         "noisy_bn" is jbn.BatchNorm followed, in training, by a random per-unit scale
-        `exp(noise_scale * z1)` and shift `noise_shift * z2` (z ~ N(0, 1)) drawn afresh
-        every step (Santurkar et al. 2018); "none" is the identity.
+        ~ U(1, noise_scale) and shift ~ U(-noise_shift, noise_shift), drawn afresh every
+        step (the "noisy BatchNorm" of Santurkar et al. 2018), and in evaluation by the
+        expected scale; "none" is the identity.
       momentum: running-average momentum of the batch-norm kinds.
       virtual_batch_size: ghost batch size ("ghost").
       group_size: channels per group ("group").
       r_max, d_max: Batch Renorm clipping limits ("renorm").
-      noise_scale, noise_shift: noise magnitudes ("noisy_bn").
+      noise_scale, noise_shift: noise ranges ("noisy_bn"): scale in [1, noise_scale],
+        shift in [-noise_shift, noise_shift].
     """
 
     kind: str = "bn"
@@ -53,7 +55,7 @@ class NormSpec:
     group_size: int = 8
     r_max: float = 3.0
     d_max: float = 5.0
-    noise_scale: float = 0.5
+    noise_scale: float = 1.25
     noise_shift: float = 0.5
 
     def __post_init__(self):
@@ -77,9 +79,12 @@ class Norm(nn.Module):
             return x
         if s.kind in ("bn", "noisy_bn"):
             y = jbn.BatchNorm(use_running_average=not train, momentum=s.momentum)(x)
-            if s.kind == "noisy_bn" and train and not self.is_initializing():
-                z_scale, z_shift = jax.random.normal(self.make_rng("noise"), (2, x.shape[-1]), x.dtype)
-                y = y * jnp.exp(s.noise_scale * z_scale) + s.noise_shift * z_shift
+            if s.kind == "noisy_bn" and not self.is_initializing():
+                if train:
+                    u_scale, u_shift = jax.random.uniform(self.make_rng("noise"), (2, x.shape[-1]), x.dtype)
+                    y = y * (1 + (s.noise_scale - 1) * u_scale) + s.noise_shift * (2 * u_shift - 1)
+                else:  # evaluation uses the noise's expectation, as dropout does
+                    y = y * ((1 + s.noise_scale) / 2)
             return y
         if s.kind == "ghost":
             return jbn.BatchNorm(use_running_average=not train, momentum=s.momentum, virtual_batch_size=s.virtual_batch_size)(x)

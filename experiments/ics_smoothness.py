@@ -1,0 +1,207 @@
+"""Experiment 6: internal covariate shift vs smoothness (Santurkar et al. 2018).
+
+Claims: (A) "noisy BN" (BN followed by a random per-unit scale and shift, resampled every
+step, which makes the layer input distributions unstable on purpose) trains about as well
+as BN and better than no BN, so BN's benefit does not come from stable distributions.
+(B) BN does not reduce internal covariate shift as Santurkar et al. measure it: the
+change of a layer's gradient when the earlier layers take their update. (C) BN makes the
+loss landscape smoother: along the gradient direction the loss varies less, the gradient
+changes less ("gradient predictiveness") and the effective beta-smoothness is lower.
+"""
+from __future__ import annotations
+
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from experiments import data as datasets
+from experiments import report
+from experiments.models import MLP, NormSpec
+from experiments.training import TrainState, fit, make_optimizer, training_loss
+
+NAME = "ics_smoothness"
+DEFAULTS = {
+    "data": "mnist1d",
+    "depth": 8,  # hidden layers
+    "width": 100,
+    "batch_size": 60,
+    "steps": 2000,
+    "eval_every": 100,
+    "learning_rate": 0.05,  # plain SGD, the same for every arm
+    "bn_momentum": 0.99,
+    "noise_scale": 1.25,  # noisy BN: per unit and step, scale ~ U(1, noise_scale), shift ~ U(-noise_shift, noise_shift)
+    "noise_shift": 0.5,
+    "probe_examples": 128,  # fixed training examples the ICS and landscape are measured on
+    "step_multipliers": [0.25, 0.5, 1.0, 2.0, 4.0],  # landscape steps, times the learning rate
+    "seeds": [0, 1, 2],
+    "noisy_margin": 0.03,  # noisy BN "as well as BN" = final accuracy within this of BN's
+    "ics_tolerance": 0.02,  # BN "does not reduce ICS" = its gradient cosine is at most this above no-BN's
+}
+TINY = {"depth": 3, "width": 32, "steps": 20, "eval_every": 10, "seeds": [0], "probe_examples": 32, "step_multipliers": [1.0, 4.0]}
+
+CLAIM = (
+    "BN's success is not due to reducing internal covariate shift but to a smoother loss landscape: "
+    "noisy BN trains about as well as BN, BN does not reduce ICS (gradient change when earlier layers update), "
+    "and with BN the loss and its gradient change less along the gradient (Santurkar et al. 2018)."
+)
+ARMS = {"standard": "none", "BN": "bn", "noisy BN": "noisy_bn"}
+
+
+def _flat(tree) -> jax.Array:
+    return jnp.concatenate([jnp.ravel(v) for v in jax.tree.leaves(tree)])
+
+
+def landscape_probe(model, x, y, lr: float, multipliers):
+    """probe(state, key) -> ICS and smoothness numbers on the fixed batch (x, y).
+
+    ICS (per hidden layer i >= 1): G = grad of layer i's kernel; G' = the same gradient after
+    layers 0..i-1 (Dense and norm parameters) take one SGD step of size `lr` on the same
+    batch; returns the mean over layers of ||G - G'|| / ||G|| and of cos(G, G').
+    Landscape: for eta = m * lr (m in `multipliers`), the loss and gradient at
+    params - eta * g; returns the range of the loss, max ||g - g(eta)|| ("gradient
+    predictiveness") and max ||g - g(eta)|| / ||eta g|| (effective beta-smoothness).
+    Training mode, batch statistics of (x, y); the same noise key for every evaluation.
+    """
+    depth = len(model.widths)
+
+    def probe(state: TrainState, key):
+        def loss(p):
+            return training_loss(model, p, state.batch_stats, x, y, key)[0]
+
+        value_and_grad = jax.value_and_grad(loss)
+        loss0, g = value_and_grad(state.params)
+        rel, cos = [], []
+        for i in range(1, depth):
+            before = {f"dense_{j}" for j in range(i)} | {f"norm_{j}" for j in range(i)}
+            moved = {k: (jax.tree.map(lambda p, d: p - lr * d, v, g[k]) if k in before else v) for k, v in state.params.items()}
+            g_new = jax.grad(loss)(moved)[f"dense_{i}"]["kernel"]
+            g_old = g[f"dense_{i}"]["kernel"]
+            diff = jnp.linalg.norm(g_new - g_old)
+            rel.append(diff / jnp.linalg.norm(g_old))
+            cos.append(jnp.vdot(g_new, g_old) / (jnp.linalg.norm(g_new) * jnp.linalg.norm(g_old)))
+        flat_g = _flat(g)
+        losses, changes, betas = [loss0], [], []
+        for m in multipliers:
+            eta = m * lr
+            loss_eta, g_eta = value_and_grad(jax.tree.map(lambda p, d: p - eta * d, state.params, g))
+            change = jnp.linalg.norm(_flat(g_eta) - flat_g)
+            losses.append(loss_eta)
+            changes.append(change)
+            betas.append(change / (eta * jnp.linalg.norm(flat_g)))
+        losses = jnp.stack(losses)
+        return {
+            "ics_relative_l2": jnp.mean(jnp.stack(rel)),
+            "ics_cosine": jnp.mean(jnp.stack(cos)),
+            "loss_range": jnp.nanmax(losses) - jnp.nanmin(losses),
+            "gradient_change": jnp.max(jnp.stack(changes)),
+            "beta_smoothness": jnp.max(jnp.stack(betas)),
+        }
+
+    return probe
+
+
+def run(config: dict, out_dir: pathlib.Path) -> dict:
+    out_dir = pathlib.Path(out_dir)
+    data = datasets.load(config["data"])
+    px, py = jnp.asarray(data.x_train[: config["probe_examples"]]), jnp.asarray(data.y_train[: config["probe_examples"]])
+    lr = config["learning_rate"]
+    runs, rows = {}, []
+    for arm, kind in ARMS.items():
+        spec = NormSpec(kind, momentum=config["bn_momentum"], noise_scale=config["noise_scale"], noise_shift=config["noise_shift"])
+        model = MLP((config["width"],) * config["depth"], data.num_classes, activation="relu", norm=spec, weight_init="he")
+        r = fit(
+            model, make_optimizer("sgd", lr), data, seeds=config["seeds"], steps=config["steps"],
+            batch_size=config["batch_size"], eval_every=config["eval_every"],
+            probe=landscape_probe(model, px, py, lr, config["step_multipliers"]), desc=arm,
+        )
+        runs[arm] = r
+        rows += r.rows(arm=arm)
+    report.write_metrics(out_dir, rows)
+
+    def over_training(arm, metric):
+        """(S,) the metric averaged over all evaluations (NaN-aware) of each seed."""
+        with np.errstate(all="ignore"):
+            return np.nanmean(runs[arm].series[metric], axis=0)
+
+    metrics = ["ics_relative_l2", "ics_cosine", "loss_range", "gradient_change", "beta_smoothness"]
+    table = report.markdown_table(
+        ["arm", "final test acc", "final train loss", "ICS ||G-G'||/||G||", "ICS cos(G,G')", "loss range", "max grad change", "beta-smoothness"],
+        [
+            [arm, report.fmt_seeds(r.final("test_accuracy")), report.fmt_seeds(r.final("train_loss"))]
+            + [report.fmt_seeds(over_training(arm, m)) for m in metrics]
+            for arm, r in runs.items()
+        ],
+    )
+    table += "\n\nICS and landscape columns: mean over the evaluations of training (every " f"{config['eval_every']} steps), then mean ± std over seeds."
+
+    def mean(arm, metric):
+        return report.mean_std(over_training(arm, metric))[0]
+
+    acc = {a: report.mean_std(r.final("test_accuracy")) for a, r in runs.items()}
+    nm, tol = config["noisy_margin"], config["ics_tolerance"]
+    checks = [
+        report.Check(
+            f"(A) noisy BN trains about as well as BN: final test accuracy within {nm:g} of BN's (or above)",
+            bool(acc["noisy BN"][0] >= acc["BN"][0] - nm), f"noisy BN {report.fmt(*acc['noisy BN'])} vs BN {report.fmt(*acc['BN'])}", part="A",
+        ),
+        report.Check(
+            "(A) noisy BN beats the standard net's final test accuracy",
+            bool(acc["noisy BN"][0] > acc["standard"][0]), f"noisy BN {acc['noisy BN'][0]:.3f} vs standard {acc['standard'][0]:.3f}", part="A",
+        ),
+        report.Check(
+            f"(B) BN does not reduce ICS: its mean gradient cosine cos(G, G') is at most {tol:g} above the standard net's",
+            bool(mean("BN", "ics_cosine") <= mean("standard", "ics_cosine") + tol),
+            f"BN {mean('BN', 'ics_cosine'):.3f} vs standard {mean('standard', 'ics_cosine'):.3f}", part="B",
+        ),
+        report.Check(
+            "(B) BN does not reduce ICS: its relative gradient change ||G - G'|| / ||G|| is not smaller than the standard net's",
+            bool(mean("BN", "ics_relative_l2") >= mean("standard", "ics_relative_l2")),
+            f"BN {mean('BN', 'ics_relative_l2'):.3f} vs standard {mean('standard', 'ics_relative_l2'):.3f}", part="B",
+        ),
+        report.Check(
+            "(C) With BN the loss varies less along the gradient (smaller loss range)",
+            bool(mean("BN", "loss_range") < mean("standard", "loss_range")),
+            f"BN {mean('BN', 'loss_range'):.3f} vs standard {mean('standard', 'loss_range'):.3f}", part="C",
+        ),
+        report.Check(
+            "(C) With BN the gradient is more predictive (smaller max gradient change along the gradient)",
+            bool(mean("BN", "gradient_change") < mean("standard", "gradient_change")),
+            f"BN {mean('BN', 'gradient_change'):.3f} vs standard {mean('standard', 'gradient_change'):.3f}", part="C",
+        ),
+        report.Check(
+            "(C) With BN the effective beta-smoothness is lower",
+            bool(mean("BN", "beta_smoothness") < mean("standard", "beta_smoothness")),
+            f"BN {mean('BN', 'beta_smoothness'):.3f} vs standard {mean('standard', 'beta_smoothness'):.3f}", part="C",
+        ),
+    ]
+
+    fig, axes = report.figure(3, 2, width=3.4, height=2.8)
+    panels = [
+        ("train_loss", "train loss", "log"), ("test_accuracy", "test accuracy", "linear"), ("ics_cosine", "ICS: cos(G, G')", "linear"),
+        ("ics_relative_l2", "ICS: ||G - G'|| / ||G||", "log"), ("loss_range", "loss range along gradient", "log"),
+        ("beta_smoothness", "effective beta-smoothness", "log"),
+    ]
+    for ax, (metric, title, scale) in zip(axes.ravel(), panels):
+        for arm, r in runs.items():
+            steps, values = (r.steps[1:], r.series[metric][1:]) if metric == "train_loss" else (r.steps, r.series[metric])
+            report.band(ax, steps, values, arm)
+        ax.set(xlabel="step", title=title, yscale=scale)
+    axes[0, 0].legend(fontsize=7)
+    figures = [report.save_figure(fig, out_dir, "ics_smoothness.png")]
+    setup = (
+        f"{data.name}; ReLU MLP, {config['depth']} hidden layers of {config['width']} (He init), batch "
+        f"{config['batch_size']}, plain SGD lr {lr} for every arm, {config['steps']} steps, seeds {config['seeds']}. "
+        f"BN = jbn.BatchNorm before each ReLU; noisy BN multiplies each BN output unit, in training, by a scale ~ "
+        f"U(1, {config['noise_scale']}) and adds a shift ~ U(-{config['noise_shift']}, {config['noise_shift']}), drawn anew every step. Every {config['eval_every']} steps, on "
+        f"{config['probe_examples']} fixed training examples in training mode: ICS of each hidden layer i >= 1 "
+        f"(G = its kernel gradient; G' = the same after layers < i take one SGD step), averaged over layers; and "
+        f"along the gradient g, at steps eta = {config['step_multipliers']} x lr: the loss range, max ||g - g(eta)|| and "
+        f"max ||g - g(eta)|| / ||eta g||."
+    )
+    _, v = report.write_summary(
+        out_dir, title="6. Internal covariate shift vs smoothness", claim=CLAIM, setup=setup, table=table, checks=checks,
+        figures=figures, command=report.command_for(NAME),
+    )
+    return report.result(NAME, out_dir, v, table, figures, checks)
