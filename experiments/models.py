@@ -124,16 +124,23 @@ class MLP(nn.Module):
     weight_init: str = "lecun"
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        """x: (N, ...) inputs, flattened; returns (N, num_classes) logits."""
+    def __call__(self, x: jax.Array, train: bool = False, dropout: bool | None = None) -> jax.Array:
+        """Logits (N, num_classes) of inputs x (N, ...) (flattened).
+
+        Args:
+          train: normalize with batch statistics (and update them when mutable).
+          dropout: apply dropout; default `train`. False with train=True runs the norms in
+            training mode without dropout (to re-estimate statistics as at test time).
+        """
         act = ACTIVATIONS[self.activation]
+        deterministic = not (train if dropout is None else dropout)
         bias = self.dense_bias
         if bias is None:
             bias = not (self.norm.normalizes and self.placement == "before")
         x = x.reshape(x.shape[0], -1)
         for i, width in enumerate(self.widths):
             if self.dropout > 0 and self.dropout_placement == "each" and i > 0:
-                x = nn.Dropout(self.dropout, deterministic=not train)(x)
+                x = nn.Dropout(self.dropout, deterministic=deterministic)(x)
             h = nn.Dense(width, use_bias=bias, kernel_init=INITS[self.weight_init], name=f"dense_{i}")(x)
             if self.placement == "before":
                 self.sow("intermediates", f"norm_input_{i}", h)
@@ -146,7 +153,7 @@ class MLP(nn.Module):
                 self.sow("intermediates", f"norm_input_{i}", a)
                 x = Norm(self.norm, name=f"norm_{i}")(a, train)
         if self.dropout > 0 and self.dropout_placement in ("each", "last"):
-            x = nn.Dropout(self.dropout, deterministic=not train)(x)
+            x = nn.Dropout(self.dropout, deterministic=deterministic)(x)
         return nn.Dense(self.num_classes, kernel_init=INITS[self.weight_init], name="head")(x)
 
 
