@@ -128,6 +128,7 @@ class Run:
         mode, whole test set), and whatever the probe returned.
       state: the final TrainState, every leaf stacked over seeds.
       seconds: wall-clock time of the training loop (compilation included).
+      order_seeds: the seeds of the data orders, one per seed.
     """
 
     seeds: list[int]
@@ -135,6 +136,7 @@ class Run:
     series: dict[str, np.ndarray]
     state: TrainState
     seconds: float
+    order_seeds: list[int] | None = None
 
     def final(self, name: str) -> np.ndarray:
         """(S, ...) the metric at the last evaluation."""
@@ -143,12 +145,13 @@ class Run:
     def rows(self, **extra) -> list[dict]:
         """Long-format rows (one per evaluation step, seed and scalar metric) for metrics.csv."""
         out = []
+        order_seeds = self.order_seeds or self.seeds
         for t, step in enumerate(self.steps):
             for s, seed in enumerate(self.seeds):
                 for name, values in self.series.items():
                     v = values[t, s]
                     if np.ndim(v) == 0:
-                        out.append({**extra, "seed": seed, "step": int(step), "metric": name, "value": float(v)})
+                        out.append({**extra, "seed": seed, "order_seed": order_seeds[s], "step": int(step), "metric": name, "value": float(v)})
         return out
 
 
@@ -181,7 +184,8 @@ def _merge_runs(runs: list[Run]) -> Run:
     """Runs of single seeds -> one Run stacked over seeds."""
     series = {k: np.concatenate([r.series[k] for r in runs], axis=1) for k in runs[0].series}
     state = jax.tree.map(lambda *leaves: jnp.concatenate(leaves), *[r.state for r in runs])
-    return Run([s for r in runs for s in r.seeds], runs[0].steps, series, state, sum(r.seconds for r in runs))
+    return Run([s for r in runs for s in r.seeds], runs[0].steps, series, state, sum(r.seconds for r in runs),
+               [o for r in runs for o in r.order_seeds])
 
 
 def fit(
@@ -320,7 +324,7 @@ def _fit(fns: _Compiled, data, *, seeds, order_seeds, steps, batch_size, eval_ev
         bar.set_postfix(loss=f"{np.nanmean(values['train_loss']):.3f}", test_acc=f"{np.nanmean(values['test_accuracy']):.3f}")
     bar.close()
     series = {k: np.stack(v) for k, v in history.items()}
-    return Run(list(seeds), np.asarray(eval_steps), series, state, time.perf_counter() - start)
+    return Run(list(seeds), np.asarray(eval_steps), series, state, time.perf_counter() - start, list(order_seeds))
 
 
 def seed_slice(state: TrainState, s: int) -> TrainState:

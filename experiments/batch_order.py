@@ -1,0 +1,137 @@
+"""Experiment 11: batch order and non-i.i.d. batches, BN vs Batch Renorm.
+
+Claims: (A) a BN network is sensitive to the order of its batches: the same model trained
+on the same data in different orders gives different results (seed article 000; article
+002 claims the opposite, that BN reduces the importance of the order). (B) With
+non-i.i.d. batches (each batch drawn from a few classes) BN suffers, because its batch
+statistics no longer match the population statistics used at test time; Batch Renorm
+(Ioffe 2017) reduces the damage.
+"""
+from __future__ import annotations
+
+import pathlib
+
+import numpy as np
+
+from experiments import data as datasets
+from experiments import features, report
+from experiments.models import MLP, NormSpec
+from experiments.training import fit, make_optimizer
+
+NAME = "batch_order"
+DEFAULTS = {
+    "data": "mnist1d",
+    "widths": [128, 128],
+    "norms": ["none", "bn", "renorm"],
+    "classes_per_batch": 2,  # the non-i.i.d. order draws each batch from this many classes
+    "batch_size": 32,
+    "steps": 1500,
+    "eval_every": 100,
+    "optimizer": "momentum",
+    "learning_rate": 0.05,
+    "bn_momentum": 0.99,
+    "renorm_r_max": 3.0,
+    "renorm_d_max": 5.0,
+    "init_seed": 0,  # every run starts from this initialization ...
+    "order_seeds": [0, 1, 2, 3, 4],  # ... and sees the training set in these orders
+    "drop_margin": 0.05,  # "suffers" = accuracy this much below the i.i.d. order
+}
+TINY = {"widths": [16], "steps": 20, "eval_every": 10, "order_seeds": [0, 1]}
+
+CLAIM = (
+    "(A) BN makes training sensitive to the batch order: one initialization trained on the same data in different "
+    "orders ends further apart with BN than without. (B) Non-i.i.d. batches (each from a few classes) hurt BN at test "
+    "time far more than they hurt the same net without BN; Batch Renorm reduces the damage (Ioffe 2017)."
+)
+LABELS = {"none": "no norm", "bn": "BN", "renorm": "Batch Renorm"}
+ORDERS = {"shuffle": "i.i.d. (reshuffled each epoch)", "class_grouped": "class-grouped (non-i.i.d.)"}
+
+
+def run(config: dict, out_dir: pathlib.Path) -> dict:
+    out_dir = pathlib.Path(out_dir)
+    data = datasets.load(config["data"])
+    order_seeds = config["order_seeds"]
+    seeds = [config["init_seed"]] * len(order_seeds)
+    runs, status, rows = {}, {}, []
+    for kind in config["norms"]:
+        status[kind] = features.waiting_for_norm(kind)
+        for order in ORDERS:
+            if status[kind]:
+                rows += report.waiting_rows(status[kind], norm=kind, order=order)
+                continue
+            spec = NormSpec(kind, momentum=config["bn_momentum"], r_max=config["renorm_r_max"], d_max=config["renorm_d_max"])
+            model = MLP(tuple(config["widths"]), data.num_classes, activation="relu", norm=spec)
+            r = fit(
+                model, make_optimizer(config["optimizer"], config["learning_rate"]), data, seeds=seeds, order_seeds=order_seeds,
+                steps=config["steps"], batch_size=config["batch_size"], eval_every=config["eval_every"], order=order,
+                classes_per_batch=config["classes_per_batch"], desc=f"{LABELS[kind]}, {order}",
+            )
+            runs[kind, order] = r
+            rows += r.rows(norm=kind, order=order)
+    report.write_metrics(out_dir, rows)
+
+    def acc(kind, order) -> np.ndarray:
+        return runs[kind, order].final("test_accuracy")
+
+    def train_acc(kind, order) -> np.ndarray:
+        return runs[kind, order].final("train_accuracy")
+
+    table = report.markdown_table(
+        ["norm", "order", "final test acc (mean ± std over orders)", "train acc in training mode (batch stats)"],
+        [
+            (LABELS[k], ORDERS[o], status[k] or report.fmt_seeds(acc(k, o)), status[k] or report.fmt_seeds(train_acc(k, o)))
+            for k in config["norms"] for o in ORDERS
+        ],
+    )
+    margin = config["drop_margin"]
+
+    def drop(kind) -> float:
+        return float(np.mean(acc(kind, "shuffle")) - np.mean(acc(kind, "class_grouped")))
+
+    checks = []
+    if ("bn", "shuffle") in runs and ("none", "shuffle") in runs:
+        sd_bn, sd_none = float(np.std(acc("bn", "shuffle"))), float(np.std(acc("none", "shuffle")))
+        checks.append(report.Check(
+            "(A) With i.i.d. batches, the spread over batch orders (std of final test accuracy, one initialization) is larger with BN than without",
+            bool(sd_bn > sd_none), f"BN std {sd_bn:.4f} vs no norm {sd_none:.4f}", part="A",
+        ))
+        checks.append(report.Check(
+            f"(B) Class-grouped batches cost BN more than {margin:g} test accuracy against i.i.d. batches",
+            bool(drop("bn") > margin), f"BN drop {drop('bn'):+.3f}", part="B",
+        ))
+        checks.append(report.Check(
+            "(B) ... and more than they cost the net without normalization",
+            bool(drop("bn") > drop("none")), f"BN drop {drop('bn'):+.3f} vs no norm {drop('none'):+.3f}", part="B",
+        ))
+    if "renorm" in config["norms"]:
+        criterion = "(B) Batch Renorm loses less than BN to class-grouped batches (smaller drop from the i.i.d. order)"
+        if status["renorm"]:
+            checks.append(report.Check(criterion, None, status["renorm"], part="B"))
+        else:
+            checks.append(report.Check(criterion, bool(drop("renorm") < drop("bn")), f"Batch Renorm drop {drop('renorm'):+.3f} vs BN {drop('bn'):+.3f}", part="B"))
+
+    fig, axes = report.figure(2, 1)
+    for j, order in enumerate(ORDERS):
+        ax = axes[0, j]
+        for kind in config["norms"]:
+            if status[kind]:
+                ax.plot([], [], ls="none", label=f"{LABELS[kind]} ({status[kind]})")
+                continue
+            report.band(ax, runs[kind, order].steps, runs[kind, order].series["test_accuracy"], LABELS[kind])
+        ax.set(xlabel="step", ylabel="test accuracy", title=ORDERS[order], ylim=(0, 1))
+        ax.legend(fontsize=7)
+    figures = [report.save_figure(fig, out_dir, "batch_order.png")]
+    setup = (
+        f"{data.name}; MLP {config['widths']} ReLU, the norm before each ReLU (BN = jbn.BatchNorm, Batch Renorm = "
+        f"jbn.BatchRenorm r_max {config['renorm_r_max']}, d_max {config['renorm_d_max']}, momentum {config['bn_momentum']}); "
+        f"batch {config['batch_size']}, {config['optimizer']} lr {config['learning_rate']}, {config['steps']} steps. Every run "
+        f"starts from initialization seed {config['init_seed']}; the batch orders use seeds {order_seeds}. i.i.d. = the "
+        f"training set reshuffled every epoch; class-grouped = each batch drawn from {config['classes_per_batch']} random "
+        f"classes. Test accuracy uses the running statistics; train accuracy is the training-mode accuracy of the last "
+        f"{config['eval_every']} steps (batch statistics)."
+    )
+    _, v = report.write_summary(
+        out_dir, title="11. Batch order and non-i.i.d. batches", claim=CLAIM, setup=setup, table=table, checks=checks,
+        figures=figures, command=report.command_for(NAME),
+    )
+    return report.result(NAME, out_dir, v, table, figures, checks)
