@@ -51,7 +51,8 @@ def optax_mask(params: Any, batch_stats: Any = None) -> Any:
     scale and bias of normalization layers.
 
     Args:
-      params: the model's parameters, nested mappings (flax linen `variables['params']`).
+      params: the model's parameters, nested mappings: flax linen `variables['params']`, or
+        flax NNX `nnx.state(model, nnx.Param)`.
       batch_stats: optional `variables['batch_stats']`. Given, only layers with running
         statistics (batch norm) are left out; without it, every layer whose parameters are
         exactly `scale` and/or `bias` (BatchNorm, LayerNorm, GroupNorm, RMSNorm...) is.
@@ -64,6 +65,8 @@ def optax_mask(params: Any, batch_stats: Any = None) -> Any:
     skip = _norm_layers(params, batch_stats)
 
     def decay(path, leaf):
-        return tuple(_key(k) for k in path[:-1]) not in skip
+        # a prefix, not the parent: in an nnx.State the leaf sits one level below, inside its Param
+        keys = tuple(_key(k) for k in path)
+        return not any(keys[:i] in skip for i in range(len(keys)))
 
     return jax.tree_util.tree_map_with_path(decay, params)

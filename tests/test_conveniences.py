@@ -35,6 +35,18 @@ def test_optax_mask_leaves_out_norm_scale_and_bias():
     assert only_bn["LayerNorm_0"] == {"scale": True, "bias": True}
 
 
+def test_optax_mask_on_nnx_state():
+    from flax import nnx
+
+    class Model(nnx.Module):
+        def __init__(self, rngs):
+            self.linear = nnx.Linear(3, 4, rngs=rngs)
+            self.bn = jbn.nnx.BatchNorm(4, rngs=rngs)
+
+    mask = nnx.to_pure_dict(jbn.optax_mask(nnx.state(Model(nnx.Rngs(0)), nnx.Param)))
+    assert mask == {"bn": {"bias": False, "scale": False}, "linear": {"bias": True, "kernel": True}}
+
+
 def test_optax_mask_in_adamw_decays_only_the_kernels():
     _, variables = _init()
     params = jax.tree.map(lambda p: p + 1.0, variables["params"])  # non-zero everywhere

@@ -49,19 +49,20 @@ def test_torch_batchnorm2d_eval_outputs_nchw_and_nhwc():
     np.testing.assert_allclose(y_nhwc, expected.transpose(0, 2, 3, 1), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("momentum", [0.1, None])
-def test_torch_training_steps_give_the_same_running_statistics(momentum):
-    model = torch.nn.Sequential(torch.nn.Identity(), torch.nn.BatchNorm1d(C, momentum=momentum))
+@pytest.mark.parametrize("kind, momentum", [("1d", 0.1), ("1d", None), ("2d", 0.1)])
+def test_torch_training_steps_give_the_same_running_statistics(kind, momentum):
+    layer_cls, shape = (torch.nn.BatchNorm1d, (6, C)) if kind == "1d" else (torch.nn.BatchNorm2d, (2, C, 3, 3))
+    model = torch.nn.Sequential(torch.nn.Identity(), layer_cls(C, momentum=momentum))
     bn = model[1]
     _randomize_torch(bn, 1)
     bn.num_batches_tracked.fill_(2)  # a state that has trained before
     variables = interop.from_torch(model, prefix="1", count=momentum is None)
-    jbn_bn = jbn.BatchNorm(use_running_average=False, momentum=interop.momentum_from_torch(momentum),
+    jbn_bn = jbn.BatchNorm(use_running_average=False, axis=1, momentum=interop.momentum_from_torch(momentum),
                            epsilon=bn.eps, unbiased_running_var=True)
     if momentum is None:
         np.testing.assert_array_equal(variables["batch_stats"]["count"], np.full(C, 2))
     bn.train()
-    for x in _batches((6, C), 4, 2):
+    for x in _batches(shape, 4, 2):
         with torch.no_grad():
             y_torch = bn(torch.from_numpy(x)).numpy()
         y, updates = jbn_bn.apply(variables, jnp.asarray(x), mutable=["batch_stats"])
@@ -70,14 +71,15 @@ def test_torch_training_steps_give_the_same_running_statistics(momentum):
         np.testing.assert_allclose(variables["batch_stats"]["mean"], bn.running_mean.numpy(), rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(variables["batch_stats"]["var"], bn.running_var.numpy(), rtol=1e-5, atol=1e-6)
     # back to torch: same evaluation as jbn's
-    fresh = torch.nn.BatchNorm1d(C, momentum=momentum)
+    fresh = layer_cls(C, momentum=momentum)
     fresh.load_state_dict(interop.to_torch(variables))
     assert int(fresh.num_batches_tracked) == (6 if momentum is None else 0)
     fresh.eval()
-    x = _batches((5, C), 1, 3)[0]
+    x = _batches(shape, 1, 3)[0]
     with torch.no_grad():
         expected = fresh(torch.from_numpy(x)).numpy()
-    y = jbn.BatchNorm(use_running_average=True, momentum=None if momentum is None else 0.9).apply(variables, jnp.asarray(x))
+    y = jbn.BatchNorm(use_running_average=True, axis=1, momentum=None if momentum is None else 0.9).apply(
+        variables, jnp.asarray(x))
     np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
 
 
