@@ -6,7 +6,7 @@ import numpy as np
 import optax
 
 import jbn
-from variants_reference import bn_eval, f64
+from tests.variants_reference import bn_eval, f64
 
 
 class Net(nn.Module):

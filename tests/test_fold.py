@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import jbn
-from variants_reference import bn_eval, f64
+from tests.variants_reference import bn_eval, f64
 
 EPS = 1e-5
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import jbn
-from variants_reference import bn_train, f64
+from tests.variants_reference import bn_train, f64
 
 EPS = 1e-5
 M = 0.9

@@ -7,7 +7,7 @@ from flax import nnx
 
 import jbn
 import jbn.nnx as jnnx
-from variants_reference import bn_train
+from tests.variants_reference import bn_train
 
 C = 3
 
@@ -116,3 +116,17 @@ def test_nnx_batch_renorm():
     clipped.eval()
     clipped(xs[0])
     assert int(clipped.step[...]) == 1
+
+
+def test_nnx_options_match_linen():
+    xs = _inputs(2, shape=(8, C), seed=5)
+    options = dict(momentum=None, virtual_batch_size=4, unbiased_running_var=True)
+    module = jnnx.BatchNorm(C, rngs=nnx.Rngs(0), **options)
+    linen = jbn.BatchNorm(use_running_average=False, **options)
+    variables = linen.init(jax.random.key(0), xs[0])
+    for x in xs:
+        y_linen, updates = linen.apply(variables, x, mutable=["batch_stats"])
+        variables = {**variables, **updates}
+        np.testing.assert_allclose(module(x), y_linen, rtol=1e-6, atol=1e-6)
+    for name in ("mean", "var", "count"):
+        np.testing.assert_allclose(getattr(module, name)[...], variables["batch_stats"][name], rtol=1e-6)

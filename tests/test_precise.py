@@ -10,7 +10,7 @@ import pytest
 from jax.sharding import Mesh, PartitionSpec as P
 
 import jbn
-from variants_reference import f64
+from tests.variants_reference import f64
 
 EPS = 1e-5
 DEVICES = 8
@@ -109,6 +109,26 @@ def test_single_layer_gives_mean_and_biased_variance_of_the_data():
     data = f64(np.concatenate(shifted[:3]))
     np.testing.assert_allclose(result["batch_stats"]["BatchNorm_0"]["var"], data.var(0), rtol=1e-4)
     assert (data.var(0) > 1.5 * np.mean([f64(b).var(0) for b in shifted[:3]], 0)).all()
+
+
+def test_renorm_layer_records_without_moving_its_state():
+    batches = _data([8, 12], 3, seed=6)
+
+    class Renorm(nn.Module):
+        @nn.compact
+        def __call__(self, x, train: bool):
+            return jbn.BatchRenorm(use_running_average=not train, r_max=1.5, d_max=1.0)(x)
+
+    model = Renorm()
+    variables = _perturbed(model.init(jax.random.key(0), batches[0], train=False))
+    variables["batch_stats"]["BatchRenorm_0"]["step"] = jnp.int32(7)
+    result = jbn.recompute_batch_stats(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]),
+                                       variables, batches, progress=False)
+    data = f64(np.concatenate(batches))
+    stats = result["batch_stats"]["BatchRenorm_0"]
+    np.testing.assert_allclose(stats["mean"], data.mean(0), rtol=1e-5)
+    np.testing.assert_allclose(stats["var"], data.var(0), rtol=1e-4)
+    assert set(stats) == {"mean", "var", "step"} and int(stats["step"]) == 7
 
 
 def test_nested_model_with_several_layers():

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import jbn
-from variants_reference import bn_backward, bn_eval, f64
+from tests.variants_reference import bn_backward, bn_eval, f64
 
 EPS = 1e-5
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import jbn
-from variants_reference import batch_moments, f64
+from tests.variants_reference import batch_moments, f64
 
 C = 3
 
