@@ -313,7 +313,8 @@ def update_running_stats(
     """
     _checks.check_momentum(momentum)
     counted = needs_batch_count(momentum, debias)
-    if counted and running.count is None:
+    count = getattr(running, "count", None)
+    if counted and count is None:
         raise ValueError(
             f"`momentum`={momentum!r} with `debias`={debias!r} keeps a count of batches: pass "
             "RunningStats(mean, var, count=jnp.zeros(mean.shape, jnp.int32)) (the modules create "
@@ -323,7 +324,6 @@ def update_running_stats(
         batch = unbiased_moments(batch)
     ok = (batch.count > 0) & jnp.isfinite(batch.mean) & jnp.isfinite(batch.var)
 
-    count = running.count
     if count is not None:  # counts batches whenever it is kept, like PyTorch's num_batches_tracked
         ok = jnp.broadcast_to(ok, count.shape)
         count = count + ok.astype(count.dtype)
