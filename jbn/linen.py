@@ -10,14 +10,10 @@ from flax.linen import initializers
 
 from jbn import _checks
 from jbn.functional import Moments, RunningStats, batch_norm, merge_moments, moments, needs_batch_count
+from jbn.precise import POPULATION_VARIABLES
 from jbn.renorm import Limit, batch_renorm
 
 Initializer = Callable[..., jax.Array]
-
-# Variables that `jbn.recompute_batch_stats` adds to a layer's batch_stats for the length of
-# one recomputation: while they are present, a training call merges the batch statistics
-# into them exactly (Chan) and leaves everything else as it was.
-POPULATION_VARIABLES = ("population_mean", "population_var", "population_count")
 
 
 def check_existing_variables(module: nn.Module, fshape: tuple[int, ...], axis) -> None:

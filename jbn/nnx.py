@@ -6,6 +6,7 @@ state (`scale`, `bias` as `nnx.Param`; `mean`, `var` as `nnx.BatchStat`), `train
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
 from types import MappingProxyType
 from typing import Any, Callable, Mapping
 
@@ -14,8 +15,11 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.nnx.nn import initializers
 
+from tqdm.auto import tqdm
+
 from jbn import _checks
-from jbn.functional import RunningStats, batch_norm, needs_batch_count
+from jbn.functional import Moments, RunningStats, batch_norm, merge_moments, moments, needs_batch_count
+from jbn.precise import POPULATION_VARIABLES
 from jbn.renorm import Limit, batch_renorm
 
 Initializer = Callable[..., jax.Array]
@@ -97,6 +101,18 @@ class _Normalization(nnx.Module):
         if self.count is not None:
             self.count[...] = new.count
 
+    def _capture(self, x, mask) -> bool:
+        """In a `recompute_batch_stats` pass, merge this batch's statistics into the
+        population state and return True; otherwise return False."""
+        if getattr(self, "population_count", None) is None:
+            return False
+        population = [getattr(self, name) for name in POPULATION_VARIABLES]
+        batch = moments(x, axis=self.axis, mask=mask, axis_name=self.axis_name, axis_index_groups=self.axis_index_groups)
+        merged = merge_moments(Moments(*(v[...] for v in population)), batch)
+        for v, new in zip(population, merged):
+            v[...] = jax.lax.stop_gradient(new).astype(v[...].dtype)
+        return True
+
     def set_view(self, use_running_average: bool | None = None):
         """Used by `nnx.view`: set `use_running_average` when given."""
         if use_running_average is not None:
@@ -177,7 +193,7 @@ class BatchNorm(_Normalization):
             axis_index_groups=self.axis_index_groups, dtype=self.dtype, virtual_batch_size=self.virtual_batch_size,
             debias=self.debias, unbiased_running_var=self.unbiased_running_var,
         )
-        if not use_running_average:
+        if not use_running_average and not self._capture(x, mask):
             self._store(new)
         return y
 
@@ -235,7 +251,70 @@ class BatchRenorm(_Normalization):
             mask=mask, axis_name=self.axis_name, axis_index_groups=self.axis_index_groups, dtype=self.dtype,
             debias=self.debias, unbiased_running_var=self.unbiased_running_var,
         )
-        if not use_running_average:
+        if not use_running_average and not self._capture(x, mask):
             self._store(new)
             self.step[...] = self.step[...] + 1
         return y
+
+
+def recompute_batch_stats(
+    model: nnx.Module,
+    batches: Iterable,
+    *,
+    call: Callable[[nnx.Module, Any], Any] | None = None,
+    num_batches: int | None = None,
+    progress: bool = True,
+) -> nnx.Module:
+    """Exact population statistics for every jbn NNX layer of `model`, in place (the NNX
+    counterpart of `jbn.recompute_batch_stats`; see it for the definition).
+
+    The model runs in training mode (`model.train()`; the previous `use_running_average` and
+    `deterministic` attributes are restored afterwards) over `batches` under `nnx.jit`; each
+    jbn layer merges its batch statistics exactly (Chan) and changes nothing else, then its
+    `mean`/`var` are replaced by the mean and biased variance of all it saw. Parameters are
+    not changed.
+
+    Args:
+      model: an NNX module containing `jbn.nnx.BatchNorm` / `BatchRenorm` layers.
+      batches: an iterable of inputs.
+      call: `call(model, batch)` runs the model (default `model(batch)`).
+      num_batches: use at most this many batches.
+      progress: show a tqdm progress bar.
+
+    Returns:
+      `model`, updated in place.
+    """
+    layers = [m for _, m in nnx.iter_modules(model) if isinstance(m, _Normalization)]
+    if not layers:
+        raise ValueError("`model` contains no jbn.nnx.BatchNorm / BatchRenorm layer: nothing to recompute.")
+    modes = [(m, {a: getattr(m, a) for a in ("use_running_average", "deterministic") if hasattr(m, a)})
+             for _, m in nnx.iter_modules(model)]
+    for layer in layers:
+        zeros = jnp.zeros(layer.mean[...].shape, jnp.promote_types(layer.mean[...].dtype, jnp.float32))
+        for name in POPULATION_VARIABLES:
+            setattr(layer, name, nnx.BatchStat(zeros))
+    call = call or (lambda m, b: m(b))
+    step = nnx.jit(lambda m, b: call(m, b))
+    model.train()
+    seen = 0
+    try:
+        for batch in tqdm(batches, total=num_batches, desc="recompute_batch_stats", unit="batch", disable=not progress):
+            if num_batches is not None and seen >= num_batches:
+                break
+            step(model, batch)
+            seen += 1
+        if seen == 0:
+            raise ValueError("`batches` gave no batch: pass an iterable with at least one input batch.")
+        for layer in layers:
+            population = Moments(*(getattr(layer, name)[...] for name in POPULATION_VARIABLES))
+            seen_any = population.count > 0
+            layer.mean[...] = jnp.where(seen_any, population.mean, layer.mean[...]).astype(layer.mean[...].dtype)
+            layer.var[...] = jnp.where(seen_any, population.var, layer.var[...]).astype(layer.var[...].dtype)
+    finally:
+        for layer in layers:
+            for name in POPULATION_VARIABLES:
+                delattr(layer, name)
+        for module, attributes in modes:
+            for name, value in attributes.items():
+                setattr(module, name, value)
+    return model

@@ -24,7 +24,9 @@ from tqdm.auto import tqdm
 
 from jbn.functional import Moments, merge_moments
 
-POPULATION = ("population_mean", "population_var", "population_count")
+# The variables a jbn layer looks for (see jbn.linen): while they are in its batch_stats, a
+# training call merges its batch statistics into them and changes nothing else.
+POPULATION_VARIABLES = ("population_mean", "population_var", "population_count")
 
 
 def _is_bn_stats(node: Any) -> bool:
@@ -114,10 +116,10 @@ def recompute_batch_stats(
         raise ValueError("`batches` gave no batch: pass an iterable with at least one input batch.")
 
     def finish(path, stats):
-        population = Moments(*(jnp.asarray(stats[name]) for name in POPULATION))
+        population = Moments(*(jnp.asarray(stats[name]) for name in POPULATION_VARIABLES))
         if device_axis:
             population = _merge_devices(population)
-        out = {k: v for k, v in stats.items() if k not in POPULATION}
+        out = {k: v for k, v in stats.items() if k not in POPULATION_VARIABLES}
         seen_any = population.count > 0
         out["mean"] = jnp.where(seen_any, population.mean, stats["mean"]).astype(jnp.asarray(stats["mean"]).dtype)
         out["var"] = jnp.where(seen_any, population.var, stats["var"]).astype(jnp.asarray(stats["var"]).dtype)

@@ -130,3 +130,34 @@ def test_nnx_options_match_linen():
         np.testing.assert_allclose(module(x), y_linen, rtol=1e-6, atol=1e-6)
     for name in ("mean", "var", "count"):
         np.testing.assert_allclose(getattr(module, name)[...], variables["batch_stats"][name], rtol=1e-6)
+
+
+def test_nnx_recompute_batch_stats():
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.linear = nnx.Linear(C, 4, rngs=rngs)
+            self.bn1 = jnnx.BatchNorm(4, rngs=rngs)
+            self.bn2 = jnnx.BatchRenorm(4, rngs=rngs)
+
+        def __call__(self, x):
+            h = self.bn1(self.linear(x))
+            return self.bn2(h * 2.0 + 1.0)
+
+    model = Net(nnx.Rngs(0))
+    model.eval()
+    batches = [np.asarray(x).reshape(-1, C) + 10 for x in _inputs(3, seed=6)]
+    params_before = jax.tree.map(np.asarray, nnx.state(model, nnx.Param))
+    jnnx.recompute_batch_stats(model, batches, progress=False)
+    data = np.concatenate(batches).astype(np.float64)
+    kernel, bias = (np.asarray(v, np.float64) for v in (model.linear.kernel[...], model.linear.bias[...]))
+    h = data @ kernel + bias
+    np.testing.assert_allclose(model.bn1.mean[...], h.mean(0), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(model.bn1.var[...], h.var(0), rtol=1e-4)
+    # bn2 sees bn1's training output (normalized per batch), as PreciseBN defines
+    per_batch = [(b @ kernel + bias) for b in batches]
+    h2 = np.concatenate([((p - p.mean(0)) / np.sqrt(p.var(0) + 1e-5)) * 2.0 + 1.0 for p in per_batch])
+    np.testing.assert_allclose(model.bn2.mean[...], h2.mean(0), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(model.bn2.var[...], h2.var(0), rtol=1e-4)
+    assert int(model.bn2.step[...]) == 0 and model.bn1.use_running_average  # state and mode as before
+    assert not hasattr(model.bn1, "population_count")
+    jax.tree.map(np.testing.assert_array_equal, nnx.state(model, nnx.Param), params_before)
