@@ -61,6 +61,11 @@ def _perturbed(variables, seed=1):
     return jax.tree.unflatten(tree, leaves)
 
 
+def _init(model, x):
+    """Perturbed initial variables, in one compilation (eager init compiles op by op)."""
+    return jax.jit(lambda x: _perturbed(model.init(jax.random.key(0), x, train=False)))(x)
+
+
 def _reference_net(params, batches):
     """NumPy float64 forward of Net in training mode; returns each BN layer's population
     mean and biased variance over all batches, keyed like batch_stats."""
@@ -96,7 +101,7 @@ def _check_net(result, variables, reference):
 def test_single_layer_gives_mean_and_biased_variance_of_the_data():
     batches = _data([7, 16, 3, 10], 4)  # uneven batches, |mean| >> std
     model = Single()
-    variables = _perturbed(model.init(jax.random.key(0), batches[0], train=False))
+    variables = _init(model, batches[0])
     apply = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]))
     result = jbn.recompute_batch_stats(apply, variables, iter(batches), progress=False)
     data = f64(np.concatenate(batches))
@@ -120,8 +125,8 @@ def test_renorm_layer_records_without_moving_its_state():
             return jbn.BatchRenorm(use_running_average=not train, r_max=1.5, d_max=1.0)(x)
 
     model = Renorm()
-    variables = _perturbed(model.init(jax.random.key(0), batches[0], train=False))
-    variables["batch_stats"]["BatchRenorm_0"]["step"] = jnp.int32(7)
+    variables = _init(model, batches[0])
+    variables = {**variables, "batch_stats": {"BatchRenorm_0": {**variables["batch_stats"]["BatchRenorm_0"], "step": jnp.int32(7)}}}
     result = jbn.recompute_batch_stats(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]),
                                        variables, batches, progress=False)
     data = f64(np.concatenate(batches))
@@ -134,7 +139,7 @@ def test_renorm_layer_records_without_moving_its_state():
 def test_nested_model_with_several_layers():
     batches = _data([16] * 4, 3, seed=2, offset=1.0)
     model = Net()
-    variables = _perturbed(model.init(jax.random.key(0), batches[0], train=False))
+    variables = _init(model, batches[0])
     apply = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]))
     result = jbn.recompute_batch_stats(apply, variables, batches, progress=False)
     _check_net(result, variables, _reference_net(variables["params"], batches))
@@ -144,7 +149,7 @@ def test_pmap_with_axis_name_on_eight_devices():
     assert jax.device_count() == DEVICES
     batches = _data([16] * 3, 3, seed=3, offset=1.0)
     model = Net(axis_name="batch")
-    variables = _perturbed(Net().init(jax.random.key(0), batches[0], train=False))
+    variables = _init(Net(), batches[0])
     replicated = jax.tree.map(lambda a: jnp.broadcast_to(a, (DEVICES,) + a.shape), variables)
     apply = jax.pmap(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]), axis_name="batch")
     sharded = [b.reshape(DEVICES, -1, 3) for b in batches]
@@ -158,7 +163,7 @@ def test_pmap_with_axis_name_on_eight_devices():
 def test_pmap_without_axis_name_merges_the_devices():
     batches = _data([16, 24], 2, seed=4)
     model = Single()
-    variables = _perturbed(model.init(jax.random.key(0), batches[0], train=False))
+    variables = _init(model, batches[0])
     replicated = jax.tree.map(lambda a: jnp.broadcast_to(a, (DEVICES,) + a.shape), variables)
     apply = jax.pmap(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]))
     result = jbn.recompute_batch_stats(apply, replicated, [b.reshape(DEVICES, -1, 2) for b in batches],
@@ -172,7 +177,7 @@ def test_pmap_without_axis_name_merges_the_devices():
 def test_shard_map_apply():
     batches = _data([16, 32], 3, seed=5)
     model = Single(axis_name="b")
-    variables = _perturbed(Single().init(jax.random.key(0), batches[0], train=False))
+    variables = _init(Single(), batches[0])
     mesh = Mesh(np.array(jax.devices()), ("b",))
 
     @jax.jit
