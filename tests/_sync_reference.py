@@ -1,0 +1,127 @@
+"""Float64 NumPy reference for synchronized batch norm, and the test batch shared by the
+single-process and multi-process tests.
+
+The reference is single-device batch norm on the concatenated (masked) batch, written from
+the formulas, not from jbn:
+
+    n      = sum(m)                                  valid elements per feature
+    mean   = sum(m * x) / n
+    var    = sum(m * (x - mean)^2) / n               biased
+    xhat   = (x - mean) / sqrt(var + eps)
+    y      = scale * xhat + bias
+    running' = momentum * running + (1 - momentum) * (mean, var)
+
+and, for a loss L with g = dL/dy (zero where the loss ignores an element),
+
+    dbias  = sum(g)
+    dscale = sum(g * xhat)
+    dx     = scale / sqrt(var + eps) * (g - m * sum(g) / n - m * xhat * sum(g * xhat) / n)
+
+(mean and var depend only on the valid elements, so a padded element's gradient is its
+direct term `scale / sqrt(var + eps) * g`, zero when the loss ignores it).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+FEATURES = 3
+MOMENTUM = 0.9
+EPSILON = 1e-5
+
+
+class Reference(NamedTuple):
+    y: np.ndarray
+    mean: np.ndarray  # running mean after the step
+    var: np.ndarray  # running var after the step
+    dx: np.ndarray
+    dscale: np.ndarray
+    dbias: np.ndarray
+
+
+class Batch(NamedTuple):
+    """A global batch split over `devices` participants along axis 0.
+
+    x: (devices * per_device, T, FEATURES); mask: (devices * per_device, T), rank x.ndim - 1;
+    w: x-shaped weights of the loss sum(where(mask, y, 0) * w); scale, bias, running mean,
+    running var: (FEATURES,).
+    """
+
+    x: np.ndarray
+    mask: np.ndarray
+    w: np.ndarray
+    scale: np.ndarray
+    bias: np.ndarray
+    mean: np.ndarray
+    var: np.ndarray
+
+
+def make_batch(devices: int, per_device: int = 3, steps: int = 2, *, seed: int = 0, offset: float = 0.0) -> Batch:
+    """Uneven masks: participant 0 holds only padding, participant 1 a single valid element,
+    participant 2 only valid elements, the rest about 60 %. Padded elements hold large
+    finite garbage, so any leak of padding into the statistics shows."""
+    rs = np.random.RandomState(seed)
+    shape = (devices * per_device, steps, FEATURES)
+    x = (offset + rs.randn(*shape) * np.array([1.0, 2.0, 0.5]) + np.array([0.5, -1.0, 3.0])).astype(np.float32)
+    mask = rs.rand(*shape[:2]) < 0.6
+    per = mask.reshape(devices, per_device, steps)
+    per[0] = False
+    per[1] = False
+    per[1, 0, 0] = True
+    per[2] = True
+    mask = per.reshape(shape[:2])
+    x[~mask] = 1e6
+    w = rs.randn(*shape).astype(np.float32)
+    scale = (1.0 + 0.2 * rs.randn(FEATURES)).astype(np.float32)
+    bias = rs.randn(FEATURES).astype(np.float32)
+    mean = rs.randn(FEATURES).astype(np.float32)
+    var = (1.0 + rs.rand(FEATURES)).astype(np.float32)
+    return Batch(x, mask, w, scale, bias, mean, var)
+
+
+def reference(b: Batch, *, momentum: float = MOMENTUM, epsilon: float = EPSILON) -> Reference:
+    """Single-device batch norm of the whole batch `b` (all participants concatenated)."""
+    x = b.x.astype(np.float64)
+    m = np.broadcast_to(b.mask[..., None], x.shape).astype(np.float64)
+    axes = tuple(range(x.ndim - 1))
+    n = m.sum(axes)
+    mean = (m * x).sum(axes) / n
+    var = (m * (x - mean) ** 2).sum(axes) / n
+    inv = 1.0 / np.sqrt(var + epsilon)
+    xhat = (x - mean) * inv
+    scale = b.scale.astype(np.float64)
+    y = scale * xhat + b.bias
+    g = m * b.w  # d/dy of sum(where(mask, y, 0) * w)
+    dbias = g.sum(axes)
+    dscale = (g * xhat).sum(axes)
+    dx = scale * inv * (g - m * dbias / n - m * xhat * dscale / n)
+    return Reference(
+        y=y,
+        mean=momentum * b.mean + (1 - momentum) * mean,
+        var=momentum * b.var + (1 - momentum) * var,
+        dx=dx,
+        dscale=dscale,
+        dbias=dbias,
+    )
+
+
+def slice_batch(b: Batch, start: int, stop: int) -> Batch:
+    """Rows start:stop of the per-example arrays; the parameters stay."""
+    return b._replace(x=b.x[start:stop], mask=b.mask[start:stop], w=b.w[start:stop])
+
+
+def grouped_reference(b: Batch, groups: int, **kw) -> Reference:
+    """Batch norm within each of `groups` equal consecutive slices of the batch: y and dx
+    concatenated, running statistics stacked (groups, FEATURES), parameter gradients summed
+    (the loss is the sum over all groups)."""
+    size = b.x.shape[0] // groups
+    parts = [reference(slice_batch(b, i * size, (i + 1) * size), **kw) for i in range(groups)]
+    return Reference(
+        y=np.concatenate([p.y for p in parts]),
+        mean=np.stack([p.mean for p in parts]),
+        var=np.stack([p.var for p in parts]),
+        dx=np.concatenate([p.dx for p in parts]),
+        dscale=sum(p.dscale for p in parts),
+        dbias=sum(p.dbias for p in parts),
+    )
