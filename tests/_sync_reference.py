@@ -125,3 +125,17 @@ def grouped_reference(b: Batch, groups: int, **kw) -> Reference:
         dscale=sum(p.dscale for p in parts),
         dbias=sum(p.dbias for p in parts),
     )
+
+
+def check(got, ref: Reference, mask: np.ndarray, *, rtol=2e-5, atol=2e-5):
+    """Compare (y, mean, var, dx, dscale, dbias) with the float64 reference."""
+    y, mean, var, dx, dscale, dbias = (np.asarray(g) for g in got)
+    for name, value in zip(("y", "mean", "var", "dx", "dscale", "dbias"), (y, mean, var, dx, dscale, dbias)):
+        assert np.all(np.isfinite(value)), f"{name} is not finite"
+    np.testing.assert_allclose(y[mask], ref.y[mask], rtol=rtol, atol=atol, err_msg="y")
+    np.testing.assert_allclose(mean, ref.mean, rtol=rtol, atol=atol, err_msg="running mean")
+    np.testing.assert_allclose(var, ref.var, rtol=rtol, atol=atol, err_msg="running var")
+    np.testing.assert_allclose(dx, ref.dx, rtol=rtol, atol=atol, err_msg="dx")
+    np.testing.assert_array_equal(dx[~mask], 0.0, err_msg="padded positions must get zero input gradient")
+    np.testing.assert_allclose(dscale, ref.dscale, rtol=rtol, atol=atol, err_msg="dscale")
+    np.testing.assert_allclose(dbias, ref.dbias, rtol=rtol, atol=atol, err_msg="dbias")
