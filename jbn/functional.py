@@ -47,6 +47,8 @@ def _first_valid(xf: Array, valid: Array | None, reduce: tuple[int, ...]) -> Arr
     """One element per feature to subtract before summing: any sample close to the data
     keeps the one-pass variance accurate when |mean| >> std. It is the first element,
     or the first valid one under a mask. Shape: `xf` with the reduced axes removed."""
+    if _checks.sharded_in_type(xf):
+        return lax.stop_gradient(_first_valid_by_reduction(xf, valid, reduce))
     if valid is None:
         index = tuple(0 if a in reduce else slice(None) for a in range(xf.ndim))
         return lax.stop_gradient(xf[index])
@@ -68,6 +70,24 @@ def _first_valid(xf: Array, valid: Array | None, reduce: tuple[int, ...]) -> Arr
             index.append(iotas[k])
             k += 1
     return lax.stop_gradient(xf[tuple(index)])
+
+
+def _first_valid_by_reduction(xf: Array, valid: Array | None, reduce: tuple[int, ...]) -> Array:
+    """`_first_valid` for an array whose type carries its sharding (a mesh with Explicit
+    axes, the default of `jax.make_mesh`): indexing into a sharded axis is a
+    ShardingTypeError there, so the element is picked by a min and a sum over the reduced
+    axes instead (one more read of `xf`). Same element, same result."""
+    position = jnp.zeros((), jnp.int32)  # row-major position over the reduced axes
+    stride = 1
+    for a in reversed(reduce):
+        position = position + lax.broadcasted_iota(jnp.int32, xf.shape, a) * stride
+        stride *= xf.shape[a]
+    if valid is None:
+        first = 0
+    else:
+        last = jnp.iinfo(jnp.int32).max  # nothing valid: no element is picked, the count is 0
+        first = jnp.min(jnp.where(valid, position, last), axis=reduce, keepdims=True)
+    return jnp.sum(jnp.where(position == first, xf, 0), axis=reduce)
 
 
 def _local_sums(x: Array, valid: Array | None, shift: Array, reduce, features, dtype):
