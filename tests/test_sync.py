@@ -217,8 +217,11 @@ def test_jax_psum_with_groups_under_shard_map_is_unsupported():
         g(np.ones((DEVICES, 2), np.float32))
 
 
-def test_sharded_jit_without_axis_name_is_global():
-    mesh = mesh_1d()
+@pytest.mark.parametrize("axis_type", ["auto", "explicit"])
+def test_sharded_jit_without_axis_name_is_global(axis_type):
+    """Auto: GSPMD (a `Mesh` built by hand). Explicit: the sharding is part of the array's
+    type (`jax.make_mesh`'s default), where indexing into the batch axis is an error."""
+    mesh = mesh_1d() if axis_type == "auto" else jax.make_mesh((DEVICES,), ("d",), axis_types=(AxisType.Explicit,))
     batch = NamedSharding(mesh, P("d"))
 
     def global_loss(x, scale, bias, mask, w, mean, var):
@@ -358,6 +361,11 @@ def test_variance_across_devices_is_accurate_when_mean_is_1e4_times_std():
 
     f = jax.jit(jax.shard_map(stats, mesh=mesh, in_specs=(P("d"), P("d")), out_specs=P()))
     p = jax.pmap(stats, axis_name="d")
+    # Plain jit over arrays sharded on a mesh with Explicit axes (no axis_name, no shift).
+    rows = NamedSharding(jax.make_mesh((DEVICES,), ("d",), axis_types=(AxisType.Explicit,)), P("d"))
+    plain = jax.jit(lambda x, m: jbn.moments(x, mask=m))(jax.device_put(b.x, rows), jax.device_put(b.mask, rows))
+    np.testing.assert_allclose(plain.mean, mean, rtol=1e-7)
+    np.testing.assert_allclose(plain.var, var, rtol=2e-5)
     for got in (f(b.x, b.mask), tuple(np.asarray(a)[0] for a in p(per_device(b.x), per_device(b.mask)))):
         for m, v in zip(got[::2], got[1::2]):
             np.testing.assert_allclose(m, mean, rtol=1e-7)
