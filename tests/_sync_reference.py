@@ -1,30 +1,14 @@
-"""Float64 NumPy reference for synchronized batch norm, and the test batch shared by the
-single-process and multi-process tests.
-
-The reference is single-device batch norm on the concatenated (masked) batch, written from
-the formulas, not from jbn:
-
-    n      = sum(m)                                  valid elements per feature
-    mean   = sum(m * x) / n
-    var    = sum(m * (x - mean)^2) / n               biased
-    xhat   = (x - mean) / sqrt(var + eps)
-    y      = scale * xhat + bias
-    running' = momentum * running + (1 - momentum) * (mean, var)
-
-and, for a loss L with g = dL/dy (zero where the loss ignores an element),
-
-    dbias  = sum(g)
-    dscale = sum(g * xhat)
-    dx     = scale / sqrt(var + eps) * (g - m * sum(g) / n - m * xhat * sum(g * xhat) / n)
-
-(mean and var depend only on the valid elements, so a padded element's gradient is its
-direct term `scale / sqrt(var + eps) * g`, zero when the loss ignores it).
+"""The test batch shared by the single-process and multi-process sync-BN tests, and its
+expected results: single-device batch norm on the concatenated (masked) batch, from the
+float64 NumPy reference in tests/reference.py (written from the formulas, not from jbn).
 """
 from __future__ import annotations
 
 from typing import NamedTuple
 
 import numpy as np
+
+from tests import reference as ref
 
 FEATURES = 3
 MOMENTUM = 0.9
@@ -81,29 +65,13 @@ def make_batch(devices: int, per_device: int = 3, steps: int = 2, *, seed: int =
 
 
 def reference(b: Batch, *, momentum: float = MOMENTUM, epsilon: float = EPSILON) -> Reference:
-    """Single-device batch norm of the whole batch `b` (all participants concatenated)."""
-    x = b.x.astype(np.float64)
-    m = np.broadcast_to(b.mask[..., None], x.shape).astype(np.float64)
-    axes = tuple(range(x.ndim - 1))
-    n = m.sum(axes)
-    mean = (m * x).sum(axes) / n
-    var = (m * (x - mean) ** 2).sum(axes) / n
-    inv = 1.0 / np.sqrt(var + epsilon)
-    xhat = (x - mean) * inv
-    scale = b.scale.astype(np.float64)
-    y = scale * xhat + b.bias
-    g = m * b.w  # d/dy of sum(where(mask, y, 0) * w)
-    dbias = g.sum(axes)
-    dscale = (g * xhat).sum(axes)
-    dx = scale * inv * (g - m * dbias / n - m * xhat * dscale / n)
-    return Reference(
-        y=y,
-        mean=momentum * b.mean + (1 - momentum) * mean,
-        var=momentum * b.var + (1 - momentum) * var,
-        dx=dx,
-        dscale=dscale,
-        dbias=dbias,
-    )
+    """Single-device batch norm of the whole batch `b` (all participants concatenated), and
+    the gradients of the loss sum(where(mask, y, 0) * w)."""
+    y, mean, var = ref.batch_norm(b.x, b.scale, b.bias, b.mean, b.var, training=True, momentum=momentum,
+                                  epsilon=epsilon, mask=b.mask)
+    dy = b.mask[..., None] * b.w.astype(np.float64)
+    dx, dscale, dbias = ref.batch_norm_grads(b.x, b.scale, dy, epsilon=epsilon, mask=b.mask)
+    return Reference(y=y, mean=mean, var=var, dx=dx, dscale=dscale, dbias=dbias)
 
 
 def slice_batch(b: Batch, start: int, stop: int) -> Batch:
