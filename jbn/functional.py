@@ -77,7 +77,7 @@ def _first_valid_by_reduction(xf: Array, valid: Array | None, reduce: tuple[int,
     axes, the default of `jax.make_mesh`): indexing into a sharded axis is a
     ShardingTypeError there, so the element is picked by a min and a sum over the reduced
     axes instead (one more read of `xf`). Same element, same result."""
-    position = jnp.zeros((), jnp.int32)  # row-major position over the reduced axes
+    position = jnp.zeros((), jnp.int32)  # row-major position over the reduced axes (< 2**31 elements)
     stride = 1
     for a in reversed(reduce):
         position = position + lax.broadcasted_iota(jnp.int32, xf.shape, a) * stride
