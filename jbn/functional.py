@@ -179,8 +179,10 @@ def moments(
         feature axes, e.g. (N, T) for (N, T, C)).
       axis_name: name (or tuple of names) bound by pmap, shard_map or vmap; the statistics
         are then those of the global batch, weighted by each participant's valid count.
-      axis_index_groups: pmap-style groups of indices along `axis_name`; statistics are
-        global within each group.
+      axis_index_groups: pmap-style groups of indices along `axis_name`, e.g.
+        [[0, 1, 2, 3], [4, 5, 6, 7]]; statistics are global within each group. Works under
+        pmap, shard_map and vmap (under shard_map a 2-D mesh reduced over its inner axis
+        moves less data).
       shift: optional feature-shaped value close to the mean and EQUAL on every
         participant (e.g. the running mean). Without it each participant sums around one
         of its own samples and the global statistics come from one psum of per-participant
