@@ -127,6 +127,14 @@ def normalize_axis_name(axis_name: AxisName) -> tuple[Hashable, ...] | None:
     return tuple(axis_name) if isinstance(axis_name, (tuple, list)) else (axis_name,)
 
 
+def sharded_in_type(x: jax.Array) -> bool:
+    """True when `x`'s type says it is split over a mesh axis (Explicit axes, the default of
+    `jax.make_mesh`, under plain jit). Auto-sharded arrays and shard_map/pmap/vmap
+    locals have no sharded axis in their type."""
+    spec = getattr(getattr(jax.typeof(x), "sharding", None), "spec", None)
+    return spec is not None and any(s is not None for s in spec)
+
+
 def bound_axis_size(axis_name: tuple[Hashable, ...]) -> int:
     """Number of participants along `axis_name`; a clear error when a name is not bound."""
     try:

@@ -60,6 +60,8 @@ def _first_valid(xf: Array, valid: Array | None, reduce: tuple[int, ...]) -> Arr
     """One element per feature to subtract before summing: any sample close to the data
     keeps the one-pass variance accurate when |mean| >> std. It is the first element,
     or the first valid one under a mask. Shape: `xf` with the reduced axes removed."""
+    if _checks.sharded_in_type(xf):
+        return lax.stop_gradient(_first_valid_by_reduction(xf, valid, reduce))
     if valid is None:
         index = tuple(0 if a in reduce else slice(None) for a in range(xf.ndim))
         return lax.stop_gradient(xf[index])
@@ -83,6 +85,24 @@ def _first_valid(xf: Array, valid: Array | None, reduce: tuple[int, ...]) -> Arr
     return lax.stop_gradient(xf[tuple(index)])
 
 
+def _first_valid_by_reduction(xf: Array, valid: Array | None, reduce: tuple[int, ...]) -> Array:
+    """`_first_valid` for an array whose type carries its sharding (a mesh with Explicit
+    axes, the default of `jax.make_mesh`): indexing into a sharded axis is a
+    ShardingTypeError there, so the element is picked by a min and a sum over the reduced
+    axes instead (one more read of `xf`). Same element, same result."""
+    position = jnp.zeros((), jnp.int32)  # row-major position over the reduced axes (< 2**31 elements)
+    stride = 1
+    for a in reversed(reduce):
+        position = position + lax.broadcasted_iota(jnp.int32, xf.shape, a) * stride
+        stride *= xf.shape[a]
+    if valid is None:
+        first = 0
+    else:
+        last = jnp.iinfo(jnp.int32).max  # nothing valid: no element is picked, the count is 0
+        first = jnp.min(jnp.where(valid, position, last), axis=reduce, keepdims=True)
+    return jnp.sum(jnp.where(position == first, xf, 0), axis=reduce)
+
+
 def _local_sums(x: Array, valid: Array | None, shift: Array, reduce, features, dtype):
     """count, sum(x - shift), sum((x - shift)^2) over the reduced axes, in one pass."""
     d = x.astype(dtype) - _checks.expand_features(shift, x.ndim, features)
@@ -102,38 +122,54 @@ def _from_sums(count, s1, s2, shift) -> Moments:
     return Moments(mean, var, count)
 
 
-def _gather_by_psum(v: Array, axis_name, groups) -> Array:
+def _gather_by_psum(v: Array, axis_name: tuple, groups) -> Array:
     """All-gather as one psum of per-participant slots: its result is replicated, so it
     leaves shard_map as out_specs=P() with checks on, and works under pmap and vmap.
-    Returns shape (participants, *v.shape)."""
+
+    With `groups`, every participant still receives every slot and keeps those of its own
+    group: `lax.psum(..., axis_index_groups=)` exists only under pmap (shard_map with
+    check_vma and vmap raise NotImplementedError in jax 0.10), and this way the grouped
+    statistics cost the same single collective under every transform.
+    Returns shape (participants in the group, *v.shape)."""
     name = axis_name if len(axis_name) > 1 else axis_name[0]
     index = lax.axis_index(name)
-    if groups is None:
-        size = _checks.bound_axis_size(axis_name)
-    else:
-        size = len(groups[0])
-        position = [0] * sum(len(g) for g in groups)
-        for g in groups:
-            for p, i in enumerate(g):
-                position[i] = p
-        index = jnp.asarray(position)[index]
+    size = _checks.bound_axis_size(axis_name)
     slots = jnp.zeros((size,) + v.shape, v.dtype)
     slots = lax.dynamic_update_index_in_dim(slots, v, index, axis=0)
-    return lax.psum(slots, name, axis_index_groups=groups)
+    gathered = lax.psum(slots, name)
+    if groups is None:
+        return gathered
+    group_of = [0] * size
+    for g, members in enumerate(groups):
+        for i in members:
+            group_of[i] = g
+    own = jnp.asarray(groups)[jnp.asarray(group_of)[index]]
+    return gathered[own]
+
+
+def _psum_in_groups(v: Array, axis_name: tuple, groups) -> Array:
+    """`lax.psum(v, axis_name, axis_index_groups=groups)` as one collective under pmap,
+    shard_map (checks on) and vmap alike; the last two reject `axis_index_groups`."""
+    if groups is None:
+        return lax.psum(v, axis_name if len(axis_name) > 1 else axis_name[0])
+    return jnp.sum(_gather_by_psum(v, axis_name, groups), axis=0)
 
 
 def _chan_merge(count: Array, shift: Array, delta: Array, m2: Array) -> Moments:
     """Merge per-participant statistics stacked on axis 0 (Chan et al. 1979).
 
     Each participant's mean is `shift + delta`, kept apart so that the merge works on
-    small differences: |mean| >> std loses nothing to rounding a mean near 1e4.
+    small differences: |mean| >> std loses nothing to rounding a mean near 1e4. The
+    differences are taken relative to the shift of the first participant that holds
+    data (a participant without data has shift 0, far from a mean near 1e4).
     """
     total = jnp.sum(count, axis=0)
     safe = jnp.maximum(total, 1)
-    offset = (shift - shift[0]) + delta  # each mean relative to participant 0's shift
+    reference = jnp.take_along_axis(shift, jnp.argmax(count > 0, axis=0)[None], axis=0)[0]
+    offset = (shift - reference) + delta  # each mean relative to the reference shift
     merged = jnp.sum(count * offset, axis=0) / safe
     m2 = jnp.sum(m2, axis=0) + jnp.sum(count * jnp.square(offset - merged), axis=0)
-    mean = jnp.where(total > 0, shift[0] + merged, 0)
+    mean = jnp.where(total > 0, reference + merged, 0)
     return Moments(mean, jnp.where(total > 0, m2 / safe, 0), total)
 
 
@@ -156,8 +192,10 @@ def moments(
         feature axes, e.g. (N, T) for (N, T, C)).
       axis_name: name (or tuple of names) bound by pmap, shard_map or vmap; the statistics
         are then those of the global batch, weighted by each participant's valid count.
-      axis_index_groups: pmap-style groups of indices along `axis_name`; statistics are
-        global within each group.
+      axis_index_groups: pmap-style groups of indices along `axis_name`, e.g.
+        [[0, 1, 2, 3], [4, 5, 6, 7]]; statistics are global within each group. Works under
+        pmap, shard_map and vmap (under shard_map a 2-D mesh reduced over its inner axis
+        moves less data).
       shift: optional feature-shaped value close to the mean and EQUAL on every
         participant (e.g. the running mean). Without it each participant sums around one
         of its own samples and the global statistics come from one psum of per-participant
@@ -184,9 +222,8 @@ def moments(
         shift = lax.stop_gradient(_checks.check_feature_array(shift, fshape, "shift", axis).astype(dtype))
         count, s1, s2 = _local_sums(x, valid, shift, reduce, features, dtype)
         if names is not None:
-            name = names if len(names) > 1 else names[0]
             count = jnp.broadcast_to(count, fshape)
-            count, s1, s2 = lax.psum(jnp.stack([count, s1, s2]), name, axis_index_groups=groups)
+            count, s1, s2 = _psum_in_groups(jnp.stack([count, s1, s2]), names, groups)
         return _from_sums(count, s1, s2, shift)
 
     local_shift = _first_valid(x.astype(dtype), valid, reduce)
