@@ -34,6 +34,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jbn
+from tests import reference as ref_module
 from tests._sync_reference import EPSILON, MOMENTUM, check, grouped_reference, make_batch, reference
 
 DEVICES = 8
@@ -417,3 +418,34 @@ def test_sync_bn_example_runs_at_tiny_size(tmp_path):
     for sync in ("sync", "local"):
         np.testing.assert_allclose(float(rows[0][f"shard_map_{sync}_loss"]), float(rows[0][f"pmap_{sync}_loss"]), rtol=1e-5)
     assert (tmp_path / "out" / "sync_bn.png").stat().st_size > 0
+
+
+def test_flax_pmean_is_wrong_with_uneven_masks_where_jbn_is_exact():
+    """The same pmapped step through flax.linen.BatchNorm and jbn.BatchNorm (same variables,
+    same uneven masks, one device holding only padding). flax averages per-device means with
+    pmean: wrong weights and NaN from the all-padding device. jbn matches the reference."""
+    import flax.linen as nn
+
+    b = make_batch(DEVICES)
+    b = b._replace(x=np.where(b.mask[..., None], b.x, 0.0).astype(np.float32))  # plain zero padding
+    y_ref, mean_ref, var_ref = ref_module.batch_norm(b.x, None, None, np.zeros(3), np.ones(3), training=True,
+                                                     momentum=0.0, mask=b.mask)
+
+    def run(module):
+        variables = module.init(jax.random.key(0), b.x[:2], mask=b.mask[:2, :, None])
+
+        def f(x, mask):
+            return module.apply(variables, x, mask=mask[..., None], mutable=["batch_stats"])
+
+        return jax.pmap(f, axis_name="batch")(per_device(b.x), per_device(b.mask))
+
+    kw = dict(use_running_average=False, momentum=0.0, axis_name="batch", use_scale=False, use_bias=False)
+    y_jbn, s_jbn = run(jbn.BatchNorm(**kw))
+    y_flax, s_flax = run(nn.BatchNorm(use_fast_variance=False, **kw))
+
+    np.testing.assert_allclose(s_jbn["batch_stats"]["mean"][0], mean_ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(s_jbn["batch_stats"]["var"][0], var_ref, rtol=1e-5, atol=1e-5)
+    valid = b.mask
+    np.testing.assert_allclose(np.asarray(y_jbn).reshape(b.x.shape)[valid], y_ref[valid], rtol=1e-4, atol=1e-4)
+    flax_mean = np.asarray(s_flax["batch_stats"]["mean"][0])
+    assert not np.all(np.isfinite(flax_mean)) or np.abs(flax_mean - mean_ref).max() > 1e-2
