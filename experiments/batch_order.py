@@ -15,7 +15,8 @@ import numpy as np
 
 from experiments import data as datasets
 from experiments import features, report
-from experiments.models import MLP, NormSpec
+from experiments.models import MLP, NormSpec, renorm_ramp
+from experiments.small_batches import ramp_text
 from experiments.training import fit, make_optimizer
 
 NAME = "batch_order"
@@ -32,6 +33,7 @@ DEFAULTS = {
     "bn_momentum": 0.99,
     "renorm_r_max": 3.0,
     "renorm_d_max": 5.0,
+    "renorm_ramp": [0.05, 0.4],  # plain BN for the first 5% of steps, limits reached at 40%; [] = fixed limits
     "init_seed": 0,  # every run starts from this initialization ...
     "order_seeds": [0, 1, 2, 3, 4],  # ... and sees the training set in these orders
     "drop_margin": 0.05,  # "suffers" = accuracy this much below the i.i.d. order
@@ -59,7 +61,10 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
             if status[kind]:
                 rows += report.waiting_rows(status[kind], norm=kind, order=order)
                 continue
-            spec = NormSpec(kind, momentum=config["bn_momentum"], r_max=config["renorm_r_max"], d_max=config["renorm_d_max"])
+            spec = NormSpec(
+                kind, momentum=config["bn_momentum"], r_max=config["renorm_r_max"], d_max=config["renorm_d_max"],
+                renorm_ramp=renorm_ramp(config["renorm_ramp"], config["steps"]),
+            )
             model = MLP(tuple(config["widths"]), data.num_classes, activation="relu", norm=spec)
             r = fit(
                 model, make_optimizer(config["optimizer"], config["learning_rate"]), data, seeds=seeds, order_seeds=order_seeds,
@@ -123,7 +128,8 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
     figures = [report.save_figure(fig, out_dir, "batch_order.png")]
     setup = (
         f"{data.name}; MLP {config['widths']} ReLU, the norm before each ReLU (BN = jbn.BatchNorm, Batch Renorm = "
-        f"jbn.BatchRenorm r_max {config['renorm_r_max']}, d_max {config['renorm_d_max']}, momentum {config['bn_momentum']}); "
+        f"jbn.BatchRenorm r_max {config['renorm_r_max']}, d_max {config['renorm_d_max']}, "
+        f"{ramp_text(config['renorm_ramp'])}; momentum {config['bn_momentum']}); "
         f"batch {config['batch_size']}, {config['optimizer']} lr {config['learning_rate']}, {config['steps']} steps. Every run "
         f"starts from initialization seed {config['init_seed']}; the batch orders use seeds {order_seeds}. i.i.d. = the "
         f"training set reshuffled every epoch; class-grouped = each batch drawn from {config['classes_per_batch']} random "

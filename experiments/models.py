@@ -45,6 +45,9 @@ class NormSpec:
       virtual_batch_size: ghost batch size ("ghost").
       group_size: channels per group ("group").
       r_max, d_max: Batch Renorm clipping limits ("renorm").
+      renorm_ramp: None for fixed limits, or (begin, end) steps: plain BN (r_max=1,
+        d_max=0) until `begin`, then both limits grow linearly to r_max and d_max at `end`
+        (the shape of Ioffe 2017's schedule, `jbn.renorm_schedule`).
       noise_scale, noise_shift: noise ranges ("noisy_bn"): scale in [1, noise_scale],
         shift in [-noise_shift, noise_shift].
     """
@@ -55,6 +58,7 @@ class NormSpec:
     group_size: int = 8
     r_max: float = 3.0
     d_max: float = 5.0
+    renorm_ramp: tuple[int, int] | None = None
     noise_scale: float = 1.25
     noise_shift: float = 0.5
 
@@ -65,6 +69,16 @@ class NormSpec:
     @property
     def normalizes(self) -> bool:
         return self.kind != "none"
+
+
+def renorm_ramp(fractions, steps: int) -> tuple[int, int] | None:
+    """`NormSpec.renorm_ramp` from config fractions of the run: [begin, end] -> steps;
+    an empty list -> None (fixed limits)."""
+    if not fractions:
+        return None
+    if len(fractions) != 2 or not 0 <= fractions[0] <= fractions[1]:
+        raise ValueError(f"`renorm_ramp`={list(fractions)}: give [begin, end] fractions of the run with 0 <= begin <= end, or [].")
+    return int(fractions[0] * steps), int(fractions[1] * steps)
 
 
 class Norm(nn.Module):
@@ -89,7 +103,12 @@ class Norm(nn.Module):
         if s.kind == "ghost":
             return jbn.BatchNorm(use_running_average=not train, momentum=s.momentum, virtual_batch_size=s.virtual_batch_size)(x)
         if s.kind == "renorm":
-            return jbn.BatchRenorm(use_running_average=not train, momentum=s.momentum, r_max=s.r_max, d_max=s.d_max)(x)
+            r_max, d_max = s.r_max, s.d_max
+            if s.renorm_ramp is not None:
+                begin, end = s.renorm_ramp
+                r_max = jbn.renorm_schedule(1.0, s.r_max, begin, end)
+                d_max = jbn.renorm_schedule(0.0, s.d_max, begin, end)
+            return jbn.BatchRenorm(use_running_average=not train, momentum=s.momentum, r_max=r_max, d_max=d_max)(x)
         if s.kind == "group":
             return nn.GroupNorm(num_groups=None, group_size=min(s.group_size, x.shape[-1]))(x)
         raise AssertionError(s.kind)

@@ -27,11 +27,12 @@ def recompute(model, state: TrainState, x: np.ndarray, batch_size: int, **apply_
       batch_size: examples per forward pass (does not change the exact result).
     """
 
+    @jax.jit
     def apply_fn(variables, batch):
         return model.apply(variables, batch, train=True, mutable=["batch_stats"], **apply_kwargs)
 
     batches = [x[i : i + batch_size] for i in range(0, len(x), batch_size)]
-    updated = jbn.recompute_batch_stats(apply_fn, variables_of(state), batches)
+    updated = jbn.recompute_batch_stats(apply_fn, variables_of(state), batches, progress=False)
     return updated["batch_stats"]
 
 

@@ -13,7 +13,7 @@ import numpy as np
 
 from experiments import data as datasets
 from experiments import features, report
-from experiments.models import MLP, NormSpec
+from experiments.models import MLP, NormSpec, renorm_ramp
 from experiments.training import fit, make_optimizer
 
 NAME = "small_batches"
@@ -33,6 +33,7 @@ DEFAULTS = {
     "group_size": 16,
     "renorm_r_max": 3.0,
     "renorm_d_max": 5.0,
+    "renorm_ramp": [0.05, 0.4],  # plain BN for the first 5% of steps, limits reached at 40%; [] = fixed limits
     "seeds": [0, 1, 2],
     "degrade_margin": 0.03,  # "degrades" = small-batch accuracy this far below batch 32
 }
@@ -43,6 +44,12 @@ CLAIM = (
     "degrade less (Wu & He 2018; Ioffe 2017)."
 )
 LABELS = {"bn": "BN", "ghost": "ghost BN", "renorm": "Batch Renorm", "group": "GroupNorm"}
+
+
+def ramp_text(ramp) -> str:
+    if not ramp:
+        return "fixed limits"
+    return f"plain BN for the first {ramp[0]:.0%} of the steps, then both limits linear up to {ramp[1]:.0%}"
 
 
 def run(config: dict, out_dir: pathlib.Path) -> dict:
@@ -59,11 +66,11 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
             continue
         for b in sizes:
             batch = config["ghost_batch_size"] if kind == "ghost" else b
+            steps = max(1, config["epochs"] * n_train // batch)
             spec = NormSpec(
                 kind, momentum=config["bn_momentum"], virtual_batch_size=b, group_size=config["group_size"],
-                r_max=config["renorm_r_max"], d_max=config["renorm_d_max"],
+                r_max=config["renorm_r_max"], d_max=config["renorm_d_max"], renorm_ramp=renorm_ramp(config["renorm_ramp"], steps),
             )
-            steps = max(1, config["epochs"] * n_train // batch)
             lr = config["learning_rate"] * batch / config["reference_batch_size"]
             model = MLP(tuple(config["widths"]), data.num_classes, activation=config["activation"], norm=spec)
             r = fit(
@@ -120,8 +127,8 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
     setup = (
         f"{data.name}; MLP {config['widths']} {config['activation']} with the norm before each ReLU; {config['epochs']} "
         f"epochs for every arm; {config['optimizer']} with lr {config['learning_rate']} x batch/{config['reference_batch_size']} "
-        f"(linear scaling); seeds {config['seeds']}. BN, Batch Renorm (r_max {config['renorm_r_max']}, d_max "
-        f"{config['renorm_d_max']}) and GroupNorm (flax, groups of {config['group_size']}) train with batches of the "
+        f"(linear scaling); seeds {config['seeds']}. BN, Batch Renorm (jbn.BatchRenorm, r_max {config['renorm_r_max']}, d_max "
+        f"{config['renorm_d_max']}, {ramp_text(config['renorm_ramp'])}) and GroupNorm (flax, groups of {config['group_size']}) train with batches of the "
         f"statistics size; ghost BN trains with batches of {config['ghost_batch_size']} split into virtual batches of "
         f"that size. Test accuracy uses the running statistics (GroupNorm has none)."
     )
