@@ -38,7 +38,7 @@ DEFAULTS = {
     "order_seeds": [0, 1, 2, 3, 4],  # ... and sees the training set in these orders
     "drop_margin": 0.05,  # "suffers" = accuracy this much below the i.i.d. order
 }
-TINY = {"widths": [16], "steps": 20, "eval_every": 10, "order_seeds": [0, 1]}
+TINY = {"widths": [8], "steps": 4, "eval_every": 2, "order_seeds": [0, 1]}
 
 CLAIM = (
     "(A) BN makes training sensitive to the batch order: one initialization trained on the same data in different "

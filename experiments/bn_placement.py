@@ -34,7 +34,7 @@ DEFAULTS = {
     "bias_grad_tolerance": 1.0e-4,  # |grad bias| / |grad kernel| below this counts as zero
     "control_factor": 2.0,  # with/without-bias curves may differ this many times the rounding control
 }
-TINY = {"steps": 20, "eval_every": 10, "seeds": [0, 1]}
+TINY = {"widths": [8], "steps": 4, "eval_every": 2, "seeds": [0, 1]}
 
 CLAIM = (
     "(A) BN before the activation (Dense -> BN -> ReLU, as Ioffe & Szegedy place it) trains better than after it "

@@ -29,7 +29,7 @@ DEFAULTS = {
     "target_accuracy": 0.95,
     "seeds": [0, 1, 2, 3, 4],
 }
-TINY = {"steps": 20, "eval_every": 10, "seeds": [0, 1], "channels": [8, 8], "target_accuracy": 0.2, "learning_rates": [0.1]}
+TINY = {"steps": 4, "eval_every": 2, "seeds": [0, 1], "channels": [4], "target_accuracy": 0.2, "learning_rates": [0.1]}
 
 CLAIM = "Batch norm speeds up training: a conv net with BN reaches a target test accuracy in fewer steps than without."
 

@@ -35,7 +35,7 @@ DEFAULTS = {
     "seeds": [0, 1, 2],
     "shift_factor": 2.0,  # "shift" = mean |log variance ratio| this many times the dropout-after arm's
 }
-TINY = {"widths": [16, 16], "steps": 20, "eval_every": 10, "seeds": [0]}
+TINY = {"widths": [8, 8], "steps": 4, "eval_every": 2, "seeds": [0]}
 
 CLAIM = (
     "Dropout before BN layers shifts the variance BN sees between training and test, so the running statistics no "

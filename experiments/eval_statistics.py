@@ -26,7 +26,7 @@ DEFAULTS = {
     "widths": [128, 128, 128],
     "batch_sizes": [4, 16, 64],  # normalization (= training) batch sizes
     "momenta": [0.9, 0.99],
-    "epochs": 10,
+    "epochs": 10.0,
     "evaluations": 10,
     "optimizer": "momentum",
     "learning_rate": 0.05,  # at batch `reference_batch_size`; scaled linearly with the batch
@@ -35,7 +35,7 @@ DEFAULTS = {
     "seeds": [0, 1, 2],
     "tolerance": 0.01,  # "about as good" = test accuracy within this
 }
-TINY = {"widths": [16, 16], "batch_sizes": [4, 16], "momenta": [0.9], "epochs": 1, "evaluations": 2, "seeds": [0]}
+TINY = {"widths": [8], "batch_sizes": [4, 16], "momenta": [0.9], "epochs": 0.02, "evaluations": 2, "seeds": [0]}
 
 CLAIM = (
     "(A) BN's running averages (EMA, momentum 0.9 or 0.99) are about as good at test time as the exact population "
@@ -70,7 +70,7 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
     for b in config["batch_sizes"]:
         for m in config["momenta"]:
             model = MLP(tuple(config["widths"]), data.num_classes, activation="relu", norm=NormSpec("bn", momentum=m))
-            steps = max(1, config["epochs"] * n_train // b)
+            steps = max(1, int(config["epochs"] * n_train) // b)
             lr = config["learning_rate"] * b / config["reference_batch_size"]
             r = fit(
                 model, make_optimizer(config["optimizer"], lr), data, seeds=config["seeds"], steps=steps, batch_size=b,

@@ -39,7 +39,7 @@ DEFAULTS = {
     "noisy_margin": 0.03,  # noisy BN "as well as BN" = final accuracy within this of BN's
     "ics_tolerance": 0.02,  # BN "does not reduce ICS" = its gradient cosine is at most this above no-BN's
 }
-TINY = {"depth": 3, "width": 32, "steps": 20, "eval_every": 10, "seeds": [0], "probe_examples": 32, "step_multipliers": [1.0, 4.0]}
+TINY = {"depth": 2, "width": 8, "steps": 4, "eval_every": 2, "seeds": [0], "probe_examples": 16, "step_multipliers": [1.0]}
 
 CLAIM = (
     "BN's success is not due to reducing internal covariate shift but to a smoother loss landscape: "

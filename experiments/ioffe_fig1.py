@@ -34,7 +34,7 @@ DEFAULTS = {
     "probe_examples": 1000,  # fixed test examples the percentiles are measured on
     "settle_fraction": 0.1,  # the drift is measured after this fraction of training
 }
-TINY = {"steps": 40, "eval_every": 20, "seeds": [0], "probe_examples": 200}
+TINY = {"widths": [8], "steps": 4, "eval_every": 2, "seeds": [0], "probe_examples": 50}
 
 CLAIM = (
     "With batch norm, a 3x100 sigmoid MLP (batch 60) reaches a higher test accuracy sooner, and the input "

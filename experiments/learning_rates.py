@@ -30,7 +30,7 @@ DEFAULTS = {
     "seeds": [0, 1, 2],
     "keep_fraction": 0.5,  # "trains" = keeps this fraction of its own 1x gain over chance
 }
-TINY = {"steps": 20, "eval_every": 10, "seeds": [0], "multipliers": [1.0, 30.0]}
+TINY = {"widths": [8], "steps": 4, "eval_every": 2, "seeds": [0], "multipliers": [1.0, 30.0]}
 
 CLAIM = (
     "Batch norm lets a network train at much higher learning rates: at 5x and 30x the base rate the BN net "

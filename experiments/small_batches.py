@@ -24,7 +24,7 @@ DEFAULTS = {
     "norms": ["bn", "ghost", "renorm", "group"],
     "statistics_batch_sizes": [2, 4, 8, 16, 32],
     "ghost_batch_size": 32,  # ghost BN: optimizer batch; its statistics batch is varied
-    "epochs": 10,  # every arm sees the same number of examples
+    "epochs": 10.0,  # every arm sees the same number of examples
     "evaluations": 10,  # per run
     "optimizer": "momentum",
     "learning_rate": 0.05,  # at batch `reference_batch_size`; scaled linearly with the batch
@@ -37,7 +37,7 @@ DEFAULTS = {
     "seeds": [0, 1, 2],
     "degrade_margin": 0.03,  # "degrades" = small-batch accuracy this far below batch 32
 }
-TINY = {"statistics_batch_sizes": [2, 8], "epochs": 1, "seeds": [0], "evaluations": 2, "widths": [32, 32]}
+TINY = {"statistics_batch_sizes": [2], "epochs": 0.01, "seeds": [0], "evaluations": 2, "widths": [16], "group_size": 8}
 
 CLAIM = (
     "BN degrades when its statistics come from 2-4 examples; GroupNorm, ghost BN and Batch Renorm "
@@ -66,7 +66,7 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
             continue
         for b in sizes:
             batch = config["ghost_batch_size"] if kind == "ghost" else b
-            steps = max(1, config["epochs"] * n_train // batch)
+            steps = max(1, int(config["epochs"] * n_train) // batch)
             spec = NormSpec(
                 kind, momentum=config["bn_momentum"], virtual_batch_size=b, group_size=config["group_size"],
                 r_max=config["renorm_r_max"], d_max=config["renorm_d_max"], renorm_ramp=renorm_ramp(config["renorm_ramp"], steps),

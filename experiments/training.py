@@ -262,7 +262,13 @@ class _Compiled:
             state, metrics = jax.lax.scan(lambda st, inp: one_step(st, run_keys, x_all, y_all, *inp), state, (idx, ts))
             return state, jax.tree.map(lambda m: m.mean(0), metrics)
 
-        self.init = jax.jit(jax.vmap(lambda k, sample: init_state(model, optimizer, k, sample), in_axes=(0, None)))
+        def init(keys, sample):
+            # Eagerly, seed by seed: compiling a (vmapped) flax init costs seconds on CPU,
+            # far more than running it.
+            states = [init_state(model, optimizer, k, sample) for k in keys]
+            return jax.tree.map(lambda *leaves: jnp.stack(leaves), *states)
+
+        self.init = init
         self.train_chunk = jax.jit(chunk)
         self.train_step = jax.jit(one_step)
         self.evaluate = jax.jit(_over_seeds(make_evaluate(model), vectorize, in_axes=(0, None, None)))

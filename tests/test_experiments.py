@@ -1,0 +1,262 @@
+"""The experiment suite: every experiment end to end at a tiny size, config validation,
+the CLI, the offline data loaders, batch orders, the training loop and the verdict rule."""
+from __future__ import annotations
+
+import csv
+import random
+
+import numpy as np
+import pytest
+import yaml
+
+from experiments import cli, data, external, features, registry, report
+from experiments import config as cfg
+
+NAMES = [e.name for e in registry.EXPERIMENTS]
+
+
+# ------------------------------------------------------------------ end to end, tiny
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_experiment_runs_end_to_end_at_tiny_size(name, tmp_path):
+    result = cli.run_experiment(registry.config_path(name), tiny=True, runs_dir=tmp_path)
+    out = tmp_path / name
+    # config.yaml is the resolved config: the file's values with the tiny settings applied.
+    module = registry.load_module(name)
+    tiny = getattr(module, "TINY", None) or external.TINY[name]
+    resolved = yaml.safe_load((out / "config.yaml").read_text())
+    assert set(resolved) == set(module.DEFAULTS)
+    for key, value in tiny.items():
+        assert resolved[key] == value
+    # metrics.csv has a header and rows; every PNG is a real PNG; summary.md has a verdict.
+    with open(out / "metrics.csv", newline="") as f:
+        rows = list(csv.reader(f))
+    assert len(rows) > 1 and len(rows[0]) > 1
+    pngs = sorted(out.glob("*.png"))
+    assert pngs and all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
+    summary = (out / "summary.md").read_text()
+    assert "## Verdict: " in summary and "| criterion | measured | holds |" in summary
+    assert result["verdict"].split(" (")[0] in summary
+    assert result["figures"] and result["summary"] == str(out / "summary.md")
+
+
+def test_waiting_arm_reports_a_marker_never_a_number(tmp_path, monkeypatch):
+    """An arm whose jbn feature is missing is not run: metrics.csv and summary.md say so."""
+    label, _ = features.FEATURES["renorm"]
+    monkeypatch.setitem(features.FEATURES, "renorm", (label, lambda: False))
+    cli.run_experiment(
+        registry.config_path("small_batches"),
+        ["norms=[bn, renorm]", "statistics_batch_sizes=[2]", "epochs=0.01", "evaluations=1", "widths=[8]", "seeds=[0]"],
+        runs_dir=tmp_path,
+    )
+    out = tmp_path / "small_batches"
+    with open(out / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    waiting = [r for r in rows if r["norm"] == "renorm"]
+    assert waiting and all(r["status"] == "waiting for jbn.BatchRenorm" and r["value"] == "" for r in waiting)
+    assert all(r["status"] == "ok" for r in rows if r["norm"] == "bn")
+    summary = (out / "summary.md").read_text()
+    assert "| Batch Renorm degrades less than BN" in summary and "| waiting for jbn.BatchRenorm | waiting |" in summary
+
+
+# ---------------------------------------------------------------- config validation
+
+
+@pytest.fixture
+def defaults():
+    return {"steps": 100, "learning_rate": 0.1, "seeds": [0, 1], "name": "bn", "progress": True, "nested": {"depth": 2}}
+
+
+def write(tmp_path, text):
+    path = tmp_path / "exp.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_config_fills_defaults_and_accepts_ints_and_exponents_for_floats(tmp_path, defaults):
+    path = write(tmp_path, "steps: 5\nlearning_rate: 1e-3\nnested: {depth: 4}\n")
+    c = cfg.load(path, defaults)
+    assert c == {"steps": 5, "learning_rate": 0.001, "seeds": [0, 1], "name": "bn", "progress": True, "nested": {"depth": 4}}
+    assert cfg.load(write(tmp_path, "learning_rate: 1\n"), defaults)["learning_rate"] == 1.0
+    assert cfg.load(write(tmp_path, ""), defaults) == defaults
+
+
+@pytest.mark.parametrize(
+    "text, key",
+    [
+        ("stepz: 5\n", "stepz"),
+        ("nested: {dept: 3}\n", "nested.dept"),
+    ],
+)
+def test_unknown_key_names_the_key_and_the_file(tmp_path, defaults, text, key):
+    path = write(tmp_path, text)
+    with pytest.raises(cfg.ConfigError) as e:
+        cfg.load(path, defaults)
+    assert f"unknown key '{key}'" in str(e.value) and str(path) in str(e.value)
+
+
+def test_unknown_key_suggests_the_close_one(tmp_path, defaults):
+    with pytest.raises(cfg.ConfigError, match="Did you mean 'steps'"):
+        cfg.load(write(tmp_path, "stepz: 5\n"), defaults)
+
+
+@pytest.mark.parametrize(
+    "text, key",
+    [
+        ("steps: many\n", "steps"),
+        ("steps: 2.5\n", "steps"),
+        ("steps: true\n", "steps"),
+        ("learning_rate: fast\n", "learning_rate"),
+        ("seeds: 3\n", "seeds"),
+        ("seeds: [0, x]\n", "seeds[1]"),
+        ("name: 3\n", "name"),
+        ("progress: 1\n", "progress"),
+        ("nested: 3\n", "nested"),
+        ("nested: {depth: deep}\n", "nested.depth"),
+    ],
+)
+def test_wrong_type_names_the_key_and_the_file(tmp_path, defaults, text, key):
+    path = write(tmp_path, text)
+    with pytest.raises(cfg.ConfigError) as e:
+        cfg.load(path, defaults)
+    message = str(e.value)
+    assert f"key '{key}' must be" in message and str(path) in message
+
+
+def test_a_config_that_is_not_a_mapping_is_rejected(tmp_path, defaults):
+    path = write(tmp_path, "- steps\n- 5\n")
+    with pytest.raises(cfg.ConfigError, match="must be a mapping") as e:
+        cfg.load(path, defaults)
+    assert str(path) in str(e.value)
+
+
+def test_invalid_yaml_and_missing_file_name_the_file(tmp_path, defaults):
+    path = write(tmp_path, "steps: [1, 2\n")
+    with pytest.raises(cfg.ConfigError, match="not valid YAML") as e:
+        cfg.load(path, defaults)
+    assert str(path) in str(e.value)
+    with pytest.raises(cfg.ConfigError, match="cannot read"):
+        cfg.load(tmp_path / "missing.yaml", defaults)
+
+
+def test_overrides_are_checked_like_the_file(tmp_path, defaults):
+    path = write(tmp_path, "steps: 5\n")
+    c = cfg.load(path, defaults, ["steps=7", "seeds=[3]", "nested.depth=9", "learning_rate=2e-2"])
+    assert c["steps"] == 7 and c["seeds"] == [3] and c["nested"] == {"depth": 9} and c["learning_rate"] == 0.02
+    with pytest.raises(cfg.ConfigError, match=r"--override stepz=3: unknown key 'stepz'"):
+        cfg.load(path, defaults, ["stepz=3"])
+    with pytest.raises(cfg.ConfigError, match=r"--override steps=lots: key 'steps' must be an integer"):
+        cfg.load(path, defaults, ["steps=lots"])
+    with pytest.raises(cfg.ConfigError, match="key=value"):
+        cfg.load(path, defaults, ["steps"])
+
+
+def test_cli_reports_a_bad_config_with_exit_code_2(tmp_path, capsys):
+    bad = tmp_path / "ioffe_fig1.yaml"  # the file name picks the experiment
+    bad.write_text("steps: 10\nlearning_rat: 0.1\n")
+    assert cli.main(["run", str(bad), "--runs-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "unknown key 'learning_rat'" in err and str(bad) in err and "Did you mean 'learning_rate'" in err
+    assert cli.main(["run", str(tmp_path / "no_such_experiment.yaml")]) == 2
+    assert "no experiment 'no_such_experiment'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_committed_configs_are_the_defaults(name):
+    """Each configs/NAME.yaml is valid and spells out its experiment's default config."""
+    module = registry.load_module(name)
+    assert cfg.load(registry.config_path(name), module.DEFAULTS) == module.DEFAULTS
+
+
+def test_list_shows_every_experiment(capsys):
+    assert cli.main(["list"]) == 0
+    out = capsys.readouterr().out
+    for e in registry.EXPERIMENTS:
+        assert f"{e.number:>2}  {e.name}" in out and f"configs/{e.name}.yaml" in out
+
+
+# ------------------------------------------------------------------------------ data
+
+
+def test_mnist1d_is_generated_offline_and_leaves_global_random_state(monkeypatch):
+    import socket
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("the MNIST-1D loader tried to use the network")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.setattr("requests.get", no_network)
+    data._mnist1d_arrays.cache_clear()
+    np.random.seed(123)
+    random.seed(123)
+    np_before, py_before = np.random.get_state()[1].copy(), random.getstate()
+    d = data.mnist1d()
+    assert np.array_equal(np.random.get_state()[1], np_before) and random.getstate() == py_before
+    assert d.x_train.shape == (4000, 40) and d.x_test.shape == (1000, 40) and d.x_train.dtype == np.float32
+    assert set(np.unique(d.y_train)) == set(range(10))
+    assert data.mnist1d("sequence").x_train.shape == (4000, 40, 1)
+
+
+def test_digits_flat_and_image_layouts_hold_sklearns_pixels():
+    from sklearn.datasets import load_digits
+
+    ref = load_digits()
+    flat, image = data.digits("flat"), data.digits("image")
+    assert flat.x_train.shape == (1438, 64) and flat.x_test.shape == (359, 64)
+    assert image.x_train.shape == (1438, 8, 8, 1)
+    np.testing.assert_array_equal(flat.x_train, image.x_train.reshape(1438, 64))
+    # Every split example is one of sklearn's images scaled to [0, 1], with its label.
+    lookup = {row.tobytes(): label for row, label in zip((ref.data / 16.0).astype(np.float32), ref.target)}
+    for x, y in zip(flat.x_test, flat.y_test):
+        assert lookup[x.tobytes()] == y
+
+
+def test_batch_orders():
+    labels = np.repeat(np.arange(5), 8)  # 40 examples, 5 classes
+    shuffled = data.batch_indices(labels, 4, 20, seed=0, order="shuffle")  # 2 epochs
+    assert shuffled.shape == (20, 4)
+    first, second = shuffled[:10].ravel(), shuffled[10:].ravel()
+    assert sorted(first) == list(range(40)) and sorted(second) == list(range(40)) and not np.array_equal(first, second)
+    fixed = data.batch_indices(labels, 4, 20, seed=0, order="fixed")
+    np.testing.assert_array_equal(fixed[:10], fixed[10:])
+    assert not np.array_equal(data.batch_indices(labels, 4, 20, seed=1, order="shuffle"), shuffled)
+    grouped = data.batch_indices(labels, 4, 30, seed=0, order="class_grouped", classes_per_batch=2)
+    assert all(len(set(labels[b])) == 2 and np.bincount(labels[b]).max() == 2 for b in grouped)
+    with pytest.raises(ValueError, match="classes_per_batch"):
+        data.batch_indices(labels, 5, 3, seed=0, order="class_grouped", classes_per_batch=2)
+
+
+# --------------------------------------------------------------------- training loop
+
+
+def test_fit_is_deterministic_and_the_same_vmapped_or_one_by_one():
+    from experiments.models import MLP, NormSpec
+    from experiments.training import fit, make_optimizer
+
+    d = data.synthetic(num_train=64, num_test=32, dim=8, num_classes=3)
+    model = MLP((8,), 3, norm=NormSpec("bn"))
+    kw = dict(seeds=[0, 1], steps=6, batch_size=8, eval_every=3, progress=False)
+    a = fit(model, make_optimizer("momentum", 0.1), d, **kw)
+    b = fit(model, make_optimizer("momentum", 0.1), d, **kw)
+    c = fit(model, make_optimizer("momentum", 0.1), d, vmap_seeds=False, scan_steps=False, **kw)
+    for name in ("train_loss", "test_loss", "test_accuracy"):
+        np.testing.assert_array_equal(a.series[name], b.series[name])
+        np.testing.assert_allclose(a.series[name], c.series[name], rtol=1e-4, atol=1e-5)
+    assert list(a.steps) == [0, 3, 6] and a.seeds == c.seeds == [0, 1]
+    assert not np.allclose(a.series["test_loss"][-1, 0], a.series["test_loss"][-1, 1])  # seeds differ
+
+
+# --------------------------------------------------------------------- verdict rule
+
+
+def test_verdict_is_computed_from_the_checks():
+    yes, no = report.Check("a", True, "1"), report.Check("b", False, "2")
+    wait = report.Check("c", None, "waiting for jbn.X")
+    assert report.verdict([yes, yes]) == "confirmed"
+    assert report.verdict([no, no]) == "not confirmed"
+    assert report.verdict([yes, no]) == "mixed"
+    assert report.verdict([yes, wait]) == "confirmed (1 of 2 checks waiting for a feature)"
+    assert report.verdict([wait]) == "waiting for jbn.X"
+    parts = report.verdicts_by_part([report.Check("a", True, "", part="A"), report.Check("b", False, "", part="B")])
+    assert parts == {"A": "confirmed", "B": "not confirmed"}
