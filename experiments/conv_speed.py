@@ -91,7 +91,8 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
         means = [np.mean(censored[a, lr]) for lr in lrs]
         stds = [np.std(censored[a, lr]) for lr in lrs]
         axes[0, 0].errorbar(lrs, means, yerr=stds, marker="o", capsize=3, label=a)
-    axes[0, 0].set(xscale="log", xlabel="learning rate", ylabel=f"steps to {target:g} test acc", title=f"mean ± std over {n_seeds} seeds")
+    report.log_ticks(axes[0, 0], lrs)
+    axes[0, 0].set(xlabel="learning rate", ylabel=f"steps to {target:g} test acc", title=f"mean ± std over {n_seeds} seeds")
     axes[0, 0].legend()
     for a in arms:
         r = runs[a, best[a]]

@@ -152,8 +152,8 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
     for j, a in enumerate(runs):
         axes[0, 0].bar(layers + (j - 1) * 0.27, ratios[a].mean(0), width=0.27, yerr=ratios[a].std(0), label=a)
     axes[0, 0].axhline(1.0, color="gray", lw=1)
-    axes[0, 0].set(xlabel="BN layer", ylabel="Var_test / running var", title="variance shift per BN layer", xticks=layers)
-    axes[0, 0].legend(fontsize=7)
+    axes[0, 0].set(xlabel="BN layer", ylabel="Var_test / running var", title="variance shift per BN layer", xticks=layers, ylim=(0, 1.6))
+    axes[0, 0].legend(fontsize=7, ncol=2, loc="upper center")
     for a, r in runs.items():
         report.band(axes[0, 1], r.steps, r.series["test_accuracy"], a)
     axes[0, 1].set(xlabel="step", ylabel="test accuracy (running stats)", title="test accuracy")

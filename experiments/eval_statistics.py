@@ -126,8 +126,8 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
             ax.errorbar(sizes, [np.mean(d[b, m]) for b in sizes], yerr=[np.std(d[b, m]) for b in sizes], marker="o", capsize=3, label=label)
         if waiting:
             ax.plot([], [], ls="none", label=f"exact population: {waiting}")
-        ax.set(xscale="log", xlabel="normalization batch size", ylabel="test accuracy", title=f"BN momentum {m:g}")
-        ax.set_xticks(sizes, [str(b) for b in sizes])
+        ax.set(xlabel="normalization batch size", ylabel="test accuracy", title=f"BN momentum {m:g}")
+        report.log_ticks(ax, sizes)
         ax.legend(fontsize=7)
     figures = [report.save_figure(fig, out_dir, "eval_statistics.png")]
     setup = (

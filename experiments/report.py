@@ -96,8 +96,13 @@ def fmt_seeds(values: Iterable[float], digits: int = 3) -> str:
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    lines = ["| " + " | ".join(map(str, header)) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(map(str, r)) + " |" for r in rows]
+    """A markdown table; a `|` inside a cell (e.g. |grad|) is escaped so it stays in its cell."""
+
+    def line(cells) -> str:
+        return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
+
+    lines = [line(header), "|" + "|".join("---" for _ in header) + "|"]
+    lines += [line(r) for r in rows]
     return "\n".join(lines)
 
 
@@ -155,6 +160,15 @@ def save_figure(fig, out_dir: pathlib.Path, name: str) -> pathlib.Path:
     fig.savefig(path, dpi=80)
     plt.close(fig)
     return path
+
+
+def log_ticks(ax, values: Sequence[float]) -> None:
+    """A log-scaled x axis labelled exactly at `values` (no minor tick labels)."""
+    from matplotlib.ticker import NullFormatter
+
+    ax.set_xscale("log")
+    ax.set_xticks(list(values), [f"{v:g}" for v in values])
+    ax.xaxis.set_minor_formatter(NullFormatter())
 
 
 def band(ax, x, values: np.ndarray, label: str, **kw):

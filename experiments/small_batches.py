@@ -120,8 +120,8 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
         means = [np.mean(acc[kind, b]) for b in sizes]
         stds = [np.std(acc[kind, b]) for b in sizes]
         ax.errorbar(sizes, means, yerr=stds, marker="o", capsize=3, label=LABELS[kind])
-    ax.set(xscale="log", xlabel="examples per statistics batch", ylabel="final test accuracy", title="small statistics batches")
-    ax.set_xticks(sizes, [str(b) for b in sizes])
+    ax.set(xlabel="examples per statistics batch", ylabel="final test accuracy", title="small statistics batches")
+    report.log_ticks(ax, sizes)
     ax.legend(fontsize=7)
     figures = [report.save_figure(fig, out_dir, "small_batches.png")]
     setup = (
