@@ -12,8 +12,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jbn import _checks
+from jbn import _activations, _checks
 from jbn._checks import Axes, AxisName
+from jbn._fusion import separate_uses
 
 Array = jax.Array
 
@@ -72,13 +73,18 @@ def _first_valid(xf: Array, valid: Array | None, reduce: tuple[int, ...]) -> Arr
 
 def _local_sums(x: Array, valid: Array | None, shift: Array, reduce, features, dtype):
     """count, sum(x - shift), sum((x - shift)^2) over the reduced axes, in one pass."""
-    d = x.astype(dtype) - _checks.expand_features(shift, x.ndim, features)
+    # Each sum gets its own handle on x and the shift, so that XLA fuses `x - shift` into
+    # both reductions instead of writing it to memory (see jbn._fusion).
+    (xa, sa), (xb, sb) = separate_uses(2, x, shift)
+    da = xa.astype(dtype) - _checks.expand_features(sa, x.ndim, features)
+    db = xb.astype(dtype) - _checks.expand_features(sb, x.ndim, features)
     if valid is None:
         count = jnp.asarray(_checks.element_count(x.shape, reduce), dtype)
     else:
-        d = jnp.where(valid, d, 0)  # where, not multiply: padded NaN/inf must not leak in
+        # where, not multiply: padded NaN/inf must not leak in
+        da, db = jnp.where(valid, da, 0), jnp.where(valid, db, 0)
         count = jnp.sum(jnp.broadcast_to(valid, x.shape), axis=reduce, dtype=dtype)
-    return count, jnp.sum(d, axis=reduce), jnp.sum(d * d, axis=reduce)
+    return count, jnp.sum(da, axis=reduce), jnp.sum(db * db, axis=reduce)
 
 
 def _from_sums(count, s1, s2, shift) -> Moments:
@@ -263,6 +269,73 @@ def update_running_stats(running: RunningStats, batch: Moments, momentum: float 
 # --------------------------------------------------------------------------- batch norm
 
 
+def normalize_with_batch_stats(
+    x: Array,
+    scale: Array | None,
+    bias: Array | None,
+    *,
+    axis: Axes = -1,
+    epsilon: float = 1e-5,
+    mask: Array | None = None,
+    axis_name: AxisName = None,
+    axis_index_groups: Any = None,
+    dtype: Any = None,
+    activation: str | None = None,
+    negative_slope: float = 0.01,
+    save_output_only: bool = False,
+    fused: bool = True,
+) -> tuple[Array, Moments]:
+    """Normalize `x` with its own batch statistics: the training half of `batch_norm`,
+    without the running statistics. Arguments as in `batch_norm`.
+
+    Returns:
+      `(y, stats)`: `y` has `x`'s shape (dtype `dtype`, default `x.dtype`); `stats` are
+      the batch `Moments`, whose mean and var are differentiable (count is not).
+    """
+    x = _checks.check_floating(x)
+    _checks.check_epsilon(epsilon)
+    features = _checks.feature_axes(x.ndim, axis)
+    fshape = _checks.feature_shape(x.shape, features)
+    scale = _checks.check_feature_array(scale, fshape, "scale", axis)
+    bias = _checks.check_feature_array(bias, fshape, "bias", axis)
+    act = _activations.check(activation, negative_slope, save_output_only)
+    names = _checks.normalize_axis_name(axis_name)
+    groups = None
+    if names is not None:
+        groups = _checks.check_axis_index_groups(axis_index_groups, names, _checks.bound_axis_size(names))
+    elif axis_index_groups is not None:
+        _checks.check_axis_index_groups(axis_index_groups, None, 0)
+    valid = _checks.broadcast_mask(mask, x.shape, features)
+
+    from jbn import _vjp  # the fused path builds on `moments` and `normalize` above
+
+    if fused and _vjp.can_fuse(epsilon, names):
+        return _vjp.fused_batch_norm(
+            x, scale, bias, features=features, epsilon=epsilon, valid=valid, names=names, groups=groups,
+            dtype=dtype, activation=act, negative_slope=negative_slope, save_output_only=save_output_only,
+        )
+    if save_output_only:
+        raise ValueError(
+            "`save_output_only=True` needs the fused training path, which is off here: set fused=True, pass a "
+            "Python float `epsilon`, and give `axis_name` names that are all checked (shard_map with "
+            "check_vma=True) or all unchecked (pmap, vmap)."
+        )
+    # The autodiff path: forward-mode differentiable (jax.jvp), at the cost of more saved memory.
+    stats = moments(x, axis=features, mask=valid, axis_name=names, axis_index_groups=groups)
+    y = _activate(x, stats.mean, stats.var, scale, bias, features, epsilon, dtype, act, negative_slope)
+    return y, stats
+
+
+def _activate(x, mean, var, scale, bias, features, epsilon, dtype, activation, negative_slope):
+    """`normalize`, then the activation (in the compute dtype, before the final cast)."""
+    if activation == "identity":
+        return normalize(x, mean, var, scale, bias, axis=features, epsilon=epsilon, dtype=dtype)
+    params = [p.dtype for p in (scale, bias) if p is not None]
+    compute = _checks.stats_dtype(x.dtype, jnp.result_type(mean), jnp.result_type(var), *params)
+    z = normalize(x, mean, var, scale, bias, axis=features, epsilon=epsilon, dtype=compute)
+    return _activations.apply(z, activation, negative_slope).astype(x.dtype if dtype is None else dtype)
+
+
 def batch_norm(
     x: Array,
     scale: Array | None,
@@ -277,12 +350,24 @@ def batch_norm(
     axis_name: AxisName = None,
     axis_index_groups: Any = None,
     dtype: Any = None,
+    activation: str | None = None,
+    negative_slope: float = 0.01,
+    save_output_only: bool = False,
+    fused: bool = True,
 ) -> tuple[Array, RunningStats]:
-    """Batch normalization of `x` and the next running statistics.
+    """Batch normalization of `x` (optionally followed by an activation) and the next
+    running statistics.
 
     In training, `x` is normalized with its own batch statistics (global over `axis_name`,
     restricted to `mask`) and the running statistics move towards them. In evaluation,
     `x` is normalized with `running` and `running` comes back unchanged.
+
+    Training uses a fused custom VJP (`jbn._vjp`): the backward pass keeps only `x` (or
+    only `y`, see `save_output_only`) and per-feature statistics, computes two
+    per-feature reductions and one elementwise pass, and sends the reductions in one psum
+    under `axis_name`. It supports `jax.grad`/`jax.vjp`, `jit`, `vmap`, `pmap`,
+    `shard_map` and grad-of-grad; plain forward mode (`jax.jvp`/`jax.jacfwd` through a
+    training call) needs `fused=False`.
 
     Args:
       x: floating input of any rank.
@@ -293,6 +378,18 @@ def batch_norm(
       momentum: in [0, 1]; `new = momentum * old + (1 - momentum) * batch`.
       epsilon: > 0, added to the variance.
       dtype: output dtype; default `x.dtype`.
+      activation: None (or "identity"), "relu" or "leaky_relu", applied to the
+        normalized output in the same fused pass (also in evaluation).
+      negative_slope: the slope of "leaky_relu" for negative inputs (static).
+      save_output_only: training memory saver: keep only the output `y` for the
+        backward pass and recover the normalized input from it, as `(z - bias) / scale`
+        with `z` the activation's inverse of `y`. Needs an invertible activation
+        (identity, or leaky_relu with `negative_slope` > 0) and a `scale` with no zeros:
+        a concrete zero raises, a traced zero gives NaN gradients for its feature.
+        The recovered input carries the rounding of `y`'s dtype (a bfloat16 `y` gives
+        bfloat16-accurate gradients). Worth it when the next layer saves `y` anyway.
+      fused: use the fused custom VJP in training (default). False differentiates the
+        plain jnp computation instead (more saved memory, but forward-mode works).
 
     Returns:
       `(y, new_running)`: `y` has `x`'s shape; `new_running` is a `RunningStats`.
@@ -306,8 +403,10 @@ def batch_norm(
         _checks.check_feature_array(running.mean, fshape, "running.mean", axis),
         _checks.check_feature_array(running.var, fshape, "running.var", axis),
     )
+    act = _activations.check(activation, negative_slope, save_output_only and training)
     if not training:
-        return normalize(x, running.mean, running.var, scale, bias, axis=axis, epsilon=epsilon, dtype=dtype), running
+        y = _activate(x, running.mean, running.var, scale, bias, features, epsilon, dtype, act, negative_slope)
+        return y, running
 
     per_participant = _checks.element_count(x.shape, _checks.reduction_axes(x.ndim, features))
     names = _checks.normalize_axis_name(axis_name)
@@ -318,6 +417,9 @@ def batch_norm(
             "undefined: train with more than one example, synchronize over devices with `axis_name`, "
             "or normalize with the running statistics (training=False / use_running_average=True)."
         )
-    stats = moments(x, axis=axis, mask=mask, axis_name=axis_name, axis_index_groups=axis_index_groups)
-    y = normalize(x, stats.mean, stats.var, scale, bias, axis=axis, epsilon=epsilon, dtype=dtype)
+    y, stats = normalize_with_batch_stats(
+        x, scale, bias, axis=axis, epsilon=epsilon, mask=mask, axis_name=axis_name,
+        axis_index_groups=axis_index_groups, dtype=dtype, activation=activation, negative_slope=negative_slope,
+        save_output_only=save_output_only, fused=fused,
+    )
     return y, update_running_stats(running, stats, momentum)

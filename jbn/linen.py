@@ -53,6 +53,14 @@ class BatchNorm(nn.Module):
         the fast one-pass computation and always accurate, so it has no effect.
       force_float32_reductions: accepted for compatibility; jbn always accumulates in
         float32 or wider.
+      activation: None (or "identity"), "relu" or "leaky_relu", applied to the output
+        inside the same fused pass (jbn only; flax has no such field).
+      negative_slope: the slope of "leaky_relu" for negative inputs.
+      save_output_only: in training, keep only the output for the backward pass and
+        recover the normalized input from it (needs "identity" or "leaky_relu" and a
+        scale without zeros; see `jbn.batch_norm`).
+      fused: use the fused custom-gradient training path (default); False uses plain
+        autodiff (needed only for forward-mode differentiation, `jax.jvp`).
     """
 
     use_running_average: bool | None = None
@@ -69,6 +77,10 @@ class BatchNorm(nn.Module):
     axis_index_groups: Any = None
     use_fast_variance: bool = True
     force_float32_reductions: bool = True
+    activation: str | None = None
+    negative_slope: float = 0.01
+    save_output_only: bool = False
+    fused: bool = True
 
     @nn.compact
     def __call__(self, x, use_running_average: bool | None = None, *, mask: jax.Array | None = None):
@@ -109,6 +121,10 @@ class BatchNorm(nn.Module):
             axis_name=None if initializing else self.axis_name,
             axis_index_groups=None if initializing else self.axis_index_groups,
             dtype=self.dtype,
+            activation=self.activation,
+            negative_slope=self.negative_slope,
+            save_output_only=self.save_output_only,
+            fused=self.fused,
         )
         if not use_running_average and not initializing:
             mean.value, var.value = new.mean, new.var
