@@ -5,8 +5,10 @@ other user (it does not duplicate a shared producer), and never fuses a select o
 comparison into a reduction. A shared `x - mean` (or `x.astype(float32)`, or a
 broadcast of `mean`) feeding two reductions is therefore written to memory in full and
 read back, which costs more than recomputing it. `separate_uses` hands each reduction
-its own handle on the inputs, so that each fuses its own copy of the cheap producer;
-on GPU this changes nothing (XLA:GPU duplicates cheap producers anyway).
+its own handle on the inputs, so that each fuses its own copy of the cheap producer.
+
+Only on CPU: XLA:GPU duplicates cheap producers by itself and fuses sibling reductions
+over the same input into one pass (reading it once), which separate handles would hide.
 """
 from __future__ import annotations
 
@@ -15,6 +17,11 @@ from jax import lax
 
 
 def separate_uses(n: int, *arrays: jax.Array) -> list[tuple[jax.Array, ...]]:
-    """`n` tuples, each holding the same `arrays`, that XLA cannot merge back into one
-    (an optimization barrier: no copy, no numerical effect, differentiable)."""
-    return list(lax.optimization_barrier((arrays,) * n))
+    """`n` tuples, each holding the same `arrays`. On CPU, XLA cannot merge them back
+    into one (an optimization barrier: no copy, no numerical effect, differentiable);
+    elsewhere they are the arrays themselves."""
+    return lax.platform_dependent(
+        *arrays,
+        cpu=lambda *a: list(lax.optimization_barrier((a,) * n)),
+        default=lambda *a: [a] * n,
+    )
