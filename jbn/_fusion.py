@@ -20,8 +20,11 @@ def separate_uses(n: int, *arrays: jax.Array) -> list[tuple[jax.Array, ...]]:
     """`n` tuples, each holding the same `arrays`. On CPU, XLA cannot merge them back
     into one (an optimization barrier: no copy, no numerical effect, differentiable);
     elsewhere they are the arrays themselves."""
-    return lax.platform_dependent(
-        *arrays,
-        cpu=lambda *a: list(lax.optimization_barrier((a,) * n)),
-        default=lambda *a: [a] * n,
-    )
+
+    def barrier(*arrays):
+        # One barrier per array: a barrier over values of different device-variance
+        # (shard_map's vma) would make them all varying.
+        copies = [lax.optimization_barrier((a,) * n) for a in arrays]
+        return [tuple(c[i] for c in copies) for i in range(n)]
+
+    return lax.platform_dependent(*arrays, cpu=barrier, default=lambda *a: [a] * n)
