@@ -17,9 +17,10 @@ from jax import lax
 
 
 def separate_uses(n: int, *arrays: jax.Array) -> list[tuple[jax.Array, ...]]:
-    """`n` tuples, each holding the same `arrays`. On CPU, XLA cannot merge them back
-    into one (an optimization barrier: no copy, no numerical effect, differentiable);
-    elsewhere they are the arrays themselves."""
+    """`n` tuples, each holding the same `arrays` (arrays or pytrees of them). On CPU,
+    XLA cannot merge them back into one (an optimization barrier: no copy, no numerical
+    effect, differentiable); elsewhere they are the arrays themselves. XLA folds a
+    barrier over constants only: put a constant in a pytree with a computed array."""
 
     def barrier(*arrays):
         # One barrier per array: a barrier over values of different device-variance

@@ -193,10 +193,11 @@ def _fused_bwd(cfg: _Config, residuals, cotangents):
     def expand(v):
         return _checks.expand_features(v.astype(compute), ndim, features)
 
-    def pieces(saved, dy, mean, inv, scale, bias, zero, gap, reciprocal):
+    def pieces(saved, dy, mean, scale, bias, per_feature):
         """(dz, x_hat): the cotangent before the activation and the normalized input,
         from x or from y. Rebuilt for each of the three passes below; constants come in
         as feature-shaped arrays (see `_activations.cotangent`)."""
+        inv, zero, gap, reciprocal = per_feature
         s = saved.astype(compute)
         zero = expand(zero)
         if cfg.save_output_only:
@@ -224,7 +225,8 @@ def _fused_bwd(cfg: _Config, residuals, cotangents):
     zero = jnp.zeros(inv.shape, compute)
     gap = jnp.full(inv.shape, 1 - cfg.negative_slope, compute)
     reciprocal = jnp.full(inv.shape, 1 / cfg.negative_slope if cfg.negative_slope else 0, compute)
-    uses = separate_uses(3, saved, dy, mean, inv, scale, bias, zero, gap, reciprocal)
+    # (The constants travel with `inv`, so that XLA cannot fold them back into scalars.)
+    uses = separate_uses(3, saved, dy, mean, scale, bias, (inv, zero, gap, reciprocal))
 
     # The two per-feature reductions (local), then global in one psum.
     dz, _ = pieces(*uses[0])

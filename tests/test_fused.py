@@ -401,3 +401,17 @@ def test_eval_mode_applies_the_activation():
     np.testing.assert_allclose(y, [[-1.0, 1.0], [3.0, -2.0]], rtol=1e-6)
     np.testing.assert_array_equal(same.mean, running.mean)
     np.testing.assert_array_equal(same.var, running.var)
+
+
+def test_deep_net_training_step_needs_less_temporary_memory_than_flax():
+    """XLA's temporary buffers for a 3-block conv-BN-ReLU training step (the benchmark's
+    net, small): the fused path keeps fewer activation-sized buffers than flax.linen."""
+    from benchmarks import memory
+
+    def temp(label):
+        variant = next(v for v in memory.VARIANTS if v.label.startswith(label))
+        return memory.deep_net_temp_bytes(variant, (8, 16, 16, 16), jnp.float32, layers=3)
+
+    flax = temp("flax.linen")
+    assert temp("jbn, activation='relu'") < 0.8 * flax
+    assert temp("jbn, leaky_relu(0.01), save_output_only") < 0.8 * flax
