@@ -15,10 +15,16 @@ from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.ad_checkpoint import print_saved_residuals
 
 from benchmarks import peers
+
+
+def normal(shape, dtype, seed, std=1.0, mean=0.0) -> jax.Array:
+    """Random input from NumPy (jax.random would compile a generator per shape)."""
+    return jnp.asarray((np.random.default_rng(seed).normal(size=shape) * std + mean).astype(np.float32)).astype(dtype)
 
 
 class Variant(NamedTuple):
@@ -56,13 +62,10 @@ def _block(variant: Variant, x):
 def deep_net_temp_bytes(variant: Variant, shape, dtype, layers: int) -> int:
     """`temp_size_in_bytes` of the compiled training step (loss, gradients of conv
     weights and BN parameters, new BN state) of `layers` conv-BN-activation blocks."""
-    x = jax.random.normal(jax.random.key(0), shape).astype(dtype)
+    x = normal(shape, dtype, seed=0)
     channels = shape[-1]
     block, params, state = _block(variant, x)
-    keys = jax.random.split(jax.random.key(1), layers)
-    weights = [
-        (jax.random.normal(k, (3, 3, channels, channels)) * math.sqrt(2 / (9 * channels))).astype(dtype) for k in keys
-    ]
+    weights = [normal((3, 3, channels, channels), dtype, seed=1 + i, std=math.sqrt(2 / (9 * channels))) for i in range(layers)]
     bn_params = [params] * layers
     bn_states = [state] * layers
 
@@ -108,7 +111,7 @@ def saved_residuals(f, *args) -> list[Residual]:
 def block_residuals(variant: Variant, shape, dtype) -> list[Residual]:
     """Residuals of one BN(+activation) block in training, differentiated with respect
     to its input and parameters."""
-    x = jax.random.normal(jax.random.key(0), shape).astype(dtype)
+    x = normal(shape, dtype, seed=0)
     block, params, state = _block(variant, x)
     # The state goes in as an argument (flax.nnx cannot update a variable created outside the trace).
     return saved_residuals(lambda x, p, s: block(p, s, x)[0], x, params, state)

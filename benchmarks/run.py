@@ -46,9 +46,8 @@ def time_cases(shapes, dtypes, libraries, rounds, progress) -> list[dict]:
     use_torch = "torch" in libraries and peers.torch_available() and jax.default_backend() == "cpu"
     for shape in shapes:
         for dtype in dtypes:
-            key = jax.random.key(0)
-            x = (2 * jax.random.normal(key, shape) + 1).astype(dtype)
-            ct = jax.random.normal(jax.random.fold_in(key, 1), shape).astype(dtype)
+            x = memory.normal(shape, dtype, seed=0, std=2.0, mean=1.0)
+            ct = memory.normal(shape, dtype, seed=1)
             layers = {name: peers.jax_layer(name, x, ct) for name in libraries if name in peers.JAX_LIBRARIES}
             if use_torch:
                 layers["torch"] = peers.torch_layer(np.asarray(x.astype(jnp.float32)), np.asarray(ct.astype(jnp.float32)), dtype)
