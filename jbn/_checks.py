@@ -127,6 +127,14 @@ def normalize_axis_name(axis_name: AxisName) -> tuple[Hashable, ...] | None:
     return tuple(axis_name) if isinstance(axis_name, (tuple, list)) else (axis_name,)
 
 
+def sharded_in_type(x: jax.Array) -> bool:
+    """True when `x`'s type says it is split over a mesh axis (Explicit axes, the default of
+    `jax.make_mesh`, under plain jit). Auto-sharded arrays and shard_map/pmap/vmap
+    locals have no sharded axis in their type."""
+    spec = getattr(getattr(jax.typeof(x), "sharding", None), "spec", None)
+    return spec is not None and any(s is not None for s in spec)
+
+
 def bound_axis_size(axis_name: tuple[Hashable, ...]) -> int:
     """Number of participants along `axis_name`; a clear error when a name is not bound."""
     try:
@@ -159,3 +167,41 @@ def check_axis_index_groups(groups: Any, axis_name: tuple[Hashable, ...] | None,
 
 def element_count(shape: Sequence[int], axes: Sequence[int]) -> int:
     return math.prod(shape[a] for a in axes)
+
+
+def check_values_per_feature(shape, features, axis, axis_name, *, virtual_batch_size=None) -> None:
+    """Training needs more than one value per feature (per sub-batch with ghost batches)."""
+    per_participant = element_count(shape, reduction_axes(len(shape), features))
+    names = normalize_axis_name(axis_name)
+    participants = 1 if names is None else bound_axis_size(names)
+    if per_participant * participants > 1:
+        return
+    if virtual_batch_size is not None:
+        raise ValueError(
+            f"`virtual_batch_size`={virtual_batch_size} gives one value per feature in each sub-batch, so its "
+            "variance is undefined: use a virtual_batch_size of at least 2 (or more elements per example)."
+        )
+    raise ValueError(
+        f"`x` of shape {tuple(shape)} gives one value per feature along axis={axis!r}, so its batch variance is "
+        "undefined: train with more than one example, synchronize over devices with `axis_name`, "
+        "or normalize with the running statistics (training=False / use_running_average=True)."
+    )
+
+
+def check_virtual_batch_size(size: Any, shape: tuple[int, ...], features: tuple[int, ...]) -> int:
+    """The number of sub-batches; ghost batches split the leading (batch) axis."""
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ValueError(f"`virtual_batch_size`={size!r} must be a positive int (or None for one batch).")
+    if len(shape) < 2 or 0 in features:
+        raise ValueError(
+            f"`virtual_batch_size` splits the leading batch axis of the input, but for an input of shape {tuple(shape)} "
+            f"axis 0 is {'a feature axis' if 0 in features else 'the only axis'}: put the batch first, e.g. (N, C) "
+            "or (N, H, W, C) with axis=-1."
+        )
+    if shape[0] % size:
+        raise ValueError(
+            f"`virtual_batch_size`={size} does not divide the batch size {shape[0]} (leading axis of the input "
+            f"{tuple(shape)}): use a batch size that is a multiple of it, or a virtual_batch_size that divides "
+            f"{shape[0]}."
+        )
+    return shape[0] // size

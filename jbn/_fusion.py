@@ -23,9 +23,31 @@ def separate_uses(n: int, *arrays: jax.Array) -> list[tuple[jax.Array, ...]]:
     barrier over constants only: put a constant in a pytree with a computed array."""
 
     def barrier(*arrays):
-        # One barrier per array: a barrier over values of different device-variance
-        # (shard_map's vma) would make them all varying.
+        # One barrier per argument: a barrier over values of different device-variance
+        # (shard_map's vma) makes them all varying, so arguments keep their own types (and
+        # the leaves of one pytree argument are given one type, below).
         copies = [lax.optimization_barrier((a,) * n) for a in arrays]
         return [tuple(c[i] for c in copies) for i in range(n)]
 
+    arrays = tuple(_same_variance(a) for a in arrays)
     return lax.platform_dependent(*arrays, cpu=barrier, default=lambda *a: [a] * n)
+
+
+def _varying(v) -> frozenset:
+    mat = getattr(jax.typeof(v), "manual_axis_type", None)
+    return frozenset(mat.varying) if mat is not None else frozenset()
+
+
+def _same_variance(tree):
+    """The leaves of `tree`, each made to vary over every manual axis that any of them
+    varies over (a no-op outside shard_map, or for a single array)."""
+    leaves = [leaf for leaf in jax.tree.leaves(tree)]
+    axes = frozenset().union(*(_varying(leaf) for leaf in leaves)) if leaves else frozenset()
+    if not axes:
+        return tree
+
+    def widen(leaf):
+        missing = tuple(a for a in axes if a not in _varying(leaf))
+        return lax.pcast(leaf, missing, to="varying") if missing else leaf
+
+    return jax.tree.map(widen, tree)

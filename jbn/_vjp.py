@@ -48,7 +48,7 @@ from jax import lax
 
 from jbn import _activations, _checks
 from jbn._fusion import separate_uses
-from jbn.functional import Moments, moments, normalize
+from jbn.functional import Moments, _psum_in_groups, moments, normalize
 
 Array = jax.Array
 
@@ -241,15 +241,14 @@ def _fused_bwd(cfg: _Config, residuals, cotangents):
     g_var = g_var.astype(compute)
     if cfg.collective == NO_COLLECTIVE:
         total_dz, total_dz_x_hat = sum_dz, sum_dz_x_hat
+    elif cfg.collective == CHECKED and cfg.groups is None:
+        # Invariant statistics get invariant (already summed) cotangents.
+        total_dz, total_dz_x_hat = _psum_in_groups(jnp.stack([sum_dz, sum_dz_x_hat]), cfg.axis_name, None)
     else:
-        name = cfg.axis_name if len(cfg.axis_name) > 1 else cfg.axis_name[0]
-        if cfg.collective == CHECKED:
-            # Invariant statistics get invariant (already summed) cotangents.
-            total_dz, total_dz_x_hat = lax.psum(jnp.stack([sum_dz, sum_dz_x_hat]), name)
-        else:
-            # psum = sum then broadcast: its transpose sums the cotangents of its outputs too.
-            stacked = jnp.stack([sum_dz, sum_dz_x_hat, g_mean, g_var])
-            total_dz, total_dz_x_hat, g_mean, g_var = lax.psum(stacked, name, axis_index_groups=cfg.groups)
+        # psum = sum then broadcast: its transpose sums the cotangents of its outputs too
+        # (within each group; under checked shard_map, grouped statistics vary by group).
+        stacked = jnp.stack([sum_dz, sum_dz_x_hat, g_mean, g_var])
+        total_dz, total_dz_x_hat, g_mean, g_var = _psum_in_groups(stacked, cfg.axis_name, cfg.groups)
 
     # dx = k dz + valid * (c0 + c1 x_hat): the batch-norm backward formula
     # k (dz - sum(dz)/n - x_hat sum(dz x_hat)/n), plus d mean/dx = 1/n and
@@ -271,19 +270,20 @@ def _fused_bwd(cfg: _Config, residuals, cotangents):
 
 
 def _param_cotangent(cfg: _Config, param: Array, local: Array, total: Array) -> Array:
-    """The cotangent of scale or bias: the sum over the batch this participant sees under
-    pmap-like rules; under checked shard_map, summed over each axis the parameter does
-    not vary along (an invariant parameter gets an invariant cotangent)."""
-    if cfg.collective != CHECKED:
+    """The cotangent of scale or bias: the sum over the batch this participant sees, then
+    summed over every manual axis along which that sum varies but the parameter does not
+    (what autodiff's implicit `pvary` of an invariant parameter would transpose to);
+    under pmap-like rules (no such types) the participant's own sum."""
+    extra = varying_axes(local) - varying_axes(param)
+    if not extra:
         ct = local
+    elif cfg.collective == CHECKED and cfg.groups is None and set(cfg.axis_name) <= extra:
+        ct = total  # the backward psum already summed over `axis_name`
+        rest = tuple(a for a in extra if a not in cfg.axis_name)
+        if rest:
+            ct = lax.psum(ct, rest)
     else:
-        missing = tuple(n for n in cfg.axis_name if n not in varying_axes(param))
-        if len(missing) == len(cfg.axis_name):
-            ct = total
-        elif missing:
-            ct = lax.psum(local, missing if len(missing) > 1 else missing[0])
-        else:
-            ct = local
+        ct = lax.psum(local, tuple(extra))
     return ct.astype(param.dtype)
 
 

@@ -6,6 +6,8 @@ feature axes, in increasing axis order: (C,) for NHWC with axis=-1 or NCHW with 
 """
 from __future__ import annotations
 
+import functools
+import math
 from typing import Any, NamedTuple
 
 import jax
@@ -35,10 +37,21 @@ class Moments(NamedTuple):
 
 
 class RunningStats(NamedTuple):
-    """The state kept between steps: running mean and (biased) variance, feature shape."""
+    """The state kept between steps.
+
+    Attributes:
+      mean: running mean, feature shape.
+      var: running variance, feature shape (biased, unless the update is asked to track
+        the unbiased variance as PyTorch does: `unbiased_running_var=True`).
+      count: number of batches averaged into each feature so far, int32, feature shape;
+        or None (the default) when the update rule does not need it. Only the cumulative
+        average (`momentum=None`) and the debiased EMA (`debias=True`) need it; start it at
+        zeros. A trailing field with a default, so `RunningStats(mean, var)` still works.
+    """
 
     mean: Array
     var: Array
+    count: Array | None = None
 
 
 # ----------------------------------------------------------------------------- moments
@@ -48,6 +61,8 @@ def _first_valid(xf: Array, valid: Array | None, reduce: tuple[int, ...]) -> Arr
     """One element per feature to subtract before summing: any sample close to the data
     keeps the one-pass variance accurate when |mean| >> std. It is the first element,
     or the first valid one under a mask. Shape: `xf` with the reduced axes removed."""
+    if _checks.sharded_in_type(xf):
+        return lax.stop_gradient(_first_valid_by_reduction(xf, valid, reduce))
     if valid is None:
         index = tuple(0 if a in reduce else slice(None) for a in range(xf.ndim))
         return lax.stop_gradient(xf[index])
@@ -69,6 +84,24 @@ def _first_valid(xf: Array, valid: Array | None, reduce: tuple[int, ...]) -> Arr
             index.append(iotas[k])
             k += 1
     return lax.stop_gradient(xf[tuple(index)])
+
+
+def _first_valid_by_reduction(xf: Array, valid: Array | None, reduce: tuple[int, ...]) -> Array:
+    """`_first_valid` for an array whose type carries its sharding (a mesh with Explicit
+    axes, the default of `jax.make_mesh`): indexing into a sharded axis is a
+    ShardingTypeError there, so the element is picked by a min and a sum over the reduced
+    axes instead (one more read of `xf`). Same element, same result."""
+    position = jnp.zeros((), jnp.int32)  # row-major position over the reduced axes (< 2**31 elements)
+    stride = 1
+    for a in reversed(reduce):
+        position = position + lax.broadcasted_iota(jnp.int32, xf.shape, a) * stride
+        stride *= xf.shape[a]
+    if valid is None:
+        first = 0
+    else:
+        last = jnp.iinfo(jnp.int32).max  # nothing valid: no element is picked, the count is 0
+        first = jnp.min(jnp.where(valid, position, last), axis=reduce, keepdims=True)
+    return jnp.sum(jnp.where(position == first, xf, 0), axis=reduce)
 
 
 def _local_sums(x: Array, valid: Array | None, shift: Array, reduce, features, dtype):
@@ -95,38 +128,54 @@ def _from_sums(count, s1, s2, shift) -> Moments:
     return Moments(mean, var, count)
 
 
-def _gather_by_psum(v: Array, axis_name, groups) -> Array:
+def _gather_by_psum(v: Array, axis_name: tuple, groups) -> Array:
     """All-gather as one psum of per-participant slots: its result is replicated, so it
     leaves shard_map as out_specs=P() with checks on, and works under pmap and vmap.
-    Returns shape (participants, *v.shape)."""
+
+    With `groups`, every participant still receives every slot and keeps those of its own
+    group: `lax.psum(..., axis_index_groups=)` exists only under pmap (shard_map with
+    check_vma and vmap raise NotImplementedError in jax 0.10), and this way the grouped
+    statistics cost the same single collective under every transform.
+    Returns shape (participants in the group, *v.shape)."""
     name = axis_name if len(axis_name) > 1 else axis_name[0]
     index = lax.axis_index(name)
-    if groups is None:
-        size = _checks.bound_axis_size(axis_name)
-    else:
-        size = len(groups[0])
-        position = [0] * sum(len(g) for g in groups)
-        for g in groups:
-            for p, i in enumerate(g):
-                position[i] = p
-        index = jnp.asarray(position)[index]
+    size = _checks.bound_axis_size(axis_name)
     slots = jnp.zeros((size,) + v.shape, v.dtype)
     slots = lax.dynamic_update_index_in_dim(slots, v, index, axis=0)
-    return lax.psum(slots, name, axis_index_groups=groups)
+    gathered = lax.psum(slots, name)
+    if groups is None:
+        return gathered
+    group_of = [0] * size
+    for g, members in enumerate(groups):
+        for i in members:
+            group_of[i] = g
+    own = jnp.asarray(groups)[jnp.asarray(group_of)[index]]
+    return gathered[own]
+
+
+def _psum_in_groups(v: Array, axis_name: tuple, groups) -> Array:
+    """`lax.psum(v, axis_name, axis_index_groups=groups)` as one collective under pmap,
+    shard_map (checks on) and vmap alike; the last two reject `axis_index_groups`."""
+    if groups is None:
+        return lax.psum(v, axis_name if len(axis_name) > 1 else axis_name[0])
+    return jnp.sum(_gather_by_psum(v, axis_name, groups), axis=0)
 
 
 def _chan_merge(count: Array, shift: Array, delta: Array, m2: Array) -> Moments:
     """Merge per-participant statistics stacked on axis 0 (Chan et al. 1979).
 
     Each participant's mean is `shift + delta`, kept apart so that the merge works on
-    small differences: |mean| >> std loses nothing to rounding a mean near 1e4.
+    small differences: |mean| >> std loses nothing to rounding a mean near 1e4. The
+    differences are taken relative to the shift of the first participant that holds
+    data (a participant without data has shift 0, far from a mean near 1e4).
     """
     total = jnp.sum(count, axis=0)
     safe = jnp.maximum(total, 1)
-    offset = (shift - shift[0]) + delta  # each mean relative to participant 0's shift
+    reference = jnp.take_along_axis(shift, jnp.argmax(count > 0, axis=0)[None], axis=0)[0]
+    offset = (shift - reference) + delta  # each mean relative to the reference shift
     merged = jnp.sum(count * offset, axis=0) / safe
     m2 = jnp.sum(m2, axis=0) + jnp.sum(count * jnp.square(offset - merged), axis=0)
-    mean = jnp.where(total > 0, shift[0] + merged, 0)
+    mean = jnp.where(total > 0, reference + merged, 0)
     return Moments(mean, jnp.where(total > 0, m2 / safe, 0), total)
 
 
@@ -149,8 +198,10 @@ def moments(
         feature axes, e.g. (N, T) for (N, T, C)).
       axis_name: name (or tuple of names) bound by pmap, shard_map or vmap; the statistics
         are then those of the global batch, weighted by each participant's valid count.
-      axis_index_groups: pmap-style groups of indices along `axis_name`; statistics are
-        global within each group.
+      axis_index_groups: pmap-style groups of indices along `axis_name`, e.g.
+        [[0, 1, 2, 3], [4, 5, 6, 7]]; statistics are global within each group. Works under
+        pmap, shard_map and vmap (under shard_map a 2-D mesh reduced over its inner axis
+        moves less data).
       shift: optional feature-shaped value close to the mean and EQUAL on every
         participant (e.g. the running mean). Without it each participant sums around one
         of its own samples and the global statistics come from one psum of per-participant
@@ -177,9 +228,8 @@ def moments(
         shift = lax.stop_gradient(_checks.check_feature_array(shift, fshape, "shift", axis).astype(dtype))
         count, s1, s2 = _local_sums(x, valid, shift, reduce, features, dtype)
         if names is not None:
-            name = names if len(names) > 1 else names[0]
             count = jnp.broadcast_to(count, fshape)
-            count, s1, s2 = lax.psum(jnp.stack([count, s1, s2]), name, axis_index_groups=groups)
+            count, s1, s2 = _psum_in_groups(jnp.stack([count, s1, s2]), names, groups)
         return _from_sums(count, s1, s2, shift)
 
     local_shift = _first_valid(x.astype(dtype), valid, reduce)
@@ -248,22 +298,126 @@ def normalize(
 # ------------------------------------------------------------------- running statistics
 
 
-def update_running_stats(running: RunningStats, batch: Moments, momentum: float = 0.99) -> RunningStats:
-    """`momentum * running + (1 - momentum) * batch`, feature-wise.
+def needs_batch_count(momentum: float | None, debias: bool) -> bool:
+    """Whether the running update with these options keeps `RunningStats.count`."""
+    return momentum is None or bool(debias)
+
+
+def unbiased_moments(batch: Moments) -> Moments:
+    """The batch variance times `count / (count - 1)` (Bessel's correction), as PyTorch
+    tracks in `running_var`. A feature with a count of 1 or less gets a NaN variance,
+    so that `update_running_stats` leaves it unchanged."""
+    count = batch.count.astype(batch.var.dtype)
+    var = jnp.where(count > 1, batch.var * count / jnp.maximum(count - 1, 1), jnp.nan)
+    return Moments(batch.mean, var, batch.count)
+
+
+def update_running_stats(
+    running: RunningStats,
+    batch: Moments,
+    momentum: float | None = 0.99,
+    *,
+    debias: bool = False,
+    unbiased_running_var: bool = False,
+) -> RunningStats:
+    """Move the running statistics towards the batch statistics, feature-wise.
+
+    With a float `momentum` and `debias=False` (the default, Flax's and Keras' rule):
+    `momentum * running + (1 - momentum) * batch`.
+
+    With `momentum=None`, the cumulative average of every batch seen so far, each batch
+    weighted equally (PyTorch's `momentum=None`): after t batches the running value is
+    `(b_1 + ... + b_t) / t`, computed as `((t - 1) * running + batch) / t`.
+
+    With `debias=True`, the bias-corrected EMA (as optax's Adam corrects its moments):
+    the value stored is `ema_t / (1 - momentum**t)` where `ema` starts from zero, so the
+    initial `mean=0, var=1` never pull the estimate and the first batch replaces them.
+    It is kept in already-corrected form, `new = a_t * running + (1 - a_t) * batch` with
+    `a_t = momentum * (1 - momentum**(t - 1)) / (1 - momentum**t)`, so `mean`/`var` are
+    always usable as they are (by Flax too) and no correction happens at evaluation.
+
+    Both need `running.count` (int32, feature shape, start at zeros). Whenever
+    `running.count` is given it counts the batches that updated each feature and comes
+    back incremented (like PyTorch's `num_batches_tracked`).
 
     A feature whose batch saw no valid element, or whose batch mean or variance is NaN or
-    inf, keeps its previous running mean and variance: one bad batch must not poison the
-    statistics used at evaluation (the normalized output still carries the NaN, so the
-    loss shows it). The result keeps the dtypes of `running`.
+    inf, keeps its previous running mean, variance and count: one bad batch must not
+    poison the statistics used at evaluation (the normalized output still carries the
+    NaN, so the loss shows it). The result keeps the dtypes of `running`.
+
+    Args:
+      running: the current `RunningStats`.
+      batch: the batch `Moments` (count after mask and across devices).
+      momentum: in [0, 1], or None for the cumulative average.
+      debias: bias-correct the EMA (ignored with `momentum=None`, which is unbiased).
+      unbiased_running_var: track the unbiased batch variance `var * n / (n - 1)`, as
+        PyTorch does in `running_var` (n = elements per feature in the batch); a feature
+        with n <= 1 is left unchanged. Normalization in training still uses the biased one.
     """
     _checks.check_momentum(momentum)
+    counted = needs_batch_count(momentum, debias)
+    count = getattr(running, "count", None)
+    if counted and count is None:
+        raise ValueError(
+            f"`momentum`={momentum!r} with `debias`={debias!r} keeps a count of batches: pass "
+            "RunningStats(mean, var, count=jnp.zeros(mean.shape, jnp.int32)) (the modules create "
+            "batch_stats/count for you)."
+        )
+    if unbiased_running_var:
+        batch = unbiased_moments(batch)
     ok = (batch.count > 0) & jnp.isfinite(batch.mean) & jnp.isfinite(batch.var)
 
-    def ema(old, new):
-        mixed = momentum * old + (1 - momentum) * new.astype(old.dtype)
+    if count is not None:  # counts batches whenever it is kept, like PyTorch's num_batches_tracked
+        ok = jnp.broadcast_to(ok, count.shape)
+        count = count + ok.astype(count.dtype)
+    keep = momentum
+    if counted:
+        keep = _counted_momentum(momentum, jnp.maximum(count, 1).astype(_checks.stats_dtype(running.mean.dtype)))
+
+    def mix(old, new):
+        mixed = keep * old + (1 - keep) * new.astype(old.dtype)
         return jnp.where(ok, mixed, old).astype(old.dtype)
 
-    return RunningStats(ema(running.mean, batch.mean), ema(running.var, batch.var))
+    return RunningStats(mix(running.mean, batch.mean), mix(running.var, batch.var), count)
+
+
+def _counted_momentum(momentum: float | None, t: Array) -> Array:
+    """The weight of the old value at the t-th update (t >= 1): `(t - 1) / t` for the
+    cumulative average; `m (1 - m^(t-1)) / (1 - m^t)` for the debiased EMA, which is 0 at
+    t = 1 and tends to m."""
+    if momentum is None:
+        return (t - 1) / t
+    if momentum >= 1:
+        return jnp.ones_like(t)  # momentum 1 never moves, debiased or not
+    if momentum <= 0:
+        return jnp.zeros_like(t)
+    log_m = math.log(momentum)
+    # 1 - m^k as -expm1(k log m): no cancellation when m is close to 1.
+    return momentum * -jnp.expm1((t - 1) * log_m) / -jnp.expm1(t * log_m)
+
+
+def merge_moments(a: Moments, b: Moments) -> Moments:
+    """The exact statistics of the union of two sets of elements (Chan et al. 1979).
+
+    `mean = (n_a mean_a + n_b mean_b) / n`, `var = (n_a var_a + n_b var_b +
+    (mean_b - mean_a)^2 n_a n_b / n) / n`: the last term is the between-set variance of the
+    means, which a plain average of the variances misses. A side with count 0 contributes
+    nothing. Counts broadcast to the mean's shape; the result has float counts of the
+    wider dtype of the two.
+    """
+    dtype = _checks.stats_dtype(a.mean.dtype, b.mean.dtype)
+    na = jnp.broadcast_to(jnp.asarray(a.count, dtype), a.mean.shape)
+    nb = jnp.broadcast_to(jnp.asarray(b.count, dtype), b.mean.shape)
+    n = na + nb
+    safe = jnp.maximum(n, 1)
+    delta = b.mean.astype(dtype) - a.mean.astype(dtype)
+    fb = nb / safe
+    mean = a.mean.astype(dtype) + delta * fb
+    m2 = na * a.var.astype(dtype) + nb * b.var.astype(dtype) + delta * delta * na * fb
+    mean = jnp.where(nb > 0, jnp.where(na > 0, mean, b.mean.astype(dtype)), a.mean.astype(dtype))
+    var = jnp.where(n > 0, m2 / safe, 0)
+    var = jnp.where(nb > 0, jnp.where(na > 0, var, b.var.astype(dtype)), a.var.astype(dtype))
+    return Moments(mean, jnp.maximum(var, 0), n)
 
 
 # --------------------------------------------------------------------------- batch norm
@@ -344,12 +498,15 @@ def batch_norm(
     *,
     training: bool,
     axis: Axes = -1,
-    momentum: float = 0.99,
+    momentum: float | None = 0.99,
     epsilon: float = 1e-5,
     mask: Array | None = None,
     axis_name: AxisName = None,
     axis_index_groups: Any = None,
     dtype: Any = None,
+    virtual_batch_size: int | None = None,
+    debias: bool = False,
+    unbiased_running_var: bool = False,
     activation: str | None = None,
     negative_slope: float = 0.01,
     save_output_only: bool = False,
@@ -372,12 +529,25 @@ def batch_norm(
     Args:
       x: floating input of any rank.
       scale, bias: feature-shaped affine parameters, or None.
-      running: `RunningStats` with feature-shaped mean and var.
+      running: `RunningStats` with feature-shaped mean and var (and count, when the
+        update rule needs one: `momentum=None` or `debias=True`).
       training: use batch statistics (True) or the running ones (False). Static.
       axis, mask, axis_name, axis_index_groups: as in `moments`.
-      momentum: in [0, 1]; `new = momentum * old + (1 - momentum) * batch`.
+      momentum: in [0, 1]; `new = momentum * old + (1 - momentum) * batch`. None: the
+        cumulative average of all batches seen (see `update_running_stats`).
       epsilon: > 0, added to the variance.
       dtype: output dtype; default `x.dtype`.
+      virtual_batch_size: ghost batch norm (Hoffer et al. 2017). The leading axis of `x`
+        (the batch axis, which must not be a feature axis) is split into consecutive
+        sub-batches of this size, each normalized with its own statistics; the batch size
+        must be a multiple of it. With `axis_name`, sub-batch g of every participant forms
+        one virtual batch. The running statistics are updated once per call, from the mean
+        of the sub-batch means and the mean of the sub-batch variances (sub-batches without
+        a valid element left out), as in Hoffer et al.'s implementation. Evaluation is
+        unchanged. None: one batch.
+      debias, unbiased_running_var: options of the running update, see
+        `update_running_stats`. With `virtual_batch_size`, the unbiased correction uses
+        each sub-batch's own count before the sub-batch variances are averaged.
       activation: None (or "identity"), "relu" or "leaky_relu", applied to the
         normalized output in the same fused pass (also in evaluation).
       negative_slope: the slope of "leaky_relu" for negative inputs (static).
@@ -399,27 +569,66 @@ def batch_norm(
     _checks.check_epsilon(epsilon)
     features = _checks.feature_axes(x.ndim, axis)
     fshape = _checks.feature_shape(x.shape, features)
-    running = RunningStats(
-        _checks.check_feature_array(running.mean, fshape, "running.mean", axis),
-        _checks.check_feature_array(running.var, fshape, "running.var", axis),
-    )
+    running = check_running_stats(running, fshape, axis)
     act = _activations.check(activation, negative_slope, save_output_only and training)
     if not training:
         y = _activate(x, running.mean, running.var, scale, bias, features, epsilon, dtype, act, negative_slope)
         return y, running
 
-    per_participant = _checks.element_count(x.shape, _checks.reduction_axes(x.ndim, features))
-    names = _checks.normalize_axis_name(axis_name)
-    participants = 1 if names is None else _checks.bound_axis_size(names)
-    if per_participant * participants <= 1:
-        raise ValueError(
-            f"`x` of shape {x.shape} gives one value per feature along axis={axis!r}, so its batch variance is "
-            "undefined: train with more than one example, synchronize over devices with `axis_name`, "
-            "or normalize with the running statistics (training=False / use_running_average=True)."
-        )
-    y, stats = normalize_with_batch_stats(
-        x, scale, bias, axis=axis, epsilon=epsilon, mask=mask, axis_name=axis_name,
-        axis_index_groups=axis_index_groups, dtype=dtype, activation=activation, negative_slope=negative_slope,
-        save_output_only=save_output_only, fused=fused,
+    train = functools.partial(
+        normalize_with_batch_stats, epsilon=epsilon, axis_name=axis_name, axis_index_groups=axis_index_groups,
+        dtype=dtype, activation=activation, negative_slope=negative_slope, save_output_only=save_output_only,
+        fused=fused,
     )
-    return y, update_running_stats(running, stats, momentum)
+    if virtual_batch_size is None:
+        _checks.check_values_per_feature(x.shape, features, axis, axis_name)
+        y, stats = train(x, scale, bias, axis=axis, mask=mask)
+    else:
+        y, stats = _ghost(train, x, scale, bias, virtual_batch_size, axis=axis, mask=mask,
+                          axis_name=axis_name, unbiased=unbiased_running_var)
+        unbiased_running_var = False  # already applied per sub-batch
+    new = update_running_stats(running, stats, momentum, debias=debias, unbiased_running_var=unbiased_running_var)
+    return y, new
+
+
+def check_running_stats(running: RunningStats, fshape: tuple[int, ...], axis: Axes) -> RunningStats:
+    """`running` with its arrays checked against the feature shape (count may be None)."""
+    count = getattr(running, "count", None)
+    return RunningStats(
+        _checks.check_feature_array(running.mean, fshape, "running.mean", axis),
+        _checks.check_feature_array(running.var, fshape, "running.var", axis),
+        _checks.check_feature_array(count, fshape, "running.count", axis),
+    )
+
+
+def _ghost(train, x, scale, bias, size, *, axis, mask, axis_name, unbiased) -> tuple[Array, Moments]:
+    """Ghost batch norm as a reshape: (N, ...) -> (N // size, size, ...) with the new group
+    axis 0 treated as one more feature axis, then the ordinary training path, so it
+    composes with masks, `axis_name` and whatever the training path does. Returns the
+    output and the sub-batch statistics combined for the running update."""
+    features = _checks.feature_axes(x.ndim, axis)
+    groups = _checks.check_virtual_batch_size(size, x.shape, features)
+    grouped_shape = (groups, size) + x.shape[1:]
+    grouped_features = (0,) + tuple(a + 1 for a in features)
+    _checks.check_values_per_feature(grouped_shape, grouped_features, axis, axis_name, virtual_batch_size=size)
+    valid = _checks.broadcast_mask(mask, x.shape, features)  # x's rank; axis 0 is N or 1
+    if valid is not None:
+        lead = (groups, size) if valid.shape[0] == x.shape[0] else (1, 1)
+        valid = valid.reshape(lead + valid.shape[1:])
+    gshape = (groups,) + _checks.feature_shape(x.shape, features)
+    expand = lambda p: None if p is None else jnp.broadcast_to(p, gshape)  # noqa: E731  (gradients sum back)
+    y, stats = train(x.reshape(grouped_shape), expand(scale), expand(bias), axis=grouped_features, mask=valid)
+    if unbiased:
+        stats = unbiased_moments(stats)
+    return y.reshape(x.shape), _combine_sub_batches(stats)
+
+
+def _combine_sub_batches(stats: Moments) -> Moments:
+    """Mean over sub-batches (axis 0) of the sub-batch means and of their variances,
+    leaving out sub-batches without a valid element; count = all valid elements."""
+    count = jnp.broadcast_to(stats.count, stats.mean.shape)
+    used = count > 0
+    n = jnp.maximum(jnp.sum(used, axis=0), 1).astype(stats.mean.dtype)
+    mean = jnp.sum(jnp.where(used, stats.mean, 0), axis=0) / n
+    var = jnp.sum(jnp.where(used, stats.var, 0), axis=0) / n
+    return Moments(mean, var, jnp.sum(count, axis=0))

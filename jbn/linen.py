@@ -9,7 +9,9 @@ from flax import linen as nn
 from flax.linen import initializers
 
 from jbn import _checks
-from jbn.functional import RunningStats, batch_norm
+from jbn.functional import Moments, RunningStats, batch_norm, merge_moments, moments, needs_batch_count
+from jbn.precise import POPULATION_VARIABLES
+from jbn.renorm import Limit, batch_renorm
 
 Initializer = Callable[..., jax.Array]
 
@@ -17,7 +19,9 @@ Initializer = Callable[..., jax.Array]
 def check_existing_variables(module: nn.Module, fshape: tuple[int, ...], axis) -> None:
     """Clear error when the input's feature shape differs from already-created variables
     (a checkpoint for another width, or `axis` pointing at the wrong dimension)."""
-    for collection, name in (("params", "scale"), ("params", "bias"), ("batch_stats", "mean"), ("batch_stats", "var")):
+    names = [("params", "scale"), ("params", "bias"), ("batch_stats", "mean"), ("batch_stats", "var"), ("batch_stats", "count")]
+    names += [("batch_stats", name) for name in POPULATION_VARIABLES]
+    for collection, name in names:
         if module.has_variable(collection, name):
             shape = tuple(jnp.shape(module.get_variable(collection, name)))
             if shape != fshape:
@@ -26,6 +30,42 @@ def check_existing_variables(module: nn.Module, fshape: tuple[int, ...], axis) -
                     f"axis={axis!r}, but the existing variable {collection}/{name} has shape {shape}: pass an input "
                     f"with that feature shape, set `axis` to the input's feature axis, or re-initialize the variables."
                 )
+
+
+def running_variables(module: nn.Module, fshape: tuple[int, ...], momentum, debias: bool):
+    """batch_stats/{mean,var} as flax names them, and batch_stats/count (int32, feature
+    shape) only when the update needs it or a checkpoint brought one."""
+    mean = module.variable("batch_stats", "mean", lambda s: jnp.zeros(s, jnp.float32), fshape)
+    var = module.variable("batch_stats", "var", lambda s: jnp.ones(s, jnp.float32), fshape)
+    count = None
+    if needs_batch_count(momentum, debias) or module.has_variable("batch_stats", "count"):
+        count = module.variable("batch_stats", "count", lambda s: jnp.zeros(s, jnp.int32), fshape)
+    return mean, var, count
+
+
+def affine_parameters(module: nn.Module, fshape: tuple[int, ...]):
+    scale = module.param("scale", module.scale_init, fshape, module.param_dtype) if module.use_scale else None
+    bias = module.param("bias", module.bias_init, fshape, module.param_dtype) if module.use_bias else None
+    return scale, bias
+
+
+def capture_population(module: nn.Module, x, mask) -> bool:
+    """In a `recompute_batch_stats` pass, merge this batch's statistics into the
+    population variables and return True; otherwise return False and touch nothing."""
+    if not module.has_variable("batch_stats", "population_count"):
+        return False
+    population = [module.variable("batch_stats", name) for name in POPULATION_VARIABLES]
+    batch = moments(x, axis=module.axis, mask=mask, axis_name=module.axis_name, axis_index_groups=module.axis_index_groups)
+    merged = merge_moments(Moments(*(v.value for v in population)), batch)
+    for v, new in zip(population, merged):
+        v.value = new.astype(v.value.dtype)
+    return True
+
+
+def store_running(mean, var, count, new: RunningStats) -> None:
+    mean.value, var.value = new.mean, new.var
+    if count is not None:
+        count.value = new.count
 
 
 class BatchNorm(nn.Module):
@@ -53,6 +93,11 @@ class BatchNorm(nn.Module):
         the fast one-pass computation and always accurate, so it has no effect.
       force_float32_reductions: accepted for compatibility; jbn always accumulates in
         float32 or wider.
+      virtual_batch_size: ghost batch norm: normalize each consecutive sub-batch of this
+        size along the leading axis with its own statistics (see `jbn.batch_norm`).
+      debias: keep a bias-corrected EMA (creates `batch_stats/count`).
+      unbiased_running_var: track the unbiased batch variance in `batch_stats/var`, as
+        PyTorch does (for models ported from PyTorch).
       activation: None (or "identity"), "relu" or "leaky_relu", applied to the output
         inside the same fused pass (jbn only; flax has no such field).
       negative_slope: the slope of "leaky_relu" for negative inputs.
@@ -61,11 +106,15 @@ class BatchNorm(nn.Module):
         scale without zeros; see `jbn.batch_norm`).
       fused: use the fused custom-gradient training path (default); False uses plain
         autodiff (needed only for forward-mode differentiation, `jax.jvp`).
+
+    `momentum=None` keeps the cumulative average of all batches seen (PyTorch's
+    `momentum=None`) and creates `batch_stats/count`; without these options the variables
+    are exactly flax's.
     """
 
     use_running_average: bool | None = None
     axis: int | tuple[int, ...] = -1
-    momentum: float = 0.99
+    momentum: float | None = 0.99
     epsilon: float = 1e-5
     dtype: Any = None
     param_dtype: Any = jnp.float32
@@ -77,6 +126,9 @@ class BatchNorm(nn.Module):
     axis_index_groups: Any = None
     use_fast_variance: bool = True
     force_float32_reductions: bool = True
+    virtual_batch_size: int | None = None
+    debias: bool = False
+    unbiased_running_var: bool = False
     activation: str | None = None
     negative_slope: float = 0.01
     save_output_only: bool = False
@@ -101,17 +153,15 @@ class BatchNorm(nn.Module):
         fshape = _checks.feature_shape(x.shape, features)
         check_existing_variables(self, fshape, self.axis)
 
-        mean = self.variable("batch_stats", "mean", lambda s: jnp.zeros(s, jnp.float32), fshape)
-        var = self.variable("batch_stats", "var", lambda s: jnp.ones(s, jnp.float32), fshape)
-        scale = self.param("scale", self.scale_init, fshape, self.param_dtype) if self.use_scale else None
-        bias = self.param("bias", self.bias_init, fshape, self.param_dtype) if self.use_bias else None
+        mean, var, count = running_variables(self, fshape, self.momentum, self.debias)
+        scale, bias = affine_parameters(self, fshape)
 
         initializing = self.is_initializing()
         y, new = batch_norm(
             x,
             scale,
             bias,
-            RunningStats(mean.value, var.value),
+            RunningStats(mean.value, var.value, None if count is None else count.value),
             training=not use_running_average,
             axis=self.axis,
             momentum=self.momentum,
@@ -121,11 +171,83 @@ class BatchNorm(nn.Module):
             axis_name=None if initializing else self.axis_name,
             axis_index_groups=None if initializing else self.axis_index_groups,
             dtype=self.dtype,
+            virtual_batch_size=self.virtual_batch_size,
+            debias=self.debias,
+            unbiased_running_var=self.unbiased_running_var,
             activation=self.activation,
             negative_slope=self.negative_slope,
             save_output_only=self.save_output_only,
             fused=self.fused,
         )
-        if not use_running_average and not initializing:
-            mean.value, var.value = new.mean, new.var
+        if not use_running_average and not initializing and not capture_population(self, x, mask):
+            store_running(mean, var, count, new)
+        return y
+
+
+class BatchRenorm(nn.Module):
+    """Batch Renormalization (Ioffe 2017) for flax linen; calls `jbn.batch_renorm`.
+
+    Variables: `params/{scale,bias}` and `batch_stats/{mean,var}` as in `BatchNorm` (eval is
+    batch norm's, so the checkpoint is interchangeable with a `BatchNorm` one), plus
+    `batch_stats/step` (int32 scalar), the number of training calls so far, which the
+    `r_max`/`d_max` schedules read; it is not advanced by `init`.
+
+    Attributes: those of `BatchNorm` (without `virtual_batch_size`), and
+      r_max: >= 1, or a schedule `step -> r_max` (e.g. `jbn.paper_renorm_schedules()[0]`).
+      d_max: >= 0, or a schedule `step -> d_max`.
+    """
+
+    use_running_average: bool | None = None
+    axis: int | tuple[int, ...] = -1
+    momentum: float | None = 0.99
+    epsilon: float = 1e-5
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    use_bias: bool = True
+    use_scale: bool = True
+    bias_init: Initializer = initializers.zeros
+    scale_init: Initializer = initializers.ones
+    axis_name: Any = None
+    axis_index_groups: Any = None
+    r_max: Limit = 3.0
+    d_max: Limit = 5.0
+    debias: bool = False
+    unbiased_running_var: bool = False
+
+    @nn.compact
+    def __call__(self, x, use_running_average: bool | None = None, *, mask: jax.Array | None = None):
+        """Renormalize `x` (any rank, features on `axis`); arguments as in `BatchNorm`."""
+        use_running_average = nn.merge_param("use_running_average", self.use_running_average, use_running_average)
+        x = _checks.check_floating(x)
+        features = _checks.feature_axes(x.ndim, self.axis)
+        fshape = _checks.feature_shape(x.shape, features)
+        check_existing_variables(self, fshape, self.axis)
+
+        mean, var, count = running_variables(self, fshape, self.momentum, self.debias)
+        step = self.variable("batch_stats", "step", lambda: jnp.zeros((), jnp.int32))
+        scale, bias = affine_parameters(self, fshape)
+
+        initializing = self.is_initializing()
+        y, new = batch_renorm(
+            x,
+            scale,
+            bias,
+            RunningStats(mean.value, var.value, None if count is None else count.value),
+            training=not use_running_average,
+            r_max=self.r_max,
+            d_max=self.d_max,
+            step=step.value,
+            axis=self.axis,
+            momentum=self.momentum,
+            epsilon=self.epsilon,
+            mask=mask,
+            axis_name=None if initializing else self.axis_name,
+            axis_index_groups=None if initializing else self.axis_index_groups,
+            dtype=self.dtype,
+            debias=self.debias,
+            unbiased_running_var=self.unbiased_running_var,
+        )
+        if not use_running_average and not initializing and not capture_population(self, x, mask):
+            store_running(mean, var, count, new)
+            step.value = step.value + 1
         return y

@@ -10,7 +10,7 @@ from jax.sharding import PartitionSpec as P
 
 import jbn
 from jbn import RunningStats
-from test_fused import MOMENTUM, EPS, SLOPE, assert_close, reference
+from tests.test_fused import EPS, MOMENTUM, SLOPE, assert_close, reference
 
 D = 8  # conftest gives 8 CPU devices
 C = 3

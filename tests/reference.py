@@ -1,0 +1,97 @@
+"""Float64 NumPy batch norm, written from the textbook formulas (two-pass variance).
+
+It shares no code with jbn: every number the tests check comes from here or from a
+real peer (flax, PyTorch), never from the code under test.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+def canonical_axes(ndim, axis):
+    axes = (axis,) if isinstance(axis, int) else tuple(axis)
+    return tuple(sorted(a % ndim for a in axes))
+
+
+def full_mask(mask, shape, features):
+    """The mask broadcast to `shape` as float64 weights (1 = counts)."""
+    if mask is None:
+        return np.ones(shape)
+    mask = np.asarray(mask)
+    if mask.ndim == len(shape) - len(features):
+        mask = np.expand_dims(mask, features)
+    return np.broadcast_to(mask, shape).astype(np.float64)
+
+
+def moments(x, axis=-1, mask=None):
+    """Per-feature (mean, biased var, count) of the valid elements; zeros when none is valid."""
+    x = np.asarray(x, np.float64)
+    features = canonical_axes(x.ndim, axis)
+    reduce = tuple(a for a in range(x.ndim) if a not in features)
+    w = full_mask(mask, x.shape, features)
+    xs = np.where(w > 0, x, 0.0)
+    count = w.sum(reduce)
+    safe = np.maximum(count, 1)
+    mean = np.where(count > 0, xs.sum(reduce) / safe, 0.0)
+    centered = np.where(w > 0, x - np.expand_dims(mean, reduce), 0.0)
+    var = np.where(count > 0, (centered**2).sum(reduce) / safe, 0.0)
+    return mean, var, count
+
+
+def expand(v, ndim, features):
+    shape = [1] * ndim
+    for a, s in zip(features, np.shape(v)):
+        shape[a] = s
+    return np.reshape(v, shape)
+
+
+def normalize(x, mean, var, scale=None, bias=None, axis=-1, epsilon=1e-5):
+    x = np.asarray(x, np.float64)
+    f = canonical_axes(x.ndim, axis)
+    y = (x - expand(mean, x.ndim, f)) / np.sqrt(expand(np.asarray(var, np.float64), x.ndim, f) + epsilon)
+    if scale is not None:
+        y = y * expand(np.asarray(scale, np.float64), x.ndim, f)
+    if bias is not None:
+        y = y + expand(np.asarray(bias, np.float64), x.ndim, f)
+    return y
+
+
+def batch_norm(x, scale, bias, running_mean, running_var, *, training, axis=-1, momentum=0.99,
+               epsilon=1e-5, mask=None):
+    """Returns (y, new_running_mean, new_running_var)."""
+    running_mean = np.asarray(running_mean, np.float64)
+    running_var = np.asarray(running_var, np.float64)
+    if not training:
+        return normalize(x, running_mean, running_var, scale, bias, axis, epsilon), running_mean, running_var
+    mean, var, count = moments(x, axis, mask)
+    y = normalize(x, mean, var, scale, bias, axis, epsilon)
+    ok = (count > 0) & np.isfinite(mean) & np.isfinite(var)
+    new_mean = np.where(ok, momentum * running_mean + (1 - momentum) * mean, running_mean)
+    new_var = np.where(ok, momentum * running_var + (1 - momentum) * var, running_var)
+    return y, new_mean, new_var
+
+
+def batch_norm_grads(x, scale, dy, *, axis=-1, epsilon=1e-5, mask=None):
+    """Training-mode gradients (dx, dscale, dbias) for cotangent dy, from the chain rule:
+
+    y = scale * (x - mu) / sqrt(var + eps) + bias over ALL positions, where mu and var
+    are the statistics of the valid positions only.
+    """
+    x = np.asarray(x, np.float64)
+    dy = np.asarray(dy, np.float64)
+    f = canonical_axes(x.ndim, axis)
+    reduce = tuple(a for a in range(x.ndim) if a not in f)
+    w = full_mask(mask, x.shape, f)
+    mean, var, count = moments(x, axis, mask)
+    inv = 1.0 / np.sqrt(var + epsilon)
+    centered = x - expand(mean, x.ndim, f)
+    xhat = centered * expand(inv, x.ndim, f)
+    g = np.ones_like(mean) if scale is None else np.asarray(scale, np.float64)
+    dxhat = dy * expand(g, x.ndim, f)
+    dvar = -0.5 * (dxhat * centered).sum(reduce) * inv**3
+    dmean = -(dxhat.sum(reduce)) * inv
+    n = np.maximum(count, 1)
+    dx = dxhat * expand(inv, x.ndim, f) + w * (
+        expand(dvar * 2 / n, x.ndim, f) * np.where(w > 0, centered, 0) + expand(dmean / n, x.ndim, f)
+    )
+    return dx, (dy * xhat).sum(reduce), dy.sum(reduce)

@@ -1,0 +1,74 @@
+"""Every bad input fails at trace time with the right exception naming the argument."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jbn
+
+X = jnp.ones((4, 3), jnp.float32) * jnp.arange(4.0)[:, None]
+RUNNING = jbn.RunningStats(jnp.zeros(3), jnp.ones(3))
+
+
+def traced(fn):
+    """Run under jit with abstract inputs: the error must come from tracing alone."""
+    return jax.jit(fn).lower
+
+
+@pytest.mark.parametrize(
+    "call,exc,names",
+    [
+        (lambda: jbn.batch_norm(X, jnp.ones(5), None, RUNNING, training=True), ValueError, "`scale`"),
+        (lambda: jbn.batch_norm(X, None, jnp.ones(2), RUNNING, training=True), ValueError, "`bias`"),
+        (lambda: jbn.batch_norm(X, None, None, jbn.RunningStats(jnp.zeros(4), jnp.ones(3)), training=True),
+         ValueError, "`running.mean`"),
+        (lambda: jbn.batch_norm(X, None, None, RUNNING, training=True, axis=2), ValueError, "`axis`"),
+        (lambda: jbn.moments(X, axis=(0, -2)), ValueError, "`axis`"),
+        (lambda: jbn.moments(jnp.ones((4, 3), jnp.int32)), TypeError, "`x`"),
+        (lambda: jbn.batch_norm(X, None, None, RUNNING, training=True, momentum=1.5), ValueError, "`momentum`"),
+        (lambda: jbn.batch_norm(X, None, None, RUNNING, training=True, momentum=-0.1), ValueError, "`momentum`"),
+        (lambda: jbn.batch_norm(X, None, None, RUNNING, training=True, epsilon=0.0), ValueError, "`epsilon`"),
+        (lambda: jbn.normalize(X, jnp.zeros(3), jnp.ones(3), epsilon=-1e-5), ValueError, "`epsilon`"),
+        (lambda: jbn.batch_norm(X[:1], None, None, RUNNING, training=True), ValueError, "`x`"),
+        (lambda: jbn.moments(X, mask=jnp.ones((4, 2), bool)), ValueError, "`mask`"),
+        (lambda: jbn.moments(X, mask=jnp.ones((4, 3, 1), bool)), ValueError, "`mask`"),
+        (lambda: jbn.moments(X, axis_name="batch"), ValueError, "`axis_name`"),
+        (lambda: jbn.moments(X, axis_index_groups=[[0]]), ValueError, "`axis_index_groups`"),
+    ],
+    ids=["scale-size", "bias-size", "running-size", "axis-range", "axis-duplicate", "integer-x", "momentum-high",
+         "momentum-low", "epsilon-zero", "epsilon-negative", "one-value-per-feature", "mask-shape", "mask-rank",
+         "unbound-axis-name", "groups-without-name"],
+)
+def test_bad_input_raises_at_trace_time(call, exc, names):
+    with pytest.raises(exc, match=names.replace(".", r"\.")):
+        traced(call)()
+
+
+def test_unbound_axis_name_explains_the_fix():
+    with pytest.raises(ValueError) as info:
+        jax.jit(lambda x: jbn.moments(x, axis_name="devices")).lower(X)
+    message = str(info.value)
+    assert "pmap" in message and "shard_map" in message and "jax.jit" in message
+
+
+def test_eval_with_one_example_is_fine():
+    y, _ = jbn.batch_norm(X[:1], None, None, RUNNING, training=False)
+    np.testing.assert_allclose(y, X[:1] / np.sqrt(1 + 1e-5), rtol=1e-6)
+
+
+def test_module_feature_size_mismatch_names_the_variable():
+    module = jbn.BatchNorm(use_running_average=False)
+    variables = module.init(jax.random.key(0), jnp.ones((4, 3)))
+    with pytest.raises(ValueError, match="params/scale") as info:
+        module.apply(variables, jnp.ones((4, 5)), mutable=["batch_stats"])
+    assert "`x`" in str(info.value) and "axis" in str(info.value)
+
+
+def test_module_bad_fields():
+    x = jnp.arange(12.0).reshape(4, 3)
+    with pytest.raises(ValueError, match="`momentum`"):
+        jbn.BatchNorm(use_running_average=False, momentum=2.0).init(jax.random.key(0), x)
+    with pytest.raises(ValueError, match="`axis`"):
+        jbn.BatchNorm(use_running_average=False, axis=3).init(jax.random.key(0), x)
+    with pytest.raises(TypeError, match="`x`"):
+        jbn.BatchNorm(use_running_average=False).init(jax.random.key(0), x.astype(jnp.int32))
