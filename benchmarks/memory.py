@@ -126,7 +126,9 @@ def describe_residuals(residuals: list[Residual], shape) -> str:
     big = activation_sized(residuals, shape)
     if not big:
         return "none"
-    return ", ".join(f"{r.dtype} ({r.source})" if r.source else r.dtype for r in big)
+    # "output of sub from /long/path/normalization.py:205:6 (_normalize)" -> "... normalization.py:205 (_normalize)"
+    short = lambda source: re.sub(r"/\S*/([^/\s]+\.py):(\d+):\d+", r"\1:\2", source)  # noqa: E731
+    return ", ".join(f"{r.dtype} ({short(r.source)})" if r.source else r.dtype for r in big)
 
 
 def as_mib(nbytes: float) -> str:

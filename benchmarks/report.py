@@ -161,6 +161,22 @@ def markdown(results, note: str = "") -> str:
         "applies `jax.nn.relu` after it. `save_output_only` needs an invertible activation, so that variant uses "
         "leaky_relu(0.01) instead of relu.",
         "",
+        "## Reading the numbers",
+        "",
+        "- jbn's training forward sums `x - shift` and `(x - shift)^2` (shift: one sample per feature) so that "
+        "the variance stays accurate when |mean| >> std; flax, nnx and haiku sum `x` and `x^2`, which loses the "
+        "variance to cancellation there. On XLA:CPU the shifted sums are two passes over `x` where the raw ones "
+        "cost about one, which is what jbn pays in the training-forward column. The backward pass then reads "
+        "`x` and `dy` for two reductions and once more for `dx`, and writes nothing else, where autodiff "
+        "writes centred and normalized copies of `x` (float32, also for bfloat16 inputs).",
+        "- Memory on XLA:CPU: the convolution's weight gradient reads a transposed copy of its input that XLA "
+        "makes during the forward pass and keeps until the backward pass, for every library. So when jbn keeps "
+        "only `y` (`save_output_only`), the convolution still keeps its own copy, and the CPU figure equals the "
+        "default's. Where the convolution reads `y` itself (as we expect of cuDNN on GPU; not measured here), "
+        "`y` is shared and the saving should show.",
+        "- Runs on a busy machine: a round in which another process took the cores slows every library in that "
+        "round, so compare libraries by the paired ratio rather than by the medians of different rows.",
+        "",
     ]
     return "\n".join(out)
 

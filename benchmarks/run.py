@@ -115,7 +115,11 @@ def main(argv=None) -> dict:
     info = machine.describe()
     info["versions"] = machine.versions()
     info["rounds"] = rounds
-    info["command"] = "python -m benchmarks.run " + " ".join(argv if argv is not None else sys.argv[1:])
+    given = list(argv if argv is not None else sys.argv[1:])
+    if "--note" in given:  # the note is printed on its own
+        i = given.index("--note")
+        del given[i: i + 2]
+    info["command"] = " ".join(["python -m benchmarks.run", *given])
     variants = memory.VARIANTS if args.memory_variants is None else [memory.VARIANTS[i] for i in args.memory_variants]
     total = len(shapes) * len(args.dtypes) * len(CASES) + len(args.dtypes) * len(variants)
     with tqdm(total=total, desc="benchmarks", disable=args.no_progress) as progress:
