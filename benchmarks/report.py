@@ -182,42 +182,61 @@ def markdown(results, note: str = "") -> str:
 
 
 def chart(results, path: Path) -> None:
+    """Time relative to flax.linen per case (log scale), and the deep-net temp memory."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, NullFormatter
 
     groups = _groups(results["speed"])
-    labels = [f"{shape_name(s)}\n{d}" for s, d in groups]
+    short = {"float32": "f32", "bfloat16": "bf16"}
+    labels = [f"{shape_name(s)}\n{short.get(d, d)}" for s, d in groups]
     case_names = list(next(iter(groups.values())))
     libraries = [n for n in next(iter(next(iter(groups.values())).values())) if n != results["copy"]]
-    has_memory = bool(results["memory"])
-    fig, axes = plt.subplots(1, len(case_names) + has_memory, figsize=(5 * (len(case_names) + has_memory), 4.2))
-    axes = np.atleast_1d(axes)
+    fig, axes = plt.subplots(2, 2, figsize=(14, 8.5))
+    axes = axes.ravel()
     width = 0.8 / max(len(libraries), 1)
     for ax, case in zip(axes, case_names):
         for i, name in enumerate(libraries):
             values = [groups[g][case][name]["ratio_to_flax"] or np.nan for g in groups]
             ax.bar(np.arange(len(groups)) + i * width, values, width, label=name)
         ax.axhline(1.0, color="k", lw=0.8)
-        ax.set_xticks(np.arange(len(groups)) + 0.4 - width / 2, labels, fontsize=7)
-        ax.set_title(CASE_TITLES[case], fontsize=9)
-        ax.set_ylabel("time / flax.linen time (lower is faster)", fontsize=8)
-    axes[0].legend(fontsize=7)
-    if has_memory:
-        ax = axes[-1]
-        mem = [m for m in results["memory"] if m["dtype"] == results["memory"][0]["dtype"]]
-        ax.barh(range(len(mem)), [m["temp_bytes"] / 2**20 for m in mem], color="tab:gray")
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.yaxis.set_minor_formatter(NullFormatter())
+        ax.set_xticks(np.arange(len(groups)) + 0.4 - width / 2, labels, fontsize=7, rotation=25)
+        ax.set_title(CASE_TITLES[case], fontsize=10)
+        ax.set_ylabel("time / flax.linen time (log; < 1 is faster)", fontsize=8)
+    axes[0].legend(fontsize=7, ncol=2)
+    ax = axes[3]
+    if results["memory"]:
+        dtype = "float32" if any(m["dtype"] == "float32" for m in results["memory"]) else results["memory"][0]["dtype"]
+        mem = [m for m in results["memory"] if m["dtype"] == dtype]
+        ax.barh(range(len(mem)), [m["temp_bytes"] / 2**20 for m in mem],
+                color=["tab:blue" if m["label"].startswith("jbn") else "tab:gray" for m in mem])
         ax.set_yticks(range(len(mem)), [m["label"] for m in mem], fontsize=7)
         ax.invert_yaxis()
-        ax.set_xlabel("deep-net training step temp MiB", fontsize=8)
-        ax.set_title(f"memory ({mem[0]['dtype']})", fontsize=9)
-    fig.suptitle(f"jbn benchmarks on {results['machine']['device']}", fontsize=10)
+        ax.set_xlabel("MiB", fontsize=8)
+        ax.set_title(f"deep-net training step temp memory ({dtype})", fontsize=10)
+    else:
+        ax.axis("off")
+    info = results["machine"]
+    fig.suptitle(f"jbn benchmarks: {info['device']}, {info['cpu']} ({info['cores']} cores), {info['date']}", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=72)
+    fig.savefig(path, dpi=60)
     plt.close(fig)
 
 
 def write(results, out: Path, note: str = "") -> None:
     (out / "RESULTS.md").write_text(markdown(results, note))
     chart(results, out / "results.png")
+
+
+if __name__ == "__main__":  # re-render RESULTS.md and results.png from a results.json
+    import json
+    import sys
+
+    source = Path(sys.argv[1] if len(sys.argv) > 1 else Path(__file__).resolve().parent / "results.json")
+    data = json.loads(source.read_text())
+    write(data, source.parent, data.get("note", ""))
