@@ -19,7 +19,8 @@ pass
     dx = scale * inv * dz + valid * (c0 + c1 * x_hat)
 
 where `c0`, `c1` are feature-shaped and also carry the cotangents of the returned batch
-mean and variance. Under `axis_name` the two reductions travel in one `psum`.
+mean and variance. Under `axis_name` the two reductions travel in one `psum` (with
+`axis_index_groups`, one psum of per-participant slots, as the statistics do).
 
 Gradients are exact for `x`, `scale` and `bias`, with or without a mask: padded
 positions take no part in the statistics, so their gradient is `scale * inv * dz` (zero
