@@ -415,3 +415,16 @@ def test_deep_net_training_step_needs_less_temporary_memory_than_flax():
     flax = temp("flax.linen")
     assert temp("jbn, activation='relu'") < 0.8 * flax
     assert temp("jbn, leaky_relu(0.01), save_output_only") < 0.8 * flax
+
+
+def test_bfloat16_input_with_float32_output_keeps_each_dtype():
+    shape, features = (16, 4, 3), (2,)
+    x, scale, bias, dy, w_mean, w_var = random_case(shape, features, seed=15)
+    x16 = jnp.asarray(x).astype(jnp.bfloat16)
+    got = loss_and_grads(x16, scale, bias, dy, w_mean, w_var, activation="relu", dtype=jnp.float32)
+    assert got["y"].dtype == jnp.float32 and got["dx"].dtype == jnp.bfloat16 and got["d_scale"].dtype == jnp.float32
+    ref = reference(np.asarray(x16.astype(jnp.float32)), scale, bias, None, dy,
+                    (1 - MOMENTUM) * w_mean, (1 - MOMENTUM) * w_var, features, "relu")
+    assert_close(got["y"], ref["y"])  # computed in float32 from the bfloat16 input
+    assert_close(got["d_scale"], ref["d_scale"])
+    assert_close(got["dx"], ref["dx"], rtol=1e-2, atol=1e-2)  # rounded to bfloat16
