@@ -581,11 +581,11 @@ def batch_norm(
         fused=fused,
     )
     if virtual_batch_size is None:
-        _checks.check_values_per_feature(x.shape, features, axis, axis_name)
+        _checks.check_values_per_feature(x.shape, features, axis, axis_name, axis_index_groups=axis_index_groups)
         y, stats = train(x, scale, bias, axis=axis, mask=mask)
     else:
         y, stats = _ghost(train, x, scale, bias, virtual_batch_size, axis=axis, mask=mask,
-                          axis_name=axis_name, unbiased=unbiased_running_var)
+                          axis_name=axis_name, axis_index_groups=axis_index_groups, unbiased=unbiased_running_var)
         unbiased_running_var = False  # already applied per sub-batch
     new = update_running_stats(running, stats, momentum, debias=debias, unbiased_running_var=unbiased_running_var)
     return y, new
@@ -601,7 +601,7 @@ def check_running_stats(running: RunningStats, fshape: tuple[int, ...], axis: Ax
     )
 
 
-def _ghost(train, x, scale, bias, size, *, axis, mask, axis_name, unbiased) -> tuple[Array, Moments]:
+def _ghost(train, x, scale, bias, size, *, axis, mask, axis_name, axis_index_groups, unbiased) -> tuple[Array, Moments]:
     """Ghost batch norm as a reshape: (N, ...) -> (N // size, size, ...) with the new group
     axis 0 treated as one more feature axis, then the ordinary training path, so it
     composes with masks, `axis_name` and whatever the training path does. Returns the
@@ -610,7 +610,8 @@ def _ghost(train, x, scale, bias, size, *, axis, mask, axis_name, unbiased) -> t
     groups = _checks.check_virtual_batch_size(size, x.shape, features)
     grouped_shape = (groups, size) + x.shape[1:]
     grouped_features = (0,) + tuple(a + 1 for a in features)
-    _checks.check_values_per_feature(grouped_shape, grouped_features, axis, axis_name, virtual_batch_size=size)
+    _checks.check_values_per_feature(grouped_shape, grouped_features, axis, axis_name, virtual_batch_size=size,
+                                     axis_index_groups=axis_index_groups)
     valid = _checks.broadcast_mask(mask, x.shape, features)  # x's rank; axis 0 is N or 1
     if valid is not None:
         lead = (groups, size) if valid.shape[0] == x.shape[0] else (1, 1)
