@@ -20,5 +20,9 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# The benchmark suite: writes benchmarks/RESULTS.md and benchmarks/results.png (see benchmarks/run.py for options).
+bench: $(STAMP)
+	$(PY) -m benchmarks.run
+
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -6,10 +6,13 @@ Variants and tools: Batch Renormalization (`batch_renorm`, `BatchRenorm`), ghost
 (`virtual_batch_size=`), cumulative and debiased running averages, exact population
 statistics (`recompute_batch_stats`), inference folding (`fold_batch_norm`), flax NNX
 modules (`jbn.nnx`), PyTorch/Keras interop (`jbn.interop`) and `optax_mask`.
+Training runs a fused custom VJP with an optional activation (`activation=`) and a
+memory-saving mode (`save_output_only=`); `normalize_with_batch_stats` is that training
+path without the running statistics.
 """
 from jbn.functional import Moments, RunningStats, batch_norm, moments, normalize, update_running_stats
 from jbn.linen import BatchNorm
-from jbn.functional import merge_moments, needs_batch_count, unbiased_moments
+from jbn.functional import merge_moments, needs_batch_count, normalize_with_batch_stats, unbiased_moments
 from jbn.renorm import batch_renorm, paper_renorm_schedules, renorm_schedule
 from jbn.linen import BatchRenorm
 from jbn.precise import recompute_batch_stats
@@ -31,6 +34,7 @@ __all__ = [
     "interop",
     "merge_moments",
     "needs_batch_count",
+    "normalize_with_batch_stats",
     "nnx",
     "optax_mask",
     "paper_renorm_schedules",

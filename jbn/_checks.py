@@ -169,11 +169,18 @@ def element_count(shape: Sequence[int], axes: Sequence[int]) -> int:
     return math.prod(shape[a] for a in axes)
 
 
-def check_values_per_feature(shape, features, axis, axis_name, *, virtual_batch_size=None) -> None:
-    """Training needs more than one value per feature (per sub-batch with ghost batches)."""
+def check_values_per_feature(shape, features, axis, axis_name, *, virtual_batch_size=None,
+                             axis_index_groups=None) -> None:
+    """Training needs more than one value per feature (per sub-batch with ghost batches,
+    per group with `axis_index_groups`)."""
     per_participant = element_count(shape, reduction_axes(len(shape), features))
     names = normalize_axis_name(axis_name)
-    participants = 1 if names is None else bound_axis_size(names)
+    if names is None:
+        participants = 1
+    elif axis_index_groups is not None:
+        participants = len(tuple(axis_index_groups)[0])
+    else:
+        participants = bound_axis_size(names)
     if per_participant * participants > 1:
         return
     if virtual_batch_size is not None:

@@ -14,8 +14,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jbn import _checks
+from jbn import _activations, _checks
 from jbn._checks import Axes, AxisName
+from jbn._fusion import separate_uses
 
 Array = jax.Array
 
@@ -105,13 +106,18 @@ def _first_valid_by_reduction(xf: Array, valid: Array | None, reduce: tuple[int,
 
 def _local_sums(x: Array, valid: Array | None, shift: Array, reduce, features, dtype):
     """count, sum(x - shift), sum((x - shift)^2) over the reduced axes, in one pass."""
-    d = x.astype(dtype) - _checks.expand_features(shift, x.ndim, features)
+    # Each sum gets its own handle on x and the shift, so that XLA fuses `x - shift` into
+    # both reductions instead of writing it to memory (see jbn._fusion).
+    (xa, sa), (xb, sb) = separate_uses(2, x, shift)
+    da = xa.astype(dtype) - _checks.expand_features(sa, x.ndim, features)
+    db = xb.astype(dtype) - _checks.expand_features(sb, x.ndim, features)
     if valid is None:
         count = jnp.asarray(_checks.element_count(x.shape, reduce), dtype)
     else:
-        d = jnp.where(valid, d, 0)  # where, not multiply: padded NaN/inf must not leak in
+        # where, not multiply: padded NaN/inf must not leak in
+        da, db = jnp.where(valid, da, 0), jnp.where(valid, db, 0)
         count = jnp.sum(jnp.broadcast_to(valid, x.shape), axis=reduce, dtype=dtype)
-    return count, jnp.sum(d, axis=reduce), jnp.sum(d * d, axis=reduce)
+    return count, jnp.sum(da, axis=reduce), jnp.sum(db * db, axis=reduce)
 
 
 def _from_sums(count, s1, s2, shift) -> Moments:
@@ -417,6 +423,73 @@ def merge_moments(a: Moments, b: Moments) -> Moments:
 # --------------------------------------------------------------------------- batch norm
 
 
+def normalize_with_batch_stats(
+    x: Array,
+    scale: Array | None,
+    bias: Array | None,
+    *,
+    axis: Axes = -1,
+    epsilon: float = 1e-5,
+    mask: Array | None = None,
+    axis_name: AxisName = None,
+    axis_index_groups: Any = None,
+    dtype: Any = None,
+    activation: str | None = None,
+    negative_slope: float = 0.01,
+    save_output_only: bool = False,
+    fused: bool = True,
+) -> tuple[Array, Moments]:
+    """Normalize `x` with its own batch statistics: the training half of `batch_norm`,
+    without the running statistics. Arguments as in `batch_norm`.
+
+    Returns:
+      `(y, stats)`: `y` has `x`'s shape (dtype `dtype`, default `x.dtype`); `stats` are
+      the batch `Moments`, whose mean and var are differentiable (count is not).
+    """
+    x = _checks.check_floating(x)
+    _checks.check_epsilon(epsilon)
+    features = _checks.feature_axes(x.ndim, axis)
+    fshape = _checks.feature_shape(x.shape, features)
+    scale = _checks.check_feature_array(scale, fshape, "scale", axis)
+    bias = _checks.check_feature_array(bias, fshape, "bias", axis)
+    act = _activations.check(activation, negative_slope, save_output_only)
+    names = _checks.normalize_axis_name(axis_name)
+    groups = None
+    if names is not None:
+        groups = _checks.check_axis_index_groups(axis_index_groups, names, _checks.bound_axis_size(names))
+    elif axis_index_groups is not None:
+        _checks.check_axis_index_groups(axis_index_groups, None, 0)
+    valid = _checks.broadcast_mask(mask, x.shape, features)
+
+    from jbn import _vjp  # the fused path builds on `moments` and `normalize` above
+
+    if fused and _vjp.can_fuse(epsilon, names):
+        return _vjp.fused_batch_norm(
+            x, scale, bias, features=features, epsilon=epsilon, valid=valid, names=names, groups=groups,
+            dtype=dtype, activation=act, negative_slope=negative_slope, save_output_only=save_output_only,
+        )
+    if save_output_only:
+        raise ValueError(
+            "`save_output_only=True` needs the fused training path, which is off here: set fused=True, pass a "
+            "Python float `epsilon`, and give `axis_name` names that are all checked (shard_map with "
+            "check_vma=True) or all unchecked (pmap, vmap)."
+        )
+    # The autodiff path: forward-mode differentiable (jax.jvp), at the cost of more saved memory.
+    stats = moments(x, axis=features, mask=valid, axis_name=names, axis_index_groups=groups)
+    y = _activate(x, stats.mean, stats.var, scale, bias, features, epsilon, dtype, act, negative_slope)
+    return y, stats
+
+
+def _activate(x, mean, var, scale, bias, features, epsilon, dtype, activation, negative_slope):
+    """`normalize`, then the activation (in the compute dtype, before the final cast)."""
+    if activation == "identity":
+        return normalize(x, mean, var, scale, bias, axis=features, epsilon=epsilon, dtype=dtype)
+    params = [p.dtype for p in (scale, bias) if p is not None]
+    compute = _checks.stats_dtype(x.dtype, jnp.result_type(mean), jnp.result_type(var), *params)
+    z = normalize(x, mean, var, scale, bias, axis=features, epsilon=epsilon, dtype=compute)
+    return _activations.apply(z, activation, negative_slope).astype(x.dtype if dtype is None else dtype)
+
+
 def batch_norm(
     x: Array,
     scale: Array | None,
@@ -434,12 +507,24 @@ def batch_norm(
     virtual_batch_size: int | None = None,
     debias: bool = False,
     unbiased_running_var: bool = False,
+    activation: str | None = None,
+    negative_slope: float = 0.01,
+    save_output_only: bool = False,
+    fused: bool = True,
 ) -> tuple[Array, RunningStats]:
-    """Batch normalization of `x` and the next running statistics.
+    """Batch normalization of `x` (optionally followed by an activation) and the next
+    running statistics.
 
     In training, `x` is normalized with its own batch statistics (global over `axis_name`,
     restricted to `mask`) and the running statistics move towards them. In evaluation,
     `x` is normalized with `running` and `running` comes back unchanged.
+
+    Training uses a fused custom VJP (`jbn._vjp`): the backward pass keeps only `x` (or
+    only `y`, see `save_output_only`) and per-feature statistics, computes two
+    per-feature reductions and one elementwise pass, and sends the reductions in one psum
+    under `axis_name`. It supports `jax.grad`/`jax.vjp`, `jit`, `vmap`, `pmap`,
+    `shard_map` and grad-of-grad; plain forward mode (`jax.jvp`/`jax.jacfwd` through a
+    training call) needs `fused=False`.
 
     Args:
       x: floating input of any rank.
@@ -463,6 +548,18 @@ def batch_norm(
       debias, unbiased_running_var: options of the running update, see
         `update_running_stats`. With `virtual_batch_size`, the unbiased correction uses
         each sub-batch's own count before the sub-batch variances are averaged.
+      activation: None (or "identity"), "relu" or "leaky_relu", applied to the
+        normalized output in the same fused pass (also in evaluation).
+      negative_slope: the slope of "leaky_relu" for negative inputs (static).
+      save_output_only: training memory saver: keep only the output `y` for the
+        backward pass and recover the normalized input from it, as `(z - bias) / scale`
+        with `z` the activation's inverse of `y`. Needs an invertible activation
+        (identity, or leaky_relu with `negative_slope` > 0) and a `scale` with no zeros:
+        a concrete zero raises, a traced zero gives NaN gradients for its feature.
+        The recovered input carries the rounding of `y`'s dtype (a bfloat16 `y` gives
+        bfloat16-accurate gradients). Worth it when the next layer saves `y` anyway.
+      fused: use the fused custom VJP in training (default). False differentiates the
+        plain jnp computation instead (more saved memory, but forward-mode works).
 
     Returns:
       `(y, new_running)`: `y` has `x`'s shape; `new_running` is a `RunningStats`.
@@ -473,18 +570,22 @@ def batch_norm(
     features = _checks.feature_axes(x.ndim, axis)
     fshape = _checks.feature_shape(x.shape, features)
     running = check_running_stats(running, fshape, axis)
+    act = _activations.check(activation, negative_slope, save_output_only and training)
     if not training:
-        return normalize(x, running.mean, running.var, scale, bias, axis=axis, epsilon=epsilon, dtype=dtype), running
+        y = _activate(x, running.mean, running.var, scale, bias, features, epsilon, dtype, act, negative_slope)
+        return y, running
 
     train = functools.partial(
-        _train, epsilon=epsilon, axis_name=axis_name, axis_index_groups=axis_index_groups, dtype=dtype
+        normalize_with_batch_stats, epsilon=epsilon, axis_name=axis_name, axis_index_groups=axis_index_groups,
+        dtype=dtype, activation=activation, negative_slope=negative_slope, save_output_only=save_output_only,
+        fused=fused,
     )
     if virtual_batch_size is None:
-        _checks.check_values_per_feature(x.shape, features, axis, axis_name)
+        _checks.check_values_per_feature(x.shape, features, axis, axis_name, axis_index_groups=axis_index_groups)
         y, stats = train(x, scale, bias, axis=axis, mask=mask)
     else:
         y, stats = _ghost(train, x, scale, bias, virtual_batch_size, axis=axis, mask=mask,
-                          axis_name=axis_name, unbiased=unbiased_running_var)
+                          axis_name=axis_name, axis_index_groups=axis_index_groups, unbiased=unbiased_running_var)
         unbiased_running_var = False  # already applied per sub-batch
     new = update_running_stats(running, stats, momentum, debias=debias, unbiased_running_var=unbiased_running_var)
     return y, new
@@ -500,14 +601,7 @@ def check_running_stats(running: RunningStats, fshape: tuple[int, ...], axis: Ax
     )
 
 
-def _train(x, scale, bias, *, axis, epsilon, mask, axis_name, axis_index_groups, dtype) -> tuple[Array, Moments]:
-    """The training path: normalize `x` with its own statistics; also return them."""
-    stats = moments(x, axis=axis, mask=mask, axis_name=axis_name, axis_index_groups=axis_index_groups)
-    y = normalize(x, stats.mean, stats.var, scale, bias, axis=axis, epsilon=epsilon, dtype=dtype)
-    return y, stats
-
-
-def _ghost(train, x, scale, bias, size, *, axis, mask, axis_name, unbiased) -> tuple[Array, Moments]:
+def _ghost(train, x, scale, bias, size, *, axis, mask, axis_name, axis_index_groups, unbiased) -> tuple[Array, Moments]:
     """Ghost batch norm as a reshape: (N, ...) -> (N // size, size, ...) with the new group
     axis 0 treated as one more feature axis, then the ordinary training path, so it
     composes with masks, `axis_name` and whatever the training path does. Returns the
@@ -516,7 +610,8 @@ def _ghost(train, x, scale, bias, size, *, axis, mask, axis_name, unbiased) -> t
     groups = _checks.check_virtual_batch_size(size, x.shape, features)
     grouped_shape = (groups, size) + x.shape[1:]
     grouped_features = (0,) + tuple(a + 1 for a in features)
-    _checks.check_values_per_feature(grouped_shape, grouped_features, axis, axis_name, virtual_batch_size=size)
+    _checks.check_values_per_feature(grouped_shape, grouped_features, axis, axis_name, virtual_batch_size=size,
+                                     axis_index_groups=axis_index_groups)
     valid = _checks.broadcast_mask(mask, x.shape, features)  # x's rank; axis 0 is N or 1
     if valid is not None:
         lead = (groups, size) if valid.shape[0] == x.shape[0] else (1, 1)

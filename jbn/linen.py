@@ -68,6 +68,38 @@ def store_running(mean, var, count, new: RunningStats) -> None:
         count.value = new.count
 
 
+def prepare(module: nn.Module, x, use_running_average: bool | None):
+    """What every linen module here does first: settle the mode, check `x`, and create (or
+    fetch) the variables. Returns (use_running_average, x, (mean, var, count), scale, bias)."""
+    use_running_average = nn.merge_param("use_running_average", module.use_running_average, use_running_average)
+    x = _checks.check_floating(x)
+    fshape = _checks.feature_shape(x.shape, _checks.feature_axes(x.ndim, module.axis))
+    check_existing_variables(module, fshape, module.axis)
+    running = running_variables(module, fshape, module.momentum, module.debias)
+    return (use_running_average, x, running) + affine_parameters(module, fshape)
+
+
+def shared_arguments(module: nn.Module, mask) -> dict:
+    """Keyword arguments of `batch_norm` / `batch_renorm` that come from the module's fields."""
+    initializing = module.is_initializing()
+    return dict(
+        axis=module.axis,
+        momentum=module.momentum,
+        epsilon=module.epsilon,
+        mask=mask,
+        # At init the named axis need not exist, as in flax.
+        axis_name=None if initializing else module.axis_name,
+        axis_index_groups=None if initializing else module.axis_index_groups,
+        dtype=module.dtype,
+        debias=module.debias,
+        unbiased_running_var=module.unbiased_running_var,
+    )
+
+
+def running_stats(mean, var, count) -> RunningStats:
+    return RunningStats(mean.value, var.value, None if count is None else count.value)
+
+
 class BatchNorm(nn.Module):
     """Batch normalization, a drop-in replacement for `flax.linen.BatchNorm`.
 
@@ -98,6 +130,14 @@ class BatchNorm(nn.Module):
       debias: keep a bias-corrected EMA (creates `batch_stats/count`).
       unbiased_running_var: track the unbiased batch variance in `batch_stats/var`, as
         PyTorch does (for models ported from PyTorch).
+      activation: None (or "identity"), "relu" or "leaky_relu", applied to the output
+        inside the same fused pass (jbn only; flax has no such field).
+      negative_slope: the slope of "leaky_relu" for negative inputs.
+      save_output_only: in training, keep only the output for the backward pass and
+        recover the normalized input from it (needs "identity" or "leaky_relu" and a
+        scale without zeros; see `jbn.batch_norm`).
+      fused: use the fused custom-gradient training path (default); False uses plain
+        autodiff (needed only for forward-mode differentiation, `jax.jvp`).
 
     `momentum=None` keeps the cumulative average of all batches seen (PyTorch's
     `momentum=None`) and creates `batch_stats/count`; without these options the variables
@@ -121,6 +161,10 @@ class BatchNorm(nn.Module):
     virtual_batch_size: int | None = None
     debias: bool = False
     unbiased_running_var: bool = False
+    activation: str | None = None
+    negative_slope: float = 0.01
+    save_output_only: bool = False
+    fused: bool = True
 
     @nn.compact
     def __call__(self, x, use_running_average: bool | None = None, *, mask: jax.Array | None = None):
@@ -135,35 +179,21 @@ class BatchNorm(nn.Module):
           The normalized input, same shape; `batch_stats` is updated in training
           (when mutable) and never during `init`.
         """
-        use_running_average = nn.merge_param("use_running_average", self.use_running_average, use_running_average)
-        x = _checks.check_floating(x)
-        features = _checks.feature_axes(x.ndim, self.axis)
-        fshape = _checks.feature_shape(x.shape, features)
-        check_existing_variables(self, fshape, self.axis)
-
-        mean, var, count = running_variables(self, fshape, self.momentum, self.debias)
-        scale, bias = affine_parameters(self, fshape)
-
-        initializing = self.is_initializing()
+        use_running_average, x, (mean, var, count), scale, bias = prepare(self, x, use_running_average)
         y, new = batch_norm(
             x,
             scale,
             bias,
-            RunningStats(mean.value, var.value, None if count is None else count.value),
+            running_stats(mean, var, count),
             training=not use_running_average,
-            axis=self.axis,
-            momentum=self.momentum,
-            epsilon=self.epsilon,
-            mask=mask,
-            # At init the named axis need not exist, as in flax.
-            axis_name=None if initializing else self.axis_name,
-            axis_index_groups=None if initializing else self.axis_index_groups,
-            dtype=self.dtype,
             virtual_batch_size=self.virtual_batch_size,
-            debias=self.debias,
-            unbiased_running_var=self.unbiased_running_var,
+            activation=self.activation,
+            negative_slope=self.negative_slope,
+            save_output_only=self.save_output_only,
+            fused=self.fused,
+            **shared_arguments(self, mask),
         )
-        if not use_running_average and not initializing and not capture_population(self, x, mask):
+        if not use_running_average and not self.is_initializing() and not capture_population(self, x, mask):
             store_running(mean, var, count, new)
         return y
 
@@ -201,37 +231,20 @@ class BatchRenorm(nn.Module):
     @nn.compact
     def __call__(self, x, use_running_average: bool | None = None, *, mask: jax.Array | None = None):
         """Renormalize `x` (any rank, features on `axis`); arguments as in `BatchNorm`."""
-        use_running_average = nn.merge_param("use_running_average", self.use_running_average, use_running_average)
-        x = _checks.check_floating(x)
-        features = _checks.feature_axes(x.ndim, self.axis)
-        fshape = _checks.feature_shape(x.shape, features)
-        check_existing_variables(self, fshape, self.axis)
-
-        mean, var, count = running_variables(self, fshape, self.momentum, self.debias)
+        use_running_average, x, (mean, var, count), scale, bias = prepare(self, x, use_running_average)
         step = self.variable("batch_stats", "step", lambda: jnp.zeros((), jnp.int32))
-        scale, bias = affine_parameters(self, fshape)
-
-        initializing = self.is_initializing()
         y, new = batch_renorm(
             x,
             scale,
             bias,
-            RunningStats(mean.value, var.value, None if count is None else count.value),
+            running_stats(mean, var, count),
             training=not use_running_average,
             r_max=self.r_max,
             d_max=self.d_max,
             step=step.value,
-            axis=self.axis,
-            momentum=self.momentum,
-            epsilon=self.epsilon,
-            mask=mask,
-            axis_name=None if initializing else self.axis_name,
-            axis_index_groups=None if initializing else self.axis_index_groups,
-            dtype=self.dtype,
-            debias=self.debias,
-            unbiased_running_var=self.unbiased_running_var,
+            **shared_arguments(self, mask),
         )
-        if not use_running_average and not initializing and not capture_population(self, x, mask):
+        if not use_running_average and not self.is_initializing() and not capture_population(self, x, mask):
             store_running(mean, var, count, new)
             step.value = step.value + 1
         return y

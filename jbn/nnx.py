@@ -145,6 +145,8 @@ class BatchNorm(_Normalization):
       virtual_batch_size: ghost batch norm (see `jbn.batch_norm`).
       debias: bias-corrected EMA (creates a `count` BatchStat).
       unbiased_running_var: track the unbiased batch variance, as PyTorch does.
+      activation, negative_slope, save_output_only, fused: the fused activation, the
+        memory-saving mode and the choice of training path (see `jbn.batch_norm`).
     """
 
     def __init__(
@@ -171,6 +173,10 @@ class BatchNorm(_Normalization):
         virtual_batch_size: int | None = None,
         debias: bool = False,
         unbiased_running_var: bool = False,
+        activation: str | None = None,
+        negative_slope: float = 0.01,
+        save_output_only: bool = False,
+        fused: bool = True,
     ):
         super().__init__(
             num_features, use_running_average=use_running_average, axis=axis, momentum=momentum, epsilon=epsilon,
@@ -181,6 +187,10 @@ class BatchNorm(_Normalization):
         )
         self.use_fast_variance = use_fast_variance
         self.virtual_batch_size = virtual_batch_size
+        self.activation = activation
+        self.negative_slope = negative_slope
+        self.save_output_only = save_output_only
+        self.fused = fused
 
     def __call__(self, x, use_running_average: bool | None = None, *, mask: jax.Array | None = None):
         """Normalize `x` (features on `axis`); `mask` as in `jbn.moments`. In training the
@@ -191,7 +201,8 @@ class BatchNorm(_Normalization):
             x, scale, bias, self._running(), training=not use_running_average, axis=self.axis,
             momentum=self.momentum, epsilon=self.epsilon, mask=mask, axis_name=self.axis_name,
             axis_index_groups=self.axis_index_groups, dtype=self.dtype, virtual_batch_size=self.virtual_batch_size,
-            debias=self.debias, unbiased_running_var=self.unbiased_running_var,
+            debias=self.debias, unbiased_running_var=self.unbiased_running_var, activation=self.activation,
+            negative_slope=self.negative_slope, save_output_only=self.save_output_only, fused=self.fused,
         )
         if not use_running_average and not self._capture(x, mask):
             self._store(new)

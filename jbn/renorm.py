@@ -115,7 +115,7 @@ def batch_renorm(
     if not training:
         return normalize(x, running.mean, running.var, scale, bias, axis=axis, epsilon=epsilon, dtype=dtype), running
 
-    _checks.check_values_per_feature(x.shape, features, axis, axis_name)
+    _checks.check_values_per_feature(x.shape, features, axis, axis_name, axis_index_groups=axis_index_groups)
     stats = moments(x, axis=axis, mask=mask, axis_name=axis_name, axis_index_groups=axis_index_groups)
     compute = stats.mean.dtype
     sigma_batch = jnp.sqrt(stats.var + epsilon)

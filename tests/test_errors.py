@@ -72,3 +72,18 @@ def test_module_bad_fields():
         jbn.BatchNorm(use_running_average=False, axis=3).init(jax.random.key(0), x)
     with pytest.raises(TypeError, match="`x`"):
         jbn.BatchNorm(use_running_average=False).init(jax.random.key(0), x.astype(jnp.int32))
+
+
+def test_one_value_per_feature_counts_the_group_not_the_axis():
+    """pmap over 8 devices in groups of 1: each group sees one value per feature."""
+    x = jnp.ones((8, 1, 3))
+    running = jbn.RunningStats(jnp.zeros(3), jnp.ones(3))
+
+    def step(x):
+        return jbn.batch_norm(x, None, None, running, training=True, axis_name="i",
+                              axis_index_groups=[[i] for i in range(8)])[0]
+
+    with pytest.raises(ValueError, match="`x`"):
+        jax.pmap(step, axis_name="i")(x)
+    jax.pmap(lambda x: jbn.batch_norm(x, None, None, running, training=True, axis_name="i",
+                                      axis_index_groups=[[0, 1, 2, 3], [4, 5, 6, 7]])[0], axis_name="i")(x)

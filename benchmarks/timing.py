@@ -1,0 +1,58 @@
+"""Interleaved wall-clock timing: every participant runs once per round, in a rotating
+order, so that a slow period of a shared machine hits all of them alike."""
+from __future__ import annotations
+
+import math
+import time
+from typing import Callable, NamedTuple
+
+import numpy as np
+
+
+class Timing(NamedTuple):
+    """Seconds per call over the rounds (one sample per round)."""
+
+    samples: np.ndarray
+
+    @property
+    def median(self) -> float:
+        return float(np.median(self.samples))
+
+    @property
+    def q25(self) -> float:
+        return float(np.percentile(self.samples, 25))
+
+    @property
+    def q75(self) -> float:
+        return float(np.percentile(self.samples, 75))
+
+
+def interleaved(calls: dict[str, Callable[[], object]], rounds: int, min_sample_s: float = 2e-3) -> dict[str, Timing]:
+    """Time each zero-argument callable `rounds` times, interleaved.
+
+    Each callable is first run twice (compilation, warm caches). A sample is the mean of
+    enough back-to-back calls to last about `min_sample_s`, so that tiny shapes are not
+    all timer noise.
+    """
+    repeat = {}
+    for name, call in calls.items():
+        call()
+        start = time.perf_counter()
+        call()
+        once = time.perf_counter() - start
+        repeat[name] = max(1, math.ceil(min_sample_s / max(once, 1e-9)))
+    names = list(calls)
+    samples = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            call, n = calls[name], repeat[name]
+            start = time.perf_counter()
+            for _ in range(n):
+                call()
+            samples[name].append((time.perf_counter() - start) / n)
+    return {name: Timing(np.asarray(s)) for name, s in samples.items()}
+
+
+def paired_ratio(a: Timing, b: Timing) -> float:
+    """Median over rounds of a/b: rounds are paired, so drift between rounds cancels."""
+    return float(np.median(a.samples / b.samples))

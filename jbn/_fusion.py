@@ -1,0 +1,53 @@
+"""Helpers that shape the computation so that XLA fuses it well.
+
+XLA:CPU fuses a reduction with its elementwise producer only when that producer has no
+other user (it does not duplicate a shared producer), and never fuses a select or a
+comparison into a reduction. A shared `x - mean` (or `x.astype(float32)`, or a
+broadcast of `mean`) feeding two reductions is therefore written to memory in full and
+read back, which costs more than recomputing it. `separate_uses` hands each reduction
+its own handle on the inputs, so that each fuses its own copy of the cheap producer.
+
+Only on CPU: XLA:GPU duplicates cheap producers by itself and fuses sibling reductions
+over the same input into one pass (reading it once), which separate handles would hide.
+"""
+from __future__ import annotations
+
+import jax
+from jax import lax
+
+
+def separate_uses(n: int, *arrays: jax.Array) -> list[tuple[jax.Array, ...]]:
+    """`n` tuples, each holding the same `arrays` (arrays or pytrees of them). On CPU,
+    XLA cannot merge them back into one (an optimization barrier: no copy, no numerical
+    effect, differentiable); elsewhere they are the arrays themselves. XLA folds a
+    barrier over constants only: put a constant in a pytree with a computed array."""
+
+    def barrier(*arrays):
+        # One barrier per argument: a barrier over values of different device-variance
+        # (shard_map's vma) makes them all varying, so arguments keep their own types (and
+        # the leaves of one pytree argument are given one type, below).
+        copies = [lax.optimization_barrier((a,) * n) for a in arrays]
+        return [tuple(c[i] for c in copies) for i in range(n)]
+
+    arrays = tuple(_same_variance(a) for a in arrays)
+    return lax.platform_dependent(*arrays, cpu=barrier, default=lambda *a: [a] * n)
+
+
+def _varying(v) -> frozenset:
+    mat = getattr(jax.typeof(v), "manual_axis_type", None)
+    return frozenset(mat.varying) if mat is not None else frozenset()
+
+
+def _same_variance(tree):
+    """The leaves of `tree`, each made to vary over every manual axis that any of them
+    varies over (a no-op outside shard_map, or for a single array)."""
+    leaves = [leaf for leaf in jax.tree.leaves(tree)]
+    axes = frozenset().union(*(_varying(leaf) for leaf in leaves)) if leaves else frozenset()
+    if not axes:
+        return tree
+
+    def widen(leaf):
+        missing = tuple(a for a in axes if a not in _varying(leaf))
+        return lax.pcast(leaf, missing, to="varying") if missing else leaf
+
+    return jax.tree.map(widen, tree)
