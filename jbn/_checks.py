@@ -11,6 +11,7 @@ from typing import Any, Hashable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Axes = int | Sequence[int]
 AxisName = Hashable | tuple[Hashable, ...] | None
@@ -18,13 +19,19 @@ AxisName = Hashable | tuple[Hashable, ...] | None
 
 def feature_axes(ndim: int, axis: Axes, *, name: str = "axis") -> tuple[int, ...]:
     """The feature axes as sorted non-negative ints; raises if any is out of range."""
-    axes = (axis,) if isinstance(axis, int) else tuple(axis)
+    if ndim == 0:
+        raise ValueError(
+            f"the input is a scalar (rank 0), so `{name}` has no feature axis to name: give `x` a batch axis and "
+            "a feature axis, e.g. shape (N, C) with axis=-1."
+        )
+    axes = (axis,) if _is_index(axis) or isinstance(axis, (bool, float)) else _as_tuple(axis, name)
     if not axes:
         raise ValueError(f"`{name}` is empty: name at least one feature axis, e.g. {name}=-1.")
     out = []
     for a in axes:
-        if not isinstance(a, int):
-            raise TypeError(f"`{name}` must be an int or a tuple of ints, got {axis!r}.")
+        if not _is_index(a):
+            raise TypeError(f"`{name}` must be an int or a tuple of ints, got {axis!r}: e.g. {name}=-1 or {name}=(1, 2).")
+        a = int(a)
         if not -ndim <= a < ndim:
             raise ValueError(
                 f"`{name}`={axis!r} is out of range for an input of rank {ndim}: "
@@ -34,6 +41,18 @@ def feature_axes(ndim: int, axis: Axes, *, name: str = "axis") -> tuple[int, ...
     if len(set(out)) != len(out):
         raise ValueError(f"`{name}`={axis!r} names the same axis twice.")
     return tuple(sorted(out))
+
+
+def _is_index(a: Any) -> bool:
+    """A Python or NumPy integer, not a bool (True would silently mean axis 1)."""
+    return isinstance(a, (int, np.integer)) and not isinstance(a, (bool, np.bool_))
+
+
+def _as_tuple(axis: Any, name: str) -> tuple:
+    try:
+        return tuple(axis)
+    except TypeError:
+        raise TypeError(f"`{name}` must be an int or a tuple of ints, got {axis!r}: e.g. {name}=-1 or {name}=(1, 2).") from None
 
 
 def reduction_axes(ndim: int, features: tuple[int, ...]) -> tuple[int, ...]:
@@ -81,17 +100,44 @@ def check_feature_array(v: Any, fshape: tuple[int, ...], name: str, axis: Axes) 
     return v
 
 
-def check_momentum(momentum: Any) -> None:
-    if isinstance(momentum, (int, float)) and not 0.0 <= momentum <= 1.0:
+def concrete_number(value: Any, name: str) -> float | None:
+    """`value` as a Python float when it is known at trace time (a Python or NumPy number,
+    or a concrete 0-d array); None when it is traced. Anything else is a TypeError."""
+    if isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"`{name}` must be a number, got the bool {value!r}.")
+    if isinstance(value, (int, float, np.integer, np.floating)):
+        return float(value)
+    if isinstance(value, jax.core.Tracer):
+        return None
+    if isinstance(value, (np.ndarray, jax.Array)) and value.ndim == 0 and np.issubdtype(value.dtype, np.number):
+        return float(value)
+    raise TypeError(f"`{name}` must be a number (a Python float), got {type(value).__name__} {value!r}.")
+
+
+def check_momentum(momentum: Any) -> float | None:
+    """The momentum as a Python float (None stays None: the cumulative average); a traced
+    momentum is returned as it is, since its value cannot be checked at trace time."""
+    if momentum is None:
+        return None
+    value = concrete_number(momentum, "momentum")
+    if value is None:
+        return momentum
+    if not 0.0 <= value <= 1.0:
         raise ValueError(
             f"`momentum`={momentum} is outside [0, 1]. jbn uses the Flax/Keras convention "
             f"new = momentum * old + (1 - momentum) * batch, so PyTorch's momentum=0.1 is 0.9 here."
         )
+    return value
 
 
-def check_epsilon(epsilon: Any) -> None:
-    if isinstance(epsilon, (int, float)) and not epsilon > 0:
+def check_epsilon(epsilon: Any) -> float:
+    """The epsilon as a Python float (a traced epsilon is returned as it is)."""
+    value = concrete_number(epsilon, "epsilon")
+    if value is None:
+        return epsilon
+    if not value > 0:
         raise ValueError(f"`epsilon`={epsilon} must be > 0 (it keeps 1/sqrt(var + epsilon) finite); the usual value is 1e-5.")
+    return value
 
 
 def broadcast_mask(mask: Any, x_shape: tuple[int, ...], features: tuple[int, ...]) -> jax.Array | None:
@@ -188,8 +234,9 @@ def check_values_per_feature(shape, features, axis, axis_name, *, virtual_batch_
             f"`virtual_batch_size`={virtual_batch_size} gives one value per feature in each sub-batch, so its "
             "variance is undefined: use a virtual_batch_size of at least 2 (or more elements per example)."
         )
+    how_many = "no values" if per_participant * participants == 0 else "one value"
     raise ValueError(
-        f"`x` of shape {tuple(shape)} gives one value per feature along axis={axis!r}, so its batch variance is "
+        f"`x` of shape {tuple(shape)} gives {how_many} per feature along axis={axis!r}, so its batch variance is "
         "undefined: train with more than one example, synchronize over devices with `axis_name`, "
         "or normalize with the running statistics (training=False / use_running_average=True)."
     )

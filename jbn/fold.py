@@ -40,7 +40,7 @@ def fold_batch_norm(
       its outputs equal the original layer followed by BN in eval mode. Dtypes are the
       kernel's; the arithmetic runs in float32 or wider.
     """
-    _checks.check_epsilon(epsilon)
+    epsilon = _checks.check_epsilon(epsilon)
     if "kernel" not in layer_params:
         raise ValueError(
             f"`layer_params` has keys {sorted(layer_params)}, not a 'kernel': pass the params of the nn.Dense or "

@@ -273,7 +273,7 @@ def normalize(
       dtype: output dtype; default `x.dtype`. The arithmetic runs in float32 or wider.
     """
     x = _checks.check_floating(x)
-    _checks.check_epsilon(epsilon)
+    epsilon = _checks.check_epsilon(epsilon)
     features = _checks.feature_axes(x.ndim, axis)
     fshape = _checks.feature_shape(x.shape, features)
     mean = _checks.check_feature_array(mean, fshape, "mean", axis)
@@ -354,7 +354,7 @@ def update_running_stats(
         PyTorch does in `running_var` (n = elements per feature in the batch); a feature
         with n <= 1 is left unchanged. Normalization in training still uses the biased one.
     """
-    _checks.check_momentum(momentum)
+    momentum = _checks.check_momentum(momentum)
     counted = needs_batch_count(momentum, debias)
     count = getattr(running, "count", None)
     if counted and count is None:
@@ -447,7 +447,7 @@ def normalize_with_batch_stats(
       the batch `Moments`, whose mean and var are differentiable (count is not).
     """
     x = _checks.check_floating(x)
-    _checks.check_epsilon(epsilon)
+    epsilon = _checks.check_epsilon(epsilon)
     features = _checks.feature_axes(x.ndim, axis)
     fshape = _checks.feature_shape(x.shape, features)
     scale = _checks.check_feature_array(scale, fshape, "scale", axis)
@@ -565,8 +565,8 @@ def batch_norm(
       `(y, new_running)`: `y` has `x`'s shape; `new_running` is a `RunningStats`.
     """
     x = _checks.check_floating(x)
-    _checks.check_momentum(momentum)
-    _checks.check_epsilon(epsilon)
+    momentum = _checks.check_momentum(momentum)
+    epsilon = _checks.check_epsilon(epsilon)
     features = _checks.feature_axes(x.ndim, axis)
     fshape = _checks.feature_shape(x.shape, features)
     running = check_running_stats(running, fshape, axis)

@@ -9,7 +9,15 @@ from flax import linen as nn
 from flax.linen import initializers
 
 from jbn import _checks
-from jbn.functional import Moments, RunningStats, batch_norm, merge_moments, moments, needs_batch_count
+from jbn.functional import (
+    Moments,
+    RunningStats,
+    batch_norm,
+    merge_moments,
+    moments,
+    needs_batch_count,
+    normalize_with_batch_stats,
+)
 from jbn.precise import POPULATION_VARIABLES
 from jbn.renorm import Limit, batch_renorm
 
@@ -96,6 +104,24 @@ def shared_arguments(module: nn.Module, mask) -> dict:
     )
 
 
+def initializing_on_one_value(module: nn.Module, x, use_running_average: bool) -> bool:
+    """True while `init` runs in training mode on a batch with one value per feature (a
+    dummy example, as flax code often initializes with). Training would reject that batch;
+    `init` trains nothing, so the module then normalizes with the batch's own statistics
+    and skips the checks that only training needs, as flax does."""
+    if use_running_average or not module.is_initializing():
+        return False
+    features = _checks.feature_axes(x.ndim, module.axis)
+    return _checks.element_count(x.shape, _checks.reduction_axes(x.ndim, features)) <= 1
+
+
+def init_output(module: nn.Module, x, scale, bias, mask, **fused) -> jax.Array:
+    """The output `init` gives in `initializing_on_one_value`'s case."""
+    y, _ = normalize_with_batch_stats(x, scale, bias, axis=module.axis, epsilon=module.epsilon, mask=mask,
+                                      dtype=module.dtype, **fused)
+    return y
+
+
 def running_stats(mean, var, count) -> RunningStats:
     return RunningStats(mean.value, var.value, None if count is None else count.value)
 
@@ -180,6 +206,9 @@ class BatchNorm(nn.Module):
           (when mutable) and never during `init`.
         """
         use_running_average, x, (mean, var, count), scale, bias = prepare(self, x, use_running_average)
+        if initializing_on_one_value(self, x, use_running_average):
+            return init_output(self, x, scale, bias, mask, activation=self.activation,
+                               negative_slope=self.negative_slope, fused=self.fused)
         y, new = batch_norm(
             x,
             scale,
@@ -233,6 +262,8 @@ class BatchRenorm(nn.Module):
         """Renormalize `x` (any rank, features on `axis`); arguments as in `BatchNorm`."""
         use_running_average, x, (mean, var, count), scale, bias = prepare(self, x, use_running_average)
         step = self.variable("batch_stats", "step", lambda: jnp.zeros((), jnp.int32))
+        if initializing_on_one_value(self, x, use_running_average):
+            return init_output(self, x, scale, bias, mask)
         y, new = batch_renorm(
             x,
             scale,

@@ -61,8 +61,8 @@ class _Normalization(nnx.Module):
         scale_metadata: Mapping[str, Any],
     ):
         fshape = (num_features,) if isinstance(num_features, int) else tuple(num_features)
-        _checks.check_momentum(momentum)
-        _checks.check_epsilon(epsilon)
+        momentum = _checks.check_momentum(momentum)
+        epsilon = _checks.check_epsilon(epsilon)
         self.mean = nnx.BatchStat(jnp.zeros(fshape, jnp.float32))
         self.var = nnx.BatchStat(jnp.ones(fshape, jnp.float32))
         if needs_batch_count(momentum, debias):

@@ -105,8 +105,8 @@ def batch_renorm(
       `(y, new_running)`: `y` has `x`'s shape.
     """
     x = _checks.check_floating(x)
-    _checks.check_momentum(momentum)
-    _checks.check_epsilon(epsilon)
+    momentum = _checks.check_momentum(momentum)
+    epsilon = _checks.check_epsilon(epsilon)
     features = _checks.feature_axes(x.ndim, axis)
     fshape = _checks.feature_shape(x.shape, features)
     running = check_running_stats(running, fshape, axis)

@@ -8,6 +8,7 @@ import jbn
 
 X = jnp.ones((4, 3), jnp.float32) * jnp.arange(4.0)[:, None]
 RUNNING = jbn.RunningStats(jnp.zeros(3), jnp.ones(3))
+JAX_MOMENTUM = jnp.asarray(-0.5)  # concrete: made outside the trace
 
 
 def traced(fn):
@@ -34,10 +35,22 @@ def traced(fn):
         (lambda: jbn.moments(X, mask=jnp.ones((4, 3, 1), bool)), ValueError, "`mask`"),
         (lambda: jbn.moments(X, axis_name="batch"), ValueError, "`axis_name`"),
         (lambda: jbn.moments(X, axis_index_groups=[[0]]), ValueError, "`axis_index_groups`"),
+        (lambda: jbn.batch_norm(X, None, None, RUNNING, training=True, momentum=np.float32(1.5)), ValueError,
+         "`momentum`"),
+        (lambda: jbn.batch_norm(X, None, None, RUNNING, training=True, momentum=JAX_MOMENTUM), ValueError,
+         "`momentum`"),
+        (lambda: jbn.batch_norm(X, None, None, RUNNING, training=True, momentum="0.9"), TypeError, "`momentum`"),
+        (lambda: jbn.batch_norm(X, None, None, RUNNING, training=True, epsilon=np.float32(0)), ValueError,
+         "`epsilon`"),
+        (lambda: jbn.moments(X, axis=1.0), TypeError, "`axis`"),
+        (lambda: jbn.moments(X, axis=True), TypeError, "`axis`"),
+        (lambda: jbn.moments(jnp.ones(())), ValueError, "`axis`"),
+        (lambda: jbn.batch_norm(X[:0], None, None, RUNNING, training=True), ValueError, "`x`"),
     ],
     ids=["scale-size", "bias-size", "running-size", "axis-range", "axis-duplicate", "integer-x", "momentum-high",
          "momentum-low", "epsilon-zero", "epsilon-negative", "one-value-per-feature", "mask-shape", "mask-rank",
-         "unbound-axis-name", "groups-without-name"],
+         "unbound-axis-name", "groups-without-name", "momentum-numpy-scalar", "momentum-jax-scalar",
+         "momentum-string", "epsilon-numpy-scalar", "axis-float", "axis-bool", "scalar-input", "empty-batch"],
 )
 def test_bad_input_raises_at_trace_time(call, exc, names):
     with pytest.raises(exc, match=names.replace(".", r"\.")):
@@ -49,6 +62,15 @@ def test_unbound_axis_name_explains_the_fix():
         jax.jit(lambda x: jbn.moments(x, axis_name="devices")).lower(X)
     message = str(info.value)
     assert "pmap" in message and "shard_map" in message and "jax.jit" in message
+    assert "no axis_name is needed" in message  # plain jit over sharded arrays needs none
+
+
+def test_numpy_integer_axis_and_scalar_momentum_are_accepted():
+    y, running = jbn.batch_norm(X, None, None, RUNNING, training=True, axis=np.int64(1),
+                                momentum=np.float32(0.5), epsilon=np.float64(1e-3))
+    x = np.asarray(X, np.float64)
+    np.testing.assert_allclose(y, (x - x.mean(0)) / np.sqrt(x.var(0) + 1e-3), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(running.mean, 0.5 * x.mean(0), rtol=1e-6)
 
 
 def test_eval_with_one_example_is_fine():
@@ -68,6 +90,10 @@ def test_module_bad_fields():
     x = jnp.arange(12.0).reshape(4, 3)
     with pytest.raises(ValueError, match="`momentum`"):
         jbn.BatchNorm(use_running_average=False, momentum=2.0).init(jax.random.key(0), x)
+    with pytest.raises(ValueError, match="`momentum`"):
+        jbn.BatchNorm(use_running_average=False, momentum=np.float32(1.5)).init(jax.random.key(0), x)
+    with pytest.raises(ValueError, match="`epsilon`"):
+        jbn.BatchNorm(use_running_average=False, epsilon=np.float32(0)).init(jax.random.key(0), x)
     with pytest.raises(ValueError, match="`axis`"):
         jbn.BatchNorm(use_running_average=False, axis=3).init(jax.random.key(0), x)
     with pytest.raises(TypeError, match="`x`"):

@@ -26,10 +26,13 @@ def data(seed=0, shape=(8, 5, 6, 4)):
     return jnp.asarray(rng.normal(0.5, 1.5, shape).astype(np.float32))
 
 
+@pytest.mark.parametrize("flax_fast_variance", [False, True], ids=["flax-two-pass-var", "flax-default-var"])
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()) or "default")
-def test_same_variables_outputs_stats_and_grads(config):
+def test_same_variables_outputs_stats_and_grads(config, flax_fast_variance):
+    """Against flax as configured by default (its fast E[x^2]-E[x]^2 variance is accurate
+    on this well-conditioned data) and with its two-pass variance."""
     x = data()
-    ours, theirs = jbn.BatchNorm(**config), nn.BatchNorm(use_fast_variance=False, **config)
+    ours, theirs = jbn.BatchNorm(**config), nn.BatchNorm(use_fast_variance=flax_fast_variance, **config)
     v_ours = ours.init(jax.random.key(0), x, use_running_average=False)
     v_theirs = theirs.init(jax.random.key(0), x, use_running_average=False)
     assert jax.tree.structure(v_ours) == jax.tree.structure(v_theirs)
@@ -90,6 +93,25 @@ def test_init_does_not_update_running_stats():
     v = jbn.BatchNorm(use_running_average=False).init(jax.random.key(0), x)
     np.testing.assert_array_equal(v["batch_stats"]["mean"], 0)
     np.testing.assert_array_equal(v["batch_stats"]["var"], 1)
+
+
+@pytest.mark.parametrize("module_fields", [dict(), dict(axis_name="batch"), dict(virtual_batch_size=16)],
+                         ids=["plain", "axis_name", "ghost"])
+def test_init_on_one_example_in_training_mode_is_flaxs(module_fields):
+    """flax code often initializes with a dummy example and use_running_average=False;
+    training would reject one value per feature, init trains nothing and must work."""
+    x = data(11, (1, 4))
+    flax_fields = {k: v for k, v in module_fields.items() if k != "virtual_batch_size"}
+    y_ours, v_ours = jbn.BatchNorm(use_running_average=False, **module_fields).init_with_output(jax.random.key(0), x)
+    y_flax, v_flax = nn.BatchNorm(use_running_average=False, **flax_fields).init_with_output(jax.random.key(0), x)
+    assert jax.tree.structure(v_ours) == jax.tree.structure(v_flax)
+    for a, b in zip(jax.tree.leaves(v_ours), jax.tree.leaves(v_flax)):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_allclose(y_ours, y_flax, atol=1e-6)
+    with pytest.raises(ValueError, match="`x`"):  # training on it still fails, as in PyTorch
+        jbn.BatchNorm(use_running_average=False).apply(v_ours, x, mutable=["batch_stats"])
+    v = jbn.BatchRenorm(use_running_average=False).init(jax.random.key(0), x)
+    assert int(v["batch_stats"]["step"]) == 0
 
 
 def test_init_ignores_axis_name():
@@ -178,3 +200,40 @@ def test_bfloat16_input_keeps_dtype_and_float32_stats():
     assert s["batch_stats"]["mean"].dtype == jnp.float32
     y32 = jbn.BatchNorm(use_running_average=False, dtype=jnp.float32).apply(v, x, mutable=["batch_stats"])[0]
     assert y32.dtype == jnp.float32
+
+
+def test_bfloat16_input_with_float32_output_matches_flaxs_default():
+    """flax promotes a bfloat16 input with float32 parameters to a float32 output; jbn keeps
+    the input dtype unless `dtype` says otherwise, and with dtype=float32 gives flax's result."""
+    x = data(12).astype(jnp.bfloat16)
+    v = nn.BatchNorm().init(jax.random.key(0), x, use_running_average=False)
+    for training in (True, False):
+        y_flax, s_flax = nn.BatchNorm(use_running_average=not training).apply(v, x, mutable=["batch_stats"])
+        y_ours, s_ours = jbn.BatchNorm(use_running_average=not training, dtype=jnp.float32).apply(
+            v, x, mutable=["batch_stats"])
+        assert y_flax.dtype == y_ours.dtype == jnp.float32
+        np.testing.assert_allclose(y_ours, y_flax, rtol=1e-5, atol=1e-5)
+        for a, b in zip(jax.tree.leaves(s_ours), jax.tree.leaves(s_flax)):
+            np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_module_same_results_with_and_without_jit(training):
+    x = data(13)
+    module = jbn.BatchNorm(use_running_average=not training, momentum=0.9)
+    v = module.init(jax.random.key(0), x)
+    v = jax.tree.map(lambda a: a + 0.25, v)
+
+    def f(v, x):
+        y, state = module.apply(v, x, mutable=["batch_stats"])
+        return y, state
+
+    def loss(params, x):
+        return jnp.sum(f({**v, "params": params}, x)[0] ** 3)
+
+    for a, b in zip(jax.tree.leaves(f(v, x)), jax.tree.leaves(jax.jit(f)(v, x))):
+        np.testing.assert_allclose(a, b, rtol=2e-6, atol=2e-6)
+    grads = jax.grad(loss, argnums=(0, 1))(v["params"], x)
+    grads_jit = jax.jit(jax.grad(loss, argnums=(0, 1)))(v["params"], x)
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_jit)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
