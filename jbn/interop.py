@@ -14,7 +14,7 @@ Conventions that differ, and what to set on the jbn side to train the same way:
 | cumulative average | `momentum=None` | `momentum=None` | - |
 | running variance | biased batch variance | UNBIASED (n/(n-1)) | biased |
 | epsilon | 1e-5 | 1e-5 | 1e-3 |
-| batch counter | `batch_stats/count` | `num_batches_tracked` | - |
+| batch counter | `batch_stats/count` (kept when a checkpoint brings one) | `num_batches_tracked` | - |
 
 So a PyTorch layer `BatchNorm2d(C, momentum=0.1, eps=1e-5)` is
 `jbn.BatchNorm(axis=1, momentum=momentum_from_torch(0.1), epsilon=1e-5, unbiased_running_var=True)`.
@@ -60,25 +60,32 @@ def from_torch(state_dict_or_module: Any, prefix: str = "", *, count: bool | Non
         containing one, or a state dict (torch tensors or arrays).
       prefix: the layer's key prefix in the state dict, e.g. "layer1.0.bn1." (a trailing
         dot is added when missing); "" for a layer's own state dict.
-      count: also return `batch_stats/count` from `num_batches_tracked` (broadcast to the
-        feature shape), which a jbn layer with `momentum=None` needs. None: when the given
-        module is a batch-norm layer with `momentum=None`.
+      count: whether to return `num_batches_tracked` as `batch_stats/count` (int32, broadcast
+        to the feature shape). None (default): whenever the state dict has
+        `num_batches_tracked` (every PyTorch >= 0.4.1 layer that tracks running statistics),
+        and always for a module with `momentum=None`. A state dict does not say whether the
+        layer used `momentum=None`, whose cumulative average NEEDS the count, so it is kept; a
+        jbn layer with a float momentum carries a count it did not create without reading it
+        (it only counts the batches, as PyTorch does), and `to_torch` gives it back as
+        `num_batches_tracked`. False: exactly flax's `batch_stats/{mean, var}` (e.g. to merge
+        into a tree made by `init`; `num_batches_tracked` is then lost). True: keep it, 0 when
+        the state dict has none.
 
     Returns:
       `{'params': {'scale', 'bias'}, 'batch_stats': {'mean', 'var'[, 'count']}}` as float32
-      jax arrays (`params` entries are left out for `affine=False`).
+      (count int32) jax arrays (`params` entries are left out for `affine=False`).
     """
     if prefix and not prefix.endswith("."):
         prefix += "."
+    cumulative = False  # a module with momentum=None: the count is needed even if missing
     if hasattr(state_dict_or_module, "state_dict"):
         module = state_dict_or_module
-        if count is None:
-            layer = module.get_submodule(prefix[:-1]) if prefix else module
-            count = getattr(layer, "momentum", 0.1) is None
+        layer = module.get_submodule(prefix[:-1]) if prefix else module
+        cumulative = getattr(layer, "momentum", 0.1) is None
         state = module.state_dict()
     else:
         state = state_dict_or_module
-    count = bool(count)
+    count = (cumulative or prefix + "num_batches_tracked" in state) if count is None else bool(count)
 
     def get(name):
         return state.get(prefix + name)
@@ -99,6 +106,11 @@ def from_torch(state_dict_or_module: Any, prefix: str = "", *, count: bool | Non
     if count:
         tracked = get("num_batches_tracked")
         tracked = 0 if tracked is None else int(_numpy(tracked))
+        if not 0 <= tracked <= np.iinfo(np.int32).max:
+            raise ValueError(
+                f"'{prefix}num_batches_tracked'={tracked} does not fit batch_stats/count (int32): pass count=False "
+                "to leave it out (it matters only for momentum=None)."
+            )
         out["batch_stats"]["count"] = jnp.full(mean.shape, tracked, jnp.int32)
     if not out["params"]:
         del out["params"]

@@ -3,6 +3,8 @@ import os
 
 os.environ.setdefault("KERAS_BACKEND", "jax")  # conftest sets it too; keras reads it once, at import
 
+import flax.linen as nn  # noqa: E402
+import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
@@ -42,27 +44,31 @@ def test_torch_batchnorm2d_eval_outputs_nchw_and_nhwc():
     with torch.no_grad():
         expected = bn(torch.from_numpy(x)).numpy()
     variables = interop.from_torch(bn)
-    assert set(variables["batch_stats"]) == {"mean", "var"}
+    # num_batches_tracked comes along by default (a float-momentum layer carries it unread)
+    assert set(variables["batch_stats"]) == {"mean", "var", "count"}
+    np.testing.assert_array_equal(variables["batch_stats"]["count"], np.zeros(C, np.int32))
     y = jbn.BatchNorm(use_running_average=True, axis=1, epsilon=bn.eps).apply(variables, jnp.asarray(x))
     np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
     y_nhwc = jbn.BatchNorm(use_running_average=True).apply(variables, jnp.asarray(x.transpose(0, 2, 3, 1)))
     np.testing.assert_allclose(y_nhwc, expected.transpose(0, 2, 3, 1), rtol=1e-5, atol=1e-5)
+    # count=False: exactly the tree of flax's BatchNorm, which evaluates the same
+    flax_bn = nn.BatchNorm(use_running_average=True, axis=1, epsilon=bn.eps)
+    exact = interop.from_torch(bn.state_dict(), count=False)
+    assert jax.tree.structure(exact) == jax.tree.structure(flax_bn.init(jax.random.key(0), jnp.asarray(x)))
+    np.testing.assert_allclose(flax_bn.apply(exact, jnp.asarray(x)), expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("kind, momentum", [("1d", 0.1), ("1d", None), ("2d", 0.1)])
-def test_torch_training_steps_give_the_same_running_statistics(kind, momentum):
-    layer_cls, shape = (torch.nn.BatchNorm1d, (6, C)) if kind == "1d" else (torch.nn.BatchNorm2d, (2, C, 3, 3))
-    model = torch.nn.Sequential(torch.nn.Identity(), layer_cls(C, momentum=momentum))
-    bn = model[1]
-    _randomize_torch(bn, 1)
-    bn.num_batches_tracked.fill_(2)  # a state that has trained before
-    variables = interop.from_torch(model, prefix="1", count=momentum is None)
-    jbn_bn = jbn.BatchNorm(use_running_average=False, axis=1, momentum=interop.momentum_from_torch(momentum),
+_TORCH_KINDS = {"1d": (torch.nn.BatchNorm1d, (6, C)), "1d-ncl": (torch.nn.BatchNorm1d, (4, C, 5)),
+                "2d": (torch.nn.BatchNorm2d, (2, C, 3, 3))}
+
+
+def _train_side_by_side(bn, variables, shape, steps, seed):
+    """`steps` training steps on the torch layer and on jbn (PyTorch's conventions) from the
+    converted variables: same outputs and running statistics after every step."""
+    jbn_bn = jbn.BatchNorm(use_running_average=False, axis=1, momentum=interop.momentum_from_torch(bn.momentum),
                            epsilon=bn.eps, unbiased_running_var=True)
-    if momentum is None:
-        np.testing.assert_array_equal(variables["batch_stats"]["count"], np.full(C, 2))
     bn.train()
-    for x in _batches(shape, 4, 2):
+    for x in _batches(shape, steps, seed):
         with torch.no_grad():
             y_torch = bn(torch.from_numpy(x)).numpy()
         y, updates = jbn_bn.apply(variables, jnp.asarray(x), mutable=["batch_stats"])
@@ -70,16 +76,59 @@ def test_torch_training_steps_give_the_same_running_statistics(kind, momentum):
         np.testing.assert_allclose(y, y_torch, rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(variables["batch_stats"]["mean"], bn.running_mean.numpy(), rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(variables["batch_stats"]["var"], bn.running_var.numpy(), rtol=1e-5, atol=1e-6)
-    # back to torch: same evaluation as jbn's
+        np.testing.assert_array_equal(variables["batch_stats"]["count"], np.full(C, int(bn.num_batches_tracked)))
+    return variables
+
+
+@pytest.mark.parametrize("kind, momentum, source", [
+    ("1d", 0.1, "module"), ("1d", None, "module"), ("1d", None, "state_dict"), ("2d", 0.1, "module"),
+    ("2d", 0.1, "state_dict"), ("1d-ncl", 0.1, "module"), ("1d-ncl", None, "state_dict"),
+])
+def test_torch_training_steps_give_the_same_running_statistics(kind, momentum, source):
+    layer_cls, shape = _TORCH_KINDS[kind]
+    model = torch.nn.Sequential(torch.nn.Identity(), layer_cls(C, momentum=momentum))
+    bn = model[1]
+    _randomize_torch(bn, 1)
+    bn.num_batches_tracked.fill_(2)  # a state that has trained before
+    # the default keeps num_batches_tracked, from a module as from its state dict
+    variables = interop.from_torch(model if source == "module" else model.state_dict(), prefix="1")
+    np.testing.assert_array_equal(variables["batch_stats"]["count"], np.full(C, 2))
+    variables = _train_side_by_side(bn, variables, shape, 4, 2)
+    # back to torch: num_batches_tracked survives the round trip, and it evaluates like jbn and
+    # like the torch layer that trained
     fresh = layer_cls(C, momentum=momentum)
     fresh.load_state_dict(interop.to_torch(variables))
-    assert int(fresh.num_batches_tracked) == (6 if momentum is None else 0)
-    fresh.eval()
+    assert int(fresh.num_batches_tracked) == int(bn.num_batches_tracked) == 6
+    fresh.eval(), bn.eval()
     x = _batches(shape, 1, 3)[0]
     with torch.no_grad():
         expected = fresh(torch.from_numpy(x)).numpy()
-    y = jbn.BatchNorm(use_running_average=True, axis=1, momentum=None if momentum is None else 0.9).apply(
-        variables, jnp.asarray(x))
+        np.testing.assert_allclose(bn(torch.from_numpy(x)).numpy(), expected, rtol=1e-5, atol=1e-5)
+    y = jbn.BatchNorm(use_running_average=True, axis=1, momentum=interop.momentum_from_torch(momentum),
+                      epsilon=bn.eps).apply(variables, jnp.asarray(x))
+    np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_torch_cumulative_average_from_a_state_dict_continues_like_torch():
+    """A `momentum=None` layer that has seen 10 batches (running_mean 5): converted from its
+    state dict, jbn continues the cumulative average with weight 1/11, 1/12, ... as torch does
+    (restarting it would replace the running mean with the first batch's)."""
+    bn = torch.nn.BatchNorm1d(C, momentum=None)
+    _randomize_torch(bn, 7)
+    with torch.no_grad():
+        bn.running_mean.fill_(5.0)
+    bn.num_batches_tracked.fill_(10)
+    state = {k: v.clone() for k, v in bn.state_dict().items()}  # as torch.load gives it
+    variables = interop.from_torch(state)
+    np.testing.assert_array_equal(variables["batch_stats"]["count"], np.full(C, 10))
+    variables = _train_side_by_side(bn, variables, (5, C, 4), 3, 8)
+    # the running mean moved by about 1/11 of the way, not to the batch's mean
+    assert np.all(np.asarray(variables["batch_stats"]["mean"]) > 3.5)
+    assert int(interop.to_torch(variables)["num_batches_tracked"]) == 13
+    with torch.no_grad():
+        expected = bn.eval()(torch.from_numpy(_batches((5, C, 4), 1, 9)[0])).numpy()
+    y = jbn.BatchNorm(use_running_average=True, axis=1, momentum=None, epsilon=bn.eps).apply(
+        variables, jnp.asarray(_batches((5, C, 4), 1, 9)[0]))
     np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
 
 
@@ -89,6 +138,12 @@ def test_torch_state_dict_with_prefix_and_errors():
     assert "params" not in variables
     state = interop.to_torch(variables, prefix="1.")
     assert set(state) == {"1.running_mean", "1.running_var", "1.num_batches_tracked"}
+    # a state dict without num_batches_tracked (PyTorch < 0.4.1) gives no count unless asked
+    old = {k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
+    assert set(interop.from_torch(old, prefix="1.")["batch_stats"]) == {"mean", "var"}
+    np.testing.assert_array_equal(interop.from_torch(old, prefix="1.", count=True)["batch_stats"]["count"], np.zeros(C))
+    with pytest.raises(ValueError, match="count=False"):
+        interop.from_torch({**old, "1.num_batches_tracked": torch.tensor(2**31)}, prefix="1.")
     with pytest.raises(ValueError, match="found: \\['1.'\\]"):
         interop.from_torch(model.state_dict(), prefix="0")
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import jbn
-from tests.variants_reference import bn_backward, bn_eval, f64
+from tests.variants_reference import batch_moments, bn_backward, bn_eval, f64
 
 EPS = 1e-5
 
@@ -132,3 +132,103 @@ def test_bad_limits_fail_with_a_clear_message():
         jbn.batch_renorm(x, gamma, beta, running, training=True, d_max=-1.0)
     with pytest.raises(ValueError, match="pass `step`"):
         jbn.batch_renorm(x, gamma, beta, running, training=True, r_max=jbn.renorm_schedule(1, 3, 0, 10))
+
+
+def _renorm_reference(x, gamma, beta, running, r_max, d_max, momentum, valid=None):
+    """Float64 batch renorm from the paper's formulas, with the statistics of the elements
+    `valid` selects (all by default): (y for every row, new running mean, new running var, r)."""
+    mu_b, var_b, _ = batch_moments(x, valid)
+    sigma_b = np.sqrt(var_b + EPS)
+    sigma = np.sqrt(f64(running.var) + EPS)
+    r = np.clip(sigma_b / sigma, 1 / r_max, r_max)
+    d = np.clip((mu_b - f64(running.mean)) / sigma, -d_max, d_max)
+    y = f64(gamma) * ((f64(x) - mu_b) / sigma_b * r + d) + f64(beta)
+    new_mean = momentum * f64(running.mean) + (1 - momentum) * mu_b
+    new_var = momentum * f64(running.var) + (1 - momentum) * var_b
+    return y, new_mean, new_var, r
+
+
+def _transformed(fn, transform, name="i"):
+    """`fn(x, cot, mask)` mapped over a leading participant axis bound to `name`."""
+    if transform == "pmap":
+        return jax.pmap(fn, axis_name=name)
+    return jax.jit(jax.vmap(fn, axis_name=name))
+
+
+@pytest.mark.parametrize("transform", ["pmap", "vmap"])
+def test_axis_name_is_renorm_of_the_concatenated_batch(transform):
+    """8 participants (the 8 fake CPU devices under pmap) of 4 rows each renormalize like one
+    batch of 32 rows, in the output, the gradients and the running statistics."""
+    devices, rows, r_max, d_max = 8, 4, 1.5, 0.5
+    x, gamma, beta, running, cot = _data(3, (devices * rows, 4))
+
+    def step(x, cot):
+        def loss(x, gamma, beta):
+            y, new = jbn.batch_renorm(x, gamma, beta, running, training=True, r_max=r_max, d_max=d_max, momentum=0.9,
+                                      axis_name="i")
+            return jnp.sum(y * cot), (y, new)
+
+        (_, (y, new)), grads = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(x, gamma, beta)
+        return y, new, grads
+
+    split = lambda a: a.reshape(devices, rows, -1)  # noqa: E731
+    y, new, (dx, dgamma, dbeta) = _transformed(step, transform)(split(x), split(cot))
+    y_ref, mean_ref, var_ref, r = _renorm_reference(x, gamma, beta, running, r_max, d_max, 0.9)
+    sigma = np.sqrt(f64(running.var) + EPS)
+    r_raw = np.sqrt(f64(x).var(0) + EPS) / sigma
+    d_raw = (f64(x).mean(0) - f64(running.mean)) / sigma
+    assert ((r_raw > r_max) | (r_raw < 1 / r_max)).any() and (np.abs(d_raw) > d_max).any()  # the limits bite
+    np.testing.assert_allclose(np.asarray(y).reshape(x.shape), y_ref, rtol=1e-5, atol=1e-5)
+    for d in range(devices):  # every participant holds the same, global, running statistics
+        np.testing.assert_allclose(new.mean[d], mean_ref, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(new.var[d], var_ref, rtol=1e-5, atol=1e-6)
+    # each participant's gradient of its own loss is its slice of the global batch's gradient
+    np.testing.assert_allclose(np.asarray(dx).reshape(x.shape), bn_backward(x, gamma, cot, EPS, r=r),
+                               rtol=1e-4, atol=1e-5)
+    xhat = (f64(x) - f64(x).mean(0)) / np.sqrt(f64(x).var(0) + EPS)
+    d_clip = np.clip(d_raw, -d_max, d_max)
+    np.testing.assert_allclose(np.sum(dgamma, 0), (f64(cot) * (xhat * r + d_clip)).sum(0), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.sum(dbeta, 0), f64(cot).sum(0), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("transform", [None, "pmap", "vmap"])
+def test_mask_is_renorm_of_the_valid_rows(transform):
+    """Padded rows count neither in the statistics nor in the gradient, also when the valid
+    rows are spread unevenly over 8 participants (one of them all padding)."""
+    devices, rows, r_max, d_max = 8, 4, 1.5, 0.5
+    x, gamma, beta, running, cot = _data(4, (devices * rows, 4))
+    valid = np.random.default_rng(5).random(devices * rows) < 0.6
+    valid[:rows] = False  # participant 0 holds padding only
+    valid[rows:rows + 2] = True  # and the others at least two valid rows between them
+    cot = jnp.where(jnp.asarray(valid)[:, None], cot, 0.0)  # padded outputs do not enter the loss
+
+    def step(x, cot, mask):
+        def loss(x):
+            y, new = jbn.batch_renorm(x, gamma, beta, running, training=True, r_max=r_max, d_max=d_max, momentum=0.9,
+                                      mask=mask, axis_name=None if transform is None else "i")
+            return jnp.sum(y * cot), (y, new)
+
+        (_, (y, new)), dx = jax.value_and_grad(loss, has_aux=True)(x)
+        return y, new, dx
+
+    if transform is None:
+        y, new, dx = jax.jit(step)(x, cot, jnp.asarray(valid))
+    else:
+        split = lambda a: a.reshape(devices, rows, *a.shape[1:])  # noqa: E731
+        y, new, dx = _transformed(step, transform)(split(x), split(cot), split(jnp.asarray(valid)))
+        for d in range(1, devices):  # the same global statistics on every participant
+            np.testing.assert_array_equal(new.mean[d], new.mean[0])
+            np.testing.assert_array_equal(new.var[d], new.var[0])
+        new = jbn.RunningStats(new.mean[0], new.var[0])
+    assert np.isfinite(np.asarray(y)).all() and np.isfinite(np.asarray(dx)).all()
+    y, dx = np.asarray(y).reshape(x.shape), np.asarray(dx).reshape(x.shape)
+    # the reference sees only the valid rows; padded rows go through the same affine map
+    y_ref, mean_ref, var_ref, r = _renorm_reference(x, gamma, beta, running, r_max, d_max, 0.9, valid=valid)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+    only_valid = _renorm_reference(np.asarray(x)[valid], gamma, beta, running, r_max, d_max, 0.9)
+    np.testing.assert_allclose(y[valid], only_valid[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(new.mean, mean_ref, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(new.var, var_ref, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(dx[valid], bn_backward(np.asarray(x)[valid], gamma, np.asarray(cot)[valid], EPS, r=r),
+                               rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(dx[~valid], 0.0)
