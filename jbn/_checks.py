@@ -11,7 +11,6 @@ from typing import Any, Hashable, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 Axes = int | Sequence[int]
 AxisName = Hashable | tuple[Hashable, ...] | None
@@ -45,7 +44,7 @@ def feature_axes(ndim: int, axis: Axes, *, name: str = "axis") -> tuple[int, ...
 
 def _is_index(a: Any) -> bool:
     """A Python or NumPy integer, not a bool (True would silently mean axis 1)."""
-    return isinstance(a, (int, np.integer)) and not isinstance(a, (bool, np.bool_))
+    return isinstance(a, (int, jnp.integer)) and not isinstance(a, (bool, jnp.bool_))
 
 
 def _as_tuple(axis: Any, name: str) -> tuple:
@@ -103,13 +102,14 @@ def check_feature_array(v: Any, fshape: tuple[int, ...], name: str, axis: Axes) 
 def concrete_number(value: Any, name: str) -> float | None:
     """`value` as a Python float when it is known at trace time (a Python or NumPy number,
     or a concrete 0-d array); None when it is traced. Anything else is a TypeError."""
-    if isinstance(value, (bool, np.bool_)):
+    if isinstance(value, (bool, jnp.bool_)):
         raise TypeError(f"`{name}` must be a number, got the bool {value!r}.")
-    if isinstance(value, (int, float, np.integer, np.floating)):
+    if isinstance(value, (int, float, jnp.integer, jnp.floating)):
         return float(value)
     if isinstance(value, jax.core.Tracer):
         return None
-    if isinstance(value, (np.ndarray, jax.Array)) and value.ndim == 0 and np.issubdtype(value.dtype, np.number):
+    dtype = getattr(value, "dtype", None)
+    if getattr(value, "shape", None) == () and dtype is not None and jnp.issubdtype(dtype, jnp.number):
         return float(value)
     raise TypeError(f"`{name}` must be a number (a Python float), got {type(value).__name__} {value!r}.")
 

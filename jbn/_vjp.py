@@ -44,7 +44,6 @@ from typing import Any, Hashable, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
 from jbn import _activations, _checks
@@ -132,7 +131,7 @@ def fused_batch_norm(
         if missing:
             x = lax.pcast(x, missing, to="varying")
     if save_output_only and scale is not None and not isinstance(scale, jax.core.Tracer):
-        if np.any(np.asarray(scale) == 0):
+        if bool(jnp.any(jnp.asarray(scale) == 0)):
             raise ValueError(
                 "`save_output_only=True` recovers the normalized input as (z - bias) / scale, but `scale` has "
                 "zeros (e.g. a zero-initialized last scale of a residual block): use save_output_only=False "
@@ -144,8 +143,8 @@ def fused_batch_norm(
         axis_name=names,
         groups=groups,
         collective=kind,
-        x_dtype=np.dtype(x.dtype),
-        out_dtype=np.dtype(x.dtype if dtype is None else dtype),
+        x_dtype=jnp.dtype(x.dtype),
+        out_dtype=jnp.dtype(x.dtype if dtype is None else dtype),
         activation=activation,
         negative_slope=float(negative_slope),
         save_output_only=bool(save_output_only),

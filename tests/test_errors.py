@@ -12,7 +12,7 @@ JAX_MOMENTUM = jnp.asarray(-0.5)  # concrete: made outside the trace
 
 
 def traced(fn):
-    """Run under jit with abstract inputs: the error must come from tracing alone."""
+    """Lower under jit: the error must come from tracing alone, before anything runs."""
     return jax.jit(fn).lower
 
 
