@@ -31,8 +31,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(out: pathlib.Path) -> tuple[list[int], list[str]]:
-    """Run the workers once; return their exit codes and logs. Kills them at the deadline."""
+def launch(out: pathlib.Path, deadline: float) -> tuple[list[int], list[str]]:
+    """Run the workers once; return their exit codes and logs. Kills them at `deadline`
+    (a time.monotonic() value shared by every attempt)."""
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
     env.pop("XLA_FLAGS", None)  # a device count forced by the parent would override the worker's
@@ -46,10 +47,9 @@ def launch(out: pathlib.Path) -> tuple[list[int], list[str]]:
                      "--processes", str(PROCESSES), "--port", str(port), "--out", str(out)],
                     cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT,
                 ))
-        deadline = time.monotonic() + DEADLINE_S
         while any(p.poll() is None for p in procs):
             if time.monotonic() > deadline:
-                raise TimeoutError(f"workers still running after {DEADLINE_S} s")
+                raise TimeoutError(f"workers still running at the deadline ({DEADLINE_S} s for all attempts)")
             if any(p.returncode not in (None, 0) for p in procs):
                 break  # one failed: the other would wait for it forever
             time.sleep(0.2)
@@ -65,8 +65,9 @@ def launch(out: pathlib.Path) -> tuple[list[int], list[str]]:
 
 @pytest.mark.timeout(DEADLINE_S + 60)
 def test_two_processes_two_devices_each_match_single_device_bn(tmp_path):
+    deadline = time.monotonic() + DEADLINE_S  # for both attempts, within the pytest timeout
     for attempt in range(2):
-        codes, logs = launch(tmp_path)
+        codes, logs = launch(tmp_path, deadline)
         port_taken = any("address already in use" in log.lower() for log in logs)
         if codes == [0] * PROCESSES or not port_taken:
             break  # retry only when another program took the free port in between
