@@ -75,6 +75,11 @@ def percentile_drift(pct: np.ndarray, steps: np.ndarray, settle_fraction: float)
     return np.nanmean(ranges / np.maximum(width, 1e-12), axis=-1)
 
 
+def steps_done(runs: dict) -> int:
+    """The step of the last evaluation."""
+    return int(next(iter(runs.values())).steps[-1])
+
+
 def run(config: dict, out_dir: pathlib.Path) -> dict:
     out_dir = pathlib.Path(out_dir)
     data = datasets.load(config["data"])
@@ -117,7 +122,7 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
                 a,
                 report.fmt_seeds(final[a]),
                 report.fmt_seeds(r.final("train_loss")),
-                report.fmt_seeds(reach[a], 0) + ("" if np.all(np.isfinite(reach[a])) else f" ({int(np.sum(~np.isfinite(reach[a])))} never)"),
+                report.fmt_seeds(reach[a], 0, missing="never reached"),
                 report.fmt_seeds(drift[a]),
                 f"{r.seconds:.0f}",
             )
@@ -125,6 +130,29 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
     table = report.markdown_table(
         ["arm", "final test acc", "final train loss", f"steps to {target:.3f} (baseline final)", "percentile drift", "seconds"],
         table_rows,
+    )
+    # How the distributions move, in plain numbers: the plotted unit (first seed, as in
+    # panels b and c) at the first and last evaluation, and over all units and seeds the
+    # 15-85 width and the median at the start of the drift window and at the end.
+    unit = config["unit"]
+    pct_rows = []
+    for a, r in runs.items():
+        pct = r.series["pct"]  # (T, S, units, 3)
+        start = int(np.flatnonzero(r.steps >= config["settle_fraction"] * r.steps[-1])[0])
+        first, last = pct[0, 0, unit], pct[-1, 0, unit]
+        width = pct[..., 2] - pct[..., 0]  # (T, S, units)
+        pct_rows.append((
+            a,
+            f"{first[0]:+.2f} / {first[1]:+.2f} / {first[2]:+.2f}",
+            f"{last[0]:+.2f} / {last[1]:+.2f} / {last[2]:+.2f}",
+            f"{np.mean(width[start]):.2f} -> {np.mean(width[-1]):.2f}",
+            f"{np.mean(np.abs(pct[-1, ..., 1] - pct[start, ..., 1])):.2f}",
+        ))
+    table += "\n\n" + report.markdown_table(
+        ["arm", f"unit {unit} (seed {runs['BN'].seeds[0]}) 15/50/85th pct, step 0", f"unit {unit}, step {steps_done(runs)}",
+         f"15-85 width, step {int(runs['BN'].steps[start])} -> {steps_done(runs)} (mean over units, seeds)",
+         f"mean |median change|, step {int(runs['BN'].steps[start])} -> {steps_done(runs)}"],
+        pct_rows,
     )
 
     # Criteria

@@ -72,7 +72,7 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
         table_rows.append(row)
     table = report.markdown_table(["learning rate", "baseline final test acc", "BN final test acc"], table_rows)
 
-    top, low = max(mults), min(mults)
+    low = min(mults)
     keep = config["keep_fraction"]
     chance = 1.0 / data.num_classes
 
@@ -85,15 +85,19 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
         return f"{arm} x{m:g}: {final_acc(arm, m)[0]:.3f} ({diverged(arm, m)} diverged), x{low:g}: {final_acc(arm, low)[0]:.3f}"
 
     rule = f"(a net 'trains' at a rate when no seed diverges and its mean final accuracy keeps {keep:.0%} of its x{low:g} gain over chance {chance:.2f})"
-    checks = [
-        report.Check(f"Without BN the net stalls or diverges at x{top:g} {rule}", not trains("baseline", top), described("baseline", top)),
-        report.Check(f"With BN the net still trains at x{top:g} (same rule)", trains("BN", top), described("BN", top)),
-        report.Check(
-            "BN's final accuracy beats the baseline's at every learning rate",
-            bool(all(final_acc("BN", m)[0] > final_acc("baseline", m)[0] for m in mults)),
-            ", ".join(f"x{m:g}: {final_acc('BN', m)[0]:.3f} vs {final_acc('baseline', m)[0]:.3f}" for m in mults),
-        ),
-    ]
+    checks = []
+    for m in [m for m in mults if m > low]:  # every raised rate is part of the claim, each judged on its own
+        part = f"x{m:g}"
+        (mb, sb), (mn, sn) = final_acc("BN", m), final_acc("baseline", m)
+        checks += [
+            report.Check(f"Without BN the net stalls or diverges at x{m:g} {rule}", not trains("baseline", m), described("baseline", m), part=part),
+            report.Check(f"With BN the net still trains at x{m:g} (same rule)", trains("BN", m), described("BN", m), part=part),
+            report.Check(
+                f"At x{m:g}, BN's final test accuracy beats the baseline's by more than the seed spreads combined "
+                "(mean_BN - mean_base > std_BN + std_base)",
+                bool(mb - mn > sb + sn), f"BN {report.fmt(mb, sb)} vs baseline {report.fmt(mn, sn)}", part=part,
+            ),
+        ]
 
     fig, axes = report.figure(len(mults), 1, width=3.3)
     for j, m in enumerate(mults):

@@ -86,12 +86,22 @@ def fmt(mean: float, std: float | None = None, digits: int = 3) -> str:
     return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
-def fmt_seeds(values: Iterable[float], digits: int = 3) -> str:
-    """Mean ± std over seeds of `values`, e.g. '0.912 ± 0.010'."""
-    values = list(values)
+def fmt_seeds(values: Iterable[float], digits: int = 3, missing: str = "non-finite") -> str:
+    """Mean ± std over seeds of `values`, e.g. '0.912 ± 0.010'.
+
+    Non-finite values (e.g. NaN for a seed that never reached a target) are left out of the
+    mean and said so, with `missing` naming what they mean: '600 ± 0 (2 of 3 seeds; 1 never
+    reached)', '600 (1 of 3 seeds; 2 never reached)', or 'none of 3 seeds (3 never reached)'.
+    """
+    values = [float(v) for v in values]
+    finite = [v for v in values if np.isfinite(v)]
+    n_missing = len(values) - len(finite)
+    if n_missing and len(values) > 1:
+        if not finite:
+            return f"none of {len(values)} seeds ({n_missing} {missing})"
+        mean, std = mean_std(finite)
+        return f"{fmt(mean, std if len(finite) > 1 else None, digits)} ({len(finite)} of {len(values)} seeds; {n_missing} {missing})"
     mean, std = mean_std(values)
-    if len(values) > 1 and not all(np.isfinite(values)):
-        return f"{fmt(mean, std, digits)} ({sum(not np.isfinite(v) for v in values)} of {len(values)} non-finite)"
     return fmt(mean, std if len(values) > 1 else None, digits)
 
 

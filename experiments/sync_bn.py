@@ -3,7 +3,10 @@
 Four runs train in lockstep on the same batches from the same initialization:
 `jax.shard_map` and `jax.pmap`, each with batch statistics synchronized over the devices
 (`jbn.BatchNorm(axis_name=...)`) and without (each device normalizes its own small batch).
-Every step prints the loss of all four; the end prints their test accuracy.
+Every step prints the loss of all four; the end prints their test accuracy. The four runs
+are repeated for each per-device batch size in `per_device_batch` and each seed in `seeds`
+(a seed picks the initialization and the batch order; the train/test split is drawn once,
+with `split_seed`), and the end also prints the mean and spread over the seeds.
 
     python -m experiments.sync_bn [--config configs/sync_bn.yaml] [--steps N] [--out DIR]
 
@@ -35,15 +38,18 @@ import jbn
 
 DEFAULTS: dict[str, Any] = {
     "devices": 8,  # devices to train on (fake CPU devices when there is no accelerator)
-    "per_device_batch": 2,  # examples per device and step: small, where sync BN matters
+    "per_device_batch": [2, 4, 8],  # examples per device and step (an int or a list): small, where sync BN matters
     "steps": 300,
     "learning_rate": 0.01,  # Adam
     "bn_momentum": 0.9,
     "widths": [16, 32],  # channels of the conv layers; each is followed by BatchNorm and ReLU
     "test_fraction": 0.2,
-    "seed": 0,
+    "split_seed": 0,  # the train/test split (the same for every seed)
+    "seeds": [0, 1, 2],  # each seed: its own initialization and batch order
     "log_every": 1,  # print the four losses every this many steps
+    "late_fraction": 0.2,  # the summary's training loss: mean over this last fraction of the steps
 }
+RUNS = ("shard_map_sync", "shard_map_local", "pmap_sync", "pmap_local")
 
 AXIS = "batch"
 STYLES = ("shard_map", "pmap")
@@ -121,62 +127,35 @@ def pmap_step(model, tx, devices, global_batch):
     return jax.pmap(step, axis_name=AXIS, devices=devices)
 
 
-def run(config: dict, out_dir: pathlib.Path) -> dict:
-    """Train the four runs; write metrics.csv and sync_bn.png into `out_dir`.
+def _as_list(value) -> list:
+    return list(value) if isinstance(value, (list, tuple)) else [value]
 
-    Args:
-      config: keys of DEFAULTS (missing ones take the default).
-      out_dir: folder for the outputs; created if needed.
 
-    Returns:
-      Summary numbers: devices used, global batch, and per run (`shard_map_sync`,
-      `shard_map_local`, `pmap_sync`, `pmap_local`) the final loss and test accuracy.
+def train_one(c: dict, devices, mesh, per_device: int, fns: dict, seed: int, data, log) -> tuple[dict, dict]:
+    """The four runs for one per-device batch size and one seed.
+
+    Returns ({run: per-step training losses}, {run: test accuracy}).
     """
-    from tqdm import tqdm
-
-    unknown = set(config) - set(DEFAULTS)
-    if unknown:
-        raise ValueError(f"unknown config keys {sorted(unknown)}: use keys of experiments.sync_bn.DEFAULTS {sorted(DEFAULTS)}.")
-    c = {**DEFAULTS, **config}
-    out_dir = pathlib.Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-
-    devices = jax.devices()[: c["devices"]]
+    (x_train, y_train), (x_test, y_test) = data
     n = len(devices)
-    if n < c["devices"]:
-        print(f"note: {c['devices']} devices asked for, {n} available ({devices[0].platform}); training on {n}.")
-    global_batch = n * c["per_device_batch"]
-    (x_train, y_train), (x_test, y_test) = load_digits(c["test_fraction"], c["seed"])
-
-    tx = optax.adam(c["learning_rate"])
-    mesh = Mesh(np.array(devices), (AXIS,))
-    local_model = ConvNet(tuple(c["widths"]), c["bn_momentum"], None)
-
-    @jax.jit
-    def init(key, x):  # one compiled init shared by all runs (axis_name plays no part in it)
-        variables = local_model.init(key, x, train=False)
-        return variables["params"], variables["batch_stats"], tx.init(variables["params"])
-
-    params, stats, opt_state = jax.device_get(init(jax.random.PRNGKey(c["seed"]), x_train[:2]))
+    global_batch = n * per_device
+    init, evaluate, compiled = fns["init"], fns["evaluate"], fns["compiled"]
+    params, stats, opt_state = jax.device_get(init(jax.random.PRNGKey(seed), x_train[:2]))
     copies = lambda tree: jax.tree.map(lambda a: np.stack([a] * n), tree)  # noqa: E731
     place = lambda tree, spec: jax.device_put(tree, NamedSharding(mesh, spec))  # noqa: E731
     runs = {}
-    for style in STYLES:
-        for sync in (True, False):
-            model = local_model.clone(axis_name=AXIS) if sync else local_model
-            # The state starts where the step leaves it, so the step compiles once.
-            if style == "shard_map":
-                step = shard_map_step(model, tx, mesh, global_batch)
-                state = TrainState(place(params, P()), place(copies(stats), P(AXIS)), place(opt_state, P()))
-            else:
-                step = pmap_step(model, tx, devices, global_batch)
-                state = place(copies(TrainState(params, stats, opt_state)), P(AXIS))
-            runs[f"{style}_{'sync' if sync else 'local'}"] = [step, state, style]
+    for name, (step, style) in compiled.items():
+        # The state starts where the step leaves it, so the step compiles once.
+        if style == "shard_map":
+            state = TrainState(place(params, P()), place(copies(stats), P(AXIS)), place(opt_state, P()))
+        else:
+            state = place(copies(TrainState(params, stats, opt_state)), P(AXIS))
+        runs[name] = [step, state, style]
 
-    rs = np.random.RandomState(c["seed"])
+    rs = np.random.RandomState(seed)
     order, position = rs.permutation(len(y_train)), 0
     losses = {name: [] for name in runs}
-    for i in tqdm(range(1, c["steps"] + 1), desc="sync_bn", leave=False, disable=None):
+    for i in log.steps(c["steps"], f"sync_bn {per_device}/device seed {seed}"):
         if position + global_batch > len(order):
             order, position = rs.permutation(len(y_train)), 0
         idx = order[position : position + global_batch]
@@ -189,51 +168,171 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
             entry[1], loss = step(state, x, y)
             losses[name].append(float(np.asarray(loss).reshape(-1)[0]))
         if i % c["log_every"] == 0 or i == c["steps"]:
-            tqdm.write(f"step {i:4d}  " + "  ".join(f"{name} {losses[name][-1]:.4f}" for name in runs))
+            log.write(f"step {i:4d}  " + "  ".join(f"{name} {losses[name][-1]:.4f}" for name in runs))
 
-    summary: dict[str, Any] = {"devices": n, "global_batch": global_batch, "steps": c["steps"]}
-    evaluate = jax.jit(lambda p, s, x: local_model.apply({"params": p, "batch_stats": s}, x, train=False))
+    accuracy = {}
     for name, (step, state, style) in runs.items():
         params = jax.device_get(state.params)
         if style == "pmap":
             params = jax.tree.map(lambda a: a[0], params)
         stats = jax.tree.map(lambda s: np.asarray(s).mean(0), state.batch_stats)
         logits = evaluate(params, stats, x_test)
-        summary[f"{name}_final_loss"] = losses[name][-1]
-        summary[f"{name}_test_accuracy"] = float(np.mean(np.argmax(np.asarray(logits), -1) == y_test))
-    for name in runs:
-        print(f"{name:16s} final loss {summary[f'{name}_final_loss']:.4f}  test accuracy {summary[f'{name}_test_accuracy']:.4f}")
+        accuracy[name] = float(np.mean(np.argmax(np.asarray(logits), -1) == y_test))
+    return losses, accuracy
+
+
+class _Log:
+    """Per-step lines through tqdm (a progress bar per block of steps unless TQDM_DISABLE)."""
+
+    def steps(self, total: int, desc: str):
+        from tqdm import tqdm
+
+        return tqdm(range(1, total + 1), desc=desc, leave=False, disable=None)
+
+    def write(self, line: str) -> None:
+        from tqdm import tqdm
+
+        tqdm.write(line)
+
+
+def run(config: dict, out_dir: pathlib.Path) -> dict:
+    """Train the four runs for every per-device batch size and seed; write metrics.csv
+    and sync_bn.png into `out_dir`.
+
+    Args:
+      config: keys of DEFAULTS (missing ones take the default). `per_device_batch` may be
+        an int or a list of ints.
+      out_dir: folder for the outputs; created if needed.
+
+    Returns:
+      Summary numbers: `devices`, `steps`, `seeds`, `per_device_batch` (a list) and
+      `by_batch`: per-device batch -> {"global_batch", and per run (`shard_map_sync`,
+      `shard_map_local`, `pmap_sync`, `pmap_local`) lists over the seeds of the final
+      loss (`NAME_final_loss`), the mean loss over the last `late_fraction` of the steps
+      (`NAME_late_loss`) and the test accuracy (`NAME_test_accuracy`)}. With a single
+      per-device batch size the top level also has its `global_batch` and, per run, the
+      means over the seeds of those three numbers.
+    """
+    unknown = set(config) - set(DEFAULTS)
+    if unknown:
+        raise ValueError(f"unknown config keys {sorted(unknown)}: use keys of experiments.sync_bn.DEFAULTS {sorted(DEFAULTS)}.")
+    c = {**DEFAULTS, **config}
+    per_devices = [int(b) for b in _as_list(c["per_device_batch"])]
+    seeds = [int(s) for s in _as_list(c["seeds"])]
+    if not per_devices or not seeds:
+        raise ValueError("per_device_batch and seeds must not be empty.")
+    out_dir = pathlib.Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    devices = jax.devices()[: c["devices"]]
+    n = len(devices)
+    if n < c["devices"]:
+        print(f"note: {c['devices']} devices asked for, {n} available ({devices[0].platform}); training on {n}.")
+    data = load_digits(c["test_fraction"], c["split_seed"])
+
+    tx = optax.adam(c["learning_rate"])
+    mesh = Mesh(np.array(devices), (AXIS,))
+    local_model = ConvNet(tuple(c["widths"]), c["bn_momentum"], None)
+
+    @jax.jit
+    def init(key, x):  # one compiled init shared by all runs (axis_name plays no part in it)
+        variables = local_model.init(key, x, train=False)
+        return variables["params"], variables["batch_stats"], tx.init(variables["params"])
+
+    evaluate = jax.jit(lambda p, s, x: local_model.apply({"params": p, "batch_stats": s}, x, train=False))
+    log = _Log()
+    summary: dict[str, Any] = {"devices": n, "steps": c["steps"], "seeds": seeds, "per_device_batch": per_devices, "by_batch": {}}
+    losses_by: dict[int, dict[str, np.ndarray]] = {}
+    late_steps = max(1, int(c["steps"] * c["late_fraction"]))
+    for per_device in per_devices:
+        global_batch = n * per_device
+        compiled = {}
+        for style in STYLES:  # compiled once per batch size, shared by the seeds
+            for sync in (True, False):
+                model = local_model.clone(axis_name=AXIS) if sync else local_model
+                step = shard_map_step(model, tx, mesh, global_batch) if style == "shard_map" else pmap_step(model, tx, devices, global_batch)
+                compiled[f"{style}_{'sync' if sync else 'local'}"] = (step, style)
+        fns = {"init": init, "evaluate": evaluate, "compiled": compiled}
+        per_seed_losses = {name: [] for name in RUNS}
+        numbers: dict[str, Any] = {"global_batch": global_batch}
+        for seed in seeds:
+            log.write(f"-- {per_device} examples per device (global batch {global_batch}), seed {seed}")
+            losses, accuracy = train_one(c, devices, mesh, per_device, fns, seed, data, log)
+            for name in RUNS:
+                per_seed_losses[name].append(losses[name])
+                numbers.setdefault(f"{name}_final_loss", []).append(losses[name][-1])
+                numbers.setdefault(f"{name}_late_loss", []).append(float(np.mean(losses[name][-late_steps:])))
+                numbers.setdefault(f"{name}_test_accuracy", []).append(accuracy[name])
+        losses_by[per_device] = {name: np.asarray(v) for name, v in per_seed_losses.items()}  # (seeds, steps)
+        summary["by_batch"][per_device] = numbers
+
+    print(f"\n{n} {devices[0].platform} devices, {c['steps']} steps, seeds {seeds}: mean ± std over the seeds")
+    for per_device, numbers in summary["by_batch"].items():
+        print(f"{per_device} examples per device (global batch {numbers['global_batch']}):")
+        for name in RUNS:
+            acc, loss = np.asarray(numbers[f"{name}_test_accuracy"]), np.asarray(numbers[f"{name}_final_loss"])
+            print(f"  {name:16s} final loss {loss.mean():.4f} ± {loss.std():.4f}  "
+                  f"test accuracy {acc.mean():.4f} ± {acc.std():.4f}  (per seed: {', '.join(f'{a:.3f}' for a in acc)})")
+    if len(per_devices) == 1:
+        numbers = summary["by_batch"][per_devices[0]]
+        summary["global_batch"] = numbers["global_batch"]
+        for key, values in numbers.items():
+            if key != "global_batch":
+                summary[key] = float(np.mean(values))
 
     with open(out_dir / "metrics.csv", "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["step", *(f"{name}_loss" for name in runs)])
-        for i in range(c["steps"]):
-            w.writerow([i + 1, *(f"{losses[name][i]:.6f}" for name in runs)])
-    plot(losses, summary, n, devices[0].platform, out_dir / "sync_bn.png")
+        w.writerow(["per_device_batch", "step", *(f"{name}_loss" for name in RUNS),
+                    *(f"{name}_loss_seed{s}" for name in RUNS for s in seeds)])
+        for per_device, losses in losses_by.items():
+            for i in range(c["steps"]):
+                w.writerow([per_device, i + 1, *(f"{losses[name][:, i].mean():.6f}" for name in RUNS),
+                            *(f"{losses[name][k, i]:.6f}" for name in RUNS for k in range(len(seeds)))])
+    plot(losses_by, summary, n, devices[0].platform, out_dir / "sync_bn.png")
     return summary
 
 
-def plot(losses: dict, summary: dict, n: int, platform: str, path: pathlib.Path) -> None:
+def plot(losses_by: dict, summary: dict, n: int, platform: str, path: pathlib.Path) -> None:
+    """Per per-device batch: the training loss of the four runs (mean over seeds, running
+    mean over 20 steps); last panel: test accuracy against the per-device batch."""
     import flax
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
-    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.2), gridspec_kw={"width_ratios": [2, 1]})
-    for name, values in losses.items():
-        a.plot(np.arange(1, len(values) + 1), values, label=name, lw=1, ls="-" if "sync" in name else "--")
-    a.set_xlabel("step")
-    a.set_ylabel("training loss")
-    a.set_yscale("log")
-    a.legend(fontsize=7)
-    names = list(losses)
-    bars = b.bar(range(len(names)), [summary[f"{k}_test_accuracy"] for k in names], color=["C0", "C1", "C2", "C3"])
-    b.bar_label(bars, fmt="%.3f", fontsize=7)
-    b.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=7)
-    b.set_ylabel("test accuracy")
-    b.set_ylim(0, 1)
-    fig.suptitle(f"digits, {n} {platform} devices x {summary['global_batch'] // n} examples; "
+    batches = list(losses_by)
+    fig, axes = plt.subplots(1, len(batches) + 1, figsize=(3.0 * (len(batches) + 1), 3.0), squeeze=False)
+    colors = {"shard_map_sync": "C0", "shard_map_local": "C1", "pmap_sync": "C2", "pmap_local": "C3"}
+    for ax, b in zip(axes[0], batches):
+        for name in RUNS:
+            mean = losses_by[b][name].mean(0)
+            w = min(20, len(mean))
+            smooth = np.convolve(mean, np.ones(w) / w, mode="valid")
+            wide = name.startswith("shard_map")  # drawn wide and pale under pmap's line: the two coincide
+            ax.plot(np.arange(w, len(mean) + 1), smooth, lw=3 if wide else 1, alpha=0.45 if wide else 1, color=colors[name],
+                    ls="-" if "sync" in name else "--", label=name)
+        ax.set_xlabel("step")
+        ax.set_ylabel("training loss (20-step mean)")
+        ax.set_yscale("log")
+        low, high = ax.get_ylim()
+        ticks = [t for t in (0.01, 0.03, 0.1, 0.3, 1.0, 3.0) if low <= t <= high]
+        ax.set_yticks(ticks, [f"{t:g}" for t in ticks])
+        ax.yaxis.set_minor_formatter(NullFormatter())
+        ax.set_title(f"{b} per device (global {n * b})", fontsize=9)
+    axes[0, 0].legend(fontsize=7)
+    ax = axes[0, -1]
+    x = np.arange(len(batches))
+    for k, name in enumerate(RUNS):
+        accs = [np.asarray(summary["by_batch"][b][f"{name}_test_accuracy"]) for b in batches]
+        ax.errorbar(x + (k - 1.5) * 0.08, [a.mean() for a in accs], yerr=[a.std() for a in accs], marker="o" if "sync" in name else "s",
+                    ms=4, capsize=3, ls="none", color=colors[name], label=name)
+    ax.set_xticks(x, [str(b) for b in batches])
+    ax.set_xlabel("examples per device")
+    ax.set_ylabel("test accuracy (mean ± std)")
+    ax.legend(fontsize=6)
+    fig.suptitle(f"digits, {n} {platform} devices, seeds {summary['seeds']}; "
                  f"jax {jax.__version__}, flax {flax.__version__}", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=80)

@@ -260,3 +260,30 @@ def test_verdict_is_computed_from_the_checks():
     assert report.verdict([wait]) == "waiting for jbn.X"
     parts = report.verdicts_by_part([report.Check("a", True, "", part="A"), report.Check("b", False, "", part="B")])
     assert parts == {"A": "confirmed", "B": "not confirmed"}
+
+
+def test_fmt_seeds_says_which_seeds_are_left_out():
+    nan = float("nan")
+    assert report.fmt_seeds([0.5, 0.7]) == "0.600 ± 0.100"
+    assert report.fmt_seeds([600, nan, 600], 0, missing="never reached") == "600 ± 0 (2 of 3 seeds; 1 never reached)"
+    assert report.fmt_seeds([600, nan, nan], 0, missing="never reached") == "600 (1 of 3 seeds; 2 never reached)"
+    assert report.fmt_seeds([nan, nan], 0, missing="never reached") == "none of 2 seeds (2 never reached)"
+    assert report.fmt_seeds([nan, 1.0]) == "1.000 (1 of 2 seeds; 1 non-finite)"
+
+
+def test_sync_bn_criteria_count_a_gap_only_beyond_the_seed_spreads(tmp_path):
+    """Experiment 10's report: sync must beat local by more than std_sync + std_local."""
+    numbers = {"global_batch": 16}
+    for style in ("shard_map", "pmap"):
+        numbers[f"{style}_sync_test_accuracy"] = [0.96, 0.97, 0.98]  # mean 0.97, std 0.008
+        numbers[f"{style}_local_test_accuracy"] = [0.93, 0.96, 0.99]  # mean 0.96, std 0.024: gap within spreads
+        numbers[f"{style}_sync_late_loss"] = [0.10, 0.11, 0.12]
+        numbers[f"{style}_local_late_loss"] = [0.50, 0.51, 0.52]  # far beyond the spreads
+        for sync in ("sync", "local"):
+            numbers[f"{style}_{sync}_final_loss"] = [0.1, 0.1, 0.1]
+    result = {"devices": 8, "seeds": [0, 1, 2], "per_device_batch": [2], "by_batch": {2: numbers}}
+    config = {"widths": [4], "learning_rate": 0.01, "steps": 3, "bn_momentum": 0.9, "test_fraction": 0.2, "split_seed": 0}
+    out = external.sync_bn(config, result, tmp_path)
+    passed = {c["criterion"].split(": sync gives")[1].split(",")[0]: c["passed"] for c in out["checks"]}
+    assert passed == {" a higher test accuracy than local": False, " a lower training loss over the last 20% of steps": True}
+    assert out["verdict"].startswith("mixed")
