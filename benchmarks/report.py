@@ -176,6 +176,11 @@ def markdown(results, note: str = "") -> str:
         "`y` is shared and the saving should show.",
         "- Runs on a busy machine: a round in which another process took the cores slows every library in that "
         "round, so compare libraries by the paired ratio rather than by the medians of different rows.",
+        "- Order within a round: a runtime's threads keep spinning for a while after its call (PyTorch's OpenMP "
+        "pool most of all) and slow whatever runs next, by about 40 % on 2 cores. So each round runs the "
+        "libraries in a new random order, each after a 20 ms pause (benchmarks/timing.py). Runs before "
+        "2026-11-23 used a fixed rotating order, which put jbn right after the copy that followed PyTorch in "
+        "every round.",
         "",
     ]
     return "\n".join(out)

@@ -5,8 +5,9 @@
     .venv/bin/python -m benchmarks.run --out /tmp/b --shapes 8x4x4x8 --dtypes float32 --rounds 2 --layers 2
 
 All libraries run side by side in one process; within each (shape, dtype, case) every
-library (and a jitted `x + 1` copy of the same array) runs once per round, in a rotating
-order, and the report gives the median and the interquartile range over rounds.
+library (and a jitted `x + 1` copy of the same array) runs once per round, in a shuffled
+order and after a 20 ms pause (see benchmarks/timing.py), and the report gives the median
+and the interquartile range over rounds.
 """
 from __future__ import annotations
 

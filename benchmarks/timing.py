@@ -1,5 +1,13 @@
-"""Interleaved wall-clock timing: every participant runs once per round, in a rotating
-order, so that a slow period of a shared machine hits all of them alike."""
+"""Interleaved wall-clock timing: every participant runs once per round, in a freshly
+shuffled order, so that a slow period of a shared machine hits all of them alike.
+
+Why shuffled, and why a pause before each sample: a runtime's worker threads keep
+spinning for a while after its call returns (PyTorch's OpenMP pool most of all), and
+take a core from whatever runs next. Measured here on 2 cores (jbn vs flax.linen,
+fwd+bwd, 64x32x32x64 float32): the library that ran right after PyTorch was about 40 %
+slower; a 10-20 ms pause removed the effect. A fixed rotating order kept each
+participant's predecessor the same in every round, so the same library paid every time.
+"""
 from __future__ import annotations
 
 import math
@@ -27,12 +35,19 @@ class Timing(NamedTuple):
         return float(np.percentile(self.samples, 75))
 
 
-def interleaved(calls: dict[str, Callable[[], object]], rounds: int, min_sample_s: float = 2e-3) -> dict[str, Timing]:
+def interleaved(
+    calls: dict[str, Callable[[], object]],
+    rounds: int,
+    min_sample_s: float = 2e-3,
+    settle_s: float = 0.02,
+    seed: int = 0,
+) -> dict[str, Timing]:
     """Time each zero-argument callable `rounds` times, interleaved.
 
-    Each callable is first run twice (compilation, warm caches). A sample is the mean of
-    enough back-to-back calls to last about `min_sample_s`, so that tiny shapes are not
-    all timer noise.
+    Each callable is first run twice (compilation, warm caches). In every round the
+    callables run in a new random order (seeded), each after a pause of `settle_s` that
+    lets the previous one's threads go idle. A sample is the mean of enough back-to-back
+    calls to last about `min_sample_s`, so that tiny shapes are not all timer noise.
     """
     repeat = {}
     for name, call in calls.items():
@@ -43,9 +58,12 @@ def interleaved(calls: dict[str, Callable[[], object]], rounds: int, min_sample_
         repeat[name] = max(1, math.ceil(min_sample_s / max(once, 1e-9)))
     names = list(calls)
     samples = {name: [] for name in names}
-    for r in range(rounds):
-        for name in names[r % len(names):] + names[: r % len(names)]:
+    order = np.random.default_rng(seed)
+    for _ in range(rounds):
+        for i in order.permutation(len(names)):
+            name = names[i]
             call, n = calls[name], repeat[name]
+            time.sleep(settle_s)
             start = time.perf_counter()
             for _ in range(n):
                 call()

@@ -131,7 +131,9 @@ def fused_batch_norm(
         if missing:
             x = lax.pcast(x, missing, to="varying")
     if save_output_only and scale is not None and not isinstance(scale, jax.core.Tracer):
-        if bool(jnp.any(jnp.asarray(scale) == 0)):
+        with jax.ensure_compile_time_eval():  # scale is concrete: evaluate now, not in the traced program
+            has_zero = bool(jnp.any(jnp.asarray(scale) == 0))
+        if has_zero:
             raise ValueError(
                 "`save_output_only=True` recovers the normalized input as (z - bias) / scale, but `scale` has "
                 "zeros (e.g. a zero-initialized last scale of a residual block): use save_output_only=False "

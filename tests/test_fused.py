@@ -428,3 +428,18 @@ def test_bfloat16_input_with_float32_output_keeps_each_dtype():
     assert_close(got["y"], ref["y"])  # computed in float32 from the bfloat16 input
     assert_close(got["d_scale"], ref["d_scale"])
     assert_close(got["dx"], ref["dx"], rtol=1e-2, atol=1e-2)  # rounded to bfloat16
+
+
+def test_save_output_only_rejects_a_concrete_zero_scale_also_under_jit():
+    """A zero scale cannot be inverted; a concrete one is caught at trace time, also when
+    the trace is jit's (the scale is then a constant of the program, not a tracer)."""
+    x = jnp.ones((4, 3)) * jnp.arange(4.0)[:, None]
+    scale = jnp.asarray([1.0, 0.0, 2.0])
+    running = RunningStats(jnp.zeros(3), jnp.ones(3))
+
+    def f(x):
+        return jbn.batch_norm(x, scale, None, running, training=True, save_output_only=True)[0]
+
+    for transform in (lambda g: g, jax.jit):
+        with pytest.raises(ValueError, match="`scale` has zeros"):
+            transform(f)(x)
