@@ -181,6 +181,20 @@ def sharded_in_type(x: jax.Array) -> bool:
     return spec is not None and any(s is not None for s in spec)
 
 
+def split_axes(x: jax.Array, axes: Sequence[int]) -> tuple[int, ...]:
+    """Those of `axes` along which `x`'s type says it is split over mesh axes."""
+    spec = getattr(getattr(jax.typeof(x), "sharding", None), "spec", None)
+    if spec is None:
+        return ()
+    return tuple(a for a in axes if a < len(spec) and spec[a] is not None)
+
+
+def mesh_axes_size(mesh: Any, entry: Any) -> int:
+    """Number of shards of one PartitionSpec entry (a mesh axis name or a tuple of them)."""
+    names = entry if isinstance(entry, tuple) else (entry,)
+    return math.prod(mesh.shape[n] for n in names)
+
+
 def bound_axis_size(axis_name: tuple[Hashable, ...]) -> int:
     """Number of participants along `axis_name`; a clear error when a name is not bound."""
     try:

@@ -61,7 +61,7 @@ def _first_valid(xf: Array, valid: Array | None, reduce: tuple[int, ...]) -> Arr
     """One element per feature to subtract before summing: any sample close to the data
     keeps the one-pass variance accurate when |mean| >> std. It is the first element,
     or the first valid one under a mask. Shape: `xf` with the reduced axes removed."""
-    if _checks.sharded_in_type(xf):
+    if _checks.sharded_in_type(xf) and (valid is not None or _checks.split_axes(xf, reduce)):
         return lax.stop_gradient(_first_valid_by_reduction(xf, valid, reduce))
     if valid is None:
         index = tuple(0 if a in reduce else slice(None) for a in range(xf.ndim))
@@ -179,6 +179,69 @@ def _chan_merge(count: Array, shift: Array, delta: Array, m2: Array) -> Moments:
     return Moments(mean, jnp.where(total > 0, m2 / safe, 0), total)
 
 
+def _moments_by_shard(x: Array, valid: Array | None, features, reduce, dtype) -> Moments | None:
+    """`moments` under plain jit of an input whose type says it is split over mesh axes
+    along reduced axes (Explicit axes, `jax.make_mesh`'s default): each shard's statistics
+    around its own first valid element (no communication), then ONE all-gather of the
+    per-shard (count, shift, mean - shift, M2), merged with Chan's formula. Left to XLA,
+    the shift of the first shard would be broadcast (one collective) before the sums
+    (another). None when no reduced axis is split, or a split does not divide evenly."""
+    sharding = jax.typeof(x).sharding
+    split = _checks.split_axes(x, reduce)
+    if not split:
+        return None
+    shards = {a: _checks.mesh_axes_size(sharding.mesh, sharding.spec[a]) for a in split}
+    if any(x.shape[a] % n for a, n in shards.items()):
+        return None
+    # Each split axis a becomes (shards, rows per shard): the shard axis is kept like a
+    # feature axis, the rows are reduced. Masks are split the same way where they vary.
+    shape, spec, group_axes, new_features = [], [], [], []
+    for a, size in enumerate(x.shape):
+        if a in shards:
+            group_axes.append(len(shape))
+            shape += [shards[a], size // shards[a]]
+            spec += [sharding.spec[a], None]
+        else:
+            if a in features:
+                new_features.append(len(shape))
+            shape.append(size)
+            spec.append(sharding.spec[a])
+    kept = tuple(sorted(group_axes + new_features))
+    reduce_g = _checks.reduction_axes(len(shape), kept)
+    out = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*spec))
+    xg = x.reshape(shape, out_sharding=out)
+    valid_g = None
+    if valid is not None:
+        # Split like x where the mask varies; where it broadcasts (size 1) it stays 1.
+        vshape, vspec = [], []
+        for a, size in enumerate(valid.shape):
+            entry = sharding.spec[a] if size > 1 else None
+            if a in shards:
+                vshape += [shards[a], size // shards[a]] if size > 1 else [1, 1]
+                vspec += [entry, None]
+            else:
+                vshape.append(size)
+                vspec.append(entry)
+        like_x = [sharding.spec[a] if size > 1 else None for a, size in enumerate(valid.shape)]
+        valid = jax.sharding.reshard(valid, jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*like_x)))
+        valid_g = valid.reshape(vshape, out_sharding=jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*vspec)))
+    shift = _first_valid(xg.astype(dtype), valid_g, reduce_g)
+    fshape_g = _checks.feature_shape(shape, kept)
+    shift = jnp.broadcast_to(shift, fshape_g)
+    count, s1, s2 = _local_sums(xg, valid_g, shift, reduce_g, kept, dtype)
+    count = jnp.broadcast_to(count, fshape_g)
+    safe = jnp.maximum(count, 1)
+    delta = s1 / safe
+    m2 = jnp.maximum(s2 - s1 * delta, 0)
+    local = jnp.stack([count, jnp.where(count > 0, shift, 0), delta, jnp.where(count > 0, m2, 0)])
+    # Shard axes first (in kept order they sit among the feature axes), flattened.
+    positions = [kept.index(g) + 1 for g in group_axes]
+    local = jnp.moveaxis(local, positions, list(range(1, len(positions) + 1)))
+    local = local.reshape((4, -1) + _checks.feature_shape(x.shape, features))
+    gathered = jax.sharding.reshard(local, jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec()))
+    return _chan_merge(*(gathered[i] for i in range(4)))
+
+
 def moments(
     x: Array,
     *,
@@ -232,6 +295,10 @@ def moments(
             count, s1, s2 = _psum_in_groups(jnp.stack([count, s1, s2]), names, groups)
         return _from_sums(count, s1, s2, shift)
 
+    if names is None and _checks.sharded_in_type(x):
+        by_shard = _moments_by_shard(x, valid, features, reduce, dtype)
+        if by_shard is not None:
+            return by_shard
     local_shift = _first_valid(x.astype(dtype), valid, reduce)
     if valid is not None and local_shift.shape != fshape:
         local_shift = jnp.broadcast_to(local_shift, fshape)
@@ -613,15 +680,27 @@ def _ghost(train, x, scale, bias, size, *, axis, mask, axis_name, axis_index_gro
     _checks.check_values_per_feature(grouped_shape, grouped_features, axis, axis_name, virtual_batch_size=size,
                                      axis_index_groups=axis_index_groups)
     valid = _checks.broadcast_mask(mask, x.shape, features)  # x's rank; axis 0 is N or 1
-    if valid is not None:
-        lead = (groups, size) if valid.shape[0] == x.shape[0] else (1, 1)
-        valid = valid.reshape(lead + valid.shape[1:])
     gshape = (groups,) + _checks.feature_shape(x.shape, features)
     expand = lambda p: None if p is None else jnp.broadcast_to(p, gshape)  # noqa: E731  (gradients sum back)
-    y, stats = train(x.reshape(grouped_shape), expand(scale), expand(bias), axis=grouped_features, mask=valid)
+
+    def grouped(x, scale, bias, valid):
+        if valid is not None:
+            lead = (groups, size) if valid.shape[0] == x.shape[0] else (1, 1)
+            valid = valid.reshape(lead + valid.shape[1:])
+        y, stats = train(x.reshape(grouped_shape), expand(scale), expand(bias), axis=grouped_features, mask=valid)
+        return y.reshape(x.shape), stats
+
+    if _checks.sharded_in_type(x):
+        # Sub-batches cut across the shards in ways that one mesh axis cannot name (a
+        # ShardingTypeError for the reshape): XLA lays this part out (Auto axes), and y
+        # comes back split as x was.
+        sharding = jax.typeof(x).sharding
+        replicated = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+        grouped = jax.sharding.auto_axes(grouped, out_sharding=(sharding, Moments(replicated, replicated, replicated)))
+    y, stats = grouped(x, scale, bias, valid)
     if unbiased:
         stats = unbiased_moments(stats)
-    return y.reshape(x.shape), _combine_sub_batches(stats)
+    return y, _combine_sub_batches(stats)
 
 
 def _combine_sub_batches(stats: Moments) -> Moments:

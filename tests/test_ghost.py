@@ -118,3 +118,40 @@ def test_bad_virtual_batch_sizes_fail_clearly():
     x2 = x[:, 0, :]
     with pytest.raises(ValueError, match="one value per feature in each sub-batch"):
         jbn.batch_norm(x2, gamma, beta, running, training=True, virtual_batch_size=1)
+
+
+@pytest.mark.parametrize("size", [16, 4], ids=["sub-batch-spans-shards", "shard-holds-sub-batches"])
+def test_plain_jit_over_an_explicitly_sharded_batch(size):
+    """jax.make_mesh's default (Explicit axes): the batch's split is part of its type, and
+    the sub-batches cut across the shards (16 rows over 8-row shards) or within them;
+    outputs, running statistics and gradients are those of each sub-batch alone."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from tests.variants_reference import bn_backward
+
+    x, gamma, beta, running = _data(shape=(64, 3, 2), seed=3)
+    cot = np.random.default_rng(4).normal(size=x.shape).astype(np.float32)
+    rows = NamedSharding(jax.make_mesh((8,), ("d",)), P("d"))
+
+    def loss(x, g, b):
+        y, new = jbn.batch_norm(x, g, b, running, training=True, momentum=M, virtual_batch_size=size)
+        return jnp.sum(y * cot), (y, new)
+
+    (dx, dgamma, dbeta), (y, new) = jax.jit(jax.grad(loss, argnums=(0, 1, 2), has_aux=True))(
+        jax.device_put(x, rows), gamma, beta)
+    assert y.sharding.is_equivalent_to(rows, y.ndim)
+    y, dx = np.asarray(y), np.asarray(dx)
+    means, variances, dgammas, dbetas = [], [], [], []
+    for g in range(64 // size):
+        part = slice(size * g, size * (g + 1))
+        y_ref, mean, var, _ = bn_train(x[part], gamma, beta, EPS)
+        np.testing.assert_allclose(y[part], y_ref, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(dx[part], bn_backward(x[part], gamma, cot[part], EPS), rtol=1e-4, atol=1e-4)
+        x_hat = (f64(x[part]) - mean) / np.sqrt(var + EPS)
+        dgammas.append(np.sum(f64(cot[part]) * x_hat, axis=(0, 1)))  # d/dgamma of sum(cot * y)
+        dbetas.append(np.sum(f64(cot[part]), axis=(0, 1)))
+        means.append(mean), variances.append(var)
+    np.testing.assert_allclose(dgamma, np.sum(dgammas, 0), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(dbeta, np.sum(dbetas, 0), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(new.mean, M * f64(running.mean) + (1 - M) * np.mean(means, 0), rtol=1e-6)
+    np.testing.assert_allclose(new.var, M * f64(running.var) + (1 - M) * np.mean(variances, 0), rtol=1e-6)

@@ -358,8 +358,10 @@ def test_one_collective_per_layer_forward_at_most_one_more_backward(style, layer
 def test_sharded_jit_forward_reduces_over_every_device(axis_type):
     """Plain jit, no axis_name, forward only (no parameter gradients whose batch sums would
     need an all-reduce of their own): the output can only be right if the compiled
-    program reduces the statistics over all 8 devices. XLA chooses how many collectives
-    (measured with jax 0.10 on CPU: 2 without a mask, 3 or 4 with one; README)."""
+    program reduces the statistics over all 8 devices. With Explicit axes the type says
+    how the batch is split, and jbn gathers per-shard statistics in ONE collective (and
+    the gradient program adds one more); with Auto axes XLA chooses (measured with jax
+    0.10 on CPU: 2 without a mask, 3 or 4 with one; README)."""
     mesh = mesh_1d() if axis_type == "auto" else jax.make_mesh((DEVICES,), ("d",), axis_types=(AxisType.Explicit,))
     batch = NamedSharding(mesh, P("d"))
     b = BATCH
@@ -377,7 +379,16 @@ def test_sharded_jit_forward_reduces_over_every_device(axis_type):
     np.testing.assert_allclose(new.var, REF.var, rtol=2e-5, atol=2e-5)
     ops = collectives(f.lower(*inputs).compile().as_text())
     assert ops and all(n == DEVICES for _, n in ops), ops
-    assert any(op == "all-reduce" for op, _ in ops), ops
+    if axis_type == "auto":
+        assert any(op == "all-reduce" for op, _ in ops), ops
+        return
+    assert ops == [("all-gather", DEVICES)], ops
+
+    def loss(x, scale, bias):
+        return jnp.sum(jnp.where(b.mask[..., None], forward(x, b.mask, scale, bias, b.mean, b.var)[0], 0) * b.w)
+
+    grad_ops = collectives(jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(inputs[0], b.scale, b.bias).compile().as_text())
+    assert sorted(grad_ops) == [("all-gather", DEVICES), ("all-reduce", DEVICES)], grad_ops
 
 
 # --------------------------------------------------------------- accuracy and edge cases
