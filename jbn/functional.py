@@ -7,6 +7,7 @@ feature axes, in increasing axis order: (C,) for NHWC with axis=-1 or NCHW with 
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 from typing import Any, NamedTuple
 
@@ -179,6 +180,32 @@ def _chan_merge(count: Array, shift: Array, delta: Array, m2: Array) -> Moments:
     return Moments(mean, jnp.where(total > 0, m2 / safe, 0), total)
 
 
+def _participant_stats(count: Array, s1: Array, s2: Array, shift: Array, fshape) -> Array:
+    """One participant's (count, shift, mean - shift, M2) from its shifted sums, stacked on
+    axis 0, as `_chan_merge` takes them. A participant without valid elements contributes
+    nothing, whatever its padding holds."""
+    count = jnp.broadcast_to(count, fshape)
+    delta = s1 / jnp.maximum(count, 1)
+    m2 = jnp.maximum(s2 - s1 * delta, 0)
+    return jnp.stack([count, jnp.where(count > 0, shift, 0), delta, jnp.where(count > 0, m2, 0)])
+
+
+def _split_layout(shape, spec, shards: dict[int, int]) -> tuple[list[int], list]:
+    """Shape and PartitionSpec entries of an array of x's rank after each split axis a
+    becomes (shards[a], rows per shard), the shard axis keeping a's mesh axes. A size-1
+    (broadcast) axis stays unsplit, as (1, 1) where x is split."""
+    new_shape, new_spec = [], []
+    for a, size in enumerate(shape):
+        entry = spec[a] if size > 1 else None
+        if a in shards:
+            new_shape += [shards[a], size // shards[a]] if size > 1 else [1, 1]
+            new_spec += [entry, None]
+        else:
+            new_shape.append(size)
+            new_spec.append(entry)
+    return new_shape, new_spec
+
+
 def _moments_by_shard(x: Array, valid: Array | None, features, reduce, dtype) -> Moments | None:
     """`moments` under plain jit of an input whose type says it is split over mesh axes
     along reduced axes (Explicit axes, `jax.make_mesh`'s default): each shard's statistics
@@ -195,50 +222,27 @@ def _moments_by_shard(x: Array, valid: Array | None, features, reduce, dtype) ->
         return None
     # Each split axis a becomes (shards, rows per shard): the shard axis is kept like a
     # feature axis, the rows are reduced. Masks are split the same way where they vary.
-    shape, spec, group_axes, new_features = [], [], [], []
-    for a, size in enumerate(x.shape):
-        if a in shards:
-            group_axes.append(len(shape))
-            shape += [shards[a], size // shards[a]]
-            spec += [sharding.spec[a], None]
-        else:
-            if a in features:
-                new_features.append(len(shape))
-            shape.append(size)
-            spec.append(sharding.spec[a])
-    kept = tuple(sorted(group_axes + new_features))
+    mesh = sharding.mesh
+    named = lambda entries: jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*entries))  # noqa: E731
+    shape, spec = _split_layout(x.shape, sharding.spec, shards)
+    position = list(itertools.accumulate((2 if a in shards else 1 for a in range(x.ndim)), initial=0))
+    group_axes = [position[a] for a in split]
+    kept = tuple(sorted(group_axes + [position[a] for a in features]))
     reduce_g = _checks.reduction_axes(len(shape), kept)
-    out = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*spec))
-    xg = x.reshape(shape, out_sharding=out)
+    xg = x.reshape(shape, out_sharding=named(spec))
     valid_g = None
     if valid is not None:
-        # Split like x where the mask varies; where it broadcasts (size 1) it stays 1.
-        vshape, vspec = [], []
-        for a, size in enumerate(valid.shape):
-            entry = sharding.spec[a] if size > 1 else None
-            if a in shards:
-                vshape += [shards[a], size // shards[a]] if size > 1 else [1, 1]
-                vspec += [entry, None]
-            else:
-                vshape.append(size)
-                vspec.append(entry)
         like_x = [sharding.spec[a] if size > 1 else None for a, size in enumerate(valid.shape)]
-        valid = jax.sharding.reshard(valid, jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*like_x)))
-        valid_g = valid.reshape(vshape, out_sharding=jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*vspec)))
-    shift = _first_valid(xg.astype(dtype), valid_g, reduce_g)
+        vshape, vspec = _split_layout(valid.shape, sharding.spec, shards)
+        valid_g = jax.sharding.reshard(valid, named(like_x)).reshape(vshape, out_sharding=named(vspec))
     fshape_g = _checks.feature_shape(shape, kept)
-    shift = jnp.broadcast_to(shift, fshape_g)
-    count, s1, s2 = _local_sums(xg, valid_g, shift, reduce_g, kept, dtype)
-    count = jnp.broadcast_to(count, fshape_g)
-    safe = jnp.maximum(count, 1)
-    delta = s1 / safe
-    m2 = jnp.maximum(s2 - s1 * delta, 0)
-    local = jnp.stack([count, jnp.where(count > 0, shift, 0), delta, jnp.where(count > 0, m2, 0)])
+    shift = jnp.broadcast_to(_first_valid(xg.astype(dtype), valid_g, reduce_g), fshape_g)
+    local = _participant_stats(*_local_sums(xg, valid_g, shift, reduce_g, kept, dtype), shift, fshape_g)
     # Shard axes first (in kept order they sit among the feature axes), flattened.
     positions = [kept.index(g) + 1 for g in group_axes]
     local = jnp.moveaxis(local, positions, list(range(1, len(positions) + 1)))
     local = local.reshape((4, -1) + _checks.feature_shape(x.shape, features))
-    gathered = jax.sharding.reshard(local, jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec()))
+    gathered = jax.sharding.reshard(local, named(()))
     return _chan_merge(*(gathered[i] for i in range(4)))
 
 
@@ -305,13 +309,7 @@ def moments(
     count, s1, s2 = _local_sums(x, valid, local_shift, reduce, features, dtype)
     if names is None:
         return _from_sums(count, s1, s2, local_shift)
-    count = jnp.broadcast_to(count, fshape)
-    safe = jnp.maximum(count, 1)
-    delta = s1 / safe
-    m2 = jnp.maximum(s2 - s1 * delta, 0)
-    # A participant without valid elements contributes nothing, whatever its padding holds.
-    local = [count, jnp.where(count > 0, local_shift, 0), delta, jnp.where(count > 0, m2, 0)]
-    gathered = _gather_by_psum(jnp.stack(local), names, groups)
+    gathered = _gather_by_psum(_participant_stats(count, s1, s2, local_shift, fshape), names, groups)
     return _chan_merge(*(gathered[:, i] for i in range(4)))
 
 

@@ -115,10 +115,10 @@ def initializing_on_one_value(module: nn.Module, x, use_running_average: bool) -
     return _checks.element_count(x.shape, _checks.reduction_axes(x.ndim, features)) <= 1
 
 
-def init_output(module: nn.Module, x, scale, bias, mask, **fused) -> jax.Array:
+def init_output(module: nn.Module, x, scale, bias, mask, **options) -> jax.Array:
     """The output `init` gives in `initializing_on_one_value`'s case."""
     y, _ = normalize_with_batch_stats(x, scale, bias, axis=module.axis, epsilon=module.epsilon, mask=mask,
-                                      dtype=module.dtype, **fused)
+                                      dtype=module.dtype, **options)
     return y
 
 
