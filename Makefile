@@ -4,13 +4,13 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench clean lint docs dist
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	# The CPU build of torch (for the interop tests and benchmarks); a plain `torch` would pull a multi-GB CUDA build.
 	$(PY) -m pip install -q "torch==2.13.0"
-	$(PY) -m pip install -q -e ".[test,experiments,bench,interop]"
+	$(PY) -m pip install -q -e ".[test,dev]"
 	$(PY) -c "import jax, flax, optax, chex, torch; print('jax', jax.__version__, 'flax', flax.__version__, 'torch', torch.__version__)"
 	touch $(STAMP)
 
@@ -24,5 +24,25 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m benchmarks.run
 
+# The lint and type gate (.ci/run): ruff's rules and formatting over the repository, mypy over jbn/ (pyproject.toml).
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+# The documentation site (mkdocs.yml) in site/; --strict turns every warning (a broken link, a page left out of
+# the nav, a docstring that does not resolve) into an error.
+docs: $(STAMP)
+	$(VENV)/bin/mkdocs build --strict --quiet
+
+# The wheel and sdist in dist/, checked as PyPI would (twine), and the wheel checked for py.typed and the LICENSE.
+dist: $(STAMP)
+	rm -rf dist
+	$(PY) -m build --no-isolation --outdir dist .
+	$(VENV)/bin/twine check --strict dist/*
+	$(PY) -c "import glob, sys, zipfile; names = zipfile.ZipFile(glob.glob('dist/*.whl')[0]).namelist(); \
+	missing = [n for n in ('jbn/py.typed', 'jbn/_version.py') if n not in names] + ([] if any(n.endswith('/licenses/LICENSE') for n in names) else ['LICENSE']); \
+	sys.exit(f'the wheel lacks {missing}' if missing else 0)"
+
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs .pytest_cache site dist
