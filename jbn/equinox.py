@@ -1,0 +1,230 @@
+"""equinox wrapper: `jbn.equinox.BatchNorm`, a drop-in for `equinox.nn.BatchNorm`.
+
+The same constructor (`input_size, axis_name, eps, channelwise_affine, momentum,
+inference, dtype, mode`), the same parameters (`weight`, `bias`), the same calling
+convention: per example, `(y, state) = bn(x, state)` with `x` of shape
+`(input_size, *spatial)` under `jax.vmap(..., axis_name=...)` (or pmap/shard_map, or a
+tuple of names for both), state in `eqx.nn.State` from `eqx.nn.make_with_state`,
+switched with `eqx.nn.inference_mode`. The statistics come from jbn's pure layer:
+accurate when |mean| >> std, an optional per-example `mask`, and count-weighted across
+the named axes. This module only keeps the state and calls `jbn.functional`.
+
+Where the numbers differ from equinox 0.13 (see docs/guides/equinox.md):
+- `mode="batch"` at inference: equinox divides the EMA of the variance, which starts at
+  1, by `1 - momentum**t`, so its variance is too large by `momentum**t / (1 - momentum**t)`
+  (99 after one step at momentum 0.99). jbn keeps the debiased EMA of the variance itself.
+- `mode="ema"` at inference before any training step: equinox's running variance starts
+  at 0 (x / sqrt(eps)), jbn's at 1.
+- The state is one `RunningStats(mean, var, count)` (count: batches seen per feature),
+  not equinox's layout, so serialised states do not load across the two.
+"""
+from __future__ import annotations
+
+import warnings
+from collections.abc import Hashable, Sequence
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+
+from jbn import functional as F
+
+_MODES = ("ema", "batch")
+
+
+class BatchNorm(eqx.nn.StatefulLayer):
+    """Batch normalization over the named batch axes, per example, the equinox way.
+
+    Training (`inference=False`) computes the statistics of the batch (over the spatial
+    axes of this example and across every example bound to `axis_name`) and updates the
+    running statistics; inference normalizes with the running statistics.
+
+    `mode="batch"` normalizes training batches with their own statistics (as flax,
+    PyTorch and haiku do); `mode="ema"` normalizes them with the running statistics right
+    after the update (equinox's older behaviour and its default, "legacy").
+
+    Attributes mirror `equinox.nn.BatchNorm`; `weight` and `bias` have shape
+    `(input_size,)` (None without `channelwise_affine`).
+    """
+
+    weight: jax.Array | None
+    bias: jax.Array | None
+    state_index: eqx.nn.StateIndex
+    inference: bool
+    # Static: a replicated model (jax.device_put, pmap, jit) has no string leaf (equinox #1074).
+    axis_name: Hashable | tuple[Hashable, ...] | None = eqx.field(static=True)
+    input_size: int = eqx.field(static=True)
+    eps: float = eqx.field(static=True)
+    channelwise_affine: bool = eqx.field(static=True)
+    momentum: float | None = eqx.field(static=True)
+    mode: str = eqx.field(static=True)
+    debias: bool | None = eqx.field(static=True)
+    unbiased_running_var: bool = eqx.field(static=True)
+    axis_index_groups: tuple[tuple[int, ...], ...] | None = eqx.field(static=True)
+
+    def __init__(
+        self,
+        input_size: int,
+        axis_name: Hashable | Sequence[Hashable] | None,
+        eps: float = 1e-5,
+        channelwise_affine: bool = True,
+        momentum: float | None = 0.99,
+        inference: bool = False,
+        dtype: Any = None,
+        mode: str = "legacy",
+        *,
+        debias: bool | None = None,
+        unbiased_running_var: bool = False,
+        axis_index_groups: Sequence[Sequence[int]] | None = None,
+    ):
+        """Arguments as in `equinox.nn.BatchNorm`, plus jbn's options.
+
+        Args:
+          input_size: number of channels (the size of axis 0 of each example).
+          axis_name: the name bound by `jax.vmap`/`pmap`/`shard_map` over the batch, or a
+            tuple (or list) of names to reduce over several. None: each call's `x` is the
+            whole batch (no collective).
+          eps: added to the variance, > 0.
+          channelwise_affine: learn `weight` (ones) and `bias` (zeros) per channel.
+          momentum: in [0, 1], `new = momentum * old + (1 - momentum) * batch`; None: the
+            cumulative average of every batch seen (each batch weighted equally).
+          inference: use the running statistics (True) or the batch (False); toggled by
+            `eqx.nn.inference_mode` or overridden at the call.
+          dtype: dtype of `weight`, `bias` and the running statistics; default float32
+            (float64 under x64).
+          mode: "batch", "ema", or "legacy" (= "ema" with a warning, as in equinox).
+          debias: how the EMA starts. None (default): as equinox in each mode
+            ("ema": the first batch replaces the initial statistics, then the plain
+            EMA; "batch": the bias-corrected EMA). True: the bias-corrected EMA
+            (`ema_t / (1 - momentum**t)`, from the first batch on). False: the plain EMA
+            from mean 0, var 1 (flax's rule). Ignored with `momentum=None`.
+          unbiased_running_var: track `var * n / (n - 1)` in the running variance, as
+            PyTorch does.
+          axis_index_groups: groups of indices along `axis_name`, e.g. [[0, 1], [2, 3]];
+            statistics are global within each group.
+        """
+        if mode == "legacy":
+            mode = "ema"
+            warnings.warn(
+                "jbn.equinox.BatchNorm: no `mode` given, so it is 'ema' as in equinox (training batches are "
+                "normalized with the running statistics). Pass mode='batch' to normalize them with their own "
+                "statistics, as flax and PyTorch do, or mode='ema' to keep this and silence the warning.",
+                UserWarning,
+                stacklevel=2,
+            )
+        if mode not in _MODES:
+            raise ValueError(f"`mode`={mode!r} must be 'batch', 'ema' or 'legacy' (= 'ema').")
+        if isinstance(input_size, bool) or not isinstance(input_size, int) or input_size < 1:
+            raise ValueError(f"`input_size`={input_size!r} must be a positive int: the number of channels of x.")
+        if debias is not None and not isinstance(debias, bool):
+            raise TypeError(f"`debias`={debias!r} must be None, True or False.")
+        if isinstance(axis_name, list):
+            axis_name = tuple(axis_name)  # static fields must be hashable
+        if axis_index_groups is not None:
+            axis_index_groups = tuple(tuple(int(i) for i in g) for g in axis_index_groups)
+        dtype = jnp.zeros((), float).dtype if dtype is None else jnp.dtype(dtype)  # float32, or float64 under x64
+        if channelwise_affine:
+            self.weight = jnp.ones((input_size,), dtype)
+            self.bias = jnp.zeros((input_size,), dtype)
+        else:
+            self.weight = None
+            self.bias = None
+        # count: batches seen per feature. It starts the EMA in each mode and is kept
+        # whatever the options, so that switching them later needs no new state.
+        self.state_index = eqx.nn.StateIndex(
+            F.RunningStats(
+                jnp.zeros((input_size,), dtype), jnp.ones((input_size,), dtype), jnp.zeros((input_size,), jnp.int32)
+            )
+        )
+        self.inference = inference
+        self.axis_name = axis_name
+        self.input_size = input_size
+        self.eps = eps
+        self.channelwise_affine = channelwise_affine
+        self.momentum = momentum
+        self.mode = mode
+        self.debias = debias
+        self.unbiased_running_var = unbiased_running_var
+        self.axis_index_groups = axis_index_groups
+
+    def __call__(
+        self,
+        x: jax.Array,
+        state: eqx.nn.State,
+        *,
+        key: Any = None,
+        inference: bool | None = None,
+        mask: jax.Array | None = None,
+    ) -> tuple[jax.Array, eqx.nn.State]:
+        """Normalize one example.
+
+        Args:
+          x: shape `(input_size, *spatial)`, any number of spatial axes.
+          state: the `eqx.nn.State` holding this layer's running statistics.
+          key: ignored (the equinox layer API).
+          inference: overrides `self.inference` when not None.
+          mask: optional, True where an element counts: a scalar for the whole example
+            (False = padding), or any shape that broadcasts against `x` (e.g. `(T,)` for
+            `x` of shape `(input_size, T)`). Masked elements reach neither the statistics
+            nor the gradients, whatever they hold.
+
+        Returns:
+          `(y, state)`: `y` has `x`'s shape; in training `state` holds the updated running
+          statistics, in inference it comes back unchanged.
+        """
+        del key
+        if inference is None:
+            inference = self.inference
+        if x.ndim < 1 or x.shape[0] != self.input_size:
+            raise ValueError(
+                f"`x` of shape {tuple(x.shape)} must be one example of shape (input_size={self.input_size}, *spatial): "
+                "call the layer per example under jax.vmap(..., axis_name=...)."
+            )
+        running = state.get(self.state_index)
+        if isinstance(inference, jax.core.Tracer):
+            # jax.device_put(model) turns the Python bool into an array, which jit traces:
+            # choose at run time (both branches compile; the flag is the same on every example).
+            y, new = jax.lax.cond(
+                inference, lambda x, m: self._infer(x, running), lambda x, m: self._train(x, running, m), x, mask
+            )
+        elif inference:
+            return self._infer(x, running)[0], state
+        else:
+            y, new = self._train(x, running, mask)
+        return y, state.set(self.state_index, jax.lax.stop_gradient(new))
+
+    def _out_dtype(self, x: jax.Array, running: F.RunningStats):
+        return jnp.promote_types(x.dtype, running.mean.dtype)  # as equinox: the wider of x and the state
+
+    def _infer(self, x: jax.Array, running: F.RunningStats) -> tuple[jax.Array, F.RunningStats]:
+        return F.batch_norm(
+            x, self.weight, self.bias, running, training=False, axis=0, epsilon=self.eps,
+            dtype=self._out_dtype(x, running),
+        )
+
+    def _train(self, x: jax.Array, running: F.RunningStats, mask) -> tuple[jax.Array, F.RunningStats]:
+        out_dtype = self._out_dtype(x, running)
+        sync = dict(axis_name=self.axis_name, axis_index_groups=self.axis_index_groups)
+        if self.mode == "batch":
+            return F.batch_norm(
+                x, self.weight, self.bias, running, training=True, axis=0, momentum=self.momentum,
+                epsilon=self.eps, mask=mask, dtype=out_dtype, debias=self.debias is None or self.debias,
+                unbiased_running_var=self.unbiased_running_var, **sync,
+            )
+        new = self._ema_update(running, F.moments(x, axis=0, mask=mask, **sync))
+        y = F.normalize(x, new.mean, new.var, self.weight, self.bias, axis=0, epsilon=self.eps, dtype=out_dtype)
+        return y, new
+
+    def _ema_update(self, running: F.RunningStats, batch: F.Moments) -> F.RunningStats:
+        """The running update of mode "ema"."""
+        options = dict(unbiased_running_var=self.unbiased_running_var)
+        if self.debias is not None or self.momentum is None:
+            return F.update_running_stats(running, batch, self.momentum, debias=bool(self.debias), **options)
+        # equinox's start: a feature's first batch replaces the initial statistics (a
+        # per-feature count, so a feature that saw only padding waits for real data).
+        filled = F.update_running_stats(running, batch, 0.0, **options)
+        moved = F.update_running_stats(running, batch, self.momentum, **options)
+        first = running.count == 0
+        return F.RunningStats(*(jnp.where(first, a, b) for a, b in zip(filled[:2], moved[:2])), moved.count)
+
