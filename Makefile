@@ -33,7 +33,7 @@ lint: $(STAMP)
 # The documentation site (mkdocs.yml) in site/; --strict turns every warning (a broken link, a page left out of
 # the nav, a docstring that does not resolve) into an error.
 docs: $(STAMP)
-	$(VENV)/bin/mkdocs build --strict --quiet
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet  # (that variable: no MkDocs 2.0 banner)
 
 # The wheel and sdist in dist/, checked as PyPI would (twine), and the wheel checked for py.typed and the LICENSE.
 dist: $(STAMP)
