@@ -5,6 +5,7 @@ summaries) are written next to the code that produces them; copying them into do
 leave two versions to drift apart. This adds them to the site under the same paths, so a
 guide links `../benchmarks/RESULTS.md` and the report's own relative links keep working.
 """
+
 from __future__ import annotations
 
 import pathlib

@@ -56,9 +56,9 @@ def expected_prints(code: str) -> dict[tuple[int, int], str]:
     expected = {}
     for node in ast.walk(ast.parse(code)):
         call = node.value if isinstance(node, ast.Expr) else None
-        if isinstance(call, ast.Call) and isinstance(call.func, ast.Name) and call.func.id == "print":
-            if node.end_lineno in comments:
-                expected[(node.lineno, node.end_lineno)] = comments[node.end_lineno]
+        is_print = isinstance(call, ast.Call) and isinstance(call.func, ast.Name) and call.func.id == "print"
+        if is_print and node.end_lineno in comments:
+            expected[(node.lineno, node.end_lineno)] = comments[node.end_lineno]
     return expected
 
 
@@ -94,7 +94,9 @@ def test_snippet_runs_and_prints_what_it_says(path, line, code, tmp_path, monkey
         if top_level:
             assert outputs, f"{name}, block line {first}: the print(...) commented '# {comment}' never ran"
         for text in outputs:
-            assert matches(text, comment), f"{name}, block line {first}: printed {text!r}, the comment says '# {comment}'"
+            assert matches(text, comment), (
+                f"{name}, block line {first}: printed {text!r}, the comment says '# {comment}'"
+            )
 
 
 def test_print_comment_matching():
@@ -138,7 +140,9 @@ def test_two_process_snippet_gives_the_global_statistics(tmp_path):
     try:
         for args, log in zip(processes, logs):
             with open(log, "w") as f:
-                procs.append(subprocess.Popen([sys.executable, *args], cwd=tmp_path, env=env, stdout=f, stderr=subprocess.STDOUT))
+                procs.append(
+                    subprocess.Popen([sys.executable, *args], cwd=tmp_path, env=env, stdout=f, stderr=subprocess.STDOUT)
+                )
         while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
             if any(p.returncode not in (None, 0) for p in procs):
                 break  # one failed: the other would wait for it until the deadline
@@ -152,12 +156,13 @@ def test_two_process_snippet_gives_the_global_statistics(tmp_path):
     assert [p.returncode for p in procs] == [0, 0], "\n".join(output)
     # Each process prints its id, the first 3 global means and the global count: those of the
     # 12 rows of both processes (RandomState(process id) rows, as the script makes them).
-    rows = np.concatenate([np.random.RandomState(i).randn(6, 16).astype(np.float32) for i in range(2)]).astype(np.float64)
+    rows = np.concatenate([np.random.RandomState(i).randn(6, 16).astype(np.float32) for i in range(2)])
+    global_mean = rows.astype(np.float64).mean(0)
     for i, out in enumerate(output):
-        line = next(l for l in out.splitlines() if l.startswith(f"{i} ["))
+        line = next(text for text in out.splitlines() if text.startswith(f"{i} ["))
         numbers = [float(v) for v in re.findall(r"-?\d+(?:\.\d*)?(?:e[-+]?\d+)?", line)]
         assert numbers[0] == i and numbers[-1] == 12, line
-        np.testing.assert_allclose(numbers[1:4], rows.mean(0)[:3], atol=1e-6, err_msg=line)
+        np.testing.assert_allclose(numbers[1:4], global_mean[:3], atol=1e-6, err_msg=line)
 
 
 # ---------------------------------------------------------------------------- API reference
@@ -172,14 +177,18 @@ def documented() -> dict[str, list[str]]:
     for page in API_PAGES:
         for module, options in DIRECTIVE.findall(page.read_text()):
             members = re.search(r"members:\n((?:[ \t]+- \w+\n)+)", options)
-            assert members, f"{page.name}: `::: {module}` lists no members (list them: a module without __all__ would show its helpers)"
+            assert members, (
+                f"{page.name}: `::: {module}` lists no members (list them: a module without __all__ would show its helpers)"
+            )
             out.setdefault(module, []).extend(re.findall(r"- (\w+)", members.group(1)))
     return out
 
 
 def test_every_public_module_has_a_reference_page():
     public = {f"jbn.{p.stem}" for p in (ROOT / "jbn").glob("*.py") if not p.stem.startswith("_")}
-    public |= {f"jbn.{p.parent.name}" for p in (ROOT / "jbn").glob("*/__init__.py") if not p.parent.name.startswith("_")}
+    public |= {
+        f"jbn.{p.parent.name}" for p in (ROOT / "jbn").glob("*/__init__.py") if not p.parent.name.startswith("_")
+    }
     missing = sorted(public - set(documented()))
     assert not missing, f"public modules without a `::: module` directive in docs/api/*.md: {missing}"
 
@@ -201,8 +210,12 @@ def test_every_public_name_is_documented_where_it_is_exported():
         value = getattr(jbn, name)
         if f"jbn.{name}" in pages:  # a submodule with its own page (jbn.nnx, jbn.interop)
             continue
-        homes = [m for m, members in pages.items() if name in members and getattr(importlib.import_module(m), name) is value]
-        assert homes, f"jbn.{name} is documented on no API page (add it to the `members:` of the module that defines it)"
+        homes = [
+            m for m, members in pages.items() if name in members and getattr(importlib.import_module(m), name) is value
+        ]
+        assert homes, (
+            f"jbn.{name} is documented on no API page (add it to the `members:` of the module that defines it)"
+        )
 
 
 def test_reference_docstrings_read_statically():
@@ -213,4 +226,6 @@ def test_reference_docstrings_read_statically():
         assert module.docstring, f"{module_name} has no module docstring"
         for member in members:
             obj = module[member]
-            assert obj.docstring and obj.docstring.value.strip(), f"{module_name}.{member} has no docstring for the API reference"
+            assert obj.docstring and obj.docstring.value.strip(), (
+                f"{module_name}.{member} has no docstring for the API reference"
+            )
