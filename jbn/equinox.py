@@ -181,6 +181,8 @@ class BatchNorm(eqx.nn.StatefulLayer):
                 f"`x` of shape {tuple(x.shape)} must be one example of shape (input_size={self.input_size}, *spatial): "
                 "call the layer per example under jax.vmap(..., axis_name=...)."
             )
+        if mask is not None and jnp.ndim(mask) == 0:
+            mask = jnp.reshape(mask, (1,) * x.ndim)  # one flag for the whole example
         running = state.get(self.state_index)
         if isinstance(inference, jax.core.Tracer):
             # jax.device_put(model) turns the Python bool into an array, which jit traces:
