@@ -37,6 +37,11 @@ def resolve(config_file: str | pathlib.Path, overrides=(), tiny: bool = False):
     module = registry.load_module(name)
     defaults = module.DEFAULTS
     config = cfg.load(path, defaults)
+    if cfg.CRITERIA not in config:
+        raise cfg.ConfigError(
+            f"{path}: no `criteria:` block. Every experiment config states its criteria before it is run "
+            "(see experiments/protocol.py)."
+        )
     if tiny:
         tiny_overrides = getattr(module, "TINY", None) or external.TINY.get(name)
         if tiny_overrides is None:

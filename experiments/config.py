@@ -2,7 +2,8 @@
 
 Every key of a config file must be a key of `DEFAULTS`, and its value must have the
 default's type (an int is accepted where a float is expected; a list's items must have the
-type of the default list's items). Keys the file leaves out keep their default. Overrides
+type of the default list's items). Keys the file leaves out keep their default. The `criteria:` block is not a setting: it
+is checked by `experiments.protocol.validate` and cannot be overridden. Overrides
 from the command line (`key=value`, the value read as YAML) go through the same checks.
 """
 from __future__ import annotations
@@ -14,6 +15,11 @@ import re
 from typing import Any, Iterable, Mapping
 
 import yaml
+
+from experiments import protocol
+
+
+CRITERIA = "criteria"  # every experiment config's pre-registered criteria (experiments/protocol.py)
 
 
 class ConfigError(ValueError):
@@ -94,6 +100,12 @@ def resolve(defaults: Mapping[str, Any], values: Mapping[str, Any], *, where: st
         raise ConfigError(f"{where}: a config must be a mapping of key: value, got {_type_name(values)}.")
     out = copy.deepcopy(dict(defaults))
     for key, value in values.items():
+        if key == CRITERIA and not prefix:  # the protocol's block, not a setting (see experiments/protocol.py)
+            try:
+                out[CRITERIA] = protocol.validate(value, where)
+            except protocol.CriteriaError as e:
+                raise ConfigError(str(e)) from None
+            continue
         if not isinstance(key, str) or key not in defaults:
             raise _unknown(str(key), defaults, where, prefix)
         out[key] = _coerce(value, defaults[key], where, prefix + key)
@@ -126,6 +138,11 @@ def apply_overrides(config: Mapping[str, Any], defaults: Mapping[str, Any], over
             cursor = cursor.setdefault(part, {})
         cursor[path[-1]] = value
         where = f"--override {text}"
+        if path[0] == CRITERIA:
+            raise ConfigError(
+                f"{where}: the criteria are fixed in the config file before a run and cannot be overridden; "
+                "edit the file and record the old version under the criterion's `history`."
+            )
         for key, sub in nested.items():
             if key not in defaults:
                 raise _unknown(key, defaults, where)

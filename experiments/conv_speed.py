@@ -24,10 +24,10 @@ DEFAULTS = {
     "steps": 400,
     "eval_every": 10,
     "optimizer": "momentum",
-    "learning_rates": [0.01, 0.03, 0.1, 0.3],  # both arms run every rate; each is compared at its best
+    "learning_rates": [0.03, 0.1, 0.3],  # both arms run every rate; each is compared at its best
     "bn_momentum": 0.9,
     "target_accuracy": 0.95,
-    "seeds": [0, 1, 2, 3, 4],
+    "seeds": [0, 1, 2, 3, 4, 5, 6, 7, 8, 9],
 }
 TINY = {"steps": 4, "eval_every": 2, "seeds": [0, 1], "channels": [4], "target_accuracy": 0.2, "learning_rates": [0.1]}
 
@@ -69,30 +69,22 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
             for a in arms for lr in lrs
         ],
     )
-    kb, kn = ("BN", best["BN"]), ("baseline", best["baseline"])
-    (mb, sb), (mn, sn) = report.mean_std(censored[kb]), report.mean_std(censored[kn])
-    checks = [
-        report.Check(f"At its best rate, BN reaches {target:g} test accuracy in every seed", never[kb] == 0,
-                     f"BN at lr {best['BN']:g}: never reached in {never[kb]} of {n_seeds} seeds"),
-        report.Check(
-            "Each arm at its own best rate: BN needs fewer steps than the baseline, by more than the seed spreads combined "
-            "(mean_base - mean_BN > std_base + std_BN; a seed that never reaches the target counts as all steps)",
-            bool(mn - mb > sn + sb),
-            f"BN {report.fmt(mb, sb, 0)} (lr {best['BN']:g}) vs baseline {report.fmt(mn, sn, 0)} (lr {best['baseline']:g}) steps",
-        ),
-        report.Check(
-            "At every learning rate of the grid, BN needs fewer steps on average",
-            bool(all(np.mean(censored["BN", lr]) < np.mean(censored["baseline", lr]) for lr in lrs)),
-            ", ".join(f"lr {lr:g}: {np.mean(censored['BN', lr]):.0f} vs {np.mean(censored['baseline', lr]):.0f}" for lr in lrs),
-        ),
-    ]
+    # Per-seed quantities at each arm's best rate (paired: both arms share each seed's init
+    # seed and data order); a seed that never reaches the target counts as all steps (or inf
+    # for the "reached" quantity).
+    quantities = {
+        "reach_fraction/BN": np.where(np.isfinite(reach["BN", best["BN"]]), reach["BN", best["BN"]] / steps, np.inf),
+        "steps/BN": censored["BN", best["BN"]], "steps/baseline": censored["baseline", best["baseline"]],
+        # one number: the smallest, over the grid, of the mean (over seeds) step advantage of BN
+        "worst_grid_gap": np.asarray([min(np.mean(censored["baseline", lr] - censored["BN", lr]) for lr in lrs)]),
+    }
     fig, axes = report.figure(2, 1)
     for a in arms:
         means = [np.mean(censored[a, lr]) for lr in lrs]
-        stds = [np.std(censored[a, lr]) for lr in lrs]
+        stds = [np.std(censored[a, lr], ddof=1) if n_seeds > 1 else 0.0 for lr in lrs]
         axes[0, 0].errorbar(lrs, means, yerr=stds, marker="o", capsize=3, label=a)
     report.log_ticks(axes[0, 0], lrs)
-    axes[0, 0].set(xlabel="learning rate", ylabel=f"steps to {target:g} test acc", title=f"mean ± std over {n_seeds} seeds")
+    axes[0, 0].set(xlabel="learning rate", ylabel=f"steps to {target:g} test acc", title=f"mean ± sample SD over {n_seeds} seeds")
     axes[0, 0].legend()
     for a in arms:
         r = runs[a, best[a]]
@@ -108,8 +100,5 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
         f"{config['seeds']} (same init seed and data order in both arms). BN = jbn.BatchNorm (momentum "
         f"{config['bn_momentum']}) after each conv (conv without bias). Each arm's best rate = fewest mean steps to the target."
     )
-    _, v = report.write_summary(
-        out_dir, title="3. Convergence speed on a conv net", claim=CLAIM, setup=setup, table=table, checks=checks,
-        figures=figures, command=report.command_for(NAME),
-    )
-    return report.result(NAME, out_dir, v, table, figures, checks)
+    return report.finish(NAME, out_dir, config, title="3. Convergence speed on a conv net", claim=CLAIM, setup=setup,
+                         table=table, figures=figures, quantities=quantities, seeds=config["seeds"])

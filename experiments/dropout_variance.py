@@ -4,7 +4,11 @@ Claim ("Understanding the Disharmony between Dropout and Batch Normalization by 
 Shift", CVPR 2019): dropout placed before BN layers makes the variance a BN layer sees in
 training (with dropout) differ from the one at test time (without), so the running
 variance no longer fits at test time and accuracy suffers; dropout after the last BN
-layer avoids it; re-estimating the BN statistics with dropout off recovers accuracy.
+layer avoids it (Li et al.'s first remedy; their second, the variance-stable "Uout"
+dropout, is not tested here). Re-estimating the BN statistics on the training set with
+dropout off is the "precise BN" remedy (Wu & Johnson 2021, "Rethinking 'Batch' in
+BatchNorm"), tested here against the same shift. A no-BN control with the same dropout
+separates the cost of the variance shift from the cost of the dropout itself.
 """
 from __future__ import annotations
 
@@ -32,17 +36,21 @@ DEFAULTS = {
     "learning_rate": 0.05,
     "bn_momentum": 0.99,
     "recompute_batch_size": 500,
-    "seeds": [0, 1, 2],
-    "shift_factor": 2.0,  # "shift" = mean |log variance ratio| this many times the dropout-after arm's
+    "seeds": [0, 1, 2, 3, 4, 5, 6, 7, 8, 9],
 }
-TINY = {"widths": [8, 8], "steps": 4, "eval_every": 2, "seeds": [0]}
+TINY = {"widths": [8, 8], "steps": 4, "eval_every": 2, "seeds": [0, 1]}
 
 CLAIM = (
     "Dropout before BN layers shifts the variance BN sees between training and test, so the running statistics no "
     "longer fit at test time and accuracy drops; dropout only after the last BN avoids it; recomputing the BN "
     "statistics with dropout off recovers the accuracy (Li et al. 2019)."
 )
-ARMS = {"dropout before BN": "each", "dropout after last BN": "last", "no dropout": None}
+# arm -> (dropout placement or None, with BN)
+ARMS = {
+    "dropout before BN": ("each", True), "dropout after last BN": ("last", True), "no dropout": (None, True),
+    # the no-BN control: the same dropout without BN
+    "no BN, dropout every layer": ("each", False), "no BN, dropout before classifier": ("last", False),
+}
 
 
 def variance_ratios(model: MLP, state: TrainState, x: jax.Array) -> jax.Array:
@@ -66,9 +74,9 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
     x_train = jnp.asarray(data.x_train)
     waiting = features.waiting("recompute")
     runs, ratios, recomputed_acc, rows = {}, {}, {}, []
-    for arm, placement in ARMS.items():
+    for arm, (placement, with_bn) in ARMS.items():
         model = MLP(
-            tuple(config["widths"]), data.num_classes, activation="relu", norm=bn,
+            tuple(config["widths"]), data.num_classes, activation="relu", norm=bn if with_bn else NormSpec("none"),
             dropout=config["dropout"] if placement else 0.0, dropout_placement=placement or "each",
         )
         r = fit(
@@ -77,6 +85,8 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
         )
         runs[arm] = r
         rows += r.rows(arm=arm)
+        if not with_bn:
+            continue
         ratios[arm] = np.asarray(jax.jit(jax.vmap(lambda st: variance_ratios(model, st, x_train)))(r.state))  # (S, layers)
         rows += [
             {"arm": arm, "seed": s, "layer": layer, "metric": "var_test_over_running", "value": float(ratios[arm][i, layer])}
@@ -95,7 +105,7 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
         recomputed_acc[arm] = np.asarray(accs)
     report.write_metrics(out_dir, rows)
 
-    control = ratios["no dropout"].mean(0)  # (layers,) the train/test mismatch without dropout
+    control = ratios["no dropout"]  # (S, layers) the train/test mismatch without dropout, seed by seed
 
     def shift(arm) -> np.ndarray:
         """(S,) mean over BN layers of |log(ratio / no-dropout ratio)|: the variance shift
@@ -106,51 +116,33 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
     table = report.markdown_table(
         ["arm", "test acc (running stats)", "test acc (recomputed, dropout off)", "Var_test / running var per BN layer", "dropout shift: mean |log(ratio / no-dropout ratio)|"],
         [
-            (a, report.fmt_seeds(acc[a]), waiting or report.fmt_seeds(recomputed_acc[a]),
-             ", ".join(f"{v:.3f}" for v in ratios[a].mean(0)), report.fmt_seeds(shift(a)))
+            (a, report.fmt_seeds(acc[a]), (waiting or report.fmt_seeds(recomputed_acc[a])) if a in ratios else "(no BN)",
+             ", ".join(f"{v:.3f}" for v in ratios[a].mean(0)) if a in ratios else "", report.fmt_seeds(shift(a)) if a in ratios else "")
             for a in runs
         ],
     )
     before, after = "dropout before BN", "dropout after last BN"
-    (s_b, _), (s_a, _) = report.mean_std(shift(before)), report.mean_std(shift(after))
-    (a_b, sd_b), (a_a, sd_a) = report.mean_std(acc[before]), report.mean_std(acc[after])
-    factor = config["shift_factor"]
-    checks = [
-        report.Check(
-            f"Dropout before BN shifts the variance: its dropout shift (mean over BN layers of |log(ratio / no-dropout ratio)|, "
-            f"ratio = Var_test / running var) is more than {factor:g}x the dropout-after-last-BN arm's",
-            bool(s_b > factor * s_a), f"{s_b:.3f} vs {s_a:.3f}",
-        ),
-        report.Check(
-            "The shift goes the way Li et al. predict: with dropout before BN, Var_test / running var is below the no-dropout "
-            "ratio in every BN layer that follows a dropout (layers 1 and up)",
-            bool(np.all(ratios[before].mean(0)[1:] < control[1:])),
-            ", ".join(f"layer {i}: {b:.3f} vs {c:.3f}" for i, (b, c) in enumerate(zip(ratios[before].mean(0), control)) if i > 0),
-        ),
-        report.Check(
-            "Dropout before BN loses test accuracy against dropout after the last BN, by more than the seed spreads combined",
-            bool(a_a - a_b > sd_a + sd_b), f"before {report.fmt(a_b, sd_b)} vs after {report.fmt(a_a, sd_a)}",
-        ),
-    ]
-    criterion = "Recomputing the BN statistics with dropout off raises the dropout-before-BN arm's test accuracy (mean over seeds)"
-    if waiting:
-        checks.append(report.Check(criterion, None, waiting))
-        checks.append(report.Check("The variance shift explains the loss: recomputing closes at least half of the accuracy gap to the "
-                                   "dropout-after-last-BN arm", None, waiting))
-    else:
-        m_r = report.mean_std(recomputed_acc[before])[0]
-        checks.append(report.Check(criterion, bool(m_r > a_b), f"{m_r:.3f} recomputed vs {a_b:.3f} running"))
-        closed = (m_r - a_b) / (a_a - a_b) if a_a != a_b else float("nan")
-        checks.append(report.Check(
-            "The variance shift explains the loss: recomputing closes at least half of the accuracy gap to the "
-            "dropout-after-last-BN arm",
-            bool(closed >= 0.5), f"closes {closed:.0%} of the gap ({a_b:.3f} -> {m_r:.3f}, target {a_a:.3f})",
-        ))
+    # Per-seed quantities; all arms share each seed's init seed and data order (paired).
+    quantities = {
+        "shift/before": shift(before), "shift/after": shift(after),
+        # largest, over the BN layers that follow a dropout, of (ratio - no-dropout ratio)
+        "ratio_minus_control_max/before": np.max(ratios[before][:, 1:] - control[:, 1:], axis=1),
+        "test_acc/before": acc[before], "test_acc/after": acc[after], "test_acc/none": acc["no dropout"],
+        "test_acc/noBN_each": acc["no BN, dropout every layer"], "test_acc/noBN_last": acc["no BN, dropout before classifier"],
+        # what dropout on every layer costs with BN beyond what it costs without BN
+        "dropout_cost/BN": acc[after] - acc[before],
+        "dropout_cost/noBN": acc["no BN, dropout before classifier"] - acc["no BN, dropout every layer"],
+    }
+    if not waiting:
+        quantities["test_acc/before_recomputed"] = recomputed_acc[before]
+        with np.errstate(all="ignore"):
+            quantities["gap_closed/before"] = (recomputed_acc[before] - acc[before]) / (acc[after] - acc[before])
 
     fig, axes = report.figure(2, 1)
     layers = np.arange(len(config["widths"]))
-    for j, a in enumerate(runs):
-        axes[0, 0].bar(layers + (j - 1) * 0.27, ratios[a].mean(0), width=0.27, yerr=ratios[a].std(0), label=a)
+    for j, a in enumerate(ratios):
+        sd = ratios[a].std(0, ddof=1) if len(ratios[a]) > 1 else None
+        axes[0, 0].bar(layers + (j - 1) * 0.27, ratios[a].mean(0), width=0.27, yerr=sd, label=a)
     axes[0, 0].axhline(1.0, color="gray", lw=1)
     axes[0, 0].set(xlabel="BN layer", ylabel="Var_test / running var", title="variance shift per BN layer", xticks=layers, ylim=(0, 1.6))
     axes[0, 0].legend(fontsize=7, ncol=2, loc="upper center")
@@ -167,10 +159,9 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
         f"layer's input over the training set in test mode (no dropout, running statistics), divided by that layer's "
         f"running variance (accumulated in training, with dropout); the no-dropout arm's ratio is the control for the "
         f"mismatch running averages have without dropout. BN layer 0 sees the raw input, never a dropout. Recomputed = jbn.recompute_batch_stats over the "
-        f"training set with BN in training mode and dropout off."
+        f"training set with BN in training mode and dropout off. No-BN control: the same MLP without BN (Dense with "
+        f"bias), dropout {config['dropout']} on every hidden layer or only before the classifier; dropout cost = test "
+        f"accuracy with dropout before the classifier minus with dropout on every layer, per seed."
     )
-    _, v = report.write_summary(
-        out_dir, title="8. Dropout before BN: variance shift", claim=CLAIM, setup=setup, table=table, checks=checks,
-        figures=figures, command=report.command_for(NAME),
-    )
-    return report.result(NAME, out_dir, v, table, figures, checks)
+    return report.finish(NAME, out_dir, config, title="8. Dropout before BN: variance shift", claim=CLAIM, setup=setup,
+                         table=table, figures=figures, quantities=quantities, seeds=config["seeds"])

@@ -37,9 +37,9 @@ class NormSpec:
     Attributes:
       kind: one of NORMS. "bn" is jbn.BatchNorm; "ghost" is jbn.BatchNorm with
         `virtual_batch_size`; "renorm" is jbn.BatchRenorm; "group" is flax's GroupNorm;
-        "noisy_bn" is jbn.BatchNorm followed, in training, by a random per-unit scale
-        ~ U(1, noise_scale) and shift ~ U(-noise_shift, noise_shift), drawn afresh every
-        step (the "noisy BatchNorm" of Santurkar et al. 2018), and in evaluation by the
+        "noisy_bn" is jbn.BatchNorm followed, in training, by a random scale
+        ~ U(1, noise_scale) and shift ~ U(-noise_shift, noise_shift) for every activation of
+        every example, drawn afresh every step (the "noisy BatchNorm" of Santurkar et al. 2018), and in evaluation by the
         expected scale; "none" is the identity.
       momentum: running-average momentum of the batch-norm kinds.
       virtual_batch_size: ghost batch size ("ghost").
@@ -95,7 +95,8 @@ class Norm(nn.Module):
             y = jbn.BatchNorm(use_running_average=not train, momentum=s.momentum)(x)
             if s.kind == "noisy_bn" and not self.is_initializing():
                 if train:
-                    u_scale, u_shift = jax.random.uniform(self.make_rng("noise"), (2, x.shape[-1]), x.dtype)
+                    # one scale and one shift per activation AND per example (Santurkar et al. 2018)
+                    u_scale, u_shift = jax.random.uniform(self.make_rng("noise"), (2, *x.shape), x.dtype)
                     y = y * (1 + (s.noise_scale - 1) * u_scale) + s.noise_shift * (2 * u_shift - 1)
                 else:  # evaluation uses the noise's expectation, as dropout does
                     y = y * ((1 + s.noise_scale) / 2)

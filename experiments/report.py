@@ -1,10 +1,10 @@
-"""Writing an experiment's outputs: metrics.csv, PNG figures, summary.md with a verdict.
+"""Writing an experiment's outputs: metrics.csv, quantities.csv, PNG figures, summary.md.
 
-A verdict is never written by hand: an experiment states explicit `Check`s (a criterion in
-words, whether the measured numbers meet it, and the numbers), and `verdict` turns them
-into "confirmed" (every check holds), "not confirmed" (none holds) or "mixed". A check
-whose arm waits for a jbn feature has `passed=None`; it is listed as waiting and left out
-of the verdict, and when every check waits the verdict itself is the waiting marker.
+A verdict is never written by hand and no threshold lives here: the experiment measures
+per-seed quantities, `experiments.protocol.judge` decides the config's pre-registered
+criteria on them, and `write_summary` states each criterion, when it was fixed, what it
+measured, its earlier versions with their verdicts, and the verdict. "±" in tables is the
+sample standard deviation over seeds (ddof=1).
 """
 from __future__ import annotations
 
@@ -24,57 +24,15 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-CONFIRMED, NOT_CONFIRMED, MIXED = "confirmed", "not confirmed", "mixed"
-
-
-@dataclasses.dataclass
-class Check:
-    """One explicit criterion of a verdict.
-
-    Attributes:
-      criterion: what must hold, in words with its threshold.
-      passed: True/False as measured; None when the arm it needs is waiting.
-      measured: the numbers it was decided on (or the waiting marker).
-      part: which sub-claim it belongs to when an experiment tests several (e.g. "A");
-        each part then gets its own verdict besides the overall one.
-    """
-
-    criterion: str
-    passed: bool | None
-    measured: str
-    part: str = ""
-
-    @property
-    def mark(self) -> str:
-        return {True: "yes", False: "no", None: "waiting"}[self.passed]
-
-
-def verdict(checks: Sequence[Check]) -> str:
-    """confirmed / not confirmed / mixed from the decided checks (see module docstring)."""
-    decided = [c.passed for c in checks if c.passed is not None]
-    if not decided:
-        waits = sorted({c.measured for c in checks})
-        return "; ".join(waits) if waits else "no checks"
-    result = CONFIRMED if all(decided) else NOT_CONFIRMED if not any(decided) else MIXED
-    waiting = len(checks) - len(decided)
-    if waiting:
-        result += f" ({waiting} of {len(checks)} checks waiting for a feature)"
-    return result
-
-
-def verdicts_by_part(checks: Sequence[Check]) -> dict[str, str]:
-    """{part: verdict of that part's checks} for experiments that test several sub-claims."""
-    parts = list(dict.fromkeys(c.part for c in checks if c.part))
-    return {p: verdict([c for c in checks if c.part == p]) for p in parts}
 
 
 def mean_std(values: Iterable[float]) -> tuple[float, float]:
-    """Mean and (population) standard deviation, ignoring NaN; (nan, nan) when empty."""
+    """Mean and sample standard deviation (ddof=1), ignoring NaN; SD nan for one value."""
     v = np.asarray(list(values), dtype=float)
     v = v[np.isfinite(v)]
     if v.size == 0:
         return math.nan, math.nan
-    return float(v.mean()), float(v.std())
+    return float(v.mean()), (float(v.std(ddof=1)) if v.size > 1 else math.nan)
 
 
 def fmt(mean: float, std: float | None = None, digits: int = 3) -> str:
@@ -192,6 +150,20 @@ def band(ax, x, values: np.ndarray, label: str, **kw):
     return line
 
 
+def _history_lines(outcomes) -> str:
+    """The criteria changed after results existed: each earlier version, its date, reason and verdict."""
+    lines = []
+    for o in outcomes:
+        for h in o.criterion["history"]:
+            lines.append(
+                f"- **{o.criterion['id']}** (until {h['until']}): was \"{h['was']}\", verdict then **{h['verdict']}**; "
+                f"changed because: {h['reason']}. Now (fixed {o.criterion['fixed']}): {o.mark}."
+            )
+    if not lines:
+        return ""
+    return "\n\n### Criteria changed after results existed\n\n" + "\n".join(lines)
+
+
 def write_summary(
     out_dir: pathlib.Path,
     *,
@@ -199,26 +171,27 @@ def write_summary(
     claim: str,
     setup: str,
     table: str,
-    checks: Sequence[Check],
+    outcomes: Sequence,
     figures: Sequence[pathlib.Path],
+    quantities: dict | None = None,
+    seeds: Sequence[int] | None = None,
     notes: str = "",
     command: str = "",
 ) -> tuple[pathlib.Path, str]:
-    """summary.md: claim, setup, numbers, the criteria with their outcome, the verdict.
+    """summary.md (claim, setup, numbers, criteria and verdict) and quantities.csv (the
+    per-seed values every criterion was decided on). Returns (path, verdict)."""
+    from experiments import protocol
 
-    Returns (path, verdict).
-    """
-    result = verdict(checks)
-    crit = markdown_table(["criterion", "measured", "holds"], [(c.criterion, c.measured, c.mark) for c in checks])
+    if quantities is not None:
+        write_rows(pathlib.Path(out_dir) / "quantities.csv", protocol.quantity_rows(quantities, seeds))
+    result = protocol.verdict(outcomes)
+    crit = markdown_table(
+        ["id", "criterion", "rule", "fixed", "measured", "holds"],
+        [((o.criterion["part"] + ": " if o.criterion["part"] else "") + o.criterion["id"], o.criterion["says"], o.rule,
+          o.criterion["fixed"], o.measured, o.mark) for o in outcomes],
+    )
     figs = "\n".join(f"![{p.stem}]({p.name})" for p in figures)
-    waiting = [c for c in checks if c.passed is None]
-    waiting_note = ""
-    if waiting:
-        waiting_note = (
-            "\n\nChecks marked `waiting` need a jbn feature that has not landed yet; they are left out "
-            "of the verdict and no number is reported for them."
-        )
-    parts = verdicts_by_part(checks)
+    parts = protocol.verdicts_by_part(outcomes)
     part_lines = "".join(f"\n- Part {p}: **{v}**" for p, v in parts.items())
     if part_lines:
         part_lines = "\n\nBy part (each part's criteria alone):" + part_lines
@@ -236,10 +209,14 @@ def write_summary(
 
 ## Verdict: {result}{part_lines}
 
-The verdict is computed from the criteria below: *confirmed* when every decided criterion
-holds, *not confirmed* when none holds, *mixed* otherwise.{waiting_note}
+The verdict is computed only from the criteria below, written in the config before the run
+(`fixed` is the date): *confirmed* when every decided criterion holds, *not confirmed* when
+none holds, *mixed* otherwise; *undecided* criteria (too few seeds, an arm not run) are left
+out. "95% CI" is the two-sided Student-t interval of the mean over the seeds (sample SD,
+ddof=1); "paired" means the difference is taken seed by seed between arms that share the
+seed's initialization and data order. Per-seed values: quantities.csv.
 
-{crit}
+{crit}{_history_lines(outcomes)}
 {notes and chr(10) + notes + chr(10)}
 {("Reproduce: `" + command + "`" + chr(10)) if command else ""}
 Measured with {versions()}.
@@ -249,9 +226,26 @@ Measured with {versions()}.
     return path, result
 
 
-def result(name: str, out_dir: pathlib.Path, verdict_text: str, table: str, figures: Sequence[pathlib.Path], checks: Sequence[Check]) -> dict:
+def write_rows(path: pathlib.Path, rows: Sequence[dict]) -> pathlib.Path:
+    """A CSV with the union of the rows' keys as header."""
+    fields: list[str] = []
+    for r in rows:
+        for k in r:
+            if k not in fields:
+                fields.append(k)
+    with pathlib.Path(path).open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields or ["empty"])
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({k: ("" if v is None else v) for k, v in r.items()})
+    return pathlib.Path(path)
+
+
+def result(name: str, out_dir: pathlib.Path, verdict_text: str, table: str, figures: Sequence[pathlib.Path], outcomes: Sequence) -> dict:
     """The dict an experiment's `run` returns (the CLI prints it)."""
-    parts = verdicts_by_part(checks)
+    from experiments import protocol
+
+    parts = protocol.verdicts_by_part(outcomes)
     if parts:
         verdict_text += " (" + "; ".join(f"{p}: {v}" for p, v in parts.items()) + ")"
     return {
@@ -261,8 +255,21 @@ def result(name: str, out_dir: pathlib.Path, verdict_text: str, table: str, figu
         "figures": [str(p) for p in figures],
         "summary": str(pathlib.Path(out_dir) / "summary.md"),
         "metrics": str(pathlib.Path(out_dir) / "metrics.csv"),
-        "checks": [dataclasses.asdict(c) for c in checks],
+        "checks": [{"id": o.criterion["id"], "part": o.criterion["part"], "criterion": o.criterion["says"],
+                    "passed": o.passed, "measured": o.measured} for o in outcomes],
     }
+
+
+def finish(name: str, out_dir, config: dict, *, title: str, claim: str, setup: str, table: str, figures, quantities: dict,
+           seeds=None, notes: str = "") -> dict:
+    """Judge the config's criteria on `quantities`, write summary.md and quantities.csv,
+    and return the result dict: the one ending every experiment's `run`."""
+    from experiments import protocol
+
+    outcomes = protocol.judge(config["criteria"], quantities)
+    _, v = write_summary(out_dir, title=title, claim=claim, setup=setup, table=table, outcomes=outcomes, figures=figures,
+                         quantities=quantities, seeds=seeds, notes=notes, command=command_for(name))
+    return result(name, out_dir, v, table, figures, outcomes)
 
 
 def command_for(name: str) -> str:

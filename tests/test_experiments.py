@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import csv
 import random
+import re
 
 import numpy as np
 import pytest
 import yaml
 
-from experiments import cli, data, external, features, registry, report
+from experiments import cli, data, external, features, protocol, registry, report
 from experiments import config as cfg
 
 NAMES = [e.name for e in registry.EXPERIMENTS]
@@ -36,28 +37,33 @@ def test_experiment_runs_end_to_end_at_tiny_size(name, tmp_path):
     pngs = sorted(out.glob("*.png"))
     assert pngs and all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
     summary = (out / "summary.md").read_text()
-    assert "## Verdict: " in summary and "| criterion | measured | holds |" in summary
+    assert "## Verdict: " in summary and "| id | criterion | rule | fixed | measured | holds |" in summary
     assert result["verdict"].split(" (")[0] in summary
     assert result["figures"] and result["summary"] == str(out / "summary.md")
+    # Every criterion of the config is in the summary, and the per-seed values it was decided on in quantities.csv.
+    criteria = resolved["criteria"]
+    assert criteria and len(result["checks"]) == len(criteria)
+    for c in criteria:
+        assert f"| {c['part'] + ': ' if c['part'] else ''}{c['id']} |" in summary
+    with open(out / "quantities.csv", newline="") as f:
+        quantities = {r["quantity"] for r in csv.DictReader(f)}
+    assert quantities
 
 
 def test_waiting_arm_reports_a_marker_never_a_number(tmp_path, monkeypatch):
-    """An arm whose jbn feature is missing is not run: metrics.csv and summary.md say so."""
+    """An arm whose jbn feature is missing is not run: metrics.csv says so, and its criteria are undecided."""
     label, _ = features.FEATURES["renorm"]
     monkeypatch.setitem(features.FEATURES, "renorm", (label, lambda: False))
-    cli.run_experiment(
-        registry.config_path("small_batches"),
-        ["norms=[bn, renorm]", "statistics_batch_sizes=[2]", "epochs=0.01", "evaluations=1", "widths=[8]", "seeds=[0]"],
-        runs_dir=tmp_path,
-    )
+    cli.run_experiment(registry.config_path("small_batches"), ["norms=[bn, renorm]"], tiny=True, runs_dir=tmp_path)
     out = tmp_path / "small_batches"
     with open(out / "metrics.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    waiting = [r for r in rows if r["norm"] == "renorm"]
+    waiting = [r for r in rows if r.get("norm") == "renorm"]
     assert waiting and all(r["status"] == "waiting for jbn.BatchRenorm" and r["value"] == "" for r in waiting)
-    assert all(r["status"] == "ok" for r in rows if r["norm"] == "bn")
+    assert all(r["status"] == "ok" for r in rows if r.get("norm") == "bn")
     summary = (out / "summary.md").read_text()
-    assert "| Batch Renorm degrades less than BN" in summary and "| waiting for jbn.BatchRenorm | waiting |" in summary
+    line = next(l for l in summary.splitlines() if l.startswith("| A: renorm_less |"))
+    assert line.endswith("| no finite value | undecided |")
 
 
 # ---------------------------------------------------------------- config validation
@@ -164,9 +170,12 @@ def test_cli_reports_a_bad_config_with_exit_code_2(tmp_path, capsys):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_committed_configs_are_the_defaults(name):
-    """Each configs/NAME.yaml is valid and spells out its experiment's default config."""
+    """Each configs/NAME.yaml is valid, spells out its experiment's default config, and has criteria."""
     module = registry.load_module(name)
-    assert cfg.load(registry.config_path(name), module.DEFAULTS) == module.DEFAULTS
+    loaded = cfg.load(registry.config_path(name), module.DEFAULTS)
+    criteria = loaded.pop("criteria")
+    assert loaded == module.DEFAULTS
+    assert criteria and all(c["fixed"] for c in criteria)
 
 
 def test_list_shows_every_experiment(capsys):
@@ -250,40 +259,170 @@ def test_fit_is_deterministic_and_the_same_vmapped_or_one_by_one():
 # --------------------------------------------------------------------- verdict rule
 
 
-def test_verdict_is_computed_from_the_checks():
-    yes, no = report.Check("a", True, "1"), report.Check("b", False, "2")
-    wait = report.Check("c", None, "waiting for jbn.X")
-    assert report.verdict([yes, yes]) == "confirmed"
-    assert report.verdict([no, no]) == "not confirmed"
-    assert report.verdict([yes, no]) == "mixed"
-    assert report.verdict([yes, wait]) == "confirmed (1 of 2 checks waiting for a feature)"
-    assert report.verdict([wait]) == "waiting for jbn.X"
-    parts = report.verdicts_by_part([report.Check("a", True, "", part="A"), report.Check("b", False, "", part="B")])
-    assert parts == {"A": "confirmed", "B": "not confirmed"}
-
-
 def test_fmt_seeds_says_which_seeds_are_left_out():
     nan = float("nan")
-    assert report.fmt_seeds([0.5, 0.7]) == "0.600 ± 0.100"
+    assert report.fmt_seeds([0.5, 0.7]) == "0.600 ± 0.141"  # sample SD (ddof=1): 0.2 / sqrt(2)
     assert report.fmt_seeds([600, nan, 600], 0, missing="never reached") == "600 ± 0 (2 of 3 seeds; 1 never reached)"
     assert report.fmt_seeds([600, nan, nan], 0, missing="never reached") == "600 (1 of 3 seeds; 2 never reached)"
     assert report.fmt_seeds([nan, nan], 0, missing="never reached") == "none of 2 seeds (2 never reached)"
     assert report.fmt_seeds([nan, 1.0]) == "1.000 (1 of 2 seeds; 1 non-finite)"
 
 
-def test_sync_bn_criteria_count_a_gap_only_beyond_the_seed_spreads(tmp_path):
-    """Experiment 10's report: sync must beat local by more than std_sync + std_local."""
+def test_sync_bn_report_judges_the_configs_criteria_paired_by_seed(tmp_path):
+    """Experiment 10's report: sync vs local, seed by seed, by the committed config's criteria."""
     numbers = {"global_batch": 16}
     for style in ("shard_map", "pmap"):
-        numbers[f"{style}_sync_test_accuracy"] = [0.96, 0.97, 0.98]  # mean 0.97, std 0.008
-        numbers[f"{style}_local_test_accuracy"] = [0.93, 0.96, 0.99]  # mean 0.96, std 0.024: gap within spreads
+        # test accuracy: sync - local = +0.01, -0.01, +0.03 per seed: mean +0.01, CI straddles 0
+        numbers[f"{style}_sync_test_accuracy"] = [0.96, 0.97, 0.98]
+        numbers[f"{style}_local_test_accuracy"] = [0.95, 0.98, 0.95]
         numbers[f"{style}_sync_late_loss"] = [0.10, 0.11, 0.12]
-        numbers[f"{style}_local_late_loss"] = [0.50, 0.51, 0.52]  # far beyond the spreads
+        numbers[f"{style}_local_late_loss"] = [0.50, 0.52, 0.51]  # local - sync = 0.40, 0.41, 0.39
         for sync in ("sync", "local"):
             numbers[f"{style}_{sync}_final_loss"] = [0.1, 0.1, 0.1]
     result = {"devices": 8, "seeds": [0, 1, 2], "per_device_batch": [2], "by_batch": {2: numbers}}
-    config = {"widths": [4], "learning_rate": 0.01, "steps": 3, "bn_momentum": 0.9, "test_fraction": 0.2, "split_seed": 0}
+    committed = cfg.load(registry.config_path("sync_bn"), registry.load_module("sync_bn").DEFAULTS)
+    config = {**committed, "criteria": [c for c in committed["criteria"] if "b2_" in c["id"]]}
     out = external.sync_bn(config, result, tmp_path)
-    passed = {c["criterion"].split(": sync gives")[1].split(",")[0]: c["passed"] for c in out["checks"]}
-    assert passed == {" a higher test accuracy than local": False, " a lower training loss over the last 20% of steps": True}
+    passed = {c["id"]: c["passed"] for c in out["checks"]}
+    assert passed == {"acc_b2_shard_map": False, "loss_b2_shard_map": True, "acc_b2_pmap": False, "loss_b2_pmap": True}
     assert out["verdict"].startswith("mixed")
+    with open(tmp_path / "quantities.csv", newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r["quantity"] == "test_acc/b2/pmap/local"]
+    assert [float(r["value"]) for r in rows] == [0.95, 0.98, 0.95] and [r["seed"] for r in rows] == ["0", "1", "2"]
+
+
+# ------------------------------------------------------------------ statistics protocol
+
+
+def criterion(**kw):
+    base = {"id": "c", "says": "a beats b", "quantity": "a", "compare": "greater", "threshold": 0.0, "test": "t95", "fixed": "2026-12-01"}
+    return protocol.validate([{**base, **kw}], "test")[0]
+
+
+def test_t_interval_matches_scipy_and_the_hand_formula():
+    from scipy import stats
+
+    rng = np.random.default_rng(0)
+    for n in (2, 3, 10, 30):
+        v = rng.normal(0.3, 0.2, size=n)
+        s = protocol.summarize(v)
+        mean, sd = v.sum() / n, np.sqrt(((v - v.sum() / n) ** 2).sum() / (n - 1))
+        assert s.n == n and np.isclose(s.mean, mean) and np.isclose(s.sd, sd)
+        low, high = stats.t.interval(0.95, n - 1, loc=mean, scale=sd / np.sqrt(n))
+        assert np.isclose(s.low, low) and np.isclose(s.high, high)
+    # The 97.5% quantile of Student's t with 9 degrees of freedom (printed tables: 2.262).
+    assert abs(protocol.t_quantile(0.975, 9) - 2.262) < 5e-4
+
+
+def test_paired_difference_is_taken_seed_by_seed():
+    a, b = np.array([0.70, 0.60, 0.80, 0.75]), np.array([0.65, 0.56, 0.77, 0.70])
+    # Unpaired, the arms overlap; paired, every seed gains 0.03-0.05.
+    o = protocol.judge([criterion(quantity="a", versus="b")], {"a": a, "b": b})[0]
+    np.testing.assert_allclose(o.values, a - b)
+    assert o.passed is True and o.summary.n == 4
+    from scipy import stats
+
+    assert np.isclose(stats.ttest_rel(a, b).pvalue < 0.05, o.summary.low > 0)
+    ratio = protocol.judge([criterion(quantity="a", versus="b", op="ratio", threshold=1.0)], {"a": a, "b": b})[0]
+    np.testing.assert_allclose(ratio.values, a / b)
+    log = protocol.judge([criterion(quantity="a", versus="b", op="log10_ratio")], {"a": a, "b": b})[0]
+    np.testing.assert_allclose(log.values, np.log10(a / b))
+
+
+@pytest.mark.parametrize(
+    "values, compare, threshold, test, expected",
+    [
+        ([0.1, 0.2, 0.3], "greater", 0.0, "t95", False),  # mean 0.2, sd 0.1, half-width 4.303 * 0.1 / sqrt(3) = 0.248
+        ([0.19, 0.2, 0.21], "greater", 0.1, "t95", True),
+        ([0.19, 0.2, 0.21], "greater", 0.2, "t95", False),
+        ([0.19, 0.2, 0.21], "less", 0.3, "t95", True),
+        ([0.001, -0.002, 0.001], "within", 0.01, "t95", True),
+        ([0.001, -0.002, 0.03], "within", 0.01, "t95", False),
+        ([0.4, 0.45, 0.3], "less", 0.5, "every_seed", True),
+        ([0.4, 0.55, 0.3], "less", 0.5, "every_seed", False),
+        ([0.4, np.inf, 0.3], "less", 0.5, "every_seed", False),  # a seed that never got there fails
+        ([2.0], "greater", 1.0, "mean", True),
+        ([0.5], "greater", 0.0, "t95", None),  # one seed: no interval, undecided
+    ],
+)
+def test_decide(values, compare, threshold, test, expected):
+    assert protocol.decide(np.asarray(values), compare, threshold, test) is expected
+
+
+def test_verdict_is_computed_from_the_criteria_only():
+    crits = protocol.validate([
+        {"id": "x", "part": "A", "says": "x", "quantity": "x", "compare": "greater", "threshold": 0.0, "test": "t95", "fixed": "2026-12-01"},
+        {"id": "y", "part": "B", "says": "y", "quantity": "y", "compare": "greater", "threshold": 0.0, "test": "t95", "fixed": "2026-12-01"},
+        {"id": "z", "part": "B", "says": "z", "quantity": "missing", "compare": "less", "threshold": 0.0, "test": "t95", "fixed": "2026-12-01"},
+    ], "test")
+    q = {"x": [1.0, 1.1, 0.9], "y": [-1.0, -1.1, -0.9]}
+    outcomes = protocol.judge(crits, q)
+    assert [o.passed for o in outcomes] == [True, False, None]
+    assert protocol.verdict(outcomes) == "mixed (1 of 3 criteria undecided)"
+    assert protocol.verdicts_by_part(outcomes) == {"A": "confirmed", "B": "not confirmed (1 of 2 criteria undecided)"}
+    assert protocol.verdict(outcomes[:1]) == "confirmed" and protocol.verdict(outcomes[1:2]) == "not confirmed"
+    assert protocol.verdict(outcomes[2:]) == "undecided"
+    # The threshold is the config's: the same numbers with a higher bar flip the verdict.
+    raised = protocol.validate([{**crits[0], "threshold": 2.0}], "test")
+    assert protocol.verdict(protocol.judge(raised, q)) == "not confirmed"
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"compare": "bigger"}, "`compare` must be one of"),
+        ({"test": "z"}, "`test` must be one of"),
+        ({"threshold": "high"}, "`threshold` must be a finite number"),
+        ({"fixed": "yesterday"}, "must be a date YYYY-MM-DD"),
+        ({"op": "ratio"}, "needs a `versus`"),
+        ({"versus": "b", "op": "sum"}, "`op` must be one of"),
+        ({"history": [{"until": "2026-11-23", "was": "x"}]}, "exactly the keys until, was, verdict, reason"),
+        ({"treshold": 1.0}, "unknown key(s) treshold"),
+    ],
+)
+def test_bad_criteria_name_the_criterion_and_the_fix(change, message):
+    with pytest.raises(protocol.CriteriaError, match=re.escape(message)):
+        criterion(**change)
+
+
+def test_missing_key_and_duplicate_id_are_rejected():
+    good = {"id": "c", "says": "s", "quantity": "a", "compare": "greater", "threshold": 0.0, "test": "t95", "fixed": "2026-12-01"}
+    with pytest.raises(protocol.CriteriaError, match="lacks fixed"):
+        protocol.validate([{k: v for k, v in good.items() if k != "fixed"}], "test")
+    with pytest.raises(protocol.CriteriaError, match="used twice"):
+        protocol.validate([good, good], "test")
+
+
+def test_criteria_cannot_be_overridden_and_a_config_needs_them(tmp_path):
+    with pytest.raises(cfg.ConfigError, match="cannot be overridden"):
+        cli.resolve(registry.config_path("ioffe_fig1"), ["criteria=[]"])
+    bare = tmp_path / "ioffe_fig1.yaml"
+    bare.write_text("steps: 10\n")
+    with pytest.raises(cfg.ConfigError, match="no `criteria:` block"):
+        cli.resolve(bare)
+
+
+def test_summary_keeps_an_old_verdict_beside_the_new_one(tmp_path):
+    crits = protocol.validate([{
+        "id": "acc", "says": "BN is better", "quantity": "a", "versus": "b", "compare": "greater", "threshold": 0.0,
+        "test": "t95", "fixed": "2026-12-01",
+        "history": [{"until": "2026-11-23", "was": "mean gap > summed SDs", "verdict": "confirmed", "reason": "loosened"}],
+    }], "test")
+    outcomes = protocol.judge(crits, {"a": [0.5, 0.6, 0.4], "b": [0.5, 0.5, 0.5]})
+    path, v = report.write_summary(tmp_path, title="t", claim="c", setup="s", table="", outcomes=outcomes, figures=[],
+                                   quantities={"a": [0.5, 0.6, 0.4], "b": [0.5, 0.5, 0.5]}, seeds=[0, 1, 2])
+    text = path.read_text()
+    assert v == "not confirmed"
+    assert "**acc** (until 2026-11-23): was \"mean gap > summed SDs\", verdict then **confirmed**" in text
+    assert "Now (fixed 2026-12-01): no." in text
+    assert "| acc | BN is better | 95% t-CI of the mean of a − b (paired by seed) > 0 | 2026-12-01 |" in text
+
+
+def test_every_committed_config_states_its_criteria_with_dates():
+    for e in registry.EXPERIMENTS:
+        module = registry.load_module(e.name)
+        config = cfg.load(registry.config_path(e.name), module.DEFAULTS)
+        assert config["criteria"], e.name
+        # No criterion setting is left in DEFAULTS: thresholds live in the criteria block only.
+        for key in module.DEFAULTS:
+            assert not any(w in key for w in ("margin", "tolerance", "factor", "threshold")), (e.name, key)
