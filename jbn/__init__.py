@@ -1,45 +1,96 @@
-"""jbn: batch normalization for JAX and Flax.
+"""jbn: batch normalization for JAX, with drop-in Flax (linen, NNX) and equinox modules.
 
 Pure functions (`moments`, `normalize`, `update_running_stats`, `batch_norm`) over arrays,
-and a Flax linen module (`BatchNorm`) that creates variables and calls them.
-Variants and tools: Batch Renormalization (`batch_renorm`, `BatchRenorm`), ghost batches
-(`virtual_batch_size=`), cumulative and debiased running averages, exact population
-statistics (`recompute_batch_stats`), inference folding (`fold_batch_norm`), flax NNX
-modules (`jbn.nnx`), PyTorch/Keras interop (`jbn.interop`) and `optax_mask`.
-Training runs a fused custom VJP with an optional activation (`activation=`) and a
-memory-saving mode (`save_output_only=`); `normalize_with_batch_stats` is that training
-path without the running statistics.
+and framework modules that create variables and call them: `jbn.BatchNorm` (flax linen),
+`jbn.nnx.BatchNorm`, `jbn.equinox.BatchNorm`. Variants and tools: Batch Renormalization
+(`batch_renorm`, `BatchRenorm`), ghost batches (`virtual_batch_size=`), cumulative and
+debiased running averages, exact population statistics (`recompute_batch_stats`),
+inference folding (`fold_batch_norm`), PyTorch/Keras interop (`jbn.interop`), `optax_mask`.
+
+`import jbn` and the pure functions load no framework: the linen, NNX, equinox and interop
+modules load on first use.
+
+Where things live (imports only point down this list):
+
+    jbn/linen.py, nnx.py, equinox.py   framework wrappers: variables/state, then one pure call
+    jbn/_module_options.py             the option names the wrappers forward, read one way
+    jbn/renorm.py, precise.py, fold.py, interop.py, weight_decay.py   variants and tools
+    jbn/functional.py                  the public pure API, gathered from the floors below
+    jbn/_batch_norm.py                 batch_norm, normalize_with_batch_stats, ghost batches
+    jbn/_fused.py                      the fused training path (custom JVP, lean backward)
+    jbn/_running.py                    running statistics: EMA, cumulative, debiased, unbiased
+    jbn/_normalize.py                  normalize, the output dtype rule
+    jbn/_statistics.py                 moments: one device, axis names, sharded jit
+    jbn/_sharded.py                    per-shard statistics under plain jit (Explicit axes)
+    jbn/_collectives.py                one-psum sum and all-gather, with groups
+    jbn/_merge.py                      one participant's two-pass moments; Chan's merge
+    jbn/_state.py                      Moments, RunningStats
+    jbn/_activations.py, _fusion.py    fused activations; XLA:CPU fusion helper
+    jbn/_axes.py                       axis bookkeeping, masks, Layout (arguments resolved once)
+    jbn/_validate.py                   argument checks, OneValuePerFeatureWarning
 """
-from jbn.functional import Moments, RunningStats, batch_norm, moments, normalize, update_running_stats
-from jbn.linen import BatchNorm
-from jbn.functional import merge_moments, needs_batch_count, normalize_with_batch_stats, unbiased_moments
-from jbn.renorm import batch_renorm, paper_renorm_schedules, renorm_schedule
-from jbn.linen import BatchRenorm
-from jbn.precise import recompute_batch_stats
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from jbn._version import __version__
 from jbn.fold import fold_batch_norm
+from jbn.functional import (
+    Moments,
+    OneValuePerFeatureWarning,
+    RunningStats,
+    batch_norm,
+    merge_moments,
+    moments,
+    needs_batch_count,
+    normalize,
+    normalize_with_batch_stats,
+    unbiased_moments,
+    update_running_stats,
+)
+from jbn.precise import recompute_batch_stats
+from jbn.renorm import batch_renorm, paper_renorm_schedules, renorm_schedule
 from jbn.weight_decay import optax_mask
-from jbn import interop, nnx  # noqa: E402  (submodules: jbn.interop.from_torch, jbn.nnx.BatchNorm)
+
+# Loaded on first use (PEP 562): they import flax, equinox or torch.
+_LAZY_MODULES = ("linen", "nnx", "equinox", "interop")
+_LAZY_NAMES = {"BatchNorm": "linen", "BatchRenorm": "linen"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY_MODULES:
+        return importlib.import_module(f"jbn.{name}")
+    if name in _LAZY_NAMES:
+        return getattr(importlib.import_module(f"jbn.{_LAZY_NAMES[name]}"), name)
+    raise AttributeError(f"module 'jbn' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
 
 __all__ = [
     "BatchNorm",
-    "Moments",
-    "RunningStats",
-    "batch_norm",
-    "moments",
-    "normalize",
-    "update_running_stats",
     "BatchRenorm",
+    "Moments",
+    "OneValuePerFeatureWarning",
+    "RunningStats",
+    "__version__",
+    "batch_norm",
     "batch_renorm",
     "fold_batch_norm",
     "interop",
     "merge_moments",
+    "moments",
     "needs_batch_count",
-    "normalize_with_batch_stats",
     "nnx",
+    "normalize",
+    "normalize_with_batch_stats",
     "optax_mask",
     "paper_renorm_schedules",
     "recompute_batch_stats",
     "renorm_schedule",
     "unbiased_moments",
+    "update_running_stats",
 ]
-__version__ = "0.1.0"

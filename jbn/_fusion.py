@@ -15,6 +15,8 @@ from __future__ import annotations
 import jax
 from jax import lax
 
+from jbn._axes import varying_axes
+
 
 def separate_uses(n: int, *arrays: jax.Array) -> list[tuple[jax.Array, ...]]:
     """`n` tuples, each holding the same `arrays` (arrays or pytrees of them). On CPU,
@@ -33,21 +35,16 @@ def separate_uses(n: int, *arrays: jax.Array) -> list[tuple[jax.Array, ...]]:
     return lax.platform_dependent(*arrays, cpu=barrier, default=lambda *a: [a] * n)
 
 
-def _varying(v) -> frozenset:
-    mat = getattr(jax.typeof(v), "manual_axis_type", None)
-    return frozenset(mat.varying) if mat is not None else frozenset()
-
-
 def _same_variance(tree):
     """The leaves of `tree`, each made to vary over every manual axis that any of them
     varies over (a no-op outside shard_map, or for a single array)."""
     leaves = [leaf for leaf in jax.tree.leaves(tree)]
-    axes = frozenset().union(*(_varying(leaf) for leaf in leaves)) if leaves else frozenset()
+    axes = frozenset().union(*(varying_axes(leaf) for leaf in leaves)) if leaves else frozenset()
     if not axes:
         return tree
 
     def widen(leaf):
-        missing = tuple(a for a in axes if a not in _varying(leaf))
+        missing = tuple(a for a in axes if a not in varying_axes(leaf))
         return lax.pcast(leaf, missing, to="varying") if missing else leaf
 
     return jax.tree.map(widen, tree)

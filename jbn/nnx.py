@@ -15,106 +15,97 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.nnx.nn import initializers
 
-from tqdm.auto import tqdm
-
-from jbn import _checks
-from jbn.functional import Moments, RunningStats, batch_norm, merge_moments, moments, needs_batch_count
-from jbn.precise import POPULATION_VARIABLES
-from jbn.renorm import Limit, batch_renorm
+from jbn import _module_options, _validate, precise
+from jbn._batch_norm import batch_norm
+from jbn._running import needs_batch_count
+from jbn._state import Moments, RunningStats
+from jbn.renorm import Limit, batch_renorm, next_step
 
 Initializer = Callable[..., jax.Array]
 
 
-def _use_running_average(call_value: bool | None, attribute: bool | None) -> bool:
-    value = call_value if call_value is not None else attribute
-    if value is None:
-        raise ValueError(
-            "No `use_running_average` was given: pass it to the constructor, to the call, or switch the model "
-            "with model.train() / model.eval()."
+def _feature_shape(num_features: Any) -> tuple[int, ...]:
+    sizes = (num_features,) if not isinstance(num_features, (tuple, list)) else tuple(num_features)
+    if not sizes or not all(_validate.is_index(n) and n > 0 for n in sizes):
+        raise TypeError(
+            f"`num_features` must be a positive int (or a tuple of them, one per feature axis), got {num_features!r}: "
+            "e.g. nnx.BatchNorm(64, rngs=rngs) for 64 channels."
         )
-    return bool(value)
+    return tuple(int(n) for n in sizes)
+
+
+def _arguments(scope: dict) -> dict:
+    """A constructor's own arguments (its `locals()` on entry), for the shared base."""
+    return {k: v for k, v in scope.items() if k not in ("self", "__class__")}
 
 
 class _Normalization(nnx.Module):
-    """State and switching shared by the two modules."""
+    """State, switching and the pure call shared by the two modules."""
 
-    def __init__(
-        self,
-        num_features: int | tuple[int, ...],
-        *,
-        use_running_average: bool | None,
-        axis,
-        momentum,
-        epsilon,
-        dtype,
-        param_dtype,
-        use_bias,
-        use_scale,
-        bias_init,
-        scale_init,
-        axis_name,
-        axis_index_groups,
-        debias,
-        unbiased_running_var,
-        rngs: nnx.Rngs,
-        bias_metadata: Mapping[str, Any],
-        scale_metadata: Mapping[str, Any],
-    ):
-        fshape = (num_features,) if isinstance(num_features, int) else tuple(num_features)
-        momentum = _checks.check_momentum(momentum)
-        epsilon = _checks.check_epsilon(epsilon)
+    _options: tuple[str, ...] = ()
+
+    def __init__(self, num_features, *, rngs: nnx.Rngs, use_scale: bool, use_bias: bool, scale_init: Initializer,
+                 bias_init: Initializer, param_dtype: Any, scale_metadata: Mapping[str, Any],
+                 bias_metadata: Mapping[str, Any], **attributes: Any):
+        fshape = _feature_shape(num_features)
+        attributes["momentum"] = _validate.check_momentum(attributes["momentum"])
+        attributes["epsilon"] = _validate.check_epsilon(attributes["epsilon"])
         self.mean = nnx.BatchStat(jnp.zeros(fshape, jnp.float32))
         self.var = nnx.BatchStat(jnp.ones(fshape, jnp.float32))
-        if needs_batch_count(momentum, debias):
-            self.count = nnx.BatchStat(jnp.zeros(fshape, jnp.int32))
-        else:
-            self.count = nnx.data(None)
+        counted = needs_batch_count(attributes["momentum"], attributes["debias"])
+        self.count = nnx.BatchStat(jnp.zeros(fshape, jnp.int32)) if counted else nnx.data(None)
         self.scale: nnx.Param | None
-        self.scale = nnx.Param(scale_init(rngs.params(), fshape, param_dtype), **scale_metadata) if use_scale else nnx.data(None)
         self.bias: nnx.Param | None
+        self.scale = nnx.Param(scale_init(rngs.params(), fshape, param_dtype), **scale_metadata) if use_scale else nnx.data(None)
         self.bias = nnx.Param(bias_init(rngs.params(), fshape, param_dtype), **bias_metadata) if use_bias else nnx.data(None)
-
         self.num_features = num_features
-        self.use_running_average = use_running_average
-        self.axis = axis
-        self.momentum = momentum
-        self.epsilon = epsilon
-        self.dtype = dtype
         self.param_dtype = param_dtype
-        self.use_bias = use_bias
         self.use_scale = use_scale
-        self.axis_name = axis_name
-        self.axis_index_groups = axis_index_groups
-        self.debias = debias
-        self.unbiased_running_var = unbiased_running_var
+        self.use_bias = use_bias
+        for name, value in attributes.items():
+            setattr(self, name, value)
 
-    def _running(self) -> RunningStats:
-        return RunningStats(self.mean[...], self.var[...], None if self.count is None else self.count[...])
-
-    def _affine(self):
-        return (None if self.scale is None else self.scale[...]), (None if self.bias is None else self.bias[...])
-
-    def _store(self, new: RunningStats) -> None:
-        # The running statistics are state, never differentiated.
-        self.mean[...] = jax.lax.stop_gradient(new.mean)
-        self.var[...] = jax.lax.stop_gradient(new.var)
-        if self.count is not None:
-            self.count[...] = new.count
+    def _call_pure(self, function, x, use_running_average: bool | None, mask, **extra):
+        value = use_running_average if use_running_average is not None else self.use_running_average
+        if value is None:
+            raise ValueError(
+                "No `use_running_average` was given: pass it to the constructor, to the call, or switch the model "
+                "with model.train() / model.eval()."
+            )
+        training = not bool(value)
+        running = RunningStats(self.mean[...], self.var[...], None if self.count is None else self.count[...])
+        scale = None if self.scale is None else self.scale[...]
+        bias = None if self.bias is None else self.bias[...]
+        options = _module_options.call_options(self, self._options)
+        y, new = function(x, scale, bias, running, training=training, mask=mask, **options, **extra)
+        stored = training and not self._capture(x, mask)
+        if stored:
+            # The running statistics are state, never differentiated.
+            self.mean[...] = jax.lax.stop_gradient(new.mean)
+            self.var[...] = jax.lax.stop_gradient(new.var)
+            if self.count is not None:
+                self.count[...] = new.count
+        return y, stored
 
     def _capture(self, x, mask) -> bool:
         """In a `recompute_batch_stats` pass, merge this batch's statistics into the
         population state and return True; otherwise return False."""
         if getattr(self, "population_count", None) is None:
             return False
-        population = [getattr(self, name) for name in POPULATION_VARIABLES]
-        batch = moments(x, axis=self.axis, mask=mask, axis_name=self.axis_name, axis_index_groups=self.axis_index_groups)
-        merged = merge_moments(Moments(*(v[...] for v in population)), batch)
-        for v, new in zip(population, merged):
-            v[...] = jax.lax.stop_gradient(new).astype(v[...].dtype)
+        population = [getattr(self, name) for name in precise.POPULATION_VARIABLES]
+        merged = precise.add_batch(Moments(*(v[...] for v in population)), x, axis=self.axis, mask=mask,
+                                   axis_name=self.axis_name, axis_index_groups=self.axis_index_groups)
+        for v, value in zip(population, merged):
+            v[...] = value
         return True
 
     def set_view(self, use_running_average: bool | None = None):
-        """Used by `nnx.view`: set `use_running_average` when given."""
+        """Class method used by ``nnx.view``.
+
+        Args:
+          use_running_average: if True, normalize with the stored running statistics;
+            if False, with the statistics of each batch (and update the stored ones).
+        """
         if use_running_average is not None:
             self.use_running_average = use_running_average
 
@@ -130,15 +121,15 @@ class BatchNorm(_Normalization):
       momentum: `new = momentum * old + (1 - momentum) * batch`; None: cumulative average
         (creates a `count` BatchStat).
       epsilon: added to the variance.
-      dtype: output dtype (default: the input's).
+      dtype: output dtype (default flax's promotion of the input and the parameters).
       param_dtype: dtype of scale and bias.
       use_bias, use_scale: learn a bias / a scale.
       bias_init, scale_init: their initializers.
       axis_name: name(s) bound by pmap/shard_map/vmap to synchronize the statistics over.
       axis_index_groups: pmap-style groups along `axis_name`.
       use_fast_variance, promote_dtype: accepted for compatibility; jbn's variance is
-        one-pass and accurate, and its dtype handling is the pure layer's (statistics in
-        float32 or wider, output in `dtype` or the input's dtype).
+        fast and accurate, and its dtype handling is the pure layer's (statistics in
+        float32 or wider, output in `dtype` or flax's promotion).
       rngs: `nnx.Rngs` for the initializers.
       bias_metadata, scale_metadata: metadata for the `nnx.Param`s.
     jbn's extras:
@@ -146,8 +137,10 @@ class BatchNorm(_Normalization):
       debias: bias-corrected EMA (creates a `count` BatchStat).
       unbiased_running_var: track the unbiased batch variance, as PyTorch does.
       activation, negative_slope, save_output_only, fused: the fused activation, the
-        memory-saving mode and the choice of training path (see `jbn.batch_norm`).
+        memory-saving mode and the choice of derivative rule (see `jbn.batch_norm`).
     """
+
+    _options = _module_options.BATCH_NORM
 
     def __init__(
         self,
@@ -178,44 +171,24 @@ class BatchNorm(_Normalization):
         save_output_only: bool = False,
         fused: bool = True,
     ):
-        super().__init__(
-            num_features, use_running_average=use_running_average, axis=axis, momentum=momentum, epsilon=epsilon,
-            dtype=dtype, param_dtype=param_dtype, use_bias=use_bias, use_scale=use_scale, bias_init=bias_init,
-            scale_init=scale_init, axis_name=axis_name, axis_index_groups=axis_index_groups, debias=debias,
-            unbiased_running_var=unbiased_running_var, rngs=rngs, bias_metadata=bias_metadata,
-            scale_metadata=scale_metadata,
-        )
-        self.use_fast_variance = use_fast_variance
-        self.virtual_batch_size = virtual_batch_size
-        self.activation = activation
-        self.negative_slope = negative_slope
-        self.save_output_only = save_output_only
-        self.fused = fused
+        super().__init__(**_arguments(locals()))
 
     def __call__(self, x, use_running_average: bool | None = None, *, mask: jax.Array | None = None):
         """Normalize `x` (features on `axis`); `mask` as in `jbn.moments`. In training the
         running statistics are updated in place."""
-        use_running_average = _use_running_average(use_running_average, self.use_running_average)
-        scale, bias = self._affine()
-        y, new = batch_norm(
-            x, scale, bias, self._running(), training=not use_running_average, axis=self.axis,
-            momentum=self.momentum, epsilon=self.epsilon, mask=mask, axis_name=self.axis_name,
-            axis_index_groups=self.axis_index_groups, dtype=self.dtype, virtual_batch_size=self.virtual_batch_size,
-            debias=self.debias, unbiased_running_var=self.unbiased_running_var, activation=self.activation,
-            negative_slope=self.negative_slope, save_output_only=self.save_output_only, fused=self.fused,
-        )
-        if not use_running_average and not self._capture(x, mask):
-            self._store(new)
-        return y
+        return self._call_pure(batch_norm, x, use_running_average, mask)[0]
 
 
 class BatchRenorm(_Normalization):
     """Batch Renormalization (Ioffe 2017) for flax NNX; calls `jbn.batch_renorm`.
 
-    Arguments as `BatchNorm` (without `virtual_batch_size`), plus `r_max` (>= 1) and `d_max`
-    (>= 0), floats or schedules of the step count (`jbn.renorm_schedule`). The state adds
-    `step` (an int32 `nnx.BatchStat`), the number of training calls so far.
+    Arguments as `BatchNorm` (without `virtual_batch_size` and the fused options), plus
+    `r_max` (>= 1) and `d_max` (>= 0), floats or schedules of the step count
+    (`jbn.renorm_schedule`). The state adds `step` (an int32 `nnx.BatchStat`), the number
+    of training calls so far (saturating at 2**31 - 1).
     """
+
+    _options = _module_options.BATCH_RENORM
 
     def __init__(
         self,
@@ -241,30 +214,14 @@ class BatchRenorm(_Normalization):
         debias: bool = False,
         unbiased_running_var: bool = False,
     ):
-        super().__init__(
-            num_features, use_running_average=use_running_average, axis=axis, momentum=momentum, epsilon=epsilon,
-            dtype=dtype, param_dtype=param_dtype, use_bias=use_bias, use_scale=use_scale, bias_init=bias_init,
-            scale_init=scale_init, axis_name=axis_name, axis_index_groups=axis_index_groups, debias=debias,
-            unbiased_running_var=unbiased_running_var, rngs=rngs, bias_metadata=bias_metadata,
-            scale_metadata=scale_metadata,
-        )
+        super().__init__(**_arguments(locals()))
         self.step = nnx.BatchStat(jnp.zeros((), jnp.int32))
-        self.r_max = r_max
-        self.d_max = d_max
 
     def __call__(self, x, use_running_average: bool | None = None, *, mask: jax.Array | None = None):
         """Renormalize `x`; in training the running statistics and `step` are updated."""
-        use_running_average = _use_running_average(use_running_average, self.use_running_average)
-        scale, bias = self._affine()
-        y, new = batch_renorm(
-            x, scale, bias, self._running(), training=not use_running_average, r_max=self.r_max,
-            d_max=self.d_max, step=self.step[...], axis=self.axis, momentum=self.momentum, epsilon=self.epsilon,
-            mask=mask, axis_name=self.axis_name, axis_index_groups=self.axis_index_groups, dtype=self.dtype,
-            debias=self.debias, unbiased_running_var=self.unbiased_running_var,
-        )
-        if not use_running_average and not self._capture(x, mask):
-            self._store(new)
-            self.step[...] = self.step[...] + 1
+        y, stored = self._call_pure(batch_renorm, x, use_running_average, mask, step=self.step[...])
+        if stored:
+            self.step[...] = next_step(self.step[...])
         return y
 
 
@@ -301,15 +258,14 @@ def recompute_batch_stats(
     modes = [(m, {a: getattr(m, a) for a in ("use_running_average", "deterministic") if hasattr(m, a)})
              for _, m in nnx.iter_modules(model)]
     for layer in layers:
-        zeros = jnp.zeros(layer.mean[...].shape, jnp.promote_types(layer.mean[...].dtype, jnp.float32))
-        for name in POPULATION_VARIABLES:
-            setattr(layer, name, nnx.BatchStat(zeros))
+        for name, value in zip(precise.POPULATION_VARIABLES, precise.empty_population(layer.mean[...])):
+            setattr(layer, name, nnx.BatchStat(value))
     call = call or (lambda m, b: m(b))
     step = nnx.jit(lambda m, b: call(m, b))
     model.train()
     seen = 0
     try:
-        for batch in tqdm(batches, total=num_batches, desc="recompute_batch_stats", unit="batch", disable=not progress):
+        for batch in precise.progress_bar(batches, total=num_batches, enabled=progress):
             if num_batches is not None and seen >= num_batches:
                 break
             step(model, batch)
@@ -317,13 +273,11 @@ def recompute_batch_stats(
         if seen == 0:
             raise ValueError("`batches` gave no batch: pass an iterable with at least one input batch.")
         for layer in layers:
-            population = Moments(*(getattr(layer, name)[...] for name in POPULATION_VARIABLES))
-            seen_any = population.count > 0
-            layer.mean[...] = jnp.where(seen_any, population.mean, layer.mean[...]).astype(layer.mean[...].dtype)
-            layer.var[...] = jnp.where(seen_any, population.var, layer.var[...]).astype(layer.var[...].dtype)
+            population = Moments(*(getattr(layer, name)[...] for name in precise.POPULATION_VARIABLES))
+            layer.mean[...], layer.var[...] = precise.finished(population, layer.mean[...], layer.var[...])
     finally:
         for layer in layers:
-            for name in POPULATION_VARIABLES:
+            for name in precise.POPULATION_VARIABLES:
                 delattr(layer, name)
         for module, attributes in modes:
             for name, value in attributes.items():

@@ -20,13 +20,47 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-from tqdm.auto import tqdm
 
-from jbn.functional import Moments, merge_moments
+from jbn._merge import merge_moments
+from jbn._state import Moments
+from jbn._statistics import moments
 
 # The variables a jbn layer looks for (see jbn.linen): while they are in its batch_stats, a
 # training call merges its batch statistics into them and changes nothing else.
 POPULATION_VARIABLES = ("population_mean", "population_var", "population_count")
+
+
+def empty_population(mean: Any) -> Moments:
+    """The population statistics before any batch: zeros, float32 or wider."""
+    mean = jnp.asarray(mean)
+    zeros = jnp.zeros(mean.shape, jnp.promote_types(mean.dtype, jnp.float32))
+    return Moments(zeros, jnp.zeros(mean.shape, jnp.promote_types(jnp.finfo(mean.dtype).dtype, jnp.float32)), zeros.real)
+
+
+def add_batch(population: Moments, x: jax.Array, **moments_options: Any) -> Moments:
+    """`population` merged exactly (Chan) with the statistics of one training batch;
+    `moments_options` are `moments`' keyword arguments (axis, mask, axis_name, ...). The
+    result keeps the population's dtypes. Called by the linen and NNX layers."""
+    merged = merge_moments(Moments(*population), moments(x, **moments_options))
+    return Moments(*(jax.lax.stop_gradient(new).astype(jnp.asarray(old).dtype) for new, old in zip(merged, population)))
+
+
+def finished(population: Moments, mean: Any, var: Any) -> tuple[jax.Array, jax.Array]:
+    """The layer's new (mean, var): the population's where it saw an element, else the
+    old ones, in the old dtypes."""
+    mean, var = jnp.asarray(mean), jnp.asarray(var)
+    seen = population.count > 0
+    return (jnp.where(seen, population.mean, mean).astype(mean.dtype),
+            jnp.where(seen, population.var, var).astype(var.dtype))
+
+
+def progress_bar(iterable: Iterable, *, total: int | None, enabled: bool) -> Iterable:
+    """`iterable` wrapped in a tqdm bar when `enabled` (tqdm is imported only then)."""
+    if not enabled:
+        return iterable
+    from tqdm.auto import tqdm  # an optional dependency: only a progress bar needs it
+
+    return tqdm(iterable, total=total, desc="recompute_batch_stats", unit="batch")
 
 
 def _is_bn_stats(node: Any) -> bool:
@@ -85,8 +119,9 @@ def recompute_batch_stats(
       A layer that saw no element keeps its statistics.
 
     Raises:
-      ValueError: no BN layer in `variables`, no batch, or a layer that did not record
-        statistics (not a jbn layer, or not run in training mode).
+      ValueError: no BN layer in `variables`, no batch, `apply_fn` that does not return the
+        mutated `batch_stats`, or a layer that recorded no statistics over the whole pass
+        (not a jbn layer, not run in training mode, or only padding).
     """
     if "batch_stats" not in variables:
         raise ValueError("`variables` has no 'batch_stats' collection: there is no batch-norm layer to recompute.")
@@ -95,37 +130,49 @@ def recompute_batch_stats(
         raise ValueError("`variables['batch_stats']` holds no layer with `mean` and `var`: nothing to recompute.")
 
     def start(path, stats):
-        mean = jnp.asarray(stats["mean"])
-        zeros = jnp.zeros(mean.shape, jnp.promote_types(mean.dtype, jnp.float32))
-        return {**stats, "population_mean": zeros, "population_var": zeros, "population_count": zeros}
+        return {**stats, **dict(zip(POPULATION_VARIABLES, empty_population(stats["mean"])))}
 
     current = {**variables, "batch_stats": _map_layers(variables["batch_stats"], start)}
     seen = 0
-    bar = tqdm(total=num_batches, desc="recompute_batch_stats", unit="batch", disable=not progress)
-    for batch in batches:
+    for batch in progress_bar(batches, total=num_batches, enabled=progress):
         if num_batches is not None and seen >= num_batches:
             break
-        _, mutated = apply_fn(current, batch)
+        mutated = _call(apply_fn, current, batch)
         current = {**current, "batch_stats": mutated["batch_stats"]}
         seen += 1
-        bar.update(1)
-        if seen == 1:
-            _check_recorded(current["batch_stats"])
-    bar.close()
     if seen == 0:
         raise ValueError("`batches` gave no batch: pass an iterable with at least one input batch.")
+    _check_recorded(current["batch_stats"], seen)
 
     def finish(path, stats):
         population = Moments(*(jnp.asarray(stats[name]) for name in POPULATION_VARIABLES))
         if device_axis:
             population = _merge_devices(population)
         out = {k: v for k, v in stats.items() if k not in POPULATION_VARIABLES}
-        seen_any = population.count > 0
-        out["mean"] = jnp.where(seen_any, population.mean, stats["mean"]).astype(jnp.asarray(stats["mean"]).dtype)
-        out["var"] = jnp.where(seen_any, population.var, stats["var"]).astype(jnp.asarray(stats["var"]).dtype)
+        out["mean"], out["var"] = finished(population, stats["mean"], stats["var"])
         return out
 
     return {**current, "batch_stats": _map_layers(current["batch_stats"], finish)}
+
+
+_HOW_TO_CALL = (
+    "pass `apply_fn=lambda variables, batch: model.apply(variables, batch, train=True, mutable=['batch_stats'])` "
+    "(with your model's own training flag): it must run the model in training mode with `batch_stats` mutable "
+    "and return (output, mutated_variables)"
+)
+
+
+def _call(apply_fn: Callable, variables: Mapping, batch: Any) -> Mapping:
+    """`apply_fn(variables, batch)`'s mutated variables, or an error that says what to pass."""
+    try:
+        result = apply_fn(variables, batch)
+    except Exception as e:
+        if type(e).__name__ in ("ModifyScopeVariableError", "ApplyScopeInvalidVariablesTypeError"):
+            raise ValueError(f"`apply_fn` did not let the model update `batch_stats` ({type(e).__name__}): {_HOW_TO_CALL}.") from e
+        raise
+    if not (isinstance(result, tuple) and len(result) == 2 and isinstance(result[1], Mapping) and "batch_stats" in result[1]):
+        raise ValueError(f"`apply_fn` returned {type(result).__name__}, not (output, mutated variables with 'batch_stats'): {_HOW_TO_CALL}.")
+    return result[1]
 
 
 def _merge_devices(population: Moments) -> Moments:
@@ -136,20 +183,20 @@ def _merge_devices(population: Moments) -> Moments:
     return Moments(*(jnp.broadcast_to(v, population.mean.shape) for v in merged))
 
 
-def _check_recorded(batch_stats: Mapping) -> None:
+def _check_recorded(batch_stats: Mapping, batches: int) -> None:
+    """Every layer must have recorded some element over the whole pass (a first batch of
+    padding is fine): one that recorded none is not a jbn layer, was not run in training
+    mode, or saw only padding."""
     missing = []
     for path, stats in _layers(batch_stats).items():
-        if "population_count" not in stats:
-            missing.append(path)
-            continue
         count = jax.device_get(stats["population_count"])
         if not (count > 0).any():
             missing.append(path)
     if missing:
         names = ", ".join("/".join(p) or "<root>" for p in missing)
         raise ValueError(
-            f"batch-norm layer(s) {names} recorded no statistics in the first batch: `apply_fn` must run the model "
-            "in training mode (e.g. train=True / use_running_average=False) with mutable=['batch_stats'] and return "
-            "(output, mutated), and every BN layer must be a jbn layer (jbn.BatchNorm or jbn.BatchRenorm; flax's "
-            "nn.BatchNorm keeps an EMA that cannot be made exact)."
+            f"batch-norm layer(s) {names} recorded no statistics over {batches} batch(es). Either every element they "
+            f"saw was padding (masked out), or they did not run as jbn layers in training mode: {_HOW_TO_CALL}; and "
+            "every BN layer must be a jbn layer (jbn.BatchNorm or jbn.BatchRenorm; flax's nn.BatchNorm keeps an EMA "
+            "that cannot be made exact)."
         )

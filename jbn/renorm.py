@@ -16,9 +16,13 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jbn import _checks
-from jbn._checks import Axes, AxisName
-from jbn.functional import RunningStats, check_running_stats, moments, normalize, update_running_stats
+from jbn import _validate
+from jbn._axes import Axes, AxisName
+from jbn._batch_norm import canonical_arguments, warn_if_one_value_per_feature, without_nonfinite_padding
+from jbn._normalize import normalized
+from jbn._running import apply_update, check_running
+from jbn._state import RunningStats
+from jbn._statistics import batch_moments
 
 Array = jax.Array
 Limit = float | Callable[[Array], Array]
@@ -51,18 +55,35 @@ def paper_renorm_schedules() -> tuple[Callable[[Array], Array], Callable[[Array]
 
 
 def resolve_limit(limit: Limit, step: Any, name: str) -> Array | float:
-    """A float limit as it is (checked), or a schedule evaluated at `step`."""
+    """A float limit as it is (checked), or a schedule evaluated at `step`. A schedule's
+    value is checked when it is concrete; a traced one is clipped to its valid range
+    (r_max >= 1, d_max >= 0), since it cannot be checked at trace time."""
+    low = 1.0 if name == "r_max" else 0.0
+    meaning = ("r is clipped to [1/r_max, r_max]; 1 gives batch norm" if name == "r_max"
+               else "d is clipped to [-d_max, d_max]; 0 gives batch norm")
     if callable(limit):
         if step is None:
             raise ValueError(f"`{name}` is a schedule of the step count: pass `step` (e.g. batch_stats['step']).")
-        return jnp.asarray(limit(step), jnp.float32)
-    if not isinstance(limit, (int, float)):
-        raise TypeError(f"`{name}` must be a float or a callable of the step count, got {type(limit).__name__}.")
-    if name == "r_max" and limit < 1:
-        raise ValueError(f"`r_max`={limit} must be >= 1 (r is clipped to [1/r_max, r_max]); 1 gives batch norm.")
-    if name == "d_max" and limit < 0:
-        raise ValueError(f"`d_max`={limit} must be >= 0 (d is clipped to [-d_max, d_max]); 0 gives batch norm.")
+        value = jnp.asarray(limit(step), jnp.float32)
+        if value.shape != ():
+            raise ValueError(f"`{name}` schedule returned shape {value.shape}: it must return a scalar.")
+        if not isinstance(value, jax.core.Tracer):
+            with jax.ensure_compile_time_eval():
+                bad = not bool(value >= low)  # NaN fails too
+            if bad:
+                raise ValueError(f"`{name}` schedule returned {float(value)} at step {step}: it must be >= {low:g} ({meaning}).")
+        return jnp.maximum(value, low)
+    if _validate.is_bool(limit) or not isinstance(limit, (int, float, jnp.integer, jnp.floating)):
+        raise TypeError(f"`{name}` must be a float or a callable of the step count, got {type(limit).__name__} {limit!r}.")
+    if not limit >= low:  # NaN fails too
+        raise ValueError(f"`{name}`={limit} must be >= {low:g} ({meaning}).")
     return float(limit)
+
+
+def next_step(step: Array) -> Array:
+    """`step + 1`, saturating at the dtype's maximum instead of wrapping to negative."""
+    step = jnp.asarray(step)
+    return jnp.where(step < jnp.iinfo(step.dtype).max, step + 1, step).astype(step.dtype)
 
 
 def batch_renorm(
@@ -104,19 +125,27 @@ def batch_renorm(
     Returns:
       `(y, new_running)`: `y` has `x`'s shape.
     """
-    x = _checks.check_floating(x)
-    momentum = _checks.check_momentum(momentum)
-    epsilon = _checks.check_epsilon(epsilon)
-    features = _checks.feature_axes(x.ndim, axis)
-    fshape = _checks.feature_shape(x.shape, features)
-    running = check_running_stats(running, fshape, axis)
+    training = _validate.check_flag(training, "training")
+    momentum = _validate.check_momentum(momentum)
+    debias = _validate.check_flag(debias, "debias")
+    unbiased_running_var = _validate.check_flag(unbiased_running_var, "unbiased_running_var")
+    x, scale, bias, layout, options = canonical_arguments(
+        x, scale, bias, axis=axis, mask=mask, axis_name=axis_name, axis_index_groups=axis_index_groups,
+        epsilon=epsilon, dtype=dtype, activation=None, negative_slope=0.01, save_output_only=False, fused=False,
+        training=training)
+    if jnp.iscomplexobj(x):
+        raise TypeError(f"`x` is complex ({x.dtype}): batch renormalization supports real inputs; use batch_norm.")
+    epsilon, out_dtype = options["epsilon"], options["out_dtype"]
+    running = check_running(running, layout.fshape, axis)
     r_max = resolve_limit(r_max, step, "r_max")
     d_max = resolve_limit(d_max, step, "d_max")
     if not training:
-        return normalize(x, running.mean, running.var, scale, bias, axis=axis, epsilon=epsilon, dtype=dtype), running
+        y = normalized(x, layout, running.mean, running.var, scale, bias, epsilon=epsilon, out_dtype=out_dtype)
+        return y, running
 
-    _checks.check_values_per_feature(x.shape, features, axis, axis_name, axis_index_groups=axis_index_groups)
-    stats = moments(x, axis=axis, mask=mask, axis_name=axis_name, axis_index_groups=axis_index_groups)
+    warn_if_one_value_per_feature(layout)
+    x = without_nonfinite_padding(x, layout.valid)
+    stats = batch_moments(x, layout)
     compute = stats.mean.dtype
     sigma_batch = jnp.sqrt(stats.var + epsilon)
     sigma = jnp.sqrt(running.var.astype(compute) + epsilon)
@@ -127,6 +156,6 @@ def batch_renorm(
     r_scale = r if scale is None else scale * r
     d_bias = d if scale is None else scale * d
     d_bias = d_bias if bias is None else bias + d_bias
-    y = normalize(x, stats.mean, stats.var, r_scale, d_bias, axis=axis, epsilon=epsilon, dtype=dtype)
-    new = update_running_stats(running, stats, momentum, debias=debias, unbiased_running_var=unbiased_running_var)
+    y = normalized(x, layout, stats.mean, stats.var, r_scale, d_bias, epsilon=epsilon, out_dtype=out_dtype)
+    new = apply_update(running, stats, momentum, debias, unbiased_running_var)
     return y, new

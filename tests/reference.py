@@ -95,3 +95,21 @@ def batch_norm_grads(x, scale, dy, *, axis=-1, epsilon=1e-5, mask=None):
         expand(dvar * 2 / n, x.ndim, f) * np.where(w > 0, centered, 0) + expand(dmean / n, x.ndim, f)
     )
     return dx, (dy * xhat).sum(reduce), dy.sum(reduce)
+
+
+def mask_is_ambiguous(mask_shape, x_shape, features):
+    """True when a mask of rank x.ndim - len(features) broadcasts against x by NumPy's
+    rules AND that reading differs from the non-feature-axes reading."""
+    mask_shape, x_shape = tuple(mask_shape), tuple(x_shape)
+    if len(mask_shape) >= len(x_shape):
+        return False
+    try:
+        np.broadcast_shapes(mask_shape, x_shape)
+    except ValueError:
+        return False
+    if np.broadcast_shapes(mask_shape, x_shape) != x_shape:
+        return False
+    numpy_reading = (1,) * (len(x_shape) - len(mask_shape)) + mask_shape
+    sizes = iter(mask_shape)
+    feature_reading = tuple(1 if a in features else next(sizes) for a in range(len(x_shape)))
+    return numpy_reading != feature_reading

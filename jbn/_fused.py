@@ -1,0 +1,192 @@
+"""The fused training path of batch norm: one `jax.custom_jvp` for statistics,
+normalization and activation, whose tangent rule transposes into a lean backward pass.
+
+Why: differentiated by plain autodiff, batch norm keeps several activation-sized float32
+tensors alive for the backward pass (the centred input, its square, the normalized
+output) and reads them back. Here the tangent rule is written so that
+
+- it is linear in the tangents of `x`, `scale` and `bias`, and runs inside a
+  `jax.checkpoint` that saves nothing: reverse mode (`grad`, `vjp`) keeps only the
+  checkpoint's primal inputs, i.e. the input `x` (in its own dtype) or, with
+  `save_output_only=True`, the output `y` (for an invertible activation the normalized
+  input is recovered from `y`: In-Place Activated BatchNorm, Rota Bulo et al. 2018), plus
+  the per-feature mean, inverse standard deviation, scale, bias and the mask;
+- its transpose is the textbook fused backward: two per-feature reductions `sum(g)` and
+  `sum(g * x_hat)` (`g` the cotangent before the activation, `x_hat` the normalized
+  input), then one elementwise pass `dx = k g + valid (c0 + c1 x_hat)`. Each of the three
+  passes gets its own handle on the saved arrays, so that XLA:CPU fuses the
+  recomputation of `x_hat` into each (see jbn._fusion);
+- under `axis_name` the two input-tangent sums travel in one psum, whose transpose is the
+  one collective of the backward pass; a replicated scale and bias (shard_map with
+  `check_vma=True`) get their summed cotangents from one more transpose of an explicit
+  `pcast`, which JAX turns into one psum of the two per-feature sums together.
+
+Forward mode (`jax.jvp`, `jax.jacfwd`, `jax.linearize`) uses the same rule directly;
+higher orders (grad of grad, Hessian-vector products) differentiate it like any jnp code.
+Collectives, masks and vma types follow JAX's own rules, since JAX derives the backward
+pass by transposition: gradients are those of the unfused layer in every setting.
+"""
+from __future__ import annotations
+
+from functools import partial
+from typing import Any, Hashable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jbn import _activations, _axes, _collectives, _normalize
+from jbn._axes import Layout
+from jbn._fusion import separate_uses
+from jbn._state import Moments
+from jbn._statistics import batch_moments
+
+Array = jax.Array
+
+
+class FusedConfig(NamedTuple):
+    """Static description of one fused call (hashable: a nondiff argument)."""
+
+    features: tuple[int, ...]
+    names: tuple[Hashable, ...] | None
+    groups: tuple[tuple[int, ...], ...] | None
+    epsilon: float
+    out_dtype: Any
+    activation: str
+    negative_slope: float
+    save_output_only: bool
+
+
+def can_fuse(x: Array, epsilon: Any) -> bool:
+    """The fused path needs a static epsilon and real data (a complex variance's
+    derivative is not in the rule below; complex inputs use plain autodiff)."""
+    static_eps = isinstance(epsilon, (int, float)) and not isinstance(epsilon, bool)
+    return static_eps and not jnp.iscomplexobj(x)
+
+
+def fused_batch_norm(x: Array, scale: Array | None, bias: Array | None, layout: Layout, *, epsilon: float,
+                     out_dtype: Any, activation: str, negative_slope: float,
+                     save_output_only: bool) -> tuple[Array, Moments]:
+    """Training-mode batch norm (+ activation) with the fused derivative rule, on checked
+    arguments. Returns the output and the batch `Moments` (mean and var
+    differentiable, count not)."""
+    if save_output_only and scale is not None and not isinstance(scale, jax.core.Tracer):
+        with jax.ensure_compile_time_eval():  # scale is concrete: evaluate now, not in the traced program
+            has_zero = bool(jnp.any(jnp.asarray(scale) == 0))
+        if has_zero:
+            raise ValueError(
+                "`save_output_only=True` recovers the normalized input as (z - bias) / scale, but `scale` has "
+                "zeros (e.g. a zero-initialized last scale of a residual block): use save_output_only=False "
+                "for this layer."
+            )
+    cfg = FusedConfig(layout.features, layout.names, layout.groups, float(epsilon), jnp.dtype(out_dtype),
+                      activation, float(negative_slope), bool(save_output_only))
+    y, mean, var, count = _fused(cfg, x, scale, bias, layout.valid)
+    return y, Moments(mean, var, lax.stop_gradient(count))
+
+
+def _layout(cfg: FusedConfig, x: Array, valid: Array | None) -> Layout:
+    return Layout(cfg.features, cfg.features, _axes.reduction_axes(x.ndim, cfg.features), tuple(x.shape), valid,
+                  cfg.names, cfg.groups)
+
+
+def _primal(cfg: FusedConfig, x, scale, bias, valid):
+    layout = _layout(cfg, x, valid)
+    stats = batch_moments(x, layout)
+    y = _normalize.normalized(x, layout, stats.mean, stats.var, scale, bias, epsilon=cfg.epsilon,
+                              out_dtype=cfg.out_dtype, activation=cfg.activation, negative_slope=cfg.negative_slope)
+    return y, stats
+
+
+@partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _fused(cfg: FusedConfig, x, scale, bias, valid):
+    y, stats = _primal(cfg, x, scale, bias, valid)
+    return y, stats.mean, stats.var, stats.count
+
+
+@_fused.defjvp
+def _fused_jvp(cfg: FusedConfig, primals, tangents):
+    x, scale, bias, valid = primals
+    dx, dscale, dbias, _ = tangents  # the mask is boolean: no tangent
+    y, stats = _primal(cfg, x, scale, bias, valid)
+    compute = _normalize.compute_dtype(x, stats.mean, scale, bias)
+    inv = lax.rsqrt(stats.var.astype(compute) + cfg.epsilon)
+    count = jnp.broadcast_to(stats.count, inv.shape).astype(compute)
+    saved, mean = (y, None) if cfg.save_output_only else (x, stats.mean)
+    tangent = jax.checkpoint(partial(_tangent, cfg), policy=jax.checkpoint_policies.nothing_saveable)
+    dy, dmean, dvar = tangent(saved, mean, inv, scale, bias, valid, count, dx, dscale, dbias)
+    primal_out = (y, stats.mean, stats.var, stats.count)
+    return primal_out, (dy, dmean.astype(stats.mean.dtype), dvar.astype(stats.var.dtype), jnp.zeros_like(stats.count))
+
+
+def _tangent(cfg: FusedConfig, saved, mean, inv, scale, bias, valid, count, dx, dscale, dbias):
+    """The tangents of (y, mean, var), linear in (dx, dscale, dbias).
+
+    With `x_hat = (x - mean) inv`, `k = scale inv`, sums over the valid elements
+    `s1 = sum(dx)`, `s2 = sum(dx x_hat)` (global under `axis_name`) and `1/n` per feature:
+      d mean = s1 / n,  d var = 2 s2 / (n inv),
+      dz = k dx + x_hat (dscale - k s2 / n) + (dbias - k s1 / n),  dy = act'(z) dz.
+    `dz` is written as three terms, each with its own handle on the saved arrays, so that
+    the transpose computes `sum(g x_hat)`, `sum(g)` and `k g` in three fused passes."""
+    ndim, features = saved.ndim, cfg.features
+    reduce = _axes.reduction_axes(ndim, features)
+    compute = inv.dtype
+    per_element = jnp.where(count > 0, 1 / jnp.maximum(count, 1), 0)
+    k = inv if scale is None else inv * scale.astype(compute)
+
+    def expand(v):
+        return _axes.expand_features(v.astype(compute), ndim, features)
+
+    # Feature-shaped constants travel with `inv`, so that XLA cannot fold them back into
+    # scalars that it would then write out at full size (see _activations.cotangent).
+    constants = (inv, jnp.zeros_like(inv), jnp.full_like(inv, 1 - cfg.negative_slope),
+                 jnp.full_like(inv, 1 / cfg.negative_slope if cfg.negative_slope else 0))
+    uses = separate_uses(3, saved, mean, scale, bias, constants)
+
+    def pieces(saved, mean, scale, bias, constants):
+        """(x_hat, z, act'(.)) recomputed from x, or from y with save_output_only."""
+        inv, zero, gap, reciprocal = (expand(c) for c in constants)
+        s = saved.astype(compute)
+        if valid is not None:
+            # Padding may hold NaN/inf: recomputed as 0 there, it reaches no sum (0 * NaN).
+            s = jnp.where(valid | jnp.isfinite(s), s, 0)
+        if cfg.save_output_only:
+            z = _activations.inverse(s, cfg.activation, cfg.negative_slope, zero=zero, reciprocal=reciprocal)
+            x_hat = z
+            if bias is not None:
+                x_hat = x_hat - expand(bias)
+            if scale is not None:
+                x_hat = x_hat / expand(scale)  # scale == 0 gives NaN gradients for that feature
+        else:
+            x_hat = (s - expand(mean)) * inv
+            z = x_hat if scale is None else x_hat * expand(scale)
+            z = z if bias is None else z + expand(bias)
+
+        def through_activation(t):
+            return _activations.cotangent(t, z, cfg.activation, cfg.negative_slope, zero=zero, gap=gap)
+
+        return x_hat, through_activation
+
+    dx = dx.astype(compute)
+    x_hat0, act0 = pieces(*uses[0])
+    x_hat1, act1 = pieces(*uses[1])
+    _, act2 = pieces(*uses[2])
+    valid_dx = dx if valid is None else jnp.where(valid, dx, 0)
+    sums = jnp.stack([jnp.sum(valid_dx, axis=reduce), jnp.sum(valid_dx * x_hat0, axis=reduce)])
+    if cfg.names is not None:
+        sums = _collectives.psum_in_groups(sums, cfg.names, cfg.groups)
+    s1, s2 = sums[0] * per_element, sums[1] * per_element
+    d_mean, d_var = s1, 2 * s2 / inv
+    a, b = -k * s2, -k * s1
+    if dscale is not None:
+        a = a + dscale.astype(compute)
+    if dbias is not None:
+        b = b + dbias.astype(compute)
+    ab = jnp.stack([a, b])
+    # Where the data varies over manual axes that the per-feature terms do not (shard_map
+    # with checks), say so once for both: the transpose is then one psum of the two sums.
+    missing = tuple(_axes.varying_axes(x_hat1) - _axes.varying_axes(ab))
+    if missing:
+        ab = lax.pcast(ab, missing, to="varying")
+    dy = act0(expand(k) * dx) + act1(x_hat1 * expand(ab[0])) + act2(expand(ab[1]))
+    return dy.astype(cfg.out_dtype), d_mean, d_var
