@@ -49,6 +49,11 @@ VARIANTS = (
 )
 
 
+def library_of(variant: Variant) -> str:
+    """The library a variant's label names first ("haiku + jax.nn.relu" -> "haiku")."""
+    return variant.label.split(",")[0].split(" ")[0]
+
+
 def _block(variant: Variant, x):
     apply, params, state = variant.make(x)
 

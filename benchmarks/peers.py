@@ -225,5 +225,20 @@ def torch_layer(x: np.ndarray, ct: np.ndarray, dtype: str) -> Layer:
     return Layer(train_fwd, eval_fwd, train_fwd_bwd)
 
 
+MODULES = {"haiku": "haiku", "equinox": "equinox", "torch": "torch", "flax.nnx": "flax.nnx"}
+
+
+def available(name: str) -> bool:
+    """Whether a library's package imports here (jbn and flax.linen always must)."""
+    module = MODULES.get(name)
+    if module is None:
+        return True
+    try:
+        __import__(module)
+    except ImportError:
+        return False
+    return True
+
+
 def elements(shape) -> int:
     return math.prod(shape)

@@ -1,12 +1,13 @@
 """RESULTS.md and results.png from the measured rows (see benchmarks.run)."""
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
 import numpy as np
 
-from benchmarks import peers
+from benchmarks import peers, sections
 
 ITEMSIZE = {"float32": 4, "bfloat16": 2}
 CASE_TITLES = {
@@ -88,6 +89,8 @@ def markdown(results, note: str = "") -> str:
     if note:
         out += [note, ""]
     out += ["Versions: " + ", ".join(f"{k} {v}" for k, v in info["versions"].items()) + ".", ""]
+    if info.get("skipped"):
+        out += [f"Not importable here, skipped: {', '.join(info['skipped'])}.", ""]
     out += ["## Headline", ""] + headline(results) + [""]
     out += [
         "## Speed",
@@ -233,15 +236,58 @@ def chart(results, path: Path) -> None:
     plt.close(fig)
 
 
+def load_json(path: Path):
+    """The JSON in `path`, or None where there is no such file."""
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def have_matplotlib() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def accelerator_status(out: Path) -> list[str]:
+    """Which accelerator reports exist next to RESULTS.md (written by benchmarks/device.sh)."""
+    found = sorted(p.name for p in out.glob("RESULTS-*.md"))
+    if found:
+        return ["Accelerator figures: " + ", ".join(f"[{n}]({n})" for n in found) + " (benchmarks/device.sh).", ""]
+    return [
+        "Accelerator figures: none yet. Every figure below is from XLA:CPU; the GPU/TPU columns (speed against "
+        "the bandwidth roofline, memory with cuDNN convolutions) wait for an accelerator, where "
+        "`bash benchmarks/device.sh` writes `benchmarks/RESULTS-<device>.md`.",
+        "",
+    ]
+
+
 def write(results, out: Path, note: str = "") -> None:
-    (out / "RESULTS.md").write_text(markdown(results, note))
-    chart(results, out / "results.png")
+    """RESULTS.md from the op-level results plus whatever model.json / strategies.json
+    lie in `out`; the figures where matplotlib is installed."""
+    model, strat = load_json(out / "model.json"), load_json(out / "strategies.json")
+    parts = [markdown(results, note) if results else "# jbn benchmarks\n"]
+    parts.append("\n".join(accelerator_status(out)))
+    if model:
+        parts.append("\n".join(sections.model_markdown(model) + (["![model-level figure](model.png)", ""] if have_matplotlib() else [])))
+    if strat:
+        parts.append("\n".join(sections.strategies_markdown(strat)))
+    (out / "RESULTS.md").write_text("\n".join(parts))
+    if have_matplotlib():
+        if results:
+            chart(results, out / "results.png")
+        if model:
+            sections.model_chart(model, out / "model.png")
 
 
-if __name__ == "__main__":  # re-render RESULTS.md and results.png from a results.json
-    import json
+def render(out: Path) -> None:
+    """Rewrite RESULTS.md (and the figures) in `out` from the JSON files there."""
+    results = load_json(out / "results.json")
+    write(results, out, (results or {}).get("note", ""))
+
+
+if __name__ == "__main__":  # re-render RESULTS.md and the figures from the JSON files of a folder
     import sys
 
     source = Path(sys.argv[1] if len(sys.argv) > 1 else Path(__file__).resolve().parent / "results.json")
-    data = json.loads(source.read_text())
-    write(data, source.parent, data.get("note", ""))
+    render(source.parent if source.suffix == ".json" else source)

@@ -88,6 +88,26 @@ def memory_rows(dtypes, shape, layers, variants, progress) -> list[dict]:
     return rows
 
 
+class _NoProgress:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def update(self, n):
+        pass
+
+
+def _progress(total, disable):
+    """tqdm's bar where tqdm is installed (it is optional for the device run)."""
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return _NoProgress()
+    return tqdm(total=total, desc="benchmarks", disable=disable)
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="7 rounds instead of 15")
@@ -106,13 +126,15 @@ def main(argv=None) -> dict:
     parser.add_argument("--note", default="", help="a line for the top of RESULTS.md (e.g. how busy the machine was)")
     args = parser.parse_args(argv)
 
-    from tqdm.auto import tqdm
-
     rounds = args.rounds or (7 if args.quick else 15)
     shapes = args.shapes or list(SHAPES)
     unknown = set(args.libraries) - set(LIBRARIES)
     if unknown:
         parser.error(f"unknown libraries {sorted(unknown)}; choose from {LIBRARIES}")
+    # Optional peers (haiku, equinox, torch) are skipped where not importable: the device
+    # run works from a plain python3 holding jax and flax only.
+    skipped = [name for name in args.libraries if not peers.available(name)]
+    libraries = [name for name in args.libraries if name not in skipped]
     info = machine.describe()
     info["versions"] = machine.versions()
     info["rounds"] = rounds
@@ -122,9 +144,11 @@ def main(argv=None) -> dict:
         del given[i: i + 2]
     info["command"] = " ".join(["python -m benchmarks.run", *given])
     variants = memory.VARIANTS if args.memory_variants is None else [memory.VARIANTS[i] for i in args.memory_variants]
+    variants = [v for v in variants if peers.available(memory.library_of(v))]
+    info["skipped"] = skipped
     total = len(shapes) * len(args.dtypes) * len(CASES) + len(args.dtypes) * len(variants)
-    with tqdm(total=total, desc="benchmarks", disable=args.no_progress) as progress:
-        speed = time_cases(shapes, args.dtypes, args.libraries, rounds, progress)
+    with _progress(total, args.no_progress) as progress:
+        speed = time_cases(shapes, args.dtypes, libraries, rounds, progress)
         mem = memory_rows(args.dtypes, args.memory_shape, args.layers, variants, progress)
     results = {"machine": info, "speed": speed, "memory": mem, "min_traffic": MIN_TRAFFIC, "copy": COPY, "note": args.note}
     args.out.mkdir(parents=True, exist_ok=True)

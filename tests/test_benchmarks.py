@@ -1,8 +1,17 @@
-"""CI smoke run of the benchmark suite: one tiny shape, one round, every library; checks
-only that it writes its outputs (benchmarks assert nothing about time)."""
+"""The benchmarks: CI smoke runs at tiny sizes (they check that each writes its outputs;
+nothing here asserts a time), the model-level benchmark's variants against flax.linen,
+the statistics strategies against float64 NumPy, and a dry run of benchmarks/device.sh."""
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
-from benchmarks import run
+import jax
+import numpy as np
+import pytest
+
+from benchmarks import model, run, statistics_strategies
 
 
 def test_benchmark_suite_writes_its_report(tmp_path):
@@ -17,3 +26,132 @@ def test_benchmark_suite_writes_its_report(tmp_path):
         assert f"| {library} |" in report
     assert {row["case"] for row in results["speed"]} == set(run.CASES)
     assert len(results["memory"]) == 3 and "## Memory" in report
+
+
+# ------------------------------------------------------------------ model level
+
+# Final feature maps 2x2 over a batch of 4: 16 values per channel in the last batch norms.
+TINY = model.parse_size("4x16x16:2")
+
+
+def _relative_gap(tree, reference) -> float:
+    """Largest |a - b| over a leaf, relative to that leaf's largest |b|."""
+    gaps = jax.tree.map(
+        lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b))) / max(float(np.max(np.abs(np.asarray(b)))), 1e-12)),
+        tree, reference,
+    )
+    return max(jax.tree.leaves(gaps))
+
+
+def test_model_variants_compute_flax_step():
+    """Every variant's ResNet-18 step gives flax.linen's loss, parameters, batch
+    statistics and momentum: the benchmark compares the same model. Tolerance: float32
+    roundoff through 20 batch norms stays far below 1e-3 of a leaf's scale, where a
+    miswired block (a relu lost or doubled, a norm misplaced) changes leaves by O(1)."""
+    results = {}
+    for variant in model.VARIANTS:
+        step, state, images, labels = model.make_step(variant, TINY)
+        results[variant] = step(state, images, labels)
+    (ref_state, ref_loss) = results[model.FLAX]
+    assert np.isfinite(float(ref_loss))
+    for variant, (state, loss) in results.items():
+        assert abs(float(loss) - float(ref_loss)) <= 1e-5 * abs(float(ref_loss)), variant
+        assert _relative_gap(state, ref_state) < 1e-3, variant
+
+
+def test_model_variants_use_the_options_they_name():
+    """save_output_only only where no activation follows, relu fused only where one does."""
+    seen = {}
+    for variant in model.VARIANTS:
+        net = model.make_model(variant, TINY)
+        images, _ = model.batch(TINY)
+        text = net.tabulate(jax.random.key(0), images, train=True, depth=None, console_kwargs={"width": 400})
+        seen[variant] = text
+    assert "activation='relu'" not in seen["jbn (drop-in)"]
+    assert "activation='relu'" in seen["jbn, relu fused"] and "save_output_only=True" not in seen["jbn, relu fused"]
+    assert "save_output_only=True" in seen["jbn, relu fused + save_output_only"]
+
+
+def test_model_benchmark_writes_its_report(tmp_path):
+    model.main(["--sizes", "2x8x8:2", "--rounds", "1", "--variants", "flax.linen", "jbn, relu fused", "--out", str(tmp_path)])
+    results = json.loads((tmp_path / "model.json").read_text())
+    assert [r["variant"] for r in results["rows"]] == ["flax.linen", "jbn, relu fused"]
+    assert all(r["temp_bytes"] > 0 and r["median_s"] > 0 for r in results["rows"])
+    report = (tmp_path / "RESULTS.md").read_text()
+    assert "## Model level: ResNet-18 training step" in report and "| 2x8x8:2 | jbn, relu fused |" in report
+    assert (tmp_path / "model.png").stat().st_size > 0
+
+
+def test_model_sizes_are_checked():
+    with pytest.raises(Exception, match="BATCHxHEIGHTxWIDTH"):
+        model.parse_size("4x16:2")
+    with pytest.raises(Exception, match="stem"):
+        model.parse_size("4x16x16:2:vgg")
+
+
+# ------------------------------------------------------------------ statistics strategies
+
+ACCURATE = ("two_pass", f"sample_median (K={statistics_strategies.SAMPLE_ROWS})")
+
+
+@pytest.fixture(scope="module")
+def strategy_errors():
+    return statistics_strategies.accuracy(2**16)["errors"]
+
+
+def test_strategies_match_float64_on_benign_data(strategy_errors):
+    """On N(1, 4) data every method but the unvectorized Welford reduce is within 1e-5 of
+    float64 (float32 sums of 2^16 terms: ~1e-7 typical, 2^16 * 6e-8 = 4e-3 worst case)."""
+    for name, err in strategy_errors["N(1, 2^2)"].items():
+        assert err["var_rel_err"] < (1e-2 if name.startswith("welford") else 1e-5), name
+        assert err["mean_err_in_std"] < 1e-3, name
+
+
+def test_strategies_accuracy_on_adversarial_data(strategy_errors):
+    """The property the design promises: two passes and a median-of-sample shift stay
+    accurate with |mean|/std = 1e4 and an outlier first; the raw sums do not survive
+    |mean|/std = 1e4 (cancellation costs ~1e8 * 6e-8 of the variance)."""
+    for label, errs in strategy_errors.items():
+        for name in ACCURATE:
+            assert errs[name]["var_rel_err"] < 1e-5, (label, name)
+    assert strategy_errors["|mean|/std = 1e4"]["raw (flax fast variance)"]["var_rel_err"] > 1e-1
+
+
+def test_strategies_benchmark_writes_its_report(tmp_path):
+    statistics_strategies.main(["--shapes", "8x4x4x8", "--rounds", "1", "--accuracy-rows", "4096", "--out", str(tmp_path)])
+    results = json.loads((tmp_path / "strategies.json").read_text())
+    rows = results["speed"][0]["rows"]
+    for name in statistics_strategies.METHODS:
+        assert rows[name]["median_s"] > 0 and rows[f"forward: {name}"]["median_s"] > 0
+    assert "## Statistics strategies" in (tmp_path / "RESULTS.md").read_text()
+
+
+def test_strategy_forward_matches_float64_normalization():
+    """Each method's forward normalizes as the float64 formula does."""
+    x = np.random.default_rng(3).normal(size=(64, 4, 4, 8)).astype(np.float32) * 3 + 2
+    ref = x.astype(np.float64)
+    mean, var = ref.mean(axis=(0, 1, 2)), ref.var(axis=(0, 1, 2))
+    expected = (ref - mean) / np.sqrt(var + statistics_strategies.EPSILON)
+    ones, zeros = np.ones(8, np.float32), np.zeros(8, np.float32)
+    for name, fn in statistics_strategies.METHODS.items():
+        y, _ = jax.jit(statistics_strategies.forward_with(fn))(x, ones, zeros, zeros, ones)
+        np.testing.assert_allclose(np.asarray(y), expected, atol=1e-4, err_msg=name)
+
+
+# ------------------------------------------------------------------ device run
+
+
+def test_device_script_dry_run(tmp_path):
+    """benchmarks/device.sh end to end at tiny sizes on this backend, from the interpreter
+    running the tests (the script itself needs only python3 with jax, flax and optax)."""
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHON": sys.executable}
+    env.pop("XLA_FLAGS", None)
+    done = subprocess.run(["bash", str(root / "benchmarks" / "device.sh"), "--dry-run", "--out", str(tmp_path)],
+                          cwd=root, env=env, capture_output=True, text=True, timeout=170)
+    assert done.returncode == 0, done.stdout + done.stderr
+    reports = list(tmp_path.glob("RESULTS-*.md"))
+    assert len(reports) == 1, done.stdout
+    text = reports[0].read_text()
+    assert "Dry run" in text and "probe ok" in text and "op ok" in text and "model ok" in text, text[:2000]
+    assert "against the bandwidth roofline" in text and "## Model level" in text and "## Op-level suite" in text

@@ -1,0 +1,134 @@
+"""RESULTS.md sections for the model-level benchmark (model.json) and the statistics
+strategies (strategies.json), and the model-level figure (model.png)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def _ms(row) -> str:
+    return f"{1e3 * row['median_s']:.1f} [{1e3 * row['q25_s']:.1f}-{1e3 * row['q75_s']:.1f}]"
+
+
+def _measured(info) -> str:
+    return (
+        f"Measured {info['date']} on {info['cpu']} ({info['cores']} usable cores); JAX device: {info['device']}; "
+        f"{info['rounds']} interleaved rounds. Command: `{info['command']}`. Versions: "
+        + ", ".join(f"{k} {v}" for k, v in info["versions"].items()) + "."
+    )
+
+
+def _sizes(rows):
+    out = {}
+    for row in rows:
+        out.setdefault(row["size"], {})[row["variant"]] = row
+    return out
+
+
+def model_markdown(model: dict, flax: str = "flax.linen") -> list[str]:
+    out = ["## Model level: ResNet-18 training step", "", _measured(model["machine"]), ""]
+    if model.get("note"):
+        out += [model["note"], ""]
+    out += [
+        "One jitted step of SGD with momentum (optax, lr 0.1, momentum 0.9) on a ResNet-18 (basic blocks, NHWC, "
+        "written in benchmarks/model.py; batch-norm momentum 0.9 as flax's ImageNet example), cross-entropy on "
+        "random labels. Size `BATCHxHxW:BASE[:stem]`: stage widths BASE x (1, 2, 4, 8); `cifar` stem = 3x3 conv, "
+        "`imagenet` stem = 7x7/2 conv and 3x3/2 max-pool. Only the batch norms differ; all variants start from the "
+        "same parameters and their first losses agree (column). Time: median ms per step [interquartile range] "
+        "and the median over rounds of the per-round ratio to flax.linen. Memory: "
+        "`compiled.memory_analysis().temp_size_in_bytes` of the step.",
+        "",
+        "| size | variant | step ms | vs flax.linen | temp MiB | vs flax.linen | first loss |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for size, rows in _sizes(model["rows"]).items():
+        base = rows.get(flax)
+        for variant, row in rows.items():
+            ratio = f"{row['ratio_to_flax']:.2f}x" if row.get("ratio_to_flax") is not None and variant != flax else "-"
+            mem = f"{row['temp_bytes'] / base['temp_bytes']:.2f}x" if base and variant != flax else "-"
+            out.append(
+                f"| {size} | {variant} | {_ms(row)} | {ratio} | {row['temp_bytes'] / 2**20:.1f} | {mem} "
+                f"| {row['first_loss']:.6f} |"
+            )
+    out += ["", "Variants:", ""] + [f"- {name}: {text}" for name, text in model["variants"].items()] + [""]
+    return out
+
+
+def model_chart(model: dict, path: Path, flax: str = "flax.linen") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    sizes = _sizes(model["rows"])
+    variants = [v for v in model["variants"] if v != flax]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    width = 0.8 / max(len(variants), 1)
+    for ax, title, value in (
+        (axes[0], "step time / flax.linen (median of per-round ratios)", lambda r, b: r["ratio_to_flax"]),
+        (axes[1], "XLA temp memory / flax.linen", lambda r, b: r["temp_bytes"] / b["temp_bytes"]),
+    ):
+        for i, variant in enumerate(variants):
+            vals = [value(rows[variant], rows[flax]) if variant in rows and flax in rows else np.nan
+                    for rows in sizes.values()]
+            ax.bar(np.arange(len(sizes)) + i * width, vals, width, label=variant)
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.set_xticks(np.arange(len(sizes)) + 0.4 - width / 2, list(sizes), fontsize=8)
+        ax.set_title(title, fontsize=10)
+    axes[0].legend(fontsize=7)
+    info = model["machine"]
+    fig.suptitle(f"ResNet-18 training step: {info['device']}, {info['cpu']} ({info['cores']} cores), {info['date']}",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=60)
+    plt.close(fig)
+
+
+def _shape(shape) -> str:
+    return "x".join(str(s) for s in shape)
+
+
+def strategies_markdown(strat: dict) -> list[str]:
+    methods, speed = strat["methods"], strat["speed"]
+    out = ["## Statistics strategies for the float32 training forward (XLA:CPU)", "", _measured(strat["machine"]), ""]
+    if strat.get("note"):
+        out += [strat["note"], ""]
+    out += [
+        "Per-feature mean and variance of a float32 input, all axes but the last reduced, jitted "
+        "(benchmarks/statistics_strategies.py describes each method). Statistics alone: median ms [IQR] and the "
+        "ratio to `raw` (flax's fast variance); forward (statistics, normalization, running-average update): "
+        "median ms [IQR], the ratio to flax.linen.BatchNorm's forward and to a jitted `x + 1` of the same array; "
+        "ratios are medians over rounds of per-round ratios, all in the same interleaved shuffled rounds.",
+        "",
+    ]
+    head = "| method | " + " | ".join(f"{_shape(s['shape'])} stats | {_shape(s['shape'])} forward" for s in speed) + " |"
+    out += [head, "|---" * (1 + 2 * len(speed)) + "|"]
+    for name in methods:
+        cells = []
+        for s in speed:
+            st, fw = s["rows"][name], s["rows"][f"forward: {name}"]
+            cells.append(f"{1e3 * st['median_s']:.2f} [{1e3 * st['q25_s']:.2f}-{1e3 * st['q75_s']:.2f}] · {st['ratio']:.2f}x")
+            cells.append(f"{1e3 * fw['median_s']:.2f} · {fw['ratio']:.2f}x flax · {fw['ratio_to_copy']:.2f}x copy")
+        out.append(f"| {name} | " + " | ".join(cells) + " |")
+    for name in (strat["flax"], strat["jbn"], strat["copy"]):
+        cells = []
+        for s in speed:
+            r = s["rows"][name]
+            cells += ["", f"{1e3 * r['median_s']:.2f} [{1e3 * r['q25_s']:.2f}-{1e3 * r['q75_s']:.2f}] · "
+                          f"{r['ratio']:.2f}x flax · {r['ratio_to_copy']:.2f}x copy"]
+        out.append(f"| {name} | " + " | ".join(cells) + " |")
+    acc = strat["accuracy"]
+    labels = list(acc["errors"])
+    out += [
+        "",
+        f"Accuracy: max over 4 features of |var - var64| / var64 (var64: float64 NumPy on the same float32 data), "
+        f"{acc['rows_per_feature']} elements per feature (as 256x64x64x4 NHWC); the outlier is the first element "
+        "of every feature.",
+        "",
+        "| method | " + " | ".join(lab.replace("|", "\\|") for lab in labels) + " |",
+        "|---" * (1 + len(labels)) + "|",
+    ]
+    for name in methods:
+        out.append(f"| {name} | " + " | ".join(f"{acc['errors'][lab][name]['var_rel_err']:.1e}" for lab in labels) + " |")
+    out.append("")
+    return out
