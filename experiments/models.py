@@ -17,7 +17,7 @@ from flax import linen as nn
 
 import jbn
 
-NORMS = ("none", "bn", "ghost", "renorm", "group", "noisy_bn")
+NORMS = ("none", "bn", "ghost", "renorm", "group", "noisy_bn", "bn_per_activation", "flax_bn")
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "relu": nn.relu,
     "sigmoid": nn.sigmoid,
@@ -50,6 +50,12 @@ class NormSpec:
         (the shape of Ioffe 2017's schedule, `jbn.renorm_schedule`).
       noise_scale, noise_shift: noise ranges ("noisy_bn"): scale in [1, noise_scale],
         shift in [-noise_shift, noise_shift].
+      use_scale, use_bias, epsilon: jbn.BatchNorm's options ("bn", "bn_per_activation").
+
+    "flax_bn" is flax.linen.BatchNorm (the peer implementation, for the cost experiment).
+    "bn_per_activation" is jbn.BatchNorm with one mean and variance per activation, i.e.
+    every non-batch axis is a feature axis (for a conv activation (N, H, W, C): statistics
+    over N only, for each (h, w, c)), instead of "bn"'s one per channel over N, H, W.
     """
 
     kind: str = "bn"
@@ -61,6 +67,9 @@ class NormSpec:
     renorm_ramp: tuple[int, int] | None = None
     noise_scale: float = 1.25
     noise_shift: float = 0.5
+    use_scale: bool = True
+    use_bias: bool = True
+    epsilon: float = 1e-5
 
     def __post_init__(self):
         if self.kind not in NORMS:
@@ -81,6 +90,13 @@ def renorm_ramp(fractions, steps: int) -> tuple[int, int] | None:
     return int(fractions[0] * steps), int(fractions[1] * steps)
 
 
+def _scaled(init, scale: float):
+    """`init` with its samples multiplied by `scale` (1 = unchanged)."""
+    if scale == 1.0:
+        return init
+    return lambda key, shape, dtype=jnp.float32: scale * init(key, shape, dtype)
+
+
 class Norm(nn.Module):
     """The normalization named by `spec`, applied to features on the last axis."""
 
@@ -91,8 +107,12 @@ class Norm(nn.Module):
         s = self.spec
         if s.kind == "none":
             return x
+        if s.kind == "bn_per_activation":
+            return jbn.BatchNorm(use_running_average=not train, momentum=s.momentum, axis=tuple(range(1, x.ndim)),
+                                 use_scale=s.use_scale, use_bias=s.use_bias, epsilon=s.epsilon)(x)
         if s.kind in ("bn", "noisy_bn"):
-            y = jbn.BatchNorm(use_running_average=not train, momentum=s.momentum)(x)
+            y = jbn.BatchNorm(use_running_average=not train, momentum=s.momentum, use_scale=s.use_scale, use_bias=s.use_bias,
+                              epsilon=s.epsilon)(x)
             if s.kind == "noisy_bn" and not self.is_initializing():
                 if train:
                     # one scale and one shift per activation AND per example (Santurkar et al. 2018)
@@ -110,6 +130,8 @@ class Norm(nn.Module):
                 r_max = jbn.renorm_schedule(1.0, s.r_max, begin, end)
                 d_max = jbn.renorm_schedule(0.0, s.d_max, begin, end)
             return jbn.BatchRenorm(use_running_average=not train, momentum=s.momentum, r_max=r_max, d_max=d_max)(x)
+        if s.kind == "flax_bn":  # the peer, for timing comparisons
+            return nn.BatchNorm(use_running_average=not train, momentum=s.momentum, epsilon=s.epsilon)(x)
         if s.kind == "group":
             return nn.GroupNorm(num_groups=None, group_size=min(s.group_size, x.shape[-1]))(x)
         raise AssertionError(s.kind)
@@ -131,6 +153,7 @@ class MLP(nn.Module):
       dropout_placement: "each" puts dropout on every hidden layer's output (so it feeds
         the next layer's norm); "last" only before the classifier, after the last norm.
       weight_init: kernel initializer, a key of INITS.
+      init_scale: multiplies the standard deviation of the hidden kernels' initializer.
     """
 
     widths: tuple[int, ...]
@@ -142,6 +165,7 @@ class MLP(nn.Module):
     dropout: float = 0.0
     dropout_placement: str = "each"
     weight_init: str = "lecun"
+    init_scale: float = 1.0
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False, dropout: bool | None = None) -> jax.Array:
@@ -161,7 +185,7 @@ class MLP(nn.Module):
         for i, width in enumerate(self.widths):
             if self.dropout > 0 and self.dropout_placement == "each" and i > 0:
                 x = nn.Dropout(self.dropout, deterministic=deterministic)(x)
-            h = nn.Dense(width, use_bias=bias, kernel_init=INITS[self.weight_init], name=f"dense_{i}")(x)
+            h = nn.Dense(width, use_bias=bias, kernel_init=_scaled(INITS[self.weight_init], self.init_scale), name=f"dense_{i}")(x)
             if self.placement == "before":
                 self.sow("intermediates", f"norm_input_{i}", h)
                 h = Norm(self.norm, name=f"norm_{i}")(h, train)

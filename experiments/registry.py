@@ -33,6 +33,12 @@ EXPERIMENTS = (
     Entry(9, "eval_statistics", "Evaluation statistics: EMA vs exact population vs batch statistics"),
     Entry(10, "sync_bn", "Sync BN across 8 devices with 2-8 examples each"),
     Entry(11, "batch_order", "Batch order and non-i.i.d. batches, BN vs Batch Renorm"),
+    Entry(12, "regularization", "Does BN regularize? Train-test gap at matched training loss, BN vs none vs dropout"),
+    Entry(13, "init_scale", "Sensitivity to the scale of the weight initialization, BN vs none"),
+    Entry(14, "gamma_beta", "gamma/beta on and off (use_scale/use_bias), what they learn, epsilon"),
+    Entry(15, "per_channel", "Per-channel vs per-activation statistics in a conv net"),
+    Entry(16, "weight_decay", "Weight decay, scale invariance and the effective learning rate lr/||W||^2"),
+    Entry(17, "step_cost", "BN's cost per training step at the experiments' sizes"),
 )
 BY_NAME = {e.name: e for e in EXPERIMENTS}
 

@@ -1,0 +1,133 @@
+"""Experiment 12: does BN regularize, and reduce the need for dropout?
+
+Claim (seed articles 002-004: "BN regularizes the model ... in some cases you might not
+even need dropout"; Ioffe & Szegedy 2015, Sec. 3.4): the noise of batch statistics acts as
+a regularizer, so a BN net generalizes better than the same net without it, as dropout
+does. A fair test compares nets that fit the training data equally well: the train-test
+gap is read at the first evaluation where each net's training-set loss (eval mode, no
+dropout) falls to the same value, over several training-set sizes.
+"""
+from __future__ import annotations
+
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from experiments import data as datasets
+from experiments import report
+from experiments.models import MLP, NormSpec
+from experiments.training import TrainState, fit, make_evaluate, make_optimizer
+
+NAME = "regularization"
+DEFAULTS = {
+    "data": "mnist1d",
+    "widths": [128, 128, 128],
+    "train_sizes": [500, 1000, 4000],  # the first N training examples
+    "dropout": 0.3,  # the dropout arm: on every hidden layer, no BN
+    "batch_size": 64,
+    "steps": 2000,
+    "eval_every": 50,
+    "optimizer": "momentum",
+    "learning_rate": 0.05,
+    "bn_momentum": 0.99,
+    "matched_train_loss": 0.3,  # the gap is read where the training-set loss first reaches this
+    "seeds": [0, 1, 2, 3, 4, 5, 6, 7, 8, 9],
+}
+TINY = {"widths": [8], "train_sizes": [200], "steps": 4, "eval_every": 2, "seeds": [0, 1], "matched_train_loss": 5.0}
+
+CLAIM = (
+    "BN regularizes: at the same training loss, a BN net has a smaller train-test gap than the same net without BN, "
+    "about as small as with dropout, so it reduces the need for dropout (seed articles; Ioffe & Szegedy 2015, Sec. 3.4)."
+)
+ARMS = {"none": dict(norm=NormSpec("none")), "BN": dict(norm=NormSpec("bn")), "dropout": dict(norm=NormSpec("none"))}
+
+
+def train_set_probe(model, x, y):
+    """probe(state, key) -> loss and accuracy on the (sub)training set in eval mode."""
+    evaluate = make_evaluate(model)
+
+    def probe(state: TrainState, key):
+        m = evaluate(state, x, y)
+        return {"train_eval_loss": m["loss"], "train_eval_accuracy": m["accuracy"]}
+
+    return probe
+
+
+def at_matched_loss(run, target: float) -> dict[str, np.ndarray]:
+    """Per seed, the numbers at the first evaluation where the eval-mode training loss <= target
+    (NaN for a seed that never gets there)."""
+    loss = run.series["train_eval_loss"]  # (T, S)
+    out = {k: np.full(loss.shape[1], np.nan) for k in ("step", "gap", "test_accuracy", "train_accuracy")}
+    for s in range(loss.shape[1]):
+        hits = np.flatnonzero(loss[:, s] <= target)
+        if hits.size:
+            t = hits[0]
+            out["step"][s] = run.steps[t]
+            out["train_accuracy"][s] = run.series["train_eval_accuracy"][t, s]
+            out["test_accuracy"][s] = run.series["test_accuracy"][t, s]
+            out["gap"][s] = out["train_accuracy"][s] - out["test_accuracy"][s]
+    return out
+
+
+def run(config: dict, out_dir: pathlib.Path) -> dict:
+    out_dir = pathlib.Path(out_dir)
+    full = datasets.load(config["data"])
+    target = config["matched_train_loss"]
+    runs, matched, rows = {}, {}, []
+    for n in config["train_sizes"]:
+        data = full._replace(x_train=full.x_train[:n], y_train=full.y_train[:n])
+        px, py = jnp.asarray(data.x_train), jnp.asarray(data.y_train)
+        for arm, kw in ARMS.items():
+            spec = kw["norm"] if arm != "BN" else NormSpec("bn", momentum=config["bn_momentum"])
+            model = MLP(tuple(config["widths"]), full.num_classes, norm=spec, dropout=config["dropout"] if arm == "dropout" else 0.0)
+            r = fit(model, make_optimizer(config["optimizer"], config["learning_rate"]), data, seeds=config["seeds"],
+                    steps=config["steps"], batch_size=min(config["batch_size"], n), eval_every=config["eval_every"],
+                    probe=train_set_probe(model, px, py), desc=f"{arm} n={n}")
+            runs[arm, n] = r
+            matched[arm, n] = at_matched_loss(r, target)
+            rows += r.rows(arm=arm, train_size=n)
+    report.write_metrics(out_dir, rows)
+
+    sizes = config["train_sizes"]
+    table = report.markdown_table(
+        ["train size", "arm", f"step where train loss <= {target:g}", "train acc there", "test acc there", "gap (train - test)",
+         "final test acc"],
+        [(n, a, report.fmt_seeds(matched[a, n]["step"], 0, missing="never reached"), report.fmt_seeds(matched[a, n]["train_accuracy"]),
+          report.fmt_seeds(matched[a, n]["test_accuracy"]), report.fmt_seeds(matched[a, n]["gap"], missing="never reached"),
+          report.fmt_seeds(runs[a, n].final("test_accuracy"))) for n in sizes for a in ARMS],
+    )
+    quantities = {}
+    for n in sizes:
+        for a in ARMS:
+            quantities[f"gap/{a}/n{n}"] = matched[a, n]["gap"]
+            quantities[f"test_acc_matched/{a}/n{n}"] = matched[a, n]["test_accuracy"]
+
+    fig, axes = report.figure(2, 1)
+    for a in ARMS:
+        m = [np.nanmean(matched[a, n]["gap"]) for n in sizes]
+        sd = [np.nan_to_num(report.mean_std(matched[a, n]["gap"])[1]) for n in sizes]
+        axes[0, 0].errorbar(sizes, m, yerr=sd, marker="o", capsize=3, label=a)
+    report.log_ticks(axes[0, 0], sizes)
+    axes[0, 0].set(xlabel="training examples", ylabel="train acc - test acc", title=f"gap at train loss {target:g} (± SD)")
+    axes[0, 0].legend()
+    n0 = min(sizes)
+    for a in ARMS:
+        r = runs[a, n0]
+        report.band(axes[0, 1], r.steps, r.series["train_eval_loss"], f"{a} train")
+    axes[0, 1].axhline(target, color="gray", ls=":", lw=1)
+    axes[0, 1].set(xlabel="step", ylabel="training-set loss (eval mode)", title=f"{n0} examples", yscale="log")
+    axes[0, 1].legend(fontsize=7)
+    figures = [report.save_figure(fig, out_dir, "regularization.png")]
+    setup = (
+        f"{full.name}, the first {sizes} training examples; ReLU MLP {config['widths']}: no norm / jbn.BatchNorm before "
+        f"each ReLU (momentum {config['bn_momentum']}) / dropout {config['dropout']} on every hidden layer (no BN); batch "
+        f"{config['batch_size']}, {config['optimizer']} lr {config['learning_rate']}, {config['steps']} steps, seeds "
+        f"{config['seeds']} (paired: the arms share each seed's data order). Every {config['eval_every']} steps the "
+        f"training-set loss and accuracy in eval mode (running statistics, no dropout) and the test accuracy; the gap is "
+        f"read at the first evaluation where that loss is <= {target:g} (a seed that never gets there is left out, and "
+        f"n says so)."
+    )
+    return report.finish(NAME, out_dir, config, title="12. Does BN regularize? Train-test gap at matched training loss",
+                         claim=CLAIM, setup=setup, table=table, figures=figures, quantities=quantities, seeds=config["seeds"])
