@@ -18,6 +18,7 @@ Where the numbers differ from equinox 0.13 (see docs/guides/equinox.md):
 - The state is one `RunningStats(mean, var, count)` (count: batches seen per feature),
   not equinox's layout, so serialised states do not load across the two.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -196,37 +197,58 @@ class BatchNorm(eqx.nn.StatefulLayer):
             y, new = self._train(x, running, mask)
         return y, state.set(self.state_index, jax.lax.stop_gradient(new))
 
-    def _out_dtype(self, x: jax.Array, running: F.RunningStats):
+    def _out_dtype(self, x: jax.Array, running: F.RunningStats) -> Any:
         return jnp.promote_types(x.dtype, running.mean.dtype)  # as equinox: the wider of x and the state
 
     def _infer(self, x: jax.Array, running: F.RunningStats) -> tuple[jax.Array, F.RunningStats]:
         return F.batch_norm(
-            x, self.weight, self.bias, running, training=False, axis=0, epsilon=self.eps,
+            x,
+            self.weight,
+            self.bias,
+            running,
+            training=False,
+            axis=0,
+            epsilon=self.eps,
             dtype=self._out_dtype(x, running),
         )
 
     def _train(self, x: jax.Array, running: F.RunningStats, mask) -> tuple[jax.Array, F.RunningStats]:
         out_dtype = self._out_dtype(x, running)
-        sync = dict(axis_name=self.axis_name, axis_index_groups=self.axis_index_groups)
+        names, groups = self.axis_name, self.axis_index_groups
         if self.mode == "batch":
             return F.batch_norm(
-                x, self.weight, self.bias, running, training=True, axis=0, momentum=self.momentum,
-                epsilon=self.eps, mask=mask, dtype=out_dtype, debias=self.debias is None or self.debias,
-                unbiased_running_var=self.unbiased_running_var, **sync,
+                x,
+                self.weight,
+                self.bias,
+                running,
+                training=True,
+                axis=0,
+                momentum=self.momentum,
+                epsilon=self.eps,
+                mask=mask,
+                dtype=out_dtype,
+                debias=self.debias is None or self.debias,
+                unbiased_running_var=self.unbiased_running_var,
+                axis_name=names,
+                axis_index_groups=groups,
             )
-        new = self._ema_update(running, F.moments(x, axis=0, mask=mask, **sync))
+        batch = F.moments(x, axis=0, mask=mask, axis_name=names, axis_index_groups=groups)
+        new = self._ema_update(running, batch)
         y = F.normalize(x, new.mean, new.var, self.weight, self.bias, axis=0, epsilon=self.eps, dtype=out_dtype)
         return y, new
 
     def _ema_update(self, running: F.RunningStats, batch: F.Moments) -> F.RunningStats:
         """The running update of mode "ema"."""
-        options = dict(unbiased_running_var=self.unbiased_running_var)
+        unbiased = self.unbiased_running_var
         if self.debias is not None or self.momentum is None:
-            return F.update_running_stats(running, batch, self.momentum, debias=bool(self.debias), **options)
+            return F.update_running_stats(
+                running, batch, self.momentum, debias=bool(self.debias), unbiased_running_var=unbiased
+            )
         # equinox's start: a feature's first batch replaces the initial statistics (a
         # per-feature count, so a feature that saw only padding waits for real data).
-        filled = F.update_running_stats(running, batch, 0.0, **options)
-        moved = F.update_running_stats(running, batch, self.momentum, **options)
+        filled = F.update_running_stats(running, batch, 0.0, unbiased_running_var=unbiased)
+        moved = F.update_running_stats(running, batch, self.momentum, unbiased_running_var=unbiased)
         first = running.count == 0
-        return F.RunningStats(*(jnp.where(first, a, b) for a, b in zip(filled[:2], moved[:2])), moved.count)
-
+        return F.RunningStats(
+            jnp.where(first, filled.mean, moved.mean), jnp.where(first, filled.var, moved.var), moved.count
+        )
