@@ -99,7 +99,8 @@ def train(path, x, scale, bias, state, mask, *, axis_name=None, momentum=0.9, **
 def compiled(path, parallel, grad, options=()):
     """`train` jitted once per (path, parallel, grad, options): hypothesis examples reuse it.
     parallel: x is (participants, n, C), vmapped with axis_name "d". grad: return
-    ((dx, dscale, dbias), (y, state)) of sum(where(mask, y, 0) * cot)."""
+    ((dx, dscale, dbias), (y, state)) of sum(where(mask, y, 0) * cot), the loss of the
+    valid outputs only (padded outputs may hold anything)."""
     opts = dict(options)
 
     def local(x, scale, bias, state, mask):
@@ -109,9 +110,9 @@ def compiled(path, parallel, grad, options=()):
     if not grad:
         return jax.jit(f)
 
-    def loss(x, scale, bias, state, mask, cot):
+    def loss(x, scale, bias, state, mask, full, cot):  # full: the mask broadcast to x's shape
         y, new = f(x, scale, bias, state, mask)
-        return jnp.sum(jnp.where(mask, y, 0) * cot), (y, new)
+        return jnp.sum(jnp.where(full, y, 0) * cot), (y, new)
 
     return jax.jit(jax.grad(loss, argnums=(0, 1, 2), has_aux=True))
 
@@ -160,7 +161,9 @@ def make_padded(shape, seed, padding, per_example, empty_member):
     hostile = np.where(mask, x, fill).astype(np.float32)
     zeros = np.where(mask, x, 0).astype(np.float32)
     cot = rng.normal(size=shape).astype(np.float32)
-    return hostile, zeros, mask, cot
+    # a mask of whole examples is passed without its feature axis ((N,), the broadcast form)
+    given = mask[..., 0] if per_example else mask
+    return hostile, zeros, mask, given, cot
 
 
 def padded_reference(path, zeros, mask, cot, scale, bias, state):
@@ -191,9 +194,10 @@ def test_padding_never_reaches_outputs_statistics_or_gradients(path, parallel):
     @prop(5)
     @given(padded_batch(parallel))
     def check(case):
-        hostile, zeros, mask, cot = make_padded(*case)
-        got = run(path, parallel, jnp.asarray(hostile), scale, bias, state, jnp.asarray(mask), jnp.asarray(cot), grad=True)
-        base = run(path, parallel, jnp.asarray(zeros), scale, bias, state, jnp.asarray(mask), jnp.asarray(cot), grad=True)
+        hostile, zeros, mask, given, cot = make_padded(*case)
+        masks = (jnp.asarray(given), jnp.asarray(mask), jnp.asarray(cot))
+        got = run(path, parallel, jnp.asarray(hostile), scale, bias, state, *masks, grad=True)
+        base = run(path, parallel, jnp.asarray(zeros), scale, bias, state, *masks, grad=True)
         (dx, dscale, dbias), (y, new) = got
         (dx0, dscale0, dbias0), (y0, new0) = base
         y_ref, mean_ref, var_ref, dx_ref, dscale_ref, dbias_ref = padded_reference(path, zeros, mask, cot, scale, bias, state)
@@ -222,7 +226,7 @@ def test_padding_under_shard_map_on_eight_devices(path):
     mesh = Mesh(np.array(jax.devices()[:8]), ("d",))
     scale, bias = params(1)
     state = initial_state(path, np.full(C, 0.2, np.float32), np.full(C, 1.7, np.float32))
-    hostile, zeros, mask, cot = make_padded((8, 3, C), 5, np.nan, False, True)
+    hostile, zeros, mask, _, cot = make_padded((8, 3, C), 5, np.nan, False, True)
 
     def total(x, scale, bias, mask, cot):
         def body(x, scale, bias, mask, cot):
