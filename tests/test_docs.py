@@ -229,3 +229,21 @@ def test_reference_docstrings_read_statically():
             assert obj.docstring and obj.docstring.value.strip(), (
                 f"{module_name}.{member} has no docstring for the API reference"
             )
+
+
+# ------------------------------------------------------------------ what the docs point to
+
+REFERENCE = re.compile(r"\b((?:tests|jbn|experiments|benchmarks)/[a-z0-9_/]+\.[a-z]+)((?:::\w+)*)")  # NAME.py: a placeholder
+
+
+def test_referenced_files_and_tests_exist():
+    # The comparison table names the test that shows each row; a renamed test must not leave it stale.
+    missing = []
+    for doc in DOC_FILES:
+        for path, names in REFERENCE.findall(doc.read_text()):
+            target = ROOT / path
+            if not target.exists():
+                missing.append(f"{doc.relative_to(ROOT)}: {path}")
+            elif names and not re.search(rf"^\s*def {names.split('::')[-1]}\(", target.read_text(), flags=re.M):
+                missing.append(f"{doc.relative_to(ROOT)}: {path}{names}")
+    assert not missing, "the docs name files or tests that do not exist:\n" + "\n".join(missing)
