@@ -369,6 +369,7 @@ def test_count_weighted_across_devices_pmap():
     per_device = np.array([4, 3, 2, 1, 0, 4, 2, 4])
     valid = np.arange(n)[None, :] < per_device[:, None]  # (devices, n)
     x = np.where(valid[:, :, None, None], x, np.float32(5e4)).astype(np.float32)
+    x[4] = np.nan  # device 4 holds only padding, and NaN at that
     ct = np.random.default_rng(14).normal(size=x.shape).astype(np.float32) * valid[:, :, None, None]
     bn, state = make(je.BatchNorm, C, ("device", "batch"), mode="batch", momentum=0.0)
     params, static = eqx.partition(bn, eqx.is_inexact_array)
@@ -385,14 +386,33 @@ def test_count_weighted_across_devices_pmap():
     flat, w = x.reshape(-1, C, 5), np.broadcast_to(valid.reshape(-1, 1, 1), (DEVICES * n, C, 5))
     mean, var, _ = ref_stats(flat, mask=w)
     running = jax.tree.map(lambda a: a[0], new).get(bn.state_index)
-    assert np.all(np.isfinite(running.mean)) and np.all(np.isfinite(running.var)) and np.all(np.isfinite(y))
+    assert np.all(np.isfinite(running.mean)) and np.all(np.isfinite(running.var))
+    assert np.all(np.isfinite(np.asarray(y)[valid])) and np.all(np.isfinite(g.weight)) and np.all(np.isfinite(g.bias))
     np.testing.assert_allclose(running.mean, mean, **TOL)
     np.testing.assert_allclose(running.var, var, **TOL)
     yf = np.asarray(y).reshape(flat.shape)
     np.testing.assert_allclose(np.where(w, yf, 0), np.where(w, ref_normalize(flat, mean, var), 0), **TOL)
-    _, dw, db = ref.batch_norm_grads(flat, np.ones(C), ct.reshape(flat.shape), axis=1, mask=w)
+    clean = np.where(w, flat, 0)  # the reference multiplies its zero cotangent by the padding; keep that finite
+    _, dw, db = ref.batch_norm_grads(clean, np.ones(C), ct.reshape(flat.shape), axis=1, mask=w)
     np.testing.assert_allclose(g.weight[0], dw, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(g.bias[0], db, rtol=1e-4, atol=1e-4)
+
+
+def test_axis_index_groups_normalize_within_groups():
+    # Indices run over every participant of ("device", "batch"): device d, example b is 2 d + b.
+    groups = [list(range(8)), list(range(8, 16))]
+    x = batches(1, (DEVICES * 2, C, 3), seed=17)[0].reshape(DEVICES, 2, C, 3)
+    x[4:] += 5.0  # the second group has other statistics
+    bn, state = make(je.BatchNorm, C, ("device", "batch"), mode="batch", momentum=0.0, axis_index_groups=groups)
+    # The state differs between groups, so it leaves vmap per example, too.
+    f = jax.vmap(bn, axis_name="batch", in_axes=(0, None), out_axes=(0, 0))
+    y, new = jax.pmap(f, axis_name="device", in_axes=(0, None))(x, state)
+    for members in ([0, 1, 2, 3], [4, 5, 6, 7]):  # the devices of each group
+        part = x[members].reshape(-1, C, 3)
+        mean, var, _ = ref_stats(part)
+        np.testing.assert_allclose(np.asarray(y)[members].reshape(part.shape), ref_normalize(part, mean, var), **TOL)
+        for d in members:
+            np.testing.assert_allclose(new.get(bn.state_index).mean[d], np.broadcast_to(mean, (2, C)), **TOL)
 
 
 def test_replicated_model_under_filter_jit_and_shard_map():
