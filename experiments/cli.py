@@ -121,11 +121,16 @@ def main(argv=None) -> int:
     p.add_argument("--override", "-o", action="append", default=[], metavar="KEY=VALUE", help="change one config key (value read as YAML); repeatable")
     p.add_argument("--tiny", action="store_true", help="apply the experiment's TINY settings (a few-step smoke run)")
     p.add_argument("--runs-dir", default="runs", help="parent of the output folder runs/NAME (default: runs)")
+    p.add_argument("--order-seed-offset", type=int, default=0, metavar="K",
+                   help="add K to every data-order seed (same initializations, other batch orders: the reproducibility reruns)")
     args = parser.parse_args(argv)
     if args.command == "list":
         list_experiments()
         return 0
     _use_eight_cpu_devices()
+    from experiments import training
+
+    training.ORDER_SEED_OFFSET = args.order_seed_offset
     try:
         result = run_experiment(args.config, args.override, tiny=args.tiny, runs_dir=args.runs_dir)
     except (cfg.ConfigError, LookupError) as e:

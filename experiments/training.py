@@ -23,6 +23,9 @@ from tqdm.auto import tqdm
 from experiments.data import Dataset, batch_indices
 
 OPTIMIZERS = ("sgd", "momentum", "adam")
+# Added to every data-order seed `fit` uses: the reproducibility reruns set it (CLI option
+# --order-seed-offset) to train the same initializations on a different set of batch orders.
+ORDER_SEED_OFFSET = 0
 
 
 class TrainState(NamedTuple):
@@ -233,6 +236,7 @@ def fit(
     if eval_every <= 0 or steps <= 0:
         raise ValueError(f"`steps`={steps} and `eval_every`={eval_every} must be positive.")
     order_seeds = list(seeds) if order_seeds is None else list(order_seeds)
+    order_seeds = [int(o) + ORDER_SEED_OFFSET for o in order_seeds]
     if len(order_seeds) != len(seeds):
         raise ValueError(f"`order_seeds` has {len(order_seeds)} entries for {len(seeds)} seeds: give one per seed.")
     options = dict(
