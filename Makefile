@@ -39,14 +39,16 @@ lint: $(STAMP)
 docs: $(STAMP)
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet  # (that variable: no MkDocs 2.0 banner)
 
-# The wheel and sdist in dist/, checked as PyPI would (twine), and the wheel checked for py.typed and the LICENSE.
+# The wheel and sdist in dist/, checked as PyPI would (twine) and for their contents (py.typed, LICENSE, version);
+# then the wheel alone in a fresh environment: the pure layer must work with the runtime dependencies only.
 dist: $(STAMP)
-	rm -rf dist
+	rm -rf dist build/wheel-venv
 	$(PY) -m build --no-isolation --outdir dist .
 	$(VENV)/bin/twine check --strict dist/*
-	$(PY) -c "import glob, sys, zipfile; names = zipfile.ZipFile(glob.glob('dist/*.whl')[0]).namelist(); \
-	missing = [n for n in ('jbn/py.typed', 'jbn/_version.py') if n not in names] + ([] if any(n.endswith('/licenses/LICENSE') for n in names) else ['LICENSE']); \
-	sys.exit(f'the wheel lacks {missing}' if missing else 0)"
+	$(PY) .ci/check_dist.py dist
+	$(PYTHON) -m venv build/wheel-venv
+	build/wheel-venv/bin/python -m pip install -q dist/*.whl
+	cd build && wheel-venv/bin/python ../.ci/check_dist.py --installed
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache site dist
