@@ -426,3 +426,28 @@ def test_every_committed_config_states_its_criteria_with_dates():
         # No criterion setting is left in DEFAULTS: thresholds live in the criteria block only.
         for key in module.DEFAULTS:
             assert not any(w in key for w in ("margin", "tolerance", "factor", "threshold")), (e.name, key)
+
+
+def test_reproducibility_report_gives_the_drift_of_each_criterion(tmp_path):
+    from experiments import reproducibility
+
+    def write_run(folder, bn_acc):
+        (folder / "ioffe_fig1").mkdir(parents=True)
+        q = {"test_acc/BN": bn_acc, "test_acc/baseline": [0.45, 0.46, 0.47], "reach_fraction/BN": [0.1, 0.2, 0.1],
+             "drift/BN": [0.3, 0.3, 0.3], "drift/baseline": [0.8, 0.8, 0.8]}
+        report.write_rows(folder / "ioffe_fig1" / "quantities.csv", protocol.quantity_rows(q, [0, 1, 2]))
+
+    write_run(tmp_path / "a", [0.65, 0.66, 0.67])
+    write_run(tmp_path / "b", [0.44, 0.47, 0.49])  # paired gain -0.01, +0.01, +0.02: no longer clear of 0
+    table, rows = reproducibility.compare(tmp_path / "a", tmp_path / "b")
+    acc = next(r for r in rows if r["experiment"] == "ioffe_fig1" and r["criterion"] == "accuracy")
+    assert np.isclose(acc["mean_a"], 0.20) and np.isclose(acc["mean_b"], 0.00666666, atol=1e-6)
+    assert np.isclose(acc["drift"], acc["mean_b"] - acc["mean_a"])
+    assert acc["holds_a"] == "yes" and acc["holds_b"] == "no" and "yes -> no **(flips)**" in table
+    assert "| 2 | learning_rates | not rerun |" in table
+
+
+def test_at_least_sixteen_experiments_are_listed(capsys):
+    assert cli.main(["list"]) == 0
+    listed = [l for l in capsys.readouterr().out.splitlines()[1:] if "configs/" in l]
+    assert len(listed) >= 16
