@@ -29,7 +29,7 @@ DEFAULTS = {
     "optimizer": "sgd",
     "learning_rate": 0.5,  # the same for both arms
     "bn_momentum": 0.99,
-    "seeds": [0, 1, 2],
+    "seeds": [0, 1, 2, 3, 4, 5, 6, 7, 8, 9],
     "unit": 0,  # which unit of the last hidden layer the percentile plot shows
     "probe_examples": 1000,  # fixed test examples the percentiles are measured on
     "settle_fraction": 0.1,  # the drift is measured after this fraction of training
