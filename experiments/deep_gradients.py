@@ -38,7 +38,8 @@ DEFAULTS = {
     "optimizer": "momentum",
     "learning_rate": 0.01,
 }
-TINY = {"depths": [2, 3], "width": 8, "seeds": [0, 1], "train_depths": [2, 3], "train_steps": 4, "train_eval_every": 2}
+TINY = {"depths": [2, 3], "width": 8, "seeds": [0, 1], "activations": ["relu"], "train_depths": [3], "train_steps": 4,
+        "train_eval_every": 2}
 
 CLAIM = (
     "At initialization, a deep BN MLP without skips has exploding gradients (norm growing exponentially from the last "
