@@ -193,13 +193,14 @@ def test_training_and_inference_match_equinox(mode, spatial):
         np.testing.assert_allclose(y_inf_eqx, ref_normalize(x_test, mean, var + excess), **TOL)
 
 
-@pytest.mark.parametrize("mode", ["batch", "ema"])
-def test_gradients_match_equinox(mode):
+@pytest.mark.parametrize("mode, fused", [("batch", False), ("batch", True), ("ema", False)])
+def test_gradients_match_equinox(mode, fused):
     x, x2 = batches(2, (6, C, 5), seed=7)
     ct = np.random.default_rng(8).normal(size=x.shape).astype(np.float32)
 
     def grads(cls):
-        model, state = make(cls, C, "batch", momentum=MOMENTUM, mode=mode)
+        options = dict(fused=fused) if cls is je.BatchNorm else {}
+        model, state = make(cls, C, "batch", momentum=MOMENTUM, mode=mode, **options)
         _, state = run(model, state, x)  # second step: in mode "ema" the EMA is then in play
         params, static = eqx.partition((model, x2), eqx.is_inexact_array)
 
@@ -452,19 +453,40 @@ def test_replicated_model_under_filter_jit_and_shard_map():
     np.testing.assert_array_equal(state_inf.get(bn.state_index).count, 1)
 
 
-@pytest.mark.xfail(
+FUSED_UNDER_VMAP = pytest.mark.xfail(
     strict=True,
-    reason="jbn's fused VJP under vmap(axis_name=...) is re-traced outside the vmap "
-    "when a jitted function is differentiated from outside (grad of jit): 'axis_name is not bound'",
+    reason="jbn's fused custom derivative, batched under vmap(axis_name=...), is linearized outside the vmap "
+    "when the gradient goes through lax.scan or a jitted function from outside: 'axis name is not bound'",
 )
-def test_grad_of_jitted_call():
-    x = batches(1, (6, C, 4), seed=16)[0]
-    bn, state = make(je.BatchNorm, C, "batch", mode="batch")
+
+
+@pytest.mark.parametrize("fused", [False, pytest.param(True, marks=FUSED_UNDER_VMAP)])
+@pytest.mark.parametrize("where", ["grad of jit", "scan"])
+def test_gradient_through_jit_and_scan(where, fused):
+    """Two patterns that equinox's layer survives: differentiating a jitted call from
+    outside, and a layer inside `lax.scan` (over time steps or stacked layers)."""
+    xs = np.stack(batches(2, (6, C, 4), seed=16))
+    bn, state = make(je.BatchNorm, C, "batch", mode="batch", fused=fused)
     params, static = eqx.partition(bn, eqx.is_inexact_array)
-    g = jax.grad(lambda p: jnp.sum(run(eqx.combine(p, static), state, x)[0] * x))(params)
-    _, dw, db = ref.batch_norm_grads(x, np.ones(C), x, axis=1)
-    np.testing.assert_allclose(g.weight, dw, rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(g.bias, db, rtol=1e-4, atol=1e-4)
+    if where == "grad of jit":
+        xs = xs[:1]
+
+        def loss(params):
+            return jnp.sum(run(eqx.combine(params, static), state, xs[0])[0] * xs[0])
+
+    else:
+
+        def loss(params):
+            def body(state, x):
+                y, state = per_example(eqx.combine(params, static))(x, state)
+                return state, jnp.sum(y * x)
+
+            return jnp.sum(jax.lax.scan(body, state, xs)[1])
+
+    g = jax.grad(loss)(params)
+    per_step = [ref.batch_norm_grads(x, np.ones(C), x, axis=1) for x in xs]
+    np.testing.assert_allclose(g.weight, sum(dw for _, dw, _ in per_step), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(g.bias, sum(db for _, _, db in per_step), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.xfail(
