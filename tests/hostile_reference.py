@@ -69,35 +69,7 @@ def ghost_running(x, valid, size, running_mean, running_var, *, momentum, unbias
     return ema(running_mean, mean, momentum, ok), ema(running_var, var, momentum, ok)
 
 
-def round_to(value, dtype):
-    """`value` rounded to the nearest `dtype` number (ml_dtypes' bfloat16 or NumPy's float16)."""
-    return float(np.asarray(value, np.float64).astype(dtype))
-
-
 def spacing(value, dtype):
-    """The gap between `dtype` numbers at |value| (one ulp)."""
+    """The gap between `dtype` numbers at |value| (one ulp); `dtype` is ml_dtypes' bfloat16
+    or NumPy's float16."""
     return float(np.spacing(np.abs(np.asarray(value, np.float64)).astype(dtype)).astype(np.float64))
-
-
-def low_precision_ema(start, target, momentum, steps, dtype):
-    """The EMA stored in `dtype` when each update is computed exactly (float64 stands in for
-    'float32 or wider') and rounded once to `dtype`: the best any implementation that
-    keeps the state in `dtype` with round-to-nearest can give. Returns the final value."""
-    v = round_to(start, dtype)
-    for _ in range(steps):
-        v = round_to(momentum * v + (1 - momentum) * target, dtype)
-    return v
-
-
-def ema_rounding_bound(start, target, momentum, steps, dtype):
-    """How far an EMA kept in `dtype` (each update exact, then rounded to nearest) can be
-    from the float64 EMA after `steps` updates: the error obeys e_{k+1} = m e_k + rho_k,
-    |rho_k| <= ulp(v_{k+1}) / 2 at the value reached, so |e_K| <= sum m^(K-1-k) ulp_k / 2.
-    The ulp is taken at |exact| + the error so far (the stored value may sit one binade
-    higher); a float32 intermediate adds a few float32 roundings per step."""
-    exact, bound = float(start), 0.5 * spacing(start, dtype)
-    for _ in range(steps):
-        exact = momentum * exact + (1 - momentum) * target
-        at = abs(exact) + bound
-        bound = momentum * bound + 0.5 * spacing(at, dtype) + 4 * 2.0**-24 * at
-    return exact, bound

@@ -12,6 +12,7 @@ counters near int32's limit. Every number is checked against a float64 NumPy ref
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -306,51 +307,67 @@ LOW = {"bfloat16": (jnp.bfloat16, ml_dtypes.bfloat16), "float16": (jnp.float16, 
 HALVES = jnp.asarray(np.tile(np.arange(2, dtype=np.float32), 4)[:, None] * np.ones(C, np.float32))
 
 
-def low_precision_run(path, dtype, momentum, steps, start_mean, start_var):
-    jdtype, _ = LOW[dtype]
-    state = initial_state(path, jnp.full(C, start_mean, jdtype), jnp.full(C, start_var, jdtype))
-    scale, bias = jnp.ones(C, jnp.float32), jnp.zeros(C, jnp.float32)
-    for _ in range(steps):
-        _, state = run(path, False, HALVES, scale, bias, state, None, momentum=momentum)
-    return state
-
-
 @pytest.mark.parametrize("path", PATHS)
-def test_low_precision_running_stats_stay_within_rounding_of_the_float64_ema(path):
-    """Item 3: with bfloat16/float16 RunningStats each update must be one rounding of the
-    exact mix (computed in float32 or wider, then cast), so after K updates the value is
-    within the analytic bound of K roundings of the float64 EMA (hostile_reference)."""
+def test_low_precision_update_is_within_one_ulp_of_the_exact_mix(path):
+    """Item 3, one update: a bfloat16/float16 state keeps its dtype and the update is the
+    exact mix `m * old + (1 - m) * batch` (computed in float32 or wider) brought back to
+    that dtype: one rounding, or one step of one ulp where rounding would not move it, so
+    within one ulp either way. Mixing in the narrow dtype itself (momentum 0.999 rounds to
+    1 in bfloat16) is not."""
+    scale, bias = params(5)
 
-    @prop(6)
-    @given(st.sampled_from(sorted(LOW)), st.sampled_from([0.9, 0.99, 0.999]), st.integers(1, 30),
-           st.sampled_from([0.0, 1.0, 2.0, -1.0]), st.sampled_from([1.0, 0.5, 3.0]))
-    @example("bfloat16", 0.99, 10, 0.0, 1.0)
-    def check(dtype, momentum, steps, start_mean, start_var):
-        state = low_precision_run(path, dtype, momentum, steps, start_mean, start_var)
-        np_dtype = LOW[dtype][1]
-        for name, start, target in (("mean", start_mean, 0.5), ("var", start_var, 0.25)):
-            exact, bound = href.ema_rounding_bound(start, target, momentum, steps, np_dtype)
-            got = np.asarray(state[name], np.float64)
-            assert np.all(np.abs(got - exact) <= bound), (name, got, exact, bound)
+    @prop(8)
+    @given(st.sampled_from(sorted(LOW)), st.sampled_from([0.5, 0.9, 0.99, 0.999]),
+           st.floats(-4, 4), st.floats(0.01, 8), st.integers(0, 2**16))
+    @example("bfloat16", 0.999, 1.0, 1.0, 0)
+    def check(dtype, momentum, old_mean, old_var, seed):
+        jdtype, np_dtype = LOW[dtype]
+        x = np.random.default_rng(seed).normal(size=(8, C)).astype(np.float32) * 1.5 + 0.7
+        state = initial_state(path, jnp.full(C, old_mean, jdtype), jnp.full(C, old_var, jdtype))
+        _, new = run(path, False, jnp.asarray(x), scale, bias, state, None, momentum=momentum)
+        batch_mean, batch_var, _ = href.masked_moments(x, np.ones(x.shape, bool))
+        for name, batch in (("mean", batch_mean), ("var", batch_var)):
+            assert new[name].dtype == jdtype, (name, new[name].dtype)
+            old = np.asarray(state[name], np.float64)
+            exact = momentum * old + (1 - momentum) * batch
+            got = np.asarray(new[name], np.float64)
+            ulp = np.array([href.spacing(max(abs(g), abs(e)), np_dtype) for g, e in zip(got, exact)])
+            assert np.all(np.abs(got - exact) <= ulp), (name, got, exact, ulp)
 
     check()
 
 
+@functools.lru_cache(maxsize=None)
+def compiled_steps(path, momentum, steps):
+    """`steps` training calls on HALVES in one jitted loop (the state keeps its dtype)."""
+    scale, bias = jnp.ones(C, jnp.float32), jnp.zeros(C, jnp.float32)
+
+    def body(_, state):
+        return train(path, HALVES, scale, bias, state, None, momentum=momentum)[1]
+
+    return jax.jit(lambda state: jax.lax.fori_loop(0, steps, body, state))
+
+
+def steps_to_converge(start, target, momentum, dtype):
+    """Updates after which the float64 EMA is within a quarter ulp of the target."""
+    return math.ceil(math.log(href.spacing(target, dtype) / 4 / abs(start - target)) / math.log(momentum))
+
+
 @pytest.mark.parametrize("path", ["bn-fused", "renorm", "linen-bn", "nnx-renorm"])
-@pytest.mark.parametrize("dtype,momentum", [("bfloat16", 0.99), ("bfloat16", 0.999), ("float16", 0.99),
-                                            ("float16", 0.999)])
-def test_low_precision_ema_is_rounded_once_per_update(path, dtype, momentum):
-    """Item 3, many updates: the state stays in its dtype and follows the EMA whose every
-    update is exact then rounded to that dtype (the float64 reference), within 2 ulp (a
-    float32 intermediate may round twice). Mixing in bfloat16 itself drifts far from it."""
-    steps = 300
-    state = low_precision_run(path, dtype, momentum, steps, 0.0, 1.0)
-    np_dtype = LOW[dtype][1]
-    for name, start, target in (("mean", 0.0, 0.5), ("var", 1.0, 0.25)):
-        assert state[name].dtype == LOW[dtype][0], name
-        expected = href.low_precision_ema(start, target, momentum, steps, np_dtype)
-        ulp = href.spacing(expected, np_dtype)
-        np.testing.assert_allclose(np.asarray(state[name], np.float64), expected, rtol=0, atol=2 * ulp, err_msg=name)
+@pytest.mark.parametrize("dtype,momentum", [("bfloat16", 0.99), ("bfloat16", 0.999), ("float16", 0.999)])
+def test_low_precision_running_stats_do_not_stall(path, dtype, momentum):
+    """Item 3, many updates toward a constant batch (mean 0.5, var 0.25) from (0, 1): once
+    the float64 EMA is within a quarter ulp of the target, the state is within one ulp of
+    it. Rounding each update to nearest stalls where the step is below half an ulp
+    (bfloat16 at 0.99: the mean at 0.40; at 0.999 the variance never leaves 1)."""
+    jdtype, np_dtype = LOW[dtype]
+    steps = max(steps_to_converge(0.0, 0.5, momentum, np_dtype), steps_to_converge(1.0, 0.25, momentum, np_dtype))
+    state = initial_state(path, jnp.zeros(C, jdtype), jnp.ones(C, jdtype))
+    state = compiled_steps(path, momentum, steps)(state)
+    for name, target in (("mean", 0.5), ("var", 0.25)):
+        assert state[name].dtype == jdtype, name
+        np.testing.assert_allclose(np.asarray(state[name], np.float64), target, rtol=0,
+                                   atol=href.spacing(target, np_dtype), err_msg=f"{name} after {steps} updates")
 
 
 # ------------------------------------------------------ (4) order of elements, outliers
@@ -481,7 +498,8 @@ def test_extreme_magnitudes_give_finite_correct_statistics(path, parallel):
             y = np.asarray(y).reshape(rows, C)
             scale, bias = params(3)
             y_ref = ref.normalize(x, mean_ref, var_ref, scale, bias, epsilon=EPS)
-            np.testing.assert_allclose(y[valid], y_ref[valid], rtol=1e-4, atol=1e-4)
+            # x - mean in float32 carries the rounding of a float32 mean, ~2^-24 |mean| / std in y
+            np.testing.assert_allclose(y[valid], y_ref[valid], rtol=1e-4, atol=1e-4 + 2.0**-23 * abs(mean0) / std)
 
     check()
 
