@@ -4,7 +4,8 @@ The same constructor (`input_size, axis_name, eps, channelwise_affine, momentum,
 inference, dtype, mode`), the same parameters (`weight`, `bias`), the same calling
 convention: per example, `(y, state) = bn(x, state)` with `x` of shape
 `(input_size, *spatial)` under `jax.vmap(..., axis_name=...)` (or pmap/shard_map, or a
-tuple of names for both), state in `eqx.nn.State` from `eqx.nn.make_with_state`,
+tuple of names for both; shard_map then with check_vma=False, since jax rejects one psum
+over a checked mesh axis and a vmap axis, for equinox's pmean too), state in `eqx.nn.State` from `eqx.nn.make_with_state`,
 switched with `eqx.nn.inference_mode`. The statistics come from jbn's pure layer:
 accurate when |mean| >> std, an optional per-example `mask`, and count-weighted across
 the named axes. This module only keeps the state and calls `jbn.functional`.
