@@ -233,7 +233,9 @@ def test_reference_docstrings_read_statically():
 
 # ------------------------------------------------------------------ what the docs point to
 
-REFERENCE = re.compile(r"\b((?:tests|jbn|experiments|benchmarks)/[a-z0-9_/]+\.[a-z]+)((?:::\w+)*)")  # NAME.py: a placeholder
+REFERENCE = re.compile(
+    r"\b((?:tests|jbn|experiments|benchmarks)/[a-z0-9_/]+\.[a-z]+)((?:::\w+)*)"
+)  # NAME.py: a placeholder
 
 
 def test_referenced_files_and_tests_exist():
@@ -247,3 +249,14 @@ def test_referenced_files_and_tests_exist():
             elif names and not re.search(rf"^\s*def {names.split('::')[-1]}\(", target.read_text(), flags=re.M):
                 missing.append(f"{doc.relative_to(ROOT)}: {path}{names}")
     assert not missing, "the docs name files or tests that do not exist:\n" + "\n".join(missing)
+
+
+def test_install_guide_names_every_extra():
+    import tomllib
+
+    extras = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"])
+    table = (ROOT / "docs" / "guides" / "getting-started.md").read_text()
+    listed = set(re.findall(r"^\| `([\w-]+)` \|", table, flags=re.M))
+    assert listed == extras, (
+        f"getting-started's extras table lists {sorted(listed)}, pyproject.toml has {sorted(extras)}"
+    )
