@@ -32,7 +32,7 @@ DEFAULTS = {
     "epochs": 3.0,  # every arm sees the same number of examples
     "evaluations": 5,  # per run
     "optimizer": "momentum",
-    "learning_rate": 0.05,  # at batch `reference_batch_size`; scaled linearly with the batch
+    "learning_rate": 0.2,  # at batch `reference_batch_size`; scaled linearly with the batch
     "reference_batch_size": 32,
     "bn_momentum": 0.99,
     "group_size": 4,  # channels per group
