@@ -37,8 +37,8 @@ def _in_ci():
     return os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
-@pytest.fixture(scope="module")
-def flax_tests_root():
+def flax_tests_or_stop():
+    """The extracted flax tests; without them, a failure in CI and a skip elsewhere."""
     version = runner.flax_version()
     try:
         sdist = runner.ensure_sdist(version)
@@ -50,6 +50,23 @@ def flax_tests_root():
             pytest.fail(message)
         pytest.skip(message)
     return runner.extract_tests(sdist)
+
+
+@pytest.fixture(scope="module")
+def flax_tests_root():
+    return flax_tests_or_stop()
+
+
+@pytest.mark.parametrize("ci", ["true", ""])
+def test_no_download_fails_in_ci_and_skips_locally(ci, monkeypatch, tmp_path):
+    monkeypatch.setattr(runner, "CACHE", tmp_path / "empty-cache")
+    monkeypatch.setenv("PIP_NO_INDEX", "1")  # pip cannot reach any index: the offline case
+    monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)  # nor a find-links folder from a config file
+    monkeypatch.delenv("PIP_FIND_LINKS", raising=False)
+    monkeypatch.setenv("CI", ci)
+    expected = pytest.fail.Exception if ci else pytest.skip.Exception
+    with pytest.raises(expected, match="source distribution"):
+        flax_tests_or_stop()
 
 
 def test_selection_finds_batchnorm_tests(flax_tests_root):

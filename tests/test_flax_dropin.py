@@ -735,6 +735,31 @@ def test_nnx_attributes_jit_and_grad_like_flax():
                        nnx.to_pure_dict(nnx.state(w2, nnx.BatchStat)))
 
 
+def test_linen_tabulate_rows_and_flops_like_flax():
+    """flax's summary lists every intercepted module method (show_repeated) and, for flops,
+    re-runs each one alone: a layer defined in `setup` must show only its `__call__`, as
+    flax's, and survive that re-run."""
+    def block(bn_cls):
+        class Block(nn.Module):
+            def setup(self):
+                self.dense = nn.Dense(4)
+                self.bn = bn_cls()
+
+            def __call__(self, x, training):
+                return self.bn(self.dense(x), use_running_average=not training)
+
+        return Block()
+
+    x, rngs = jnp.ones((8, 3)), {"params": jax.random.key(1)}
+    tables = [nn.tabulate(block(cls), rngs, show_repeated=True)(x, training=True)
+              for cls in (jbn.BatchNorm, nn.BatchNorm)]
+    assert tables[0] == tables[1]
+    with_flops = [nn.tabulate(block(cls), rngs, show_repeated=True, compute_flops=True, compute_vjp_flops=True)(
+        x, training=True) for cls in (jbn.BatchNorm, nn.BatchNorm)]
+    assert [ln.split("│")[1:3] for ln in with_flops[0].splitlines() if "│" in ln] == \
+        [ln.split("│")[1:3] for ln in with_flops[1].splitlines() if "│" in ln]  # same path and module columns
+
+
 # ---------------------------------------------------------------- 10. debias with a traced momentum
 
 
