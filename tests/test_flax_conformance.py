@@ -22,15 +22,19 @@ and the tests emitting it are listed.
 No network: the test fails with the reason when CI=true, and skips otherwise.
 Same from the command line: `.venv/bin/python -m tests.flax_conformance.runner`.
 """
+
 import os
 
 import pytest
 
 from tests.flax_conformance import runner
 
-
-REQUIRED_SWAPS = ("flax.linen.BatchNorm", "flax.linen.normalization.BatchNorm",
-                  "flax.nnx.BatchNorm", "flax.nnx.nn.normalization.BatchNorm")
+REQUIRED_SWAPS = (
+    "flax.linen.BatchNorm",
+    "flax.linen.normalization.BatchNorm",
+    "flax.nnx.BatchNorm",
+    "flax.nnx.nn.normalization.BatchNorm",
+)
 
 
 def _in_ci():
@@ -43,9 +47,11 @@ def flax_tests_or_stop():
     try:
         sdist = runner.ensure_sdist(version)
     except runner.DownloadError as e:
-        message = (f"cannot get flax {version}'s source distribution, so flax's own tests cannot run "
-                   f"against jbn. Put flax-{version}.tar.gz into {runner.CACHE} or allow pip to reach "
-                   f"the package index. {e}")
+        message = (
+            f"cannot get flax {version}'s source distribution, so flax's own tests cannot run "
+            f"against jbn. Put flax-{version}.tar.gz into {runner.CACHE} or allow pip to reach "
+            f"the package index. {e}"
+        )
         if _in_ci():
             pytest.fail(message)
         pytest.skip(message)
@@ -85,7 +91,8 @@ def test_flax_tests_pass_with_jbn(flax_tests_root):
         name = "jbn" if run.swap else "flax"
         # pytest exits 0 (all passed) or 1 (some failed); anything else is a broken run.
         assert run.returncode in (0, 1) and run.results, (
-            f"the {name} pass did not run (exit {run.returncode}):\n{run.output[-4000:]}")
+            f"the {name} pass did not run (exit {run.returncode}):\n{run.output[-4000:]}"
+        )
     summary = runner.summarize(flax, jbn)
     report = summary.text(flax, jbn)
     print(report)
@@ -95,4 +102,3 @@ def test_flax_tests_pass_with_jbn(flax_tests_root):
     assert all(v.startswith("jbn.") for v in jbn.results["swapped"].values()), jbn.results["swapped"]
     assert summary.flax_passed, f"no selected test passes with flax itself:\n{report}\n{flax.output[-4000:]}"
     assert not summary.regressions, f"{len(summary.regressions)} flax tests fail with jbn:\n{report}"
-

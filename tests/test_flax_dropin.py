@@ -4,6 +4,7 @@ Every number comes from real flax (flax.linen.BatchNorm / flax.nnx.BatchNorm run
 same variables and data: same numbers within float32 tolerance) or from the float64 NumPy
 reference (tests/reference.py, or formulas written out here), never from jbn itself.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -270,8 +271,9 @@ def test_complex_pure_layer_against_reference(dtype):
         np.testing.assert_allclose(new.var, var_ref, **tol)
         # Evaluation with the complex running mean, as flax does.
         y_eval, _ = jbn.batch_norm(x, scale, bias, new, training=False)
-        expected = (np.asarray(x, np.complex128) - mean_ref) / np.sqrt(var_ref + 1e-5) * np.asarray(scale) \
-            + np.asarray(bias)
+        expected = (np.asarray(x, np.complex128) - mean_ref) / np.sqrt(var_ref + 1e-5) * np.asarray(scale) + np.asarray(
+            bias
+        )
         np.testing.assert_allclose(y_eval, expected, **tol)
 
 
@@ -358,8 +360,9 @@ def test_complex_nnx_like_flax():
 def masked_reference(x, mask, scale, bias, momentum=0.99):
     """Reference statistics with the mask broadcast by NumPy's rules to x's shape."""
     full = np.broadcast_to(np.asarray(mask), x.shape)
-    return ref.batch_norm(x, scale, bias, np.zeros(x.shape[-1]), np.ones(x.shape[-1]), training=True,
-                          momentum=momentum, mask=full)
+    return ref.batch_norm(
+        x, scale, bias, np.zeros(x.shape[-1]), np.ones(x.shape[-1]), training=True, momentum=momentum, mask=full
+    )
 
 
 def test_feature_mask_C_for_NC_like_flax_and_finite():
@@ -371,10 +374,13 @@ def test_feature_mask_C_for_NC_like_flax_and_finite():
     keep = np.asarray(mask)
     np.testing.assert_allclose(np.asarray(y1)[:, keep], np.asarray(y2)[:, keep], **F32)
     for k in ("mean", "var"):
-        np.testing.assert_allclose(np.asarray(s1["batch_stats"][k])[keep], np.asarray(s2["batch_stats"][k])[keep], **F32)
+        np.testing.assert_allclose(
+            np.asarray(s1["batch_stats"][k])[keep], np.asarray(s2["batch_stats"][k])[keep], **F32
+        )
         # The fully masked feature: flax computes 0/0; jbn leaves the statistic as it was.
-        np.testing.assert_array_equal(np.asarray(s1["batch_stats"][k])[~keep],
-                                      np.asarray(variables["batch_stats"][k])[~keep])
+        np.testing.assert_array_equal(
+            np.asarray(s1["batch_stats"][k])[~keep], np.asarray(variables["batch_stats"][k])[~keep]
+        )
     assert np.isnan(np.asarray(y2)[:, ~keep]).all()  # flax's NaN: what jbn improves on
     assert np.isfinite(np.asarray(y1)).all()
     # Pure layer, against the float64 reference on the valid features.
@@ -386,8 +392,12 @@ def test_feature_mask_C_for_NC_like_flax_and_finite():
     np.testing.assert_allclose(np.asarray(new.var), v_ref, **F32)
     assert np.isfinite(np.asarray(y)).all()
     # ... and the masked feature's gradients are finite too.
-    g = jax.grad(lambda x: jnp.sum(jbn.batch_norm(x, scale, bias, jbn.RunningStats(jnp.zeros(4), jnp.ones(4)),
-                                                  training=True, mask=mask)[0] ** 2))(x)
+    g = jax.grad(
+        lambda x: jnp.sum(
+            jbn.batch_norm(x, scale, bias, jbn.RunningStats(jnp.zeros(4), jnp.ones(4)), training=True, mask=mask)[0]
+            ** 2
+        )
+    )(x)
     assert np.isfinite(np.asarray(g)).all()
 
 
@@ -432,8 +442,9 @@ def test_ambiguous_mask_is_a_value_error(shape, mask_shape):
     mask = jnp.asarray(np.random.default_rng(0).random(mask_shape) > 0.4)
     c = shape[-1]
     with pytest.raises(ValueError, match="mask"):
-        jbn.batch_norm(x, jnp.ones(c), jnp.zeros(c), jbn.RunningStats(jnp.zeros(c), jnp.ones(c)),
-                       training=True, mask=mask)
+        jbn.batch_norm(
+            x, jnp.ones(c), jnp.zeros(c), jbn.RunningStats(jnp.zeros(c), jnp.ones(c)), training=True, mask=mask
+        )
     module = jbn.BatchNorm(use_running_average=False)
     with pytest.raises(ValueError, match="mask"):
         module.init(jax.random.key(0), x, mask=mask)
@@ -450,8 +461,7 @@ def test_boxed_params_sharded_init_and_apply_like_flax(kind):
         box = functools.partial(nn.with_partitioning, names=("model",))
     else:
         box = functools.partial(nn.with_logical_partitioning, names=("embed",))
-    kw = dict(scale_init=box(nn.initializers.ones_init()),
-              bias_init=box(nn.initializers.constant(0.25)))
+    kw = dict(scale_init=box(nn.initializers.ones_init()), bias_init=box(nn.initializers.constant(0.25)))
     x = normal((6, 16))
 
     def run(cls):
@@ -459,8 +469,11 @@ def test_boxed_params_sharded_init_and_apply_like_flax(kind):
         init = functools.partial(module.init, use_running_average=False)
         abstract = jax.eval_shape(init, jax.random.key(0), x)
         specs = nn.get_partition_spec(abstract)
-        shardings = nn.logical_to_mesh_sharding(specs, mesh, rules) if kind != "with_partitioning" \
+        shardings = (
+            nn.logical_to_mesh_sharding(specs, mesh, rules)
+            if kind != "with_partitioning"
             else jax.tree.map(lambda s: jax.sharding.NamedSharding(mesh, s), specs)
+        )
         variables = jax.jit(init, out_shardings=shardings)(jax.random.key(0), x)
         y, upd = jax.jit(functools.partial(train_linen, module))(variables, x)
         y_eval = jax.jit(lambda v, x: module.apply(v, x, use_running_average=True))({**variables, **upd}, x)
@@ -553,8 +566,9 @@ def test_export_training_step_symbolic_batch_like_flax():
     def step_for(module):
         def step(variables, x):
             def loss(params):
-                y, upd = module.apply({**variables, "params": params}, x, use_running_average=False,
-                                      mutable=["batch_stats"])
+                y, upd = module.apply(
+                    {**variables, "params": params}, x, use_running_average=False, mutable=["batch_stats"]
+                )
                 return jnp.mean(jnp.sin(y) * w), upd
 
             (value, upd), grads = jax.value_and_grad(loss, has_aux=True)(variables["params"])
@@ -583,8 +597,9 @@ def test_export_pure_layer_symbolic_batch_against_reference():
     for n in (3, 10):
         x = normal((n, 3), seed=n)
         y, m, v = exported.call(x)
-        y_ref, m_ref, v_ref = ref.batch_norm(x, np.ones(3), np.zeros(3), np.zeros(3), np.ones(3), training=True,
-                                             momentum=0.9)
+        y_ref, m_ref, v_ref = ref.batch_norm(
+            x, np.ones(3), np.zeros(3), np.zeros(3), np.ones(3), training=True, momentum=0.9
+        )
         np.testing.assert_allclose(y, y_ref, **F32)
         np.testing.assert_allclose(m, m_ref, **F32)
         np.testing.assert_allclose(v, v_ref, **F32)
@@ -638,8 +653,9 @@ def test_x64_float64_inputs_give_float64_stats_like_flax():
             assert y1.dtype == y2.dtype == jnp.float64
             for k in ("mean", "var"):
                 assert s1["batch_stats"][k].dtype == s2["batch_stats"][k].dtype == jnp.float64, k
-            y_ref, m_ref, v_ref = ref.batch_norm(x, np.ones(3), np.zeros(3), np.zeros(3), np.ones(3),
-                                                 training=True, momentum=0.9)
+            y_ref, m_ref, v_ref = ref.batch_norm(
+                x, np.ones(3), np.zeros(3), np.zeros(3), np.ones(3), training=True, momentum=0.9
+            )
             np.testing.assert_allclose(s1["batch_stats"]["mean"], m_ref, rtol=1e-12)
             np.testing.assert_allclose(s1["batch_stats"]["var"], v_ref, rtol=1e-9)
             np.testing.assert_allclose(y1, y_ref, rtol=1e-7, atol=1e-7)
@@ -710,8 +726,10 @@ def test_nnx_state_split_merge_update_clone_like_flax():
     np.testing.assert_allclose(merged(x), theirs(x), **F32)
     np.testing.assert_allclose(clone(x), nnx.clone(theirs)(x), **F32)
     # The same variables at the same paths (static attributes may differ: jbn has more options).
-    paths = [sorted((str(p), type(n).__name__) for p, n in nnx.iter_graph(m) if isinstance(n, nnx.Variable))
-             for m in (ours, theirs)]
+    paths = [
+        sorted((str(p), type(n).__name__) for p, n in nnx.iter_graph(m) if isinstance(n, nnx.Variable))
+        for m in (ours, theirs)
+    ]
     assert paths[0] == paths[1] and paths[1]
 
 
@@ -731,14 +749,14 @@ def test_nnx_attributes_jit_and_grad_like_flax():
 
     g1, g2 = loss_grad(w1, x), loss_grad(w2, x)
     assert_trees_close(nnx.to_pure_dict(g1), nnx.to_pure_dict(g2), rtol=1e-4, atol=1e-5)
-    assert_trees_close(nnx.to_pure_dict(nnx.state(w1, nnx.BatchStat)),
-                       nnx.to_pure_dict(nnx.state(w2, nnx.BatchStat)))
+    assert_trees_close(nnx.to_pure_dict(nnx.state(w1, nnx.BatchStat)), nnx.to_pure_dict(nnx.state(w2, nnx.BatchStat)))
 
 
 def test_linen_tabulate_rows_and_flops_like_flax():
     """flax's summary lists every intercepted module method (show_repeated) and, for flops,
     re-runs each one alone: a layer defined in `setup` must show only its `__call__`, as
     flax's, and survive that re-run."""
+
     def block(bn_cls):
         class Block(nn.Module):
             def setup(self):
@@ -751,13 +769,17 @@ def test_linen_tabulate_rows_and_flops_like_flax():
         return Block()
 
     x, rngs = jnp.ones((8, 3)), {"params": jax.random.key(1)}
-    tables = [nn.tabulate(block(cls), rngs, show_repeated=True)(x, training=True)
-              for cls in (jbn.BatchNorm, nn.BatchNorm)]
+    tables = [
+        nn.tabulate(block(cls), rngs, show_repeated=True)(x, training=True) for cls in (jbn.BatchNorm, nn.BatchNorm)
+    ]
     assert tables[0] == tables[1]
-    with_flops = [nn.tabulate(block(cls), rngs, show_repeated=True, compute_flops=True, compute_vjp_flops=True)(
-        x, training=True) for cls in (jbn.BatchNorm, nn.BatchNorm)]
-    assert [ln.split("│")[1:3] for ln in with_flops[0].splitlines() if "│" in ln] == \
-        [ln.split("│")[1:3] for ln in with_flops[1].splitlines() if "│" in ln]  # same path and module columns
+    with_flops = [
+        nn.tabulate(block(cls), rngs, show_repeated=True, compute_flops=True, compute_vjp_flops=True)(x, training=True)
+        for cls in (jbn.BatchNorm, nn.BatchNorm)
+    ]
+    assert [ln.split("│")[1:3] for ln in with_flops[0].splitlines() if "│" in ln] == [
+        ln.split("│")[1:3] for ln in with_flops[1].splitlines() if "│" in ln
+    ]  # same path and module columns
 
 
 # ---------------------------------------------------------------- 10. debias with a traced momentum
@@ -766,10 +788,11 @@ def test_linen_tabulate_rows_and_flops_like_flax():
 def debiased_reference(batches, momentum):
     """ema_t / (1 - m^t) with ema_0 = 0, for the mean and the biased variance, float64."""
     ema_m = ema_v = 0.0
-    for t, x in enumerate(batches, start=1):
+    for x in batches:
         mean, var, _ = ref.moments(x)
         ema_m = momentum * ema_m + (1 - momentum) * mean
         ema_v = momentum * ema_v + (1 - momentum) * var
+    t = len(batches)
     return ema_m / (1 - momentum**t), ema_v / (1 - momentum**t)
 
 
@@ -780,8 +803,9 @@ def test_debias_with_traced_momentum_under_jit():
     def run(momentum):
         running = jbn.RunningStats(jnp.zeros(4), jnp.ones(4), jnp.zeros(4, jnp.int32))
         for x in batches:
-            _, running = jbn.batch_norm(x, jnp.ones(4), jnp.zeros(4), running, training=True,
-                                        momentum=momentum, debias=True)
+            _, running = jbn.batch_norm(
+                x, jnp.ones(4), jnp.zeros(4), running, training=True, momentum=momentum, debias=True
+            )
         return running
 
     @jax.jit

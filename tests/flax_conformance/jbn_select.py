@@ -12,6 +12,7 @@ A test is selected when the code it runs, as far as one file shows it, names `Ba
 Code imported from another file is not followed: flax's tests build their models in the
 test file itself.
 """
+
 from __future__ import annotations
 
 import ast
@@ -26,8 +27,7 @@ def _names_used(node):
     for sub in ast.walk(node):
         if isinstance(sub, ast.Name):
             names.add(sub.id)
-        elif isinstance(sub, ast.Attribute) and isinstance(sub.value, ast.Name) \
-                and sub.value.id in ("self", "cls"):
+        elif isinstance(sub, ast.Attribute) and isinstance(sub.value, ast.Name) and sub.value.id in ("self", "cls"):
             self_attrs.add(sub.attr)
     return names, self_attrs
 
@@ -98,8 +98,7 @@ class FileIndex:
         todo = [func]
         if cls is not None:
             todo += [m for name in ("setUp", "setUpClass") for m in members.get(name, [])]
-            todo += [s for s in cls.body
-                     if not isinstance(s, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))]
+            todo += [s for s in cls.body if not isinstance(s, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))]
         seen: set[int] = set()
         while todo:
             node = todo.pop()
@@ -116,7 +115,7 @@ class FileIndex:
         return False
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def file_index(path: str) -> FileIndex:
     with open(path, encoding="utf-8") as f:
         return FileIndex(f.read())

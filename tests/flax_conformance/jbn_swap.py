@@ -18,13 +18,13 @@ documented warning for training on one value per feature (`jbn.OneValuePerFeatur
 where flax computes silently) is shown instead of raised, and the tests that emit it are
 listed in the results: a deliberate, counted difference, not a hidden one.
 """
+
 from __future__ import annotations
 
 import json
 
-import pytest
-
 import jbn_select
+import pytest
 
 WARNING = "OneValuePerFeatureWarning"  # jbn's UserWarning subclass for one value per feature
 SWAPS = {  # module path -> (attribute, replacement "module:attribute")
@@ -50,7 +50,7 @@ def _swap():
         module = importlib.import_module(module_path)
         target_module, name = target.split(":")
         replacement = getattr(importlib.import_module(target_module), name)
-        setattr(module, "BatchNorm", replacement)
+        module.BatchNorm = replacement
         swapped[module_path + ".BatchNorm"] = f"{replacement.__module__}.{replacement.__qualname__}"
     return swapped
 
@@ -109,9 +109,18 @@ class _Recorder:
         if self.path is None:
             return
         with open(self.path, "w", encoding="utf-8") as f:
-            json.dump({"selected": self.selected, "unresolved": self.unresolved,
-                       "outcomes": self.outcomes, "messages": self.messages,
-                       "swapped": self.swapped, "warned": sorted(self.warned)}, f, indent=1)
+            json.dump(
+                {
+                    "selected": self.selected,
+                    "unresolved": self.unresolved,
+                    "outcomes": self.outcomes,
+                    "messages": self.messages,
+                    "swapped": self.swapped,
+                    "warned": sorted(self.warned),
+                },
+                f,
+                indent=1,
+            )
 
 
 def _reason(report) -> str:

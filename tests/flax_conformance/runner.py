@@ -8,8 +8,10 @@ included) are extracted next to it, and both are reused by later runs.
 Command line (prints the summary, exits 1 on a regression):
     .venv/bin/python -m tests.flax_conformance.runner [-k EXPR] [--keep-going]
 """
+
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.metadata
 import json
@@ -49,16 +51,26 @@ def ensure_sdist(version: str, timeout: float = 300) -> Path:
         return path
     CACHE.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps",
-               "-q", "-d", tmp, f"flax=={version}"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-binary",
+            ":all:",
+            "--no-deps",
+            "-q",
+            "-d",
+            tmp,
+            f"flax=={version}",
+        ]
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired as e:
             raise DownloadError(f"`{' '.join(cmd)}` did not finish in {timeout:.0f} s") from e
         found = sorted(Path(tmp).glob("flax-*.tar.gz"))
         if proc.returncode != 0 or not found:
-            raise DownloadError(f"`{' '.join(cmd)}` failed (exit {proc.returncode}):\n"
-                                f"{proc.stderr.strip()[-2000:]}")
+            raise DownloadError(f"`{' '.join(cmd)}` failed (exit {proc.returncode}):\n{proc.stderr.strip()[-2000:]}")
         # Rename into place last, so an interrupted download never leaves a partial file there.
         os.replace(found[0], path)
     return path
@@ -73,8 +85,7 @@ def extract_tests(sdist: Path) -> Path:
     shutil.rmtree(root, ignore_errors=True)
     top = root.name + "/"
     with tarfile.open(sdist) as tar:
-        members = [m for m in tar.getmembers()
-                   if m.name.startswith(top + "tests/") or m.name == top + "pyproject.toml"]
+        members = [m for m in tar.getmembers() if m.name.startswith(top + "tests/") or m.name == top + "pyproject.toml"]
         tar.extractall(CACHE, members=members, filter="data")
     if not (root / "tests").is_dir():
         raise DownloadError(f"{sdist} holds no tests/ folder")
@@ -84,11 +95,8 @@ def extract_tests(sdist: Path) -> Path:
 
 def candidate_files(root: Path) -> list[str]:
     """Test files whose text mentions BatchNorm at all (the plugin then selects per test)."""
-    files = []
-    for path in sorted((root / "tests").rglob("*_test.py")) + sorted((root / "tests").rglob("test_*.py")):
-        if TARGET in path.read_text(encoding="utf-8"):
-            files.append(str(path.relative_to(root)))
-    return sorted(set(files))
+    paths = {*(root / "tests").rglob("*_test.py"), *(root / "tests").rglob("test_*.py")}
+    return sorted(str(p.relative_to(root)) for p in paths if TARGET in p.read_text(encoding="utf-8"))
 
 
 @dataclasses.dataclass
@@ -101,10 +109,28 @@ class Pass:
 
 
 def _command(root: Path, files, swap: bool, results: Path, extra) -> list[str]:
-    return [sys.executable, "-m", "pytest", "-p", "jbn_swap", "--jbn-select", f"--jbn-results={results}",
-            *(["--jbn-swap"] if swap else []),
-            "-c", str(root / "pyproject.toml"), "--rootdir", str(root), "-p", "no:cacheprovider",
-            "-q", "-o", "timeout=300", "--tb=short", *extra, *files]
+    return [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-p",
+        "jbn_swap",
+        "--jbn-select",
+        f"--jbn-results={results}",
+        *(["--jbn-swap"] if swap else []),
+        "-c",
+        str(root / "pyproject.toml"),
+        "--rootdir",
+        str(root),
+        "-p",
+        "no:cacheprovider",
+        "-q",
+        "-o",
+        "timeout=300",
+        "--tb=short",
+        *extra,
+        *files,
+    ]
 
 
 def run_passes(root: Path, files, extra=(), timeout: float = 900) -> tuple[Pass, Pass]:
@@ -116,28 +142,29 @@ def run_passes(root: Path, files, extra=(), timeout: float = 900) -> tuple[Pass,
     env.pop("PYTEST_ADDOPTS", None)
     # Each pass gets half the machine; unpinned, two XLA thread pools oversubscribe it.
     env.setdefault("OMP_NUM_THREADS", "1")
-    procs = []
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
+        runs = []
         for swap in (False, True):
-            results = Path(tmp) / f"{'jbn' if swap else 'flax'}.json"
-            log = open(Path(tmp) / f"{'jbn' if swap else 'flax'}.log", "w+", encoding="utf-8")
-            proc = subprocess.Popen(_command(root, files, swap, results, extra), cwd=root, env=env,
-                                    stdout=log, stderr=subprocess.STDOUT, text=True)
-            procs.append((swap, results, log, proc, time.perf_counter()))
-        passes = []
+            name = "jbn" if swap else "flax"
+            results, log = Path(tmp) / f"{name}.json", stack.enter_context(open(Path(tmp) / f"{name}.log", "w+"))
+            command = _command(root, files, swap, results, extra)
+            proc = subprocess.Popen(command, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+            runs.append([swap, results, log, proc, time.perf_counter(), None])
         deadline = time.perf_counter() + timeout
-        for swap, results, log, proc, start in procs:
-            try:
-                proc.wait(timeout=max(1.0, deadline - time.perf_counter()))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-            seconds = time.perf_counter() - start
+        # Poll both, so each pass's own duration is recorded (and both are killed at the deadline).
+        while any(run[5] is None for run in runs):
+            for run in runs:
+                if run[5] is None and (run[3].poll() is not None or time.perf_counter() > deadline):
+                    if run[3].returncode is None:
+                        run[3].kill()
+                        run[3].wait()
+                    run[5] = time.perf_counter() - run[4]
+            time.sleep(0.2)
+        passes = []
+        for swap, results, log, proc, _, seconds in runs:
             log.seek(0)
-            output = log.read()
-            log.close()
             data = json.loads(results.read_text()) if results.exists() else {}
-            passes.append(Pass(swap, data, proc.returncode, seconds, output))
+            passes.append(Pass(swap, data, proc.returncode, seconds, log.read()))
     return passes[0], passes[1]
 
 
@@ -146,10 +173,10 @@ class Summary:
     selected: list[str]
     flax_passed: list[str]
     jbn_passed: list[str]
-    regressions: dict[str, str]      # nodeid -> jbn's failure reason
-    out_of_scope: dict[str, str]     # nodeid -> outcome with flax's own classes (not passed)
-    missing: list[str]               # selected with flax but never reported by the jbn pass
-    warned: list[str]                # jbn pass: tests that emitted jbn's one-value warning
+    regressions: dict[str, str]  # nodeid -> jbn's failure reason
+    out_of_scope: dict[str, str]  # nodeid -> outcome with flax's own classes (not passed)
+    missing: list[str]  # selected with flax but never reported by the jbn pass
+    warned: list[str]  # jbn pass: tests that emitted jbn's one-value warning
 
     def text(self, flax: Pass, jbn: Pass) -> str:
         lines = [
@@ -161,11 +188,20 @@ class Summary:
             f"swapped: {jbn.results.get('swapped', {})}",
         ]
         if self.warned:
-            lines.append(f"{len(self.warned)} tests emit jbn.OneValuePerFeatureWarning (flax computes "
-                         f"silently; shown, not escalated): " + ", ".join(self.warned))
+            lines.append(
+                f"{len(self.warned)} tests emit jbn.OneValuePerFeatureWarning (flax computes "
+                f"silently; shown, not escalated): " + ", ".join(self.warned)
+            )
         if self.out_of_scope:
-            lines.append("out of scope (outcome with flax): " + ", ".join(
-                f"{k} [{v}]" for k, v in sorted(self.out_of_scope.items())))
+            lines.append(
+                "out of scope (outcome with flax): "
+                + ", ".join(f"{k} [{v}]" for k, v in sorted(self.out_of_scope.items()))
+            )
+        unresolved = flax.results.get("unresolved", [])
+        if unresolved:  # collected items whose definition the selection rule could not find: left out
+            lines.append(
+                f"{len(unresolved)} collected tests not matched to a definition (left out): " + ", ".join(unresolved)
+            )
         if self.missing:
             lines.append("not reported by the jbn pass: " + ", ".join(self.missing))
         for nodeid, reason in sorted(self.regressions.items()):
@@ -180,8 +216,11 @@ def summarize(flax: Pass, jbn: Pass) -> Summary:
     j_msg = jbn.results.get("messages", {})
     flax_passed = [n for n in selected if f_out.get(n) == "passed"]
     jbn_passed = [n for n in selected if j_out.get(n) == "passed"]
-    regressions = {n: f"{j_out.get(n, 'not run')}: {j_msg.get(n, '')}".rstrip(": ")
-                   for n in flax_passed if j_out.get(n) != "passed"}
+    regressions = {
+        n: f"{j_out.get(n, 'not run')}: {j_msg.get(n, '')}".rstrip(": ")
+        for n in flax_passed
+        if j_out.get(n) != "passed"
+    }
     out_of_scope = {n: f_out.get(n, "not run") for n in selected if f_out.get(n) != "passed"}
     missing = [n for n in flax_passed if n not in j_out]
     warned = jbn.results.get("warned", [])
