@@ -47,9 +47,10 @@ FULL = {
 DRY = {
     "op": ["--shapes", "4x2x2x4", "--dtypes", "float32", "--rounds", "1", "--libraries", "jbn", "flax.linen",
            "--layers", "1", "--memory-shape", "2x4x4x4", "--memory-variants", "0", "4"],
-    "model": ["--sizes", "2x8x8:2", "--rounds", "1", "--variants", "flax.linen", "jbn, relu fused + save_output_only"],
+    "model": ["--sizes", "2x8x8:2", "--rounds", "1", "--blocks", "1", "--variants", "flax.linen",
+              "jbn, relu fused + save_output_only"],
 }
-LIMITS = {"probe": 60, "op": 250, "model": 150}
+LIMITS = {"probe": 60, "op": 230, "model": 170}
 
 
 def slug(text: str) -> str:

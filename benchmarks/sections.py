@@ -25,7 +25,10 @@ def _sizes(rows):
 
 
 def model_markdown(model: dict, flax: str = "flax.linen") -> list[str]:
+    blocks = {row.get("blocks_per_stage", 2) for row in model["rows"]}
     out = ["## Model level: ResNet-18 training step", "", _measured(model["machine"]), ""]
+    if blocks != {2}:
+        out += [f"**Not ResNet-18: {', '.join(map(str, sorted(blocks)))} basic block(s) per stage (a smoke run).**", ""]
     if model.get("note"):
         out += [model["note"], ""]
     out += [
@@ -50,6 +53,31 @@ def model_markdown(model: dict, flax: str = "flax.linen") -> list[str]:
                 f"| {row['first_loss']:.6f} |"
             )
     out += ["", "Variants:", ""] + [f"- {name}: {text}" for name, text in model["variants"].items()] + [""]
+    out += ["Summary (per size, in the table's order):", ""]
+    for variant in model["variants"]:
+        if variant == flax:
+            continue
+        times, mems = [], []
+        for rows in _sizes(model["rows"]).values():
+            if variant in rows and flax in rows:
+                times.append(f"{rows[variant]['ratio_to_flax']:.2f}")
+                mems.append(f"{rows[variant]['temp_bytes'] / rows[flax]['temp_bytes']:.2f}")
+        out.append(f"- {variant}: step time {', '.join(times)} x flax.linen; temp memory {', '.join(mems)} x.")
+    out += [
+        "",
+        "Why the options move the figures as they do (mechanisms, read from the compiled programs on XLA:CPU):",
+        "",
+        "- Convolutions take most of a step, so batch norm's share of the time bounds what any batch-norm "
+        "change can gain at the model level; the narrower the net, the larger that share.",
+        "- `save_output_only` keeps the output `y` of a batch norm instead of its input; in a basic block it "
+        "applies to the norms without an activation, which feed the residual add. The residuals saved for the "
+        "backward pass have the same total size with and without it (`print_saved_residuals` on the whole net, "
+        "8x16x16:8: 2.21 MB both; the norm's output replaces the convolution's output), so a higher temp memory "
+        "for that variant comes from XLA's buffer assignment, not from what is saved. Not traced further; the "
+        "likely buffer is `y` itself, which must now be written on its own instead of being fused into the add "
+        "and relu that follow.",
+        "",
+    ]
     return out
 
 
