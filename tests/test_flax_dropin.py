@@ -237,6 +237,25 @@ def test_one_value_per_example_grads_under_vmap_like_flax():
     assert len(one_value_warnings(caught)) == 1, [str(w.message) for w in caught]
 
 
+def test_one_value_last_partial_batch_and_recompute_batch_stats():
+    """A data set of 9 examples in batches of 4: the last batch holds one example. Training
+    steps on it work, and exact population statistics over all batches are the float64
+    moments of the 9 examples."""
+    data = normal((9, 3), seed=21)
+    batches = [data[0:4], data[4:8], data[8:9]]
+    module = jbn.BatchNorm()
+    variables = module.init(jax.random.key(0), batches[0], use_running_average=True)
+    apply_fn = jax.jit(functools.partial(train_linen, module))
+    for batch in batches:  # one epoch, the partial batch last, as a data loader gives it
+        _, upd = apply_fn(variables, batch)
+        variables = {**variables, **upd}
+    assert all(np.isfinite(np.asarray(v)).all() for v in jax.tree.leaves(variables))
+    exact = jbn.recompute_batch_stats(apply_fn, variables, batches, progress=False)
+    mean_ref, var_ref, _ = ref.moments(data)
+    np.testing.assert_allclose(exact["batch_stats"]["mean"], mean_ref, **F32)
+    np.testing.assert_allclose(exact["batch_stats"]["var"], var_ref, **F32)
+
+
 # ---------------------------------------------------------------- 2. complex inputs
 
 
