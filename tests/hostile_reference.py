@@ -1,6 +1,7 @@
 """Float64 NumPy references for the hostile-input tests (tests/test_hostile.py), written
 from the formulas, not from jbn. Features are the last axis; `valid` has x's shape.
 """
+
 from __future__ import annotations
 
 import numpy as np

@@ -9,6 +9,7 @@ low-precision running statistics, the order of elements and outliers, extremes o
 counters near int32's limit. Every number is checked against a float64 NumPy reference
 (tests/reference.py, tests/hostile_reference.py), never against jbn itself.
 """
+
 from __future__ import annotations
 
 import functools
@@ -22,7 +23,8 @@ import pytest
 from flax import nnx
 from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
 import jbn
 from tests import hostile_reference as href
@@ -39,9 +41,14 @@ PARALLEL = pytest.mark.parametrize("parallel", [False, True], ids=["one-device",
 
 def prop(n):
     """Deterministic (CI runs the same examples every time), bounded, no deadline."""
-    return settings(max_examples=n, deadline=None, derandomize=True, database=None,
-                    phases=(Phase.explicit, Phase.generate),  # no shrinking: a failure reports its first example
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.differing_executors])
+    return settings(
+        max_examples=n,
+        deadline=None,
+        derandomize=True,
+        database=None,
+        phases=(Phase.explicit, Phase.generate),  # no shrinking: a failure reports its first example
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.differing_executors],
+    )
 
 
 # ------------------------------------------------------------------------- the paths
@@ -66,11 +73,32 @@ def train(path, x, scale, bias, state, mask, *, axis_name=None, momentum=0.9, **
     running = jbn.RunningStats(state["mean"], state["var"], state.get("count"))
     if path in ("bn-fused", "bn-unfused", "renorm"):
         if path == "renorm":
-            y, new = jbn.batch_renorm(x, scale, bias, running, training=True, r_max=R_MAX, d_max=D_MAX,
-                                      momentum=momentum, mask=mask, axis_name=axis_name, **options)
+            y, new = jbn.batch_renorm(
+                x,
+                scale,
+                bias,
+                running,
+                training=True,
+                r_max=R_MAX,
+                d_max=D_MAX,
+                momentum=momentum,
+                mask=mask,
+                axis_name=axis_name,
+                **options,
+            )
         else:
-            y, new = jbn.batch_norm(x, scale, bias, running, training=True, momentum=momentum, mask=mask,
-                                    axis_name=axis_name, fused=path == "bn-fused", **options)
+            y, new = jbn.batch_norm(
+                x,
+                scale,
+                bias,
+                running,
+                training=True,
+                momentum=momentum,
+                mask=mask,
+                axis_name=axis_name,
+                fused=path == "bn-fused",
+                **options,
+            )
         out = {"mean": new.mean, "var": new.var}
         if new.count is not None:
             out["count"] = new.count
@@ -79,16 +107,18 @@ def train(path, x, scale, bias, state, mask, *, axis_name=None, momentum=0.9, **
         if path == "linen-bn":
             model = jbn.BatchNorm(use_running_average=False, momentum=momentum, axis_name=axis_name, **options)
         else:
-            model = jbn.BatchRenorm(use_running_average=False, momentum=momentum, axis_name=axis_name,
-                                    r_max=R_MAX, d_max=D_MAX, **options)
+            model = jbn.BatchRenorm(
+                use_running_average=False, momentum=momentum, axis_name=axis_name, r_max=R_MAX, d_max=D_MAX, **options
+            )
         variables = {"params": {"scale": scale, "bias": bias}, "batch_stats": state}
         y, updates = model.apply(variables, x, mask=mask, mutable=["batch_stats"])
         return y, dict(updates["batch_stats"])
     if path == "nnx-bn":
         model = jbn.nnx.BatchNorm(x.shape[-1], momentum=momentum, axis_name=axis_name, rngs=nnx.Rngs(0), **options)
     else:
-        model = jbn.nnx.BatchRenorm(x.shape[-1], momentum=momentum, axis_name=axis_name, r_max=R_MAX, d_max=D_MAX,
-                                    rngs=nnx.Rngs(0), **options)
+        model = jbn.nnx.BatchRenorm(
+            x.shape[-1], momentum=momentum, axis_name=axis_name, r_max=R_MAX, d_max=D_MAX, rngs=nnx.Rngs(0), **options
+        )
     model.scale, model.bias = nnx.Param(scale), nnx.Param(bias)
     for name, value in state.items():
         setattr(model, name, nnx.BatchStat(value))
@@ -96,7 +126,7 @@ def train(path, x, scale, bias, state, mask, *, axis_name=None, momentum=0.9, **
     return y, {name: getattr(model, name)[...] for name in state}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def compiled(path, parallel, grad, options=()):
     """`train` jitted once per (path, parallel, grad, options): hypothesis examples reuse it.
     parallel: x is (participants, n, C), vmapped with axis_name "d". grad: return
@@ -174,8 +204,9 @@ def padded_reference(path, zeros, mask, cot, scale, bias, state):
     ok = count > 0
     new_mean, new_var = href.ema(state["mean"], mean, 0.9, ok), href.ema(state["var"], var, 0.9, ok)
     if renorm_kind(path):
-        y, r, d, _, _ = href.renorm_train(x2, scale, bias, state["mean"], state["var"], r_max=R_MAX, d_max=D_MAX,
-                                          valid=m2, epsilon=EPS)
+        y, r, d, _, _ = href.renorm_train(
+            x2, scale, bias, state["mean"], state["var"], r_max=R_MAX, d_max=D_MAX, valid=m2, epsilon=EPS
+        )
         dx, dscale, dbias = href.renorm_grads(x2, scale, cot2, r=r, d=d, valid=m2, epsilon=EPS)
     else:
         y = ref.normalize(x2, mean, var, scale, bias, epsilon=EPS)
@@ -201,7 +232,9 @@ def test_padding_never_reaches_outputs_statistics_or_gradients(path, parallel):
         base = run(path, parallel, jnp.asarray(zeros), scale, bias, state, *masks, grad=True)
         (dx, dscale, dbias), (y, new) = got
         (dx0, dscale0, dbias0), (y0, new0) = base
-        y_ref, mean_ref, var_ref, dx_ref, dscale_ref, dbias_ref = padded_reference(path, zeros, mask, cot, scale, bias, state)
+        y_ref, mean_ref, var_ref, dx_ref, dscale_ref, dbias_ref = padded_reference(
+            path, zeros, mask, cot, scale, bias, state
+        )
         # the zero-padded batch against float64
         np.testing.assert_allclose(np.asarray(y0)[mask], y_ref[mask], rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(new0["mean"], mean_ref, rtol=1e-5, atol=1e-6)
@@ -234,8 +267,9 @@ def test_padding_under_shard_map_on_eight_devices(path):
             y, new = train(path, x[0], scale, bias, state, mask[0], axis_name="d")
             return jax.lax.psum(jnp.sum(jnp.where(mask[0], y, 0) * cot[0]), "d"), new
 
-        return jax.shard_map(body, mesh=mesh, in_specs=(P("d"), P(), P(), P("d"), P("d")),
-                             out_specs=(P(), P()))(x, scale, bias, mask, cot)
+        return jax.shard_map(body, mesh=mesh, in_specs=(P("d"), P(), P(), P("d"), P("d")), out_specs=(P(), P()))(
+            x, scale, bias, mask, cot
+        )
 
     grads = jax.jit(jax.grad(total, argnums=(0, 1, 2), has_aux=True))
     (dx, dscale, dbias), new = grads(jnp.asarray(hostile), scale, bias, jnp.asarray(mask), jnp.asarray(cot))
@@ -259,8 +293,9 @@ def test_padding_under_shard_map_on_eight_devices(path):
 def ghost_case(draw, parallel):
     groups = 2 if parallel else 3  # sub-batches of 4 rows: (2 participants, 8, C) or (12, C)
     # valid elements per (sub-batch, feature): 1 is the case whose unbiased variance is undefined
-    counts = draw(st.lists(st.lists(st.sampled_from([0, 1, 1, 2, 4]), min_size=C, max_size=C),
-                           min_size=groups, max_size=groups))
+    counts = draw(
+        st.lists(st.lists(st.sampled_from([0, 1, 1, 2, 4]), min_size=C, max_size=C), min_size=groups, max_size=groups)
+    )
     return counts, draw(st.booleans()), draw(st.integers(0, 2**16))
 
 
@@ -290,8 +325,17 @@ def test_ghost_sub_batch_without_a_defined_variance_is_left_out(path, parallel):
                     valid[p // 4, 4 * g + p % 4, c] = True
         state = initial_state(path, *running)
         xs, ms = (x, valid) if parallel else (x[0], valid[0])
-        y, new = run(path, parallel, jnp.asarray(xs), scale, bias, state, jnp.asarray(ms),
-                     virtual_batch_size=4, unbiased_running_var=unbiased)
+        y, new = run(
+            path,
+            parallel,
+            jnp.asarray(xs),
+            scale,
+            bias,
+            state,
+            jnp.asarray(ms),
+            virtual_batch_size=4,
+            unbiased_running_var=unbiased,
+        )
         mean_ref, var_ref = href.ghost_running(x, valid, 4, *running, momentum=0.9, unbiased=unbiased)
         np.testing.assert_allclose(new["mean"], mean_ref, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(new["var"], var_ref, rtol=1e-5, atol=1e-6)
@@ -317,8 +361,13 @@ def test_low_precision_update_is_within_one_ulp_of_the_exact_mix(path):
     scale, bias = params(5)
 
     @prop(8)
-    @given(st.sampled_from(sorted(LOW)), st.sampled_from([0.5, 0.9, 0.99, 0.999]),
-           st.floats(-4, 4), st.floats(0.01, 8), st.integers(0, 2**16))
+    @given(
+        st.sampled_from(sorted(LOW)),
+        st.sampled_from([0.5, 0.9, 0.99, 0.999]),
+        st.floats(-4, 4),
+        st.floats(0.01, 8),
+        st.integers(0, 2**16),
+    )
     @example("bfloat16", 0.999, 1.0, 1.0, 0)
     def check(dtype, momentum, old_mean, old_var, seed):
         jdtype, np_dtype = LOW[dtype]
@@ -337,7 +386,7 @@ def test_low_precision_update_is_within_one_ulp_of_the_exact_mix(path):
     check()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def compiled_steps(path, momentum, steps):
     """`steps` training calls on HALVES in one jitted loop (the state keeps its dtype)."""
     scale, bias = jnp.ones(C, jnp.float32), jnp.zeros(C, jnp.float32)
@@ -366,8 +415,13 @@ def test_low_precision_running_stats_do_not_stall(path, dtype, momentum):
     state = compiled_steps(path, momentum, steps)(state)
     for name, target in (("mean", 0.5), ("var", 0.25)):
         assert state[name].dtype == jdtype, name
-        np.testing.assert_allclose(np.asarray(state[name], np.float64), target, rtol=0,
-                                   atol=href.spacing(target, np_dtype), err_msg=f"{name} after {steps} updates")
+        np.testing.assert_allclose(
+            np.asarray(state[name], np.float64),
+            target,
+            rtol=0,
+            atol=href.spacing(target, np_dtype),
+            err_msg=f"{name} after {steps} updates",
+        )
 
 
 # ------------------------------------------------------ (4) order of elements, outliers
@@ -375,7 +429,7 @@ def test_low_precision_running_stats_do_not_stall(path, dtype, momentum):
 BIG = 2**20
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def gaussian_block():
     """2^20 standard normal float32 values, built once."""
     return np.random.default_rng(20).normal(size=(BIG, 1)).astype(np.float32)
@@ -461,8 +515,9 @@ def test_extreme_magnitudes_give_finite_correct_statistics(path, parallel):
     rows = 4096
     if path == "moments":
         if parallel:
-            stats = jax.jit(jax.vmap(lambda x, m: (None,) + tuple(jbn.moments(x, mask=m, axis_name="d"))[:2],
-                                     axis_name="d"))
+            stats = jax.jit(
+                jax.vmap(lambda x, m: (None,) + tuple(jbn.moments(x, mask=m, axis_name="d"))[:2], axis_name="d")
+            )
         else:
             stats = jax.jit(lambda x, m: (None,) + tuple(jbn.moments(x, mask=m))[:2])
     else:
@@ -516,8 +571,9 @@ def test_counters_saturate_at_int32_max(path, rule):
     x = jnp.asarray(np.random.default_rng(6).normal(size=(8, C)).astype(np.float32) + 2)
     scale, bias = params(4)
     start = INT32_MAX - 1
-    state = initial_state(path, np.full(C, 1.0, np.float32), np.full(C, 2.0, np.float32),
-                          count=np.full(C, start), step=start)
+    state = initial_state(
+        path, np.full(C, 1.0, np.float32), np.full(C, 2.0, np.float32), count=np.full(C, start), step=start
+    )
     mean_b, var_b, _ = href.masked_moments(np.asarray(x), np.ones(x.shape, bool))
     mean_ref, var_ref = np.full(C, 1.0), np.full(C, 2.0)
     for call in range(3):
