@@ -424,6 +424,43 @@ def test_low_precision_running_stats_do_not_stall(path, dtype, momentum):
         )
 
 
+# ------------------------------------------------ empty and one-element groups
+
+GROUPS = ((0, 1), (2, 3))  # axis_index_groups over 4 participants
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_empty_and_one_element_groups(path):
+    """Synchronized in axis_index_groups, a group whose members hold no valid element (or
+    one) beside a normal group: every participant's running statistics are those of its
+    own group (an empty group keeps them; one element is a variance of 0), with NaN as
+    padding, and the outputs at valid positions are finite."""
+    scale, bias = params(7)
+    state = initial_state(path, np.full(C, 0.2, np.float32), np.full(C, 1.7, np.float32))
+    f = compiled(path, True, False, (("axis_index_groups", GROUPS),))
+
+    @prop(6)
+    @given(st.sampled_from([0, 1]), st.integers(0, 2**16))
+    def check(valid_in_first, seed):
+        rng = np.random.default_rng(seed)
+        x = (rng.normal(size=(4, 4, C)) * 2 + 3).astype(np.float32)
+        mask = rng.random((4, 4, C)) < 0.7
+        mask[:2] = False
+        if valid_in_first:
+            mask[rng.integers(2), rng.integers(4), :] = True  # one element per feature in group 0
+        y, new = f(jnp.asarray(np.where(mask, x, np.nan)), scale, bias, state, jnp.asarray(mask))
+        assert np.isfinite(np.asarray(y)[mask]).all()
+        for members in GROUPS:
+            rows = list(members)
+            mean, var, count = href.masked_moments(x[rows].reshape(-1, C), mask[rows].reshape(-1, C))
+            ok = count > 0
+            for p in members:
+                np.testing.assert_allclose(new["mean"][p], href.ema(state["mean"], mean, 0.9, ok), rtol=1e-5, atol=1e-6)
+                np.testing.assert_allclose(new["var"][p], href.ema(state["var"], var, 0.9, ok), rtol=1e-5, atol=1e-6)
+
+    check()
+
+
 # ------------------------------------------------------ (4) order of elements, outliers
 
 BIG = 2**20
