@@ -33,10 +33,10 @@ DEFAULTS = {
     "batch_size": 64,
     "seeds": [0, 1, 2, 3, 4, 5, 6, 7, 8, 9],  # initializations (each with its own batch)
     "train_depths": [10, 50],  # depths that are also trained
-    "train_steps": 200,
-    "train_eval_every": 20,
+    "train_steps": 300,
+    "train_eval_every": 30,
     "optimizer": "momentum",
-    "learning_rate": 0.01,
+    "learning_rate": 0.05,
 }
 TINY = {"depths": [2, 3], "width": 8, "seeds": [0, 1], "activations": ["relu"], "train_depths": [3], "train_steps": 4,
         "train_eval_every": 2}
