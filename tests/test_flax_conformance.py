@@ -101,4 +101,9 @@ def test_flax_tests_pass_with_jbn(flax_tests_root):
     assert set(jbn.results["swapped"]) == set(REQUIRED_SWAPS), jbn.results["swapped"]
     assert all(v.startswith("jbn.") for v in jbn.results["swapped"].values()), jbn.results["swapped"]
     assert summary.flax_passed, f"no selected test passes with flax itself:\n{report}\n{flax.output[-4000:]}"
+    if summary.regressions:
+        # Tell the cause from a cascade: rerun each file's regressed tests without the other files.
+        alone = runner.rerun_alone(flax_tests_root, list(summary.regressions))
+        cascades = [n for n in summary.regressions if alone.get(n) == "passed"]
+        report += f"\n{len(cascades)} of them pass when their file's regressed tests run alone: {', '.join(cascades)}"
     assert not summary.regressions, f"{len(summary.regressions)} flax tests fail with jbn:\n{report}"

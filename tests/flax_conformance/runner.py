@@ -133,8 +133,7 @@ def _command(root: Path, files, swap: bool, results: Path, extra) -> list[str]:
     ]
 
 
-def run_passes(root: Path, files, extra=(), timeout: float = 900) -> tuple[Pass, Pass]:
-    """Flax's classes and jbn's, as two pytest subprocesses running side by side."""
+def _environment() -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(PLUGIN_DIR), str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     env["XLA_FLAGS"] = XLA_FLAGS
@@ -142,30 +141,54 @@ def run_passes(root: Path, files, extra=(), timeout: float = 900) -> tuple[Pass,
     env.pop("PYTEST_ADDOPTS", None)
     # Each pass gets half the machine; unpinned, two XLA thread pools oversubscribe it.
     env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
+def _run_all(root: Path, jobs: list[tuple[bool, list[str]]], timeout: float, parallel: int = 2) -> list[Pass]:
+    """pytest subprocesses for (swap, args) jobs, `parallel` at a time, each timed on its own."""
+    env, passes = _environment(), [None] * len(jobs)
+    deadline = time.perf_counter() + timeout
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
-        runs = []
-        for swap in (False, True):
-            name = "jbn" if swap else "flax"
-            results, log = Path(tmp) / f"{name}.json", stack.enter_context(open(Path(tmp) / f"{name}.log", "w+"))
-            command = _command(root, files, swap, results, extra)
-            proc = subprocess.Popen(command, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
-            runs.append([swap, results, log, proc, time.perf_counter(), None])
-        deadline = time.perf_counter() + timeout
-        # Poll both, so each pass's own duration is recorded (and both are killed at the deadline).
-        while any(run[5] is None for run in runs):
-            for run in runs:
-                if run[5] is None and (run[3].poll() is not None or time.perf_counter() > deadline):
-                    if run[3].returncode is None:
-                        run[3].kill()
-                        run[3].wait()
-                    run[5] = time.perf_counter() - run[4]
+        waiting, running = list(enumerate(jobs)), []
+        while waiting or running:
+            while waiting and len(running) < parallel:
+                i, (swap, args) = waiting.pop(0)
+                results, log = Path(tmp) / f"{i}.json", stack.enter_context(open(Path(tmp) / f"{i}.log", "w+"))
+                command = _command(root, args, swap, results, ())
+                proc = subprocess.Popen(command, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+                running.append((i, swap, results, log, proc, time.perf_counter()))
             time.sleep(0.2)
-        passes = []
-        for swap, results, log, proc, _, seconds in runs:
-            log.seek(0)
-            data = json.loads(results.read_text()) if results.exists() else {}
-            passes.append(Pass(swap, data, proc.returncode, seconds, log.read()))
-    return passes[0], passes[1]
+            for job in list(running):
+                i, swap, results, log, proc, start = job
+                if proc.poll() is None and time.perf_counter() < deadline:
+                    continue
+                if proc.returncode is None:  # past the deadline
+                    proc.kill()
+                    proc.wait()
+                running.remove(job)
+                log.seek(0)
+                data = json.loads(results.read_text()) if results.exists() else {}
+                passes[i] = Pass(swap, data, proc.returncode, time.perf_counter() - start, log.read())
+    return passes
+
+
+def run_passes(root: Path, files, extra=(), timeout: float = 900) -> tuple[Pass, Pass]:
+    """Flax's classes and jbn's, as two pytest subprocesses running side by side."""
+    flax, jbn = _run_all(root, [(False, [*extra, *files]), (True, [*extra, *files])], timeout)
+    return flax, jbn
+
+
+def rerun_alone(root: Path, nodeids, timeout: float = 600) -> dict[str, str]:
+    """jbn's outcome for each test when only its file's regressed tests run in the process:
+    flax's tests share process state (e.g. nnx.tabulate's hooks stay behind when a call
+    inside it raises), so a failure can be a cascade from another file's test."""
+    by_file: dict[str, list[str]] = {}
+    for nodeid in nodeids:
+        by_file.setdefault(nodeid.split("::")[0], []).append(nodeid)
+    outcomes: dict[str, str] = {}
+    for run in _run_all(root, [(True, ids) for ids in by_file.values()], timeout):
+        outcomes.update(run.results.get("outcomes", {}))
+    return outcomes
 
 
 @dataclasses.dataclass
@@ -239,6 +262,13 @@ def main(argv=None) -> int:
     flax, jbn = run_passes(root, candidate_files(root), extra)
     summary = summarize(flax, jbn)
     print(summary.text(flax, jbn))
+    if summary.regressions:
+        alone = rerun_alone(root, list(summary.regressions))
+        cascades = [n for n in summary.regressions if alone.get(n) == "passed"]
+        print(
+            f"{len(cascades)} of the {len(summary.regressions)} regressions pass when their file's regressed "
+            f"tests run alone (a cascade from another failure): " + ", ".join(cascades)
+        )
     if args.json:
         Path(args.json).write_text(json.dumps(dataclasses.asdict(summary), indent=1))
     return 1 if summary.regressions or not summary.flax_passed else 0
