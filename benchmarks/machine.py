@@ -9,6 +9,8 @@ import platform
 import jax
 
 PACKAGES = ("jax", "jaxlib", "flax", "dm-haiku", "equinox", "torch", "numpy")
+# Listed only where installed: the accelerator plugins of JAX's CUDA/TPU builds, and optax.
+OPTIONAL = ("optax", "jax-cuda12-plugin", "jax-cuda12-pjrt", "jax-cuda13-plugin", "jax-cuda13-pjrt", "libtpu")
 
 
 def cpu_model() -> str:
@@ -42,6 +44,11 @@ def versions() -> dict[str, str]:
             out[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
             out[name] = "not installed"
+    for name in OPTIONAL:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
     return out
 
 

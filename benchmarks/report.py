@@ -266,8 +266,8 @@ def write(results, out: Path, note: str = "") -> None:
     """RESULTS.md from the op-level results plus whatever model.json / strategies.json
     lie in `out`; the figures where matplotlib is installed."""
     model, strat = load_json(out / "model.json"), load_json(out / "strategies.json")
-    parts = [markdown(results, note) if results else "# jbn benchmarks\n"]
-    parts.append("\n".join(accelerator_status(out)))
+    title, _, body = (markdown(results, note) if results else "# jbn benchmarks\n\n").partition("\n\n")
+    parts = [title + "\n", "\n".join(accelerator_status(out)), body]
     if model:
         parts.append("\n".join(sections.model_markdown(model) + (["![model-level figure](model.png)", ""] if have_matplotlib() else [])))
     if strat:
