@@ -17,12 +17,11 @@ The report gives the training forward+backward against the bandwidth roofline: 8
 element reads+writes per step (N = elements of x; see benchmarks/run.py) at the copy
 bandwidth measured in stage 1, and at the vendor's peak where the device is listed below.
 """
+
 from __future__ import annotations
 
 import argparse
 import json
-import math
-import os
 import re
 import shutil
 import subprocess
@@ -35,20 +34,68 @@ ROOT = DEFAULT_OUT.parent
 BUDGET_S = 460  # whole run; the issue asks for under 8 minutes
 # Vendor peak memory bandwidth in GB/s (data sheets), matched against jax's device_kind.
 PEAK_GBS = (
-    ("H200", 4800), ("H100 PCIe", 2000), ("H100", 3350), ("GH200", 4000), ("A100-SXM4-80GB", 2039),
-    ("A100 80GB PCIe", 1935), ("A100", 1555), ("L40S", 864), ("L4", 300), ("A10G", 600), ("A10", 600),
-    ("V100", 900), ("T4", 320), ("RTX 4090", 1008), ("RTX 3090", 936),
+    ("H200", 4800),
+    ("H100 PCIe", 2000),
+    ("H100", 3350),
+    ("GH200", 4000),
+    ("A100-SXM4-80GB", 2039),
+    ("A100 80GB PCIe", 1935),
+    ("A100", 1555),
+    ("L40S", 864),
+    ("L4", 300),
+    ("A10G", 600),
+    ("A10", 600),
+    ("V100", 900),
+    ("T4", 320),
+    ("RTX 4090", 1008),
+    ("RTX 3090", 936),
 )
 FULL = {
-    "op": ["--shapes", "64x32x32x64", "128x16x16x256", "256x7x7x512", "4096x1024", "256x56x56x64",
-           "--dtypes", "float32", "bfloat16", "--rounds", "10"],
+    "op": [
+        "--shapes",
+        "64x32x32x64",
+        "128x16x16x256",
+        "256x7x7x512",
+        "4096x1024",
+        "256x56x56x64",
+        "--dtypes",
+        "float32",
+        "bfloat16",
+        "--rounds",
+        "10",
+    ],
     "model": ["--preset", "gpu", "--rounds", "10"],
 }
 DRY = {
-    "op": ["--shapes", "4x2x2x4", "--dtypes", "float32", "--rounds", "1", "--libraries", "jbn", "flax.linen",
-           "--layers", "1", "--memory-shape", "2x4x4x4", "--memory-variants", "0", "4"],
-    "model": ["--sizes", "2x8x8:2", "--rounds", "1", "--blocks", "1", "--variants", "flax.linen",
-              "jbn, relu fused + save_output_only"],
+    "op": [
+        "--shapes",
+        "4x2x2x4",
+        "--dtypes",
+        "float32",
+        "--rounds",
+        "1",
+        "--libraries",
+        "jbn",
+        "flax.linen",
+        "--layers",
+        "1",
+        "--memory-shape",
+        "2x4x4x4",
+        "--memory-variants",
+        "0",
+        "4",
+    ],
+    "model": [
+        "--sizes",
+        "2x8x8:2",
+        "--rounds",
+        "1",
+        "--blocks",
+        "1",
+        "--variants",
+        "flax.linen",
+        "jbn, relu fused + save_output_only",
+    ],
 }
 LIMITS = {"probe": 60, "op": 230, "model": 170}
 
@@ -70,7 +117,9 @@ def nvidia_smi() -> str | None:
     try:
         out = subprocess.run(
             ["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
-            capture_output=True, text=True, timeout=20,
+            capture_output=True,
+            text=True,
+            timeout=20,
         )
     except (OSError, subprocess.TimeoutExpired):
         return None
@@ -88,9 +137,16 @@ def probe(path: Path, elements: int) -> None:
     copy = jax.jit(lambda a: a + 1)
     t = timing.interleaved({"copy": lambda: jax.block_until_ready(copy(x))}, 10)["copy"]
     d = jax.devices()[0]
-    info = {**machine.describe(), "versions": machine.versions(), "device_kind": d.device_kind,
-            "platform": d.platform, "nvidia_smi": nvidia_smi(),
-            "copy_elements": elements, "copy_s": t.median, "copy_gbs": 2 * 4 * elements / t.median / 1e9}
+    info = {
+        **machine.describe(),
+        "versions": machine.versions(),
+        "device_kind": d.device_kind,
+        "platform": d.platform,
+        "nvidia_smi": nvidia_smi(),
+        "copy_elements": elements,
+        "copy_s": t.median,
+        "copy_gbs": 2 * 4 * elements / t.median / 1e9,
+    }
     path.write_text(json.dumps(info, indent=1))
 
 
@@ -100,8 +156,9 @@ def run_stage(name: str, argv: list[str], limit: float, log_dir: Path) -> dict:
     log = log_dir / (f".device-{name}.log" if name == "probe" else f"{name}.log")
     with log.open("w") as f:
         try:
-            rc = subprocess.run([sys.executable, *argv], cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
-                                timeout=max(limit, 1)).returncode
+            rc = subprocess.run(
+                [sys.executable, *argv], cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, timeout=max(limit, 1)
+            ).returncode
         except subprocess.TimeoutExpired:
             rc = "timed out"
     seconds = time.perf_counter() - start
@@ -114,10 +171,13 @@ def roofline(results: dict, copy_gbs: float, peak: float | None) -> list[str]:
     from benchmarks import report
 
     out = [
-        "## Training forward+backward against the bandwidth roofline", "",
+        "## Training forward+backward against the bandwidth roofline",
+        "",
         f"Traffic: 8N element reads+writes per step (N = elements of x). Roofline: the copy bandwidth of a jitted "
         f"`x + 1` on a large array measured in this run, {copy_gbs:.0f} GB/s"
-        + (f", and the vendor peak {peak:.0f} GB/s" if peak else " (no vendor peak listed for this device)") + ".", "",
+        + (f", and the vendor peak {peak:.0f} GB/s" if peak else " (no vendor peak listed for this device)")
+        + ".",
+        "",
         "| shape | dtype | library | ms | GB/s at 8N | % of copy roofline |" + (" % of vendor peak |" if peak else ""),
         "|---|---|---|---|---|---|" + ("---|" if peak else ""),
     ]
@@ -125,8 +185,14 @@ def roofline(results: dict, copy_gbs: float, peak: float | None) -> list[str]:
         if row["case"] != "train_fwd_bwd" or row["library"] == results["copy"]:
             continue
         gbs = report.bandwidth(row, "train_fwd_bwd", results["min_traffic"])
-        cells = [report.shape_name(row["shape"]), row["dtype"], row["library"], f"{1e3 * row['median_s']:.3f}",
-                 f"{gbs:.0f}", f"{100 * gbs / copy_gbs:.0f}%"] + ([f"{100 * gbs / peak:.0f}%"] if peak else [])
+        cells = [
+            report.shape_name(row["shape"]),
+            row["dtype"],
+            row["library"],
+            f"{1e3 * row['median_s']:.3f}",
+            f"{gbs:.0f}",
+            f"{100 * gbs / copy_gbs:.0f}%",
+        ] + ([f"{100 * gbs / peak:.0f}%"] if peak else [])
         out.append("| " + " | ".join(cells) + " |")
     return out + [""]
 
@@ -144,10 +210,15 @@ def write_report(out: Path, work: Path, info: dict, stages: list[dict], dry: boo
             f"Measured {info['date']} with `{command}`; JAX device: {info['device']}; host CPU {info['cpu']} "
             f"({info['cores']} cores).",
             f"Driver (nvidia-smi): {info['nvidia_smi'] or 'nvidia-smi not found'}.",
-            "Versions: " + ", ".join(f"{k} {v}" for k, v in info["versions"].items()) + ".", "",
+            "Versions: " + ", ".join(f"{k} {v}" for k, v in info["versions"].items()) + ".",
+            "",
         ]
-    lines += ["Stages: " + "; ".join(f"{s['name']} {'ok' if s['rc'] == 0 else s['rc']} ({s['seconds']:.0f} s)"
-                                      for s in stages) + f". Raw results in `{work.name}/`.", ""]
+    lines += [
+        "Stages: "
+        + "; ".join(f"{s['name']} {'ok' if s['rc'] == 0 else s['rc']} ({s['seconds']:.0f} s)" for s in stages)
+        + f". Raw results in `{work.name}/`.",
+        "",
+    ]
     op = report.load_json(work / "op" / "results.json")
     model = report.load_json(work / "model" / "model.json")
     if op and info:
@@ -176,8 +247,21 @@ def main(argv=None) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     sizes = DRY if args.dry_run else FULL
     probe_path = out / ".device-probe.json"
-    stages = [run_stage("probe", ["-m", "benchmarks.device", "--probe", str(probe_path), "--copy-elements",
-                                  str(2**16 if args.dry_run else 2**26)], LIMITS["probe"], out)]
+    stages = [
+        run_stage(
+            "probe",
+            [
+                "-m",
+                "benchmarks.device",
+                "--probe",
+                str(probe_path),
+                "--copy-elements",
+                str(2**16 if args.dry_run else 2**26),
+            ],
+            LIMITS["probe"],
+            out,
+        )
+    ]
     info = json.loads(probe_path.read_text()) if probe_path.exists() else {}
     # The raw results of this device go next to its report: device-<device>[-dry-run]/.
     work = out / (f"device-{slug(info.get('device_kind', 'unknown'))}" + ("-dry-run" if args.dry_run else ""))
@@ -189,10 +273,16 @@ def main(argv=None) -> Path:
         if source.exists():
             source.rename(work / name)
     stages[0]["log"] = "probe.log"
-    for name, module, extra in (("op", "benchmarks.run", ["--no-progress"]), ("model", "benchmarks.model", ["--no-render"])):
+    for name, module, extra in (
+        ("op", "benchmarks.run", ["--no-progress"]),
+        ("model", "benchmarks.model", ["--no-render"]),
+    ):
         left = BUDGET_S - (time.perf_counter() - start)
-        stages.append(run_stage(name, ["-m", module, *sizes[name], *extra, "--out", str(work / name)],
-                                min(LIMITS[name], left), work))
+        stages.append(
+            run_stage(
+                name, ["-m", module, *sizes[name], *extra, "--out", str(work / name)], min(LIMITS[name], left), work
+            )
+        )
     command = "bash benchmarks/device.sh" + (" --dry-run" if args.dry_run else "")
     path = write_report(out, work, info, stages, args.dry_run, command)
     print(f"wrote {path} in {time.perf_counter() - start:.0f} s", flush=True)

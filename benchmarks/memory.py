@@ -5,13 +5,15 @@ Every library gets the same network (3x3 convolutions via `lax.conv_general_dila
 NHWC, no conv bias, a mean-square loss) with its own batch norm in between; only the
 batch-norm layer (and, for jbn's fused variants, the activation inside it) differs.
 """
+
 from __future__ import annotations
 
 import contextlib
 import io
 import math
 import re
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -70,7 +72,9 @@ def deep_net_temp_bytes(variant: Variant, shape, dtype, layers: int) -> int:
     x = normal(shape, dtype, seed=0)
     channels = shape[-1]
     block, params, state = _block(variant, x)
-    weights = [normal((3, 3, channels, channels), dtype, seed=1 + i, std=math.sqrt(2 / (9 * channels))) for i in range(layers)]
+    weights = [
+        normal((3, 3, channels, channels), dtype, seed=1 + i, std=math.sqrt(2 / (9 * channels))) for i in range(layers)
+    ]
     bn_params = [params] * layers
     bn_states = [state] * layers
 
@@ -153,4 +157,4 @@ def summary(variant: Variant, shape, dtype, layers: int) -> dict:
     }
 
 
-__all__ = ["VARIANTS", "Variant", "deep_net_temp_bytes", "saved_residuals", "block_residuals", "summary"]
+__all__ = ["VARIANTS", "Variant", "block_residuals", "deep_net_temp_bytes", "saved_residuals", "summary"]

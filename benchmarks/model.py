@@ -15,6 +15,7 @@ A size is `BATCHxHEIGHTxWIDTH:BASE_WIDTH[:stem]`: stage widths BASE x (1, 2, 4, 
 stem `cifar` (3x3 conv, stride 1, no pooling) or `imagenet` (7x7 conv, stride 2, 3x3
 max-pool, stride 2).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -60,7 +61,9 @@ class Size(NamedTuple):
 
     @property
     def name(self) -> str:
-        return f"{self.batch}x{self.height}x{self.width}:{self.base}" + ("" if self.stem == "cifar" else f":{self.stem}")
+        return f"{self.batch}x{self.height}x{self.width}:{self.base}" + (
+            "" if self.stem == "cifar" else f":{self.stem}"
+        )
 
 
 def parse_size(text: str) -> Size:
@@ -103,7 +106,9 @@ def make_model(variant: str, size: Size, dtype=jnp.float32, blocks: int = 2):
 
     def conv(features, kernel, strides=1):
         pad = (kernel - 1) // 2
-        return nn.Conv(features, (kernel, kernel), strides, padding=((pad, pad), (pad, pad)), use_bias=False, dtype=dtype)
+        return nn.Conv(
+            features, (kernel, kernel), strides, padding=((pad, pad), (pad, pad)), use_bias=False, dtype=dtype
+        )
 
     class Block(nn.Module):
         features: int
@@ -157,7 +162,7 @@ def init_variables(model, images) -> dict:
             gain = 1.0 if len(leaf.shape) == 2 else 2.0  # the dense head has no relu after it
             rng = np.random.default_rng(zlib.crc32(name.encode()))
             return jnp.asarray(rng.normal(size=leaf.shape) * math.sqrt(gain / fan_in), leaf.dtype)
-        ones = name.endswith("['scale']") or name.endswith("['var']")
+        ones = name.endswith(("['scale']", "['var']"))
         return jnp.ones(leaf.shape, leaf.dtype) if ones else jnp.zeros(leaf.shape, leaf.dtype)
 
     return jax.tree_util.tree_map_with_path(fill, shapes)
@@ -215,32 +220,40 @@ def measure(sizes, variants, rounds: int, log=print, blocks: int = 2) -> list[di
             log(f"  {size.name} {variant}: compiled, temp {info[variant]['temp_bytes'] / 2**20:.1f} MiB")
         results = timing.interleaved(calls, rounds)
         for variant, t in results.items():
-            rows.append({
-                "size": size.name,
-                "batch": size.batch,
-                "image": [size.height, size.width],
-                "base_width": size.base,
-                "stem": size.stem,
-                "blocks_per_stage": blocks,
-                "variant": variant,
-                "samples": t.samples.tolist(),
-                "median_s": t.median,
-                "q25_s": t.q25,
-                "q75_s": t.q75,
-                "ratio_to_flax": timing.paired_ratio(t, results[FLAX]) if FLAX in results else None,
-                **info[variant],
-            })
+            rows.append(
+                {
+                    "size": size.name,
+                    "batch": size.batch,
+                    "image": [size.height, size.width],
+                    "base_width": size.base,
+                    "stem": size.stem,
+                    "blocks_per_stage": blocks,
+                    "variant": variant,
+                    "samples": t.samples.tolist(),
+                    "median_s": t.median,
+                    "q25_s": t.q25,
+                    "q75_s": t.q75,
+                    "ratio_to_flax": timing.paired_ratio(t, results[FLAX]) if FLAX in results else None,
+                    **info[variant],
+                }
+            )
         log(f"  {size.name}: " + ", ".join(f"{v} {1e3 * results[v].median:.1f} ms" for v in variants))
     return rows
 
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", choices=("cpu", "gpu"), default="cpu", help="default sizes (when --sizes is not given)")
-    parser.add_argument("--sizes", nargs="*", type=parse_size, default=None, help="e.g. 32x32x32:16 16x64x64:16:imagenet")
+    parser.add_argument(
+        "--preset", choices=("cpu", "gpu"), default="cpu", help="default sizes (when --sizes is not given)"
+    )
+    parser.add_argument(
+        "--sizes", nargs="*", type=parse_size, default=None, help="e.g. 32x32x32:16 16x64x64:16:imagenet"
+    )
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS))
     parser.add_argument("--rounds", type=int, default=15)
-    parser.add_argument("--blocks", type=int, default=2, help="basic blocks per stage: 2 is ResNet-18 (1: quick smoke runs)")
+    parser.add_argument(
+        "--blocks", type=int, default=2, help="basic blocks per stage: 2 is ResNet-18 (1: quick smoke runs)"
+    )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder for model.json and model.png")
     parser.add_argument("--note", default="", help="a line for RESULTS.md (e.g. how busy the machine was)")
     parser.add_argument("--no-render", action="store_true", help="write model.json only (not RESULTS.md)")
@@ -253,7 +266,7 @@ def main(argv=None) -> dict:
     given = list(argv if argv is not None else sys.argv[1:])
     if "--note" in given:
         i = given.index("--note")
-        del given[i: i + 2]
+        del given[i : i + 2]
     info["command"] = " ".join(["python -m benchmarks.model", *given])
     if args.blocks < 1:
         parser.error(f"--blocks must be >= 1, got {args.blocks}")

@@ -16,13 +16,14 @@ ask each library for a bfloat16 output with float32 parameters where it allows i
 (haiku and equinox keep parameters in the input dtype or their `dtype`, see NOTES).
 PyTorch's BatchNorm2d/1d runs on CPU in channels-last memory (the same layout).
 """
+
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 EPSILON = 1e-5

@@ -1,4 +1,5 @@
 """RESULTS.md and results.png from the measured rows (see benchmarks.run)."""
+
 from __future__ import annotations
 
 import json
@@ -72,7 +73,9 @@ def headline(results) -> list[str]:
                 for label, m in mem.items()
                 if label.startswith("jbn") and "fused=False" not in label
             ]
-            lines.append(f"- Deep-net training step temp memory ({dtype}) relative to flax.linen: " + "; ".join(parts) + ".")
+            lines.append(
+                f"- Deep-net training step temp memory ({dtype}) relative to flax.linen: " + "; ".join(parts) + "."
+            )
     return lines
 
 
@@ -125,8 +128,7 @@ def markdown(results, note: str = "") -> str:
     if losses:
         for row in losses:
             out.append(
-                f"- {CASE_TITLES[row['case']]}, {shape_name(row['shape'])} {row['dtype']}: "
-                f"{row['ratio_to_flax']:.2f}x"
+                f"- {CASE_TITLES[row['case']]}, {shape_name(row['shape'])} {row['dtype']}: {row['ratio_to_flax']:.2f}x"
             )
     else:
         out.append("- none in this run")
@@ -221,8 +223,11 @@ def chart(results, path: Path) -> None:
     if results["memory"]:
         dtype = "float32" if any(m["dtype"] == "float32" for m in results["memory"]) else results["memory"][0]["dtype"]
         mem = [m for m in results["memory"] if m["dtype"] == dtype]
-        ax.barh(range(len(mem)), [m["temp_bytes"] / 2**20 for m in mem],
-                color=["tab:blue" if m["label"].startswith("jbn") else "tab:gray" for m in mem])
+        ax.barh(
+            range(len(mem)),
+            [m["temp_bytes"] / 2**20 for m in mem],
+            color=["tab:blue" if m["label"].startswith("jbn") else "tab:gray" for m in mem],
+        )
         ax.set_yticks(range(len(mem)), [m["label"] for m in mem], fontsize=7)
         ax.invert_yaxis()
         ax.set_xlabel("MiB", fontsize=8)
@@ -230,7 +235,9 @@ def chart(results, path: Path) -> None:
     else:
         ax.axis("off")
     info = results["machine"]
-    fig.suptitle(f"jbn benchmarks: {info['device']}, {info['cpu']} ({info['cores']} cores), {info['date']}", fontsize=10)
+    fig.suptitle(
+        f"jbn benchmarks: {info['device']}, {info['cpu']} ({info['cores']} cores), {info['date']}", fontsize=10
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=60)
     plt.close(fig)
@@ -269,7 +276,11 @@ def write(results, out: Path, note: str = "") -> None:
     title, _, body = (markdown(results, note) if results else "# jbn benchmarks\n\n").partition("\n\n")
     parts = [title + "\n", "\n".join(accelerator_status(out)), body]
     if model:
-        parts.append("\n".join(sections.model_markdown(model) + (["![model-level figure](model.png)", ""] if have_matplotlib() else [])))
+        parts.append(
+            "\n".join(
+                sections.model_markdown(model) + (["![model-level figure](model.png)", ""] if have_matplotlib() else [])
+            )
+        )
     if strat:
         parts.append("\n".join(sections.strategies_markdown(strat)))
     (out / "RESULTS.md").write_text("\n".join(parts))

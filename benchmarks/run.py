@@ -9,6 +9,7 @@ library (and a jitted `x + 1` copy of the same array) runs once per round, in a 
 order and after a 20 ms pause (see benchmarks/timing.py), and the report gives the median
 and the interquartile range over rounds.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,11 +52,13 @@ def time_cases(shapes, dtypes, libraries, rounds, progress) -> list[dict]:
             ct = memory.normal(shape, dtype, seed=1)
             layers = {name: peers.jax_layer(name, x, ct) for name in libraries if name in peers.JAX_LIBRARIES}
             if use_torch:
-                layers["torch"] = peers.torch_layer(np.asarray(x.astype(jnp.float32)), np.asarray(ct.astype(jnp.float32)), dtype)
+                layers["torch"] = peers.torch_layer(
+                    np.asarray(x.astype(jnp.float32)), np.asarray(ct.astype(jnp.float32)), dtype
+                )
             copy = jax.jit(lambda a: a + 1)
             for case in CASES:
                 calls = {name: getattr(layer, case) for name, layer in layers.items()}
-                calls[COPY] = lambda: jax.block_until_ready(copy(x))
+                calls[COPY] = lambda copy=copy, x=x: jax.block_until_ready(copy(x))
                 results = timing.interleaved(calls, rounds)
                 for name, t in results.items():
                     rows.append(
@@ -118,10 +121,15 @@ def main(argv=None) -> dict:
     parser.add_argument("--memory-shape", type=parse_shape, default=MEMORY_SHAPE)
     parser.add_argument("--layers", type=int, default=MEMORY_LAYERS, help="blocks in the memory benchmark's net")
     parser.add_argument(
-        "--memory-variants", nargs="*", type=int, default=None,
+        "--memory-variants",
+        nargs="*",
+        type=int,
+        default=None,
         help="indices into benchmarks.memory.VARIANTS to measure (default all; none to skip)",
     )
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder for RESULTS.md, results.png, results.json")
+    parser.add_argument(
+        "--out", type=Path, default=DEFAULT_OUT, help="folder for RESULTS.md, results.png, results.json"
+    )
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--note", default="", help="a line for the top of RESULTS.md (e.g. how busy the machine was)")
     args = parser.parse_args(argv)
@@ -141,7 +149,7 @@ def main(argv=None) -> dict:
     given = list(argv if argv is not None else sys.argv[1:])
     if "--note" in given:  # the note is printed on its own
         i = given.index("--note")
-        del given[i: i + 2]
+        del given[i : i + 2]
     info["command"] = " ".join(["python -m benchmarks.run", *given])
     variants = memory.VARIANTS if args.memory_variants is None else [memory.VARIANTS[i] for i in args.memory_variants]
     variants = [v for v in variants if peers.available(memory.library_of(v))]
@@ -150,7 +158,14 @@ def main(argv=None) -> dict:
     with _progress(total, args.no_progress) as progress:
         speed = time_cases(shapes, args.dtypes, libraries, rounds, progress)
         mem = memory_rows(args.dtypes, args.memory_shape, args.layers, variants, progress)
-    results = {"machine": info, "speed": speed, "memory": mem, "min_traffic": MIN_TRAFFIC, "copy": COPY, "note": args.note}
+    results = {
+        "machine": info,
+        "speed": speed,
+        "memory": mem,
+        "min_traffic": MIN_TRAFFIC,
+        "copy": COPY,
+        "note": args.note,
+    }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=1))
     report.write(results, args.out, args.note)

@@ -1,5 +1,6 @@
 """RESULTS.md sections for the model-level benchmark (model.json) and the statistics
 strategies (strategies.json), and the model-level figure (model.png)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -13,7 +14,8 @@ def _measured(info) -> str:
     return (
         f"Measured {info['date']} on {info['cpu']} ({info['cores']} usable cores); JAX device: {info['device']}; "
         f"{info['rounds']} interleaved rounds. Command: `{info['command']}`. Versions: "
-        + ", ".join(f"{k} {v}" for k, v in info["versions"].items()) + "."
+        + ", ".join(f"{k} {v}" for k, v in info["versions"].items())
+        + "."
     )
 
 
@@ -109,8 +111,9 @@ def model_chart(model: dict, path: Path, flax: str = "flax.linen") -> None:
         ax.set_title(title, fontsize=10)
     fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=len(variants), fontsize=8)
     info = model["machine"]
-    fig.suptitle(f"ResNet-18 training step: {info['device']}, {info['cpu']} ({info['cores']} cores), {info['date']}",
-                 fontsize=9)
+    fig.suptitle(
+        f"ResNet-18 training step: {info['device']}, {info['cpu']} ({info['cores']} cores), {info['date']}", fontsize=9
+    )
     fig.tight_layout(rect=(0, 0.08, 1, 1))
     fig.savefig(path, dpi=60)
     plt.close(fig)
@@ -147,24 +150,37 @@ def strategies_markdown(strat: dict) -> list[str]:
         fwd = ", ".join(f"{s['rows'][f'forward: {name}']['ratio']:.2f}" for s in speed)
         st = ", ".join(f"{s['rows'][name]['ratio']:.2f}" for s in speed)
         out.append(f"| {name} | {worst:.1e} | {fwd} | {st} |")
-    out.append(f"| {strat['jbn']} | (as jbn.moments) | " + ", ".join(f"{s['rows'][strat['jbn']]['ratio']:.2f}" for s in speed) + " | |")
-    out.append(f"| {strat['copy']} | | " + ", ".join(f"{s['rows'][strat['copy']]['ratio']:.2f}" for s in speed) + " | |")
+    out.append(
+        f"| {strat['jbn']} | (as jbn.moments) | "
+        + ", ".join(f"{s['rows'][strat['jbn']]['ratio']:.2f}" for s in speed)
+        + " | |"
+    )
+    out.append(
+        f"| {strat['copy']} | | " + ", ".join(f"{s['rows'][strat['copy']]['ratio']:.2f}" for s in speed) + " | |"
+    )
     out += ["", "In full:", ""]
-    head = "| method | " + " | ".join(f"{_shape(s['shape'])} stats | {_shape(s['shape'])} forward" for s in speed) + " |"
+    head = (
+        "| method | " + " | ".join(f"{_shape(s['shape'])} stats | {_shape(s['shape'])} forward" for s in speed) + " |"
+    )
     out += [head, "|---" * (1 + 2 * len(speed)) + "|"]
     for name in methods:
         cells = []
         for s in speed:
             st, fw = s["rows"][name], s["rows"][f"forward: {name}"]
-            cells.append(f"{1e3 * st['median_s']:.2f} [{1e3 * st['q25_s']:.2f}-{1e3 * st['q75_s']:.2f}] · {st['ratio']:.2f}x")
+            cells.append(
+                f"{1e3 * st['median_s']:.2f} [{1e3 * st['q25_s']:.2f}-{1e3 * st['q75_s']:.2f}] · {st['ratio']:.2f}x"
+            )
             cells.append(f"{1e3 * fw['median_s']:.2f} · {fw['ratio']:.2f}x flax · {fw['ratio_to_copy']:.2f}x copy")
         out.append(f"| {name} | " + " | ".join(cells) + " |")
     for name in (strat["flax"], strat["jbn"], strat["copy"]):
         cells = []
         for s in speed:
             r = s["rows"][name]
-            cells += ["", f"{1e3 * r['median_s']:.2f} [{1e3 * r['q25_s']:.2f}-{1e3 * r['q75_s']:.2f}] · "
-                          f"{r['ratio']:.2f}x flax · {r['ratio_to_copy']:.2f}x copy"]
+            cells += [
+                "",
+                f"{1e3 * r['median_s']:.2f} [{1e3 * r['q25_s']:.2f}-{1e3 * r['q75_s']:.2f}] · "
+                f"{r['ratio']:.2f}x flax · {r['ratio_to_copy']:.2f}x copy",
+            ]
         out.append(f"| {name} | " + " | ".join(cells) + " |")
     labels = list(acc["errors"])
     out += [
@@ -177,15 +193,18 @@ def strategies_markdown(strat: dict) -> list[str]:
         "|---" * (1 + len(labels)) + "|",
     ]
     for name in methods:
-        out.append(f"| {name} | " + " | ".join(f"{acc['errors'][lab][name]['var_rel_err']:.1e}" for lab in labels) + " |")
+        out.append(
+            f"| {name} | " + " | ".join(f"{acc['errors'][lab][name]['var_rel_err']:.1e}" for lab in labels) + " |"
+        )
     out += [
         "",
         "What the compiled programs show (jax/jaxlib 0.10.2, XLA:CPU, read from `jit(...).lower(x).compile()"
         ".as_text()` at 256x7x7x512):",
         "",
         "- flax's raw sums are two reduction fusions, each reading `x`: flax reads `x` twice for its statistics "
-        "too. jbn.moments compiles to the same structure (two fusions reading `x`; the shift a separate "
-        "feature-sized slice), and so does two_pass (the mean, then the centred sum). No method here reads `x` "
+        "too. shift_first compiles to the same structure (two fusions reading `x`; the shift a separate "
+        "feature-sized slice), and so do two_pass (the mean, then the centred sum) and jbn.moments as of commit "
+        "2b6b7ae (its corrected two-pass: the mean, then one fusion for both sums of deviations). No method here reads `x` "
         "once for both sums on XLA:CPU, so the gaps between them are the work per element inside the "
         "reductions (a subtraction of a broadcast shift in both shifted sums, in one of two_pass's) and noise.",
         "- Written without separate handles (the shift indexed out of `x` in the same expression), XLA writes "

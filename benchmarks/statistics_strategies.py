@@ -9,7 +9,8 @@ Methods (the statistics in float32 from a float32 input):
 
 - raw: `mean(x)`, `mean(x*x) - mean^2` (flax's `use_fast_variance`); loses the variance
   to cancellation when |mean| >> std.
-- jbn.moments: the library as installed (today: sums around the first element).
+- jbn.moments: the library as installed (a corrected two-pass since commit 3a0fb26;
+  sums around the first element before, as shift_first).
 - shift_first: the same method written here (kept fixed while jbn changes): sums of
   `x - s` and `(x - s)^2` around s = the first row, each reduction on its own handle of
   `x` (an optimization barrier), so that XLA:CPU fuses the subtraction into both.
@@ -28,6 +29,7 @@ Each method also runs as a full training forward (statistics, then
 flax.linen.BatchNorm's and jbn.BatchNorm's forwards and a jitted `x + 1` copy, all in
 the same interleaved shuffled rounds (benchmarks/timing.py).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -205,12 +207,17 @@ def time_shape(shape, rounds, log) -> dict:
     for name, t in results.items():
         base = results[RAW] if name in METHODS else results[FLAX]
         rows[name] = {
-            "median_s": t.median, "q25_s": t.q25, "q75_s": t.q75, "samples": t.samples.tolist(),
+            "median_s": t.median,
+            "q25_s": t.q25,
+            "q75_s": t.q75,
+            "samples": t.samples.tolist(),
             "ratio": timing.paired_ratio(t, base),
             "ratio_to_copy": timing.paired_ratio(t, results[COPY]),
         }
-    log(f"  {'x'.join(map(str, shape))}: " + ", ".join(
-        f"{k} {v['ratio']:.2f}" for k, v in rows.items() if k in METHODS or k.startswith("forward:")))
+    log(
+        f"  {'x'.join(map(str, shape))}: "
+        + ", ".join(f"{k} {v['ratio']:.2f}" for k, v in rows.items() if k in METHODS or k.startswith("forward:"))
+    )
     return {"shape": list(shape), "rows": rows}
 
 
@@ -265,14 +272,26 @@ def main(argv=None) -> dict:
     given = list(argv if argv is not None else sys.argv[1:])
     if "--note" in given:
         i = given.index("--note")
-        del given[i: i + 2]
+        del given[i : i + 2]
     info["command"] = " ".join(["python -m benchmarks.statistics_strategies", *given])
     log = lambda m: print(m, flush=True)  # noqa: E731
     acc = accuracy(args.accuracy_rows)
-    log("  accuracy: " + json.dumps({k: {m: f"{e['var_rel_err']:.1e}" for m, e in v.items()} for k, v in acc["errors"].items()}))
+    log(
+        "  accuracy: "
+        + json.dumps({k: {m: f"{e['var_rel_err']:.1e}" for m, e in v.items()} for k, v in acc["errors"].items()})
+    )
     speed = [time_shape(s, args.rounds, log) for s in args.shapes]
-    results = {"machine": info, "methods": list(METHODS), "speed": speed, "accuracy": acc, "note": args.note,
-               "flax": FLAX, "jbn": JBN, "copy": COPY, "raw": RAW}
+    results = {
+        "machine": info,
+        "methods": list(METHODS),
+        "speed": speed,
+        "accuracy": acc,
+        "note": args.note,
+        "flax": FLAX,
+        "jbn": JBN,
+        "copy": COPY,
+        "raw": RAW,
+    }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "strategies.json").write_text(json.dumps(results, indent=1))
     if not args.no_render:

@@ -8,11 +8,13 @@ fwd+bwd, 64x32x32x64 float32): the library that ran right after PyTorch was abou
 slower; a 10-20 ms pause removed the effect. A fixed rotating order kept each
 participant's predecessor the same in every round, so the same library paid every time.
 """
+
 from __future__ import annotations
 
 import math
 import time
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import numpy as np
 

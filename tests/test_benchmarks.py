@@ -1,6 +1,7 @@
 """The benchmarks: CI smoke runs at tiny sizes (they check that each writes its outputs;
 nothing here asserts a time), the model-level benchmark's variants against flax.linen,
 the statistics strategies against float64 NumPy, and a dry run of benchmarks/device.sh."""
+
 import json
 import os
 import subprocess
@@ -15,10 +16,27 @@ from benchmarks import model, run, statistics_strategies
 
 
 def test_benchmark_suite_writes_its_report(tmp_path):
-    run.main([
-        "--out", str(tmp_path), "--shapes", "4x2x2x4", "--dtypes", "float32", "--rounds", "1",
-        "--layers", "1", "--memory-shape", "2x4x4x4", "--memory-variants", "0", "2", "4", "--no-progress",
-    ])
+    run.main(
+        [
+            "--out",
+            str(tmp_path),
+            "--shapes",
+            "4x2x2x4",
+            "--dtypes",
+            "float32",
+            "--rounds",
+            "1",
+            "--layers",
+            "1",
+            "--memory-shape",
+            "2x4x4x4",
+            "--memory-variants",
+            "0",
+            "2",
+            "4",
+            "--no-progress",
+        ]
+    )
     report = (tmp_path / "RESULTS.md").read_text()
     results = json.loads((tmp_path / "results.json").read_text())
     assert (tmp_path / "results.png").stat().st_size > 0
@@ -37,8 +55,11 @@ TINY = model.parse_size("4x16x16:2")
 def _relative_gap(tree, reference) -> float:
     """Largest |a - b| over a leaf, relative to that leaf's largest |b|."""
     gaps = jax.tree.map(
-        lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b))) / max(float(np.max(np.abs(np.asarray(b)))), 1e-12)),
-        tree, reference,
+        lambda a, b: float(
+            np.max(np.abs(np.asarray(a) - np.asarray(b))) / max(float(np.max(np.abs(np.asarray(b)))), 1e-12)
+        ),
+        tree,
+        reference,
     )
     return max(jax.tree.leaves(gaps))
 
@@ -73,8 +94,13 @@ def test_model_variants_use_the_options_they_name():
         def record(next_fun, args, kwargs, context):
             if context.method_name == "__call__" and isinstance(context.module, (jbn.BatchNorm, nn.BatchNorm)):
                 m = context.module
-                seen.append((type(m).__module__.split(".")[0], getattr(m, "activation", None),
-                             getattr(m, "save_output_only", False)))
+                seen.append(
+                    (
+                        type(m).__module__.split(".")[0],
+                        getattr(m, "activation", None),
+                        getattr(m, "save_output_only", False),
+                    )
+                )
             return next_fun(*args, **kwargs)
 
         images, _ = model.batch(TINY)
@@ -87,12 +113,26 @@ def test_model_variants_use_the_options_they_name():
     assert options("jbn (drop-in)") == [("jbn", None, False)] * 20
     assert options("jbn, relu fused") == sorted([("jbn", None, False)] * 11 + [("jbn", "relu", False)] * 9, key=str)
     assert options("jbn, relu fused + save_output_only") == sorted(
-        [("jbn", None, True)] * 11 + [("jbn", "relu", False)] * 9, key=str)
+        [("jbn", None, True)] * 11 + [("jbn", "relu", False)] * 9, key=str
+    )
 
 
 def test_model_benchmark_writes_its_report(tmp_path):
-    model.main(["--sizes", "2x8x8:2", "--rounds", "1", "--blocks", "1", "--variants", "flax.linen", "jbn, relu fused",
-                "--out", str(tmp_path)])
+    model.main(
+        [
+            "--sizes",
+            "2x8x8:2",
+            "--rounds",
+            "1",
+            "--blocks",
+            "1",
+            "--variants",
+            "flax.linen",
+            "jbn, relu fused",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     results = json.loads((tmp_path / "model.json").read_text())
     assert [r["variant"] for r in results["rows"]] == ["flax.linen", "jbn, relu fused"]
     assert all(r["temp_bytes"] > 0 and r["median_s"] > 0 for r in results["rows"])
@@ -137,7 +177,9 @@ def test_strategies_accuracy_on_adversarial_data(strategy_errors):
 
 
 def test_strategies_benchmark_writes_its_report(tmp_path):
-    statistics_strategies.main(["--shapes", "8x4x4x8", "--rounds", "1", "--accuracy-rows", "4096", "--out", str(tmp_path)])
+    statistics_strategies.main(
+        ["--shapes", "8x4x4x8", "--rounds", "1", "--accuracy-rows", "4096", "--out", str(tmp_path)]
+    )
     results = json.loads((tmp_path / "strategies.json").read_text())
     rows = results["speed"][0]["rows"]
     for name in statistics_strategies.METHODS:
@@ -166,8 +208,14 @@ def test_device_script_dry_run(tmp_path):
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHON": sys.executable}
     env.pop("XLA_FLAGS", None)
-    done = subprocess.run(["bash", str(root / "benchmarks" / "device.sh"), "--dry-run", "--out", str(tmp_path)],
-                          cwd=root, env=env, capture_output=True, text=True, timeout=170)
+    done = subprocess.run(
+        ["bash", str(root / "benchmarks" / "device.sh"), "--dry-run", "--out", str(tmp_path)],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=170,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     reports = list(tmp_path.glob("RESULTS-*.md"))
     assert len(reports) == 1, done.stdout
