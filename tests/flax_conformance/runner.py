@@ -78,7 +78,8 @@ def ensure_sdist(version: str, timeout: float = 300) -> Path:
 
 def extract_tests(sdist: Path) -> Path:
     """`<cache>/flax-<version>/` holding flax's `tests/` and `pyproject.toml`; extracted once."""
-    root = CACHE / sdist.name.removesuffix(".tar.gz")
+    # Resolved: pytest names tests relative to a real rootdir (a symlinked cache would blank the file part).
+    root = (CACHE / sdist.name.removesuffix(".tar.gz")).resolve()
     stamp = root / ".extracted"
     if stamp.exists():
         return root
