@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -31,17 +32,18 @@ from pathlib import Path
 
 DEFAULT_OUT = Path(__file__).resolve().parent
 ROOT = DEFAULT_OUT.parent
-BUDGET_S = 460  # whole run; the issue asks for under 8 minutes
+BUDGET_S = 465  # whole run; the issue asks for under 8 minutes
 # Vendor peak memory bandwidth in GB/s (data sheets), matched against jax's device_kind.
 PEAK_GBS = (
+    ("GH200", 4000),
     ("H200", 4800),
     ("H100 PCIe", 2000),
     ("H100", 3350),
-    ("GH200", 4000),
     ("A100-SXM4-80GB", 2039),
     ("A100 80GB PCIe", 1935),
     ("A100", 1555),
     ("L40S", 864),
+    ("L40", 864),
     ("L4", 300),
     ("A10G", 600),
     ("A10", 600),
@@ -51,53 +53,21 @@ PEAK_GBS = (
     ("RTX 3090", 936),
 )
 FULL = {
-    "op": [
-        "--shapes",
-        "64x32x32x64",
-        "128x16x16x256",
-        "256x7x7x512",
-        "4096x1024",
-        "256x56x56x64",
-        "--dtypes",
-        "float32",
-        "bfloat16",
-        "--rounds",
-        "10",
-    ],
-    "model": ["--preset", "gpu", "--rounds", "10"],
+    "op": shlex.split(
+        "--shapes 64x32x32x64 128x16x16x256 256x7x7x512 4096x1024 256x56x56x64 --dtypes float32 bfloat16 --rounds 10"
+    ),
+    "model": shlex.split("--preset gpu --rounds 10"),
 }
 DRY = {
-    "op": [
-        "--shapes",
-        "4x2x2x4",
-        "--dtypes",
-        "float32",
-        "--rounds",
-        "1",
-        "--libraries",
-        "jbn",
-        "flax.linen",
-        "--layers",
-        "1",
-        "--memory-shape",
-        "2x4x4x4",
-        "--memory-variants",
-        "0",
-        "4",
-    ],
-    "model": [
-        "--sizes",
-        "2x8x8:2",
-        "--rounds",
-        "1",
-        "--blocks",
-        "1",
-        "--variants",
-        "flax.linen",
-        "jbn, relu fused + save_output_only",
-    ],
+    "op": shlex.split(
+        "--shapes 4x2x2x4 --dtypes float32 --rounds 1 --libraries jbn flax.linen --layers 1 "
+        "--memory-shape 2x4x4x4 --memory-variants 0 4"
+    ),
+    "model": shlex.split(
+        "--sizes 2x8x8:2 --rounds 1 --blocks 1 --variants flax.linen 'jbn, relu fused + save_output_only'"
+    ),
 }
-LIMITS = {"probe": 60, "op": 230, "model": 170}
+LIMITS = {"probe": 60, "op": 270, "model": 160}
 
 
 def slug(text: str) -> str:
@@ -220,6 +190,10 @@ def write_report(out: Path, work: Path, info: dict, stages: list[dict], dry: boo
         "",
     ]
     op = report.load_json(work / "op" / "results.json")
+    if op is None:  # the op stage ran out of time: what it had measured
+        op = report.load_json(work / "op" / "results.partial.json")
+        if op:
+            lines += ["**The op-level stage stopped early: its speed rows so far, no memory rows.**", ""]
     model = report.load_json(work / "model" / "model.json")
     if op and info:
         lines += roofline(op, info["copy_gbs"], peak_gbs(info["device_kind"]))

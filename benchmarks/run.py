@@ -42,8 +42,9 @@ def parse_shape(text: str) -> tuple[int, ...]:
     return tuple(int(s) for s in text.lower().split("x"))
 
 
-def time_cases(shapes, dtypes, libraries, rounds, progress) -> list[dict]:
-    """One row per (shape, dtype, case, library): seconds per call over the rounds."""
+def time_cases(shapes, dtypes, libraries, rounds, progress, checkpoint=None) -> list[dict]:
+    """One row per (shape, dtype, case, library): seconds per call over the rounds;
+    `checkpoint(rows)` after each (shape, dtype), so a run stopped early keeps them."""
     rows = []
     use_torch = "torch" in libraries and peers.torch_available() and jax.default_backend() == "cpu"
     for shape in shapes:
@@ -77,6 +78,8 @@ def time_cases(shapes, dtypes, libraries, rounds, progress) -> list[dict]:
                         }
                     )
                 progress.update(1)
+            if checkpoint is not None:
+                checkpoint(rows)
     return rows
 
 
@@ -155,19 +158,32 @@ def main(argv=None) -> dict:
     variants = [v for v in variants if peers.available(memory.library_of(v))]
     info["skipped"] = skipped
     total = len(shapes) * len(args.dtypes) * len(CASES) + len(args.dtypes) * len(variants)
-    with _progress(total, args.no_progress) as progress:
-        speed = time_cases(shapes, args.dtypes, libraries, rounds, progress)
-        mem = memory_rows(args.dtypes, args.memory_shape, args.layers, variants, progress)
-    results = {
-        "machine": info,
-        "speed": speed,
-        "memory": mem,
-        "min_traffic": MIN_TRAFFIC,
-        "copy": COPY,
-        "note": args.note,
-    }
     args.out.mkdir(parents=True, exist_ok=True)
+    partial = args.out / "results.partial.json"  # the speed rows so far (benchmarks/device.py reads it)
+
+    def bundle(speed, mem):
+        return {
+            "machine": info,
+            "speed": speed,
+            "memory": mem,
+            "min_traffic": MIN_TRAFFIC,
+            "copy": COPY,
+            "note": args.note,
+        }
+
+    with _progress(total, args.no_progress) as progress:
+        speed = time_cases(
+            shapes,
+            args.dtypes,
+            libraries,
+            rounds,
+            progress,
+            checkpoint=lambda rows: partial.write_text(json.dumps(bundle(rows, []))),
+        )
+        mem = memory_rows(args.dtypes, args.memory_shape, args.layers, variants, progress)
+    results = bundle(speed, mem)
     (args.out / "results.json").write_text(json.dumps(results, indent=1))
+    partial.unlink(missing_ok=True)
     report.write(results, args.out, args.note)
     return results
 
