@@ -186,14 +186,15 @@ def forward_with(stats):
     return forward
 
 
-def time_shape(shape, rounds, log) -> dict:
+def time_shape(shape, rounds, log, methods=None) -> dict:
+    methods = methods or METHODS
     x = memory.normal(shape, "float32", seed=0, std=2.0, mean=1.0)
     ct = memory.normal(shape, "float32", seed=1)
     c = shape[-1]
     scale, bias = jnp.ones((c,)), jnp.zeros((c,))
     running = (jnp.zeros((c,)), jnp.ones((c,)))
     calls = {}
-    for name, fn in METHODS.items():
+    for name, fn in methods.items():
         stats = jax.jit(fn).lower(x).compile()
         fwd = jax.jit(forward_with(fn)).lower(x, scale, bias, *running).compile()
         calls[name] = lambda f=stats: jax.block_until_ready(f(x))
@@ -205,7 +206,7 @@ def time_shape(shape, rounds, log) -> dict:
     results = timing.interleaved(calls, rounds)
     rows = {}
     for name, t in results.items():
-        base = results[RAW] if name in METHODS else results[FLAX]
+        base = results[RAW] if name in methods else results[FLAX]
         rows[name] = {
             "median_s": t.median,
             "q25_s": t.q25,
@@ -216,7 +217,7 @@ def time_shape(shape, rounds, log) -> dict:
         }
     log(
         f"  {'x'.join(map(str, shape))}: "
-        + ", ".join(f"{k} {v['ratio']:.2f}" for k, v in rows.items() if k in METHODS or k.startswith("forward:"))
+        + ", ".join(f"{k} {v['ratio']:.2f}" for k, v in rows.items() if k in methods or k.startswith("forward:"))
     )
     return {"shape": list(shape), "rows": rows}
 
@@ -237,7 +238,7 @@ def adversarial_inputs(rows: int, features: int = 4) -> dict[str, np.ndarray]:
     }
 
 
-def accuracy(rows: int) -> dict:
+def accuracy(rows: int, methods=None) -> dict:
     """Max over features of |var - var64| / var64 (var64: float64 two-pass NumPy on the same
     float32 data), and of |mean - mean64| / std64."""
     out = {}
@@ -246,7 +247,7 @@ def accuracy(rows: int) -> dict:
         mean64, var64 = ref.mean(axis=0), ref.var(axis=0)
         x = jnp.asarray(data.reshape(-1, 64, 64, data.shape[-1]) if rows % 4096 == 0 else data)
         out[label] = {}
-        for name, fn in METHODS.items():
+        for name, fn in (methods or METHODS).items():
             mean, var = (np.asarray(v, np.float64) for v in jax.jit(fn)(x))
             out[label][name] = {
                 "var_rel_err": float(np.max(np.abs(var - var64) / var64)),
@@ -267,7 +268,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder for strategies.json")
     parser.add_argument("--note", default="")
     parser.add_argument("--no-render", action="store_true", help="write strategies.json only (not RESULTS.md)")
+    parser.add_argument("--methods", nargs="*", default=None, help=f"a subset of {list(METHODS)} (raw always runs)")
     args = parser.parse_args(argv)
+    unknown = set(args.methods or ()) - set(METHODS)
+    if unknown:
+        parser.error(f"unknown methods {sorted(unknown)}; choose from {list(METHODS)}")
+    methods = {k: v for k, v in METHODS.items() if args.methods is None or k in args.methods or k == RAW}
     info = {**machine.describe(), "versions": machine.versions(), "rounds": args.rounds}
     given = list(argv if argv is not None else sys.argv[1:])
     if "--note" in given:
@@ -275,15 +281,15 @@ def main(argv=None) -> dict:
         del given[i : i + 2]
     info["command"] = " ".join(["python -m benchmarks.statistics_strategies", *given])
     log = lambda m: print(m, flush=True)  # noqa: E731
-    acc = accuracy(args.accuracy_rows)
+    acc = accuracy(args.accuracy_rows, methods)
     log(
         "  accuracy: "
         + json.dumps({k: {m: f"{e['var_rel_err']:.1e}" for m, e in v.items()} for k, v in acc["errors"].items()})
     )
-    speed = [time_shape(s, args.rounds, log) for s in args.shapes]
+    speed = [time_shape(s, args.rounds, log, methods) for s in args.shapes]
     results = {
         "machine": info,
-        "methods": list(METHODS),
+        "methods": list(methods),
         "speed": speed,
         "accuracy": acc,
         "note": args.note,
