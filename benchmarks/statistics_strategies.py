@@ -21,6 +21,9 @@ Methods (the statistics in float32 from a float32 input):
 - blocked: B contiguous blocks of rows, each summed around its own first row, merged
   with Chan's formula; an outlier first costs only its block's accuracy.
 - two_pass: the mean, then `mean((x - mean)^2)`: exact whatever the order, reads x twice.
+  "two_pass (own handles)": the same with the second reduction on its own handles of x
+  and the mean (an optimization barrier), so that a following normalization does not
+  share one `x - mean` with it (shared, XLA:CPU writes it to memory in full).
 - welford: one variadic `lax.reduce` over (count, mean, M2) with Chan's merge as the
   reducer: one pass, order-independent, but XLA:CPU does not vectorize it.
 
@@ -142,6 +145,16 @@ def two_pass(x):
     return mean, jnp.mean(jnp.square(x - mean), axes)
 
 
+def two_pass_handles(x):
+    """two_pass with the centred reduction on its own handles of `x` and the mean: in a
+    forward, the normalization's `x - mean` is then a different value, and XLA:CPU fuses
+    each subtraction into its consumer instead of writing one shared `x - mean` to memory."""
+    axes = tuple(range(x.ndim - 1))
+    mean = jnp.mean(x, axes)
+    xb, mb = lax.optimization_barrier((x, lax.stop_gradient(mean)))
+    return mean, jnp.mean(jnp.square(xb - mb), axes)
+
+
 def welford(x):
     x2 = _rows(x)
 
@@ -166,6 +179,7 @@ METHODS = {
     "sample_median3": sample_median3,
     f"blocked (B<={BLOCKS})": blocked,
     "two_pass": two_pass,
+    "two_pass (own handles)": two_pass_handles,
     "welford (variadic reduce)": welford,
 }
 RAW = "raw (flax fast variance)"
