@@ -143,7 +143,7 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
         f"\n\nFinal train loss: the training objective (training mode, noisy BN with its noise), mean over the last "
         f"{config['eval_every']} steps. Final train-set loss, eval mode: the final net on all training examples with the "
         f"running statistics and no injected noise. ICS and landscape columns: mean over the evaluations of training "
-        f"(every {config['eval_every']} steps), then mean ± std over seeds."
+        f"(every {config['eval_every']} steps), then mean ± sample SD over seeds."
     )
 
     # Per-seed quantities; all arms share each seed's init seed and data order (paired).
