@@ -75,6 +75,81 @@ def test_no_download_fails_in_ci_and_skips_locally(ci, monkeypatch, tmp_path):
         flax_tests_or_stop()
 
 
+SELECTION_EXAMPLE = """
+import flax.linen as nn
+from flax import nnx
+
+MODULES = [nnx.BatchNorm, nnx.LayerNorm]
+
+
+class Block(nnx.Module):
+    def __init__(self, rngs):
+        self.bn = nnx.BatchNorm(3, rngs=rngs)
+
+
+class Other(nnx.Module):
+    pass
+
+
+def make_block():
+    return Block(nnx.Rngs(0))
+
+
+class Base:
+    def helper(self):
+        return nn.BatchNorm()
+
+
+class T(Base):
+    def test_uses_module_level_class(self):
+        Block(nnx.Rngs(0))
+
+    def test_through_a_function(self):
+        make_block()
+
+    def test_through_self(self):
+        self.helper()
+
+    def test_through_a_list(self):
+        return MODULES
+
+    @parametrize(nnx.BatchNorm)
+    def test_in_decorator(self, cls):
+        cls()
+
+    def test_string_only(self):
+        assert "BatchNorm" in "BatchNorm table"  # BatchNorm in a comment
+
+    def test_other(self):
+        Other()
+
+
+class WithSetUp:
+    def setUp(self):
+        self.model = Block(nnx.Rngs(0))
+
+    def test_any(self):
+        pass
+"""
+
+
+def test_selection_rule_on_examples():
+    """The rule in tests/flax_conformance/jbn_select.py, on a hand-written file."""
+    from tests.flax_conformance import jbn_select
+
+    index = jbn_select.FileIndex(SELECTION_EXAMPLE)
+    verdicts = {node.name: index.uses_target(node, cls) for node, cls in index.by_line.values()}
+    assert {name for name, used in verdicts.items() if used and name.startswith("test")} == {
+        "test_uses_module_level_class",
+        "test_through_a_function",
+        "test_through_self",
+        "test_through_a_list",
+        "test_in_decorator",
+        "test_any",
+    }
+    assert not verdicts["test_string_only"] and not verdicts["test_other"]
+
+
 def test_selection_finds_batchnorm_tests(flax_tests_root):
     files = runner.candidate_files(flax_tests_root)
     # The files flax keeps its BatchNorm tests in, linen and nnx: if these are gone, the rule
