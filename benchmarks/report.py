@@ -272,7 +272,11 @@ def accelerator_status(out: Path) -> list[str]:
 def write(results, out: Path, note: str = "") -> None:
     """RESULTS.md from the op-level results plus whatever model.json / strategies.json
     lie in `out`; the figures where matplotlib is installed."""
-    model, strat = load_json(out / "model.json"), load_json(out / "strategies.json")
+    model = load_json(out / "model.json")
+    # strategies.json (benchmarks.statistics_strategies), then any strategies-*.json (focused reruns)
+    strategies = [
+        load_json(p) for p in sorted(out.glob("strategies*.json"), key=lambda p: (p.name != "strategies.json", p.name))
+    ]
     title, _, body = (markdown(results, note) if results else "# jbn benchmarks\n\n").partition("\n\n")
     parts = [title + "\n", "\n".join(accelerator_status(out)), body]
     if model:
@@ -281,8 +285,7 @@ def write(results, out: Path, note: str = "") -> None:
                 sections.model_markdown(model) + (["![model-level figure](model.png)", ""] if have_matplotlib() else [])
             )
         )
-    if strat:
-        parts.append("\n".join(sections.strategies_markdown(strat)))
+    parts.extend("\n".join(sections.strategies_markdown(strat)) for strat in strategies)
     (out / "RESULTS.md").write_text("\n".join(parts))
     if have_matplotlib():
         if results:
