@@ -71,7 +71,7 @@ def feature_axes(ndim: int, axis: Axes, *, name: str = "axis") -> tuple[int, ...
         axes: tuple = (axis,)
     else:
         try:
-            axes = tuple(axis)
+            axes = tuple(axis)  # type: ignore[arg-type]
         except TypeError:
             raise TypeError(f"`{name}` must be an int or a tuple of ints, got {axis!r}: {example}.") from None
     if not axes:

@@ -206,7 +206,7 @@ def batch_norm(
     train = partial(train_with_layout, **options)
     if virtual_batch_size is None:
         warn_if_one_value_per_feature(layout)
-        y, stats = train(x, scale, bias, layout)
+        y, stats = train(x, scale, bias, layout)  # type: ignore[call-arg]
     else:
         y, stats = ghost_batches(train, x, scale, bias, layout, virtual_batch_size, unbiased=unbiased_running_var)
         unbiased_running_var = False  # already applied per sub-batch
@@ -242,7 +242,7 @@ def ghost_batches(train: Callable, x: Array, scale, bias, layout: Layout, size: 
         # comes back split as x was.
         sharding = jax.typeof(x).sharding
         replicated = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
-        grouped = jax.sharding.auto_axes(grouped, out_sharding=(sharding, Moments(replicated, replicated, replicated)))
+        grouped = jax.sharding.auto_axes(grouped, out_sharding=(sharding, Moments(replicated, replicated, replicated)))  # type: ignore[arg-type]
     y, stats = grouped(x, scale, bias, layout.valid)
     if unbiased:
         stats = _running.unbiased_moments(stats)

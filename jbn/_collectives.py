@@ -27,6 +27,14 @@ def gather(v: Array, names: Names, groups: Groups) -> Array:
     name = _axes.axis_name_arg(names)
     index = lax.axis_index(name)
     size = _axes.bound_axis_size(names)
+    if groups is None and not any(n in _axes.varying_axes(lax.axis_index(n)) for n in names):
+        # Unchecked names (vmap, pmap, shard_map without checks): a plain all-gather,
+        # innermost name first so that the order is the slots' (row-major over names).
+        # Under vmap it is a broadcast, where the slots below would cost O(N^2).
+        gathered = v
+        for n in reversed(names):
+            gathered = lax.all_gather(gathered, n)
+        return gathered.reshape((size,) + v.shape)
     slots = jnp.zeros((size,) + v.shape, v.dtype)
     slots = lax.dynamic_update_index_in_dim(slots, v, index, axis=0)
     gathered = lax.psum(slots, name)

@@ -141,15 +141,12 @@ def _tangent(cfg: FusedConfig, saved, mean, inv, scale, bias, valid, count, dx, 
     # scalars that it would then write out at full size (see _activations.cotangent).
     constants = (inv, jnp.zeros_like(inv), jnp.full_like(inv, 1 - cfg.negative_slope),
                  jnp.full_like(inv, 1 / cfg.negative_slope if cfg.negative_slope else 0))
-    uses = separate_uses(3, saved, mean, scale, bias, constants)
+    uses = separate_uses(3, saved, mean, scale, bias, constants)  # type: ignore[arg-type]
 
     def pieces(saved, mean, scale, bias, constants):
         """(x_hat, z, act'(.)) recomputed from x, or from y with save_output_only."""
         inv, zero, gap, reciprocal = (expand(c) for c in constants)
         s = saved.astype(compute)
-        if valid is not None:
-            # Padding may hold NaN/inf: recomputed as 0 there, it reaches no sum (0 * NaN).
-            s = jnp.where(valid | jnp.isfinite(s), s, 0)
         if cfg.save_output_only:
             z = _activations.inverse(s, cfg.activation, cfg.negative_slope, zero=zero, reciprocal=reciprocal)
             x_hat = z
@@ -159,8 +156,16 @@ def _tangent(cfg: FusedConfig, saved, mean, inv, scale, bias, valid, count, dx, 
                 x_hat = x_hat / expand(scale)  # scale == 0 gives NaN gradients for that feature
         else:
             x_hat = (s - expand(mean)) * inv
+        if valid is not None:
+            # Padding may hold anything (NaN, inf, or 3e38 whose x_hat overflows): a non-finite
+            # x_hat there is taken as 0, so that no 0 * inf reaches a sum and the gradients are
+            # those of the same batch padded with zeros (finite padding keeps its own x_hat).
+            x_hat = jnp.where(valid | jnp.isfinite(x_hat), x_hat, 0)
+        if not cfg.save_output_only:
             z = x_hat if scale is None else x_hat * expand(scale)
             z = z if bias is None else z + expand(bias)
+        if valid is not None:
+            z = jnp.where(valid | jnp.isfinite(z), z, 0)  # act'(z) of padding: never NaN
 
         def through_activation(t):
             return _activations.cotangent(t, z, cfg.activation, cfg.negative_slope, zero=zero, gap=gap)

@@ -1,15 +1,16 @@
 """One participant's statistics, and the exact merge of several (Chan et al. 1979).
 
 A participant (one device, one shard, one sub-batch) reduces its own elements in two
-passes: the mean, then the mean of the squared deviations from it. The variance's error
-then does not depend on the order of the elements (an outlier first costs nothing), nor
-on |mean| / std beyond the rounding of the mean itself: about (eps * |mean| / std)^2
-relative, 4e-7 at |mean| / std = 1e4 in float32. Each element is scaled by 1/n (and
-1/sqrt(n)) before it is summed, so that a representable mean and variance come out
-finite however many elements there are. On XLA:CPU the two passes cost about what
-flax's `mean(x), mean(x^2)` cost (two reductions, each reading `x`).
+passes: an approximate mean, then the sum and the sum of squares of the deviations from
+it (the corrected two-pass algorithm). The result does not depend on the order of the
+elements (an outlier first costs nothing) and stays accurate when |mean| >> std. Each
+element is scaled by 1/n (or 1/sqrt(n)) before it is summed, so that a representable
+mean and variance come out finite however many elements there are. On XLA:GPU the two
+sums of pass 2 fuse into one read of `x`; on XLA:CPU each reduction reads `x` once.
 """
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +22,19 @@ from jbn._fusion import separate_uses
 from jbn._state import Moments
 
 Array = jax.Array
+
+
+class Local(NamedTuple):
+    """One participant's statistics as a merge needs them: the mean is `base + delta`,
+    kept apart (a rounded mean near 1e4 would cost the merge its accuracy)."""
+
+    count: Array
+    var: Array
+    base: Array
+    delta: Array
+
+    def moments(self) -> Moments:
+        return Moments(jnp.where(self.count > 0, self.base + self.delta, 0), self.var, self.count)
 
 
 def abs_square(v: Array) -> Array:
@@ -39,59 +53,75 @@ def valid_count(layout: Layout, dtype) -> Array:
     return jnp.sum(jnp.broadcast_to(layout.valid, layout.shape), axis=layout.reduce, dtype=rdtype)
 
 
-def local_moments(x: Array, layout: Layout, dtype) -> Moments:
-    """This participant's count, mean and biased variance over `layout.reduce`, in two
-    passes (see the module doc). Padding takes no part, whatever it holds."""
+def local_moments(x: Array, layout: Layout, dtype) -> Local:
+    """This participant's count, mean and biased variance over `layout.reduce` (see the
+    module doc). Padding takes no part, whatever it holds."""
     valid, features, ndim = layout.valid, layout.features, layout.ndim
     count = valid_count(layout, dtype)
     inv_n = 1 / jnp.maximum(count, 1)
-    # Each pass gets its own handle on x, so that XLA:CPU fuses the cast into both
-    # reductions instead of writing a float32 copy of x (see jbn._fusion).
-    (xa, ia), (xb, ib) = separate_uses(2, x, inv_n)
-
+    root = jnp.sqrt(inv_n)
+    # Each reduction gets its own handle on x, so that XLA:CPU fuses the cast and the
+    # centring into each instead of writing a float32 copy of x (see jbn._fusion). The
+    # scales go as feature-shaped arrays in one pytree with x: a scalar (or a constant that
+    # XLA folds out of its own barrier) is written out at x's full size to feed reductions.
+    scales = (jnp.broadcast_to(inv_n, layout.fshape), jnp.broadcast_to(root, layout.fshape))
+    ((xa, (ia, _)),), ((xb, (_, rb)),), ((xc, (_, rc)),) = separate_uses(3, (x, scales))
     def per_feature(v):
-        return _axes.expand_features(v, ndim, features) if jnp.ndim(v) else v
+        return _axes.expand_features(v, ndim, features)
 
-    a = xa.astype(dtype)
-    if valid is not None:
-        a = jnp.where(valid, a, 0)  # where, not multiply: padded NaN/inf must not leak in
-    mean = jnp.sum(a * per_feature(ia), axis=layout.reduce)
-    d = (xb.astype(dtype) - _axes.expand_features(mean, ndim, features)) * per_feature(jnp.sqrt(ib))
-    if valid is not None:
-        d = jnp.where(valid, d, 0)
-    var = jnp.sum(abs_square(d), axis=layout.reduce)
-    return Moments(jnp.where(count > 0, mean, 0), var, count)
+    def keep(v):
+        return v if valid is None else jnp.where(valid, v, 0)  # where, not multiply: padded NaN/inf stay out
 
-
-def stack_participant(local: Moments) -> Array:
-    """(count, mean, var) of one participant stacked on axis 0, feature-shaped, as
-    `chan_merge` takes them after a gather (a complex mean keeps its real parts apart)."""
-    mean = local.mean
-    count = jnp.broadcast_to(local.count, mean.shape).astype(local.var.dtype)
-    if jnp.iscomplexobj(mean):
-        return jnp.stack([count, local.var, mean.real, mean.imag])
-    return jnp.stack([count, local.var, mean])
+    # Pass 1: an approximate mean. Pass 2: sums of the scaled deviations d = (x - m) / sqrt(n)
+    # from it; sum(d) corrects both the mean and the variance for m's rounding (the
+    # "corrected two-pass" algorithm), so |mean| >> std costs nothing.
+    m = jnp.sum(keep(xa.astype(dtype)) * per_feature(ia), axis=layout.reduce)
+    (mb,), (mc,) = separate_uses(2, m)  # one broadcast of m per pass, not one shared at full size
+    d_sum = jnp.sum(keep((xb.astype(dtype) - _axes.expand_features(mb, ndim, features)) * per_feature(rb)), axis=layout.reduce)
+    d_sq = jnp.sum(abs_square(keep((xc.astype(dtype) - _axes.expand_features(mc, ndim, features)) * per_feature(rc))),
+                   axis=layout.reduce)
+    correction = d_sum * root
+    var = jnp.maximum(d_sq - abs_square(correction), 0)
+    has = count > 0
+    return Local(count, var, jnp.where(has, m, 0), jnp.where(has, correction, 0))
 
 
-def unstack_participants(stacked: Array, axis: int) -> tuple[Array, Array, Array]:
-    """(count, var, mean) from `stack_participant`'s layout along `axis` of `stacked`."""
+def stack_participant(local: Local) -> Array:
+    """(count, var, base, delta) of one participant stacked on axis 0, feature-shaped, as
+    `chan_merge` takes them after a gather (complex parts kept apart)."""
+    count = jnp.broadcast_to(local.count, local.base.shape).astype(local.var.dtype)
+    parts = [count, local.var]
+    for v in (local.base, local.delta):
+        parts += [v.real, v.imag] if jnp.iscomplexobj(v) else [v]
+    return jnp.stack(parts)
+
+
+def unstack_participants(stacked: Array, axis: int, complex_mean: bool) -> Local:
+    """`stack_participant`'s layout along `axis` of `stacked`, back as a `Local`."""
     parts = [jnp.take(stacked, i, axis=axis) for i in range(stacked.shape[axis])]
-    mean = parts[2] if len(parts) == 3 else lax.complex(parts[2], parts[3])
-    return parts[0], parts[1], mean
+    if complex_mean:
+        return Local(parts[0], parts[1], lax.complex(parts[2], parts[3]), lax.complex(parts[4], parts[5]))
+    return Local(*parts)
 
 
-def chan_merge(count: Array, var: Array, mean: Array) -> Moments:
+def chan_merge(local: Local) -> Moments:
     """Merge participants' statistics stacked on axis 0 into those of all their elements:
     `mean = sum(w_i mean_i)`, `var = sum(w_i (var_i + |mean_i - mean|^2))` with weights
-    `w_i = n_i / n`. A participant without elements contributes nothing (its terms are
-    selected away, so a huge mean elsewhere cannot make 0 * inf)."""
+    `w_i = n_i / n`. The means are merged as offsets from the base of the first
+    participant that holds data (close values subtract exactly, and each delta is small
+    and precise), so that a mean near 1e4 loses nothing to rounding. A participant
+    without elements contributes nothing (its terms are selected away, so a huge mean
+    elsewhere cannot make 0 * inf)."""
+    count, var, base, delta = local
     total = jnp.sum(count, axis=0)
     weight = count / jnp.maximum(total, 1)
     has = count > 0
-    merged = jnp.sum(jnp.where(has, weight * mean, 0), axis=0)
-    spread = jnp.where(has, weight * (var + abs_square(mean - merged)), 0)
+    reference = jnp.take_along_axis(base, jnp.argmax(has, axis=0)[None], axis=0)[0]
+    offset = jnp.where(has, (base - reference) + delta, 0)
+    merged = jnp.sum(weight * offset, axis=0)
+    spread = jnp.where(has, weight * (var + abs_square(offset - merged)), 0)
     has_any = total > 0
-    return Moments(jnp.where(has_any, merged, 0), jnp.where(has_any, jnp.sum(spread, axis=0), 0), total)
+    return Moments(jnp.where(has_any, reference + merged, 0), jnp.where(has_any, jnp.sum(spread, axis=0), 0), total)
 
 
 def shifted_sums(x: Array, layout: Layout, shift: Array, dtype) -> tuple[Array, Array, Array]:
@@ -132,6 +162,7 @@ def merge_moments(a: Moments, b: Moments) -> Moments:
                        jnp.broadcast_to(jnp.asarray(m.count, rdtype), shape))
 
     a, b = stacked(a), stacked(b)
-    merged = chan_merge(*(jnp.stack([u, v]) for u, v in zip((a.count, a.var, a.mean), (b.count, b.var, b.mean))))
+    merged = chan_merge(Local(*(jnp.stack([u, v]) for u, v in zip((a.count, a.var, a.mean, jnp.zeros_like(a.mean)),
+                                                                   (b.count, b.var, b.mean, jnp.zeros_like(b.mean))))))
     empty = merged.count == 0  # nothing on either side: `a` as it was
     return Moments(jnp.where(empty, a.mean, merged.mean), jnp.where(empty, a.var, merged.var), merged.count)

@@ -14,13 +14,15 @@ BATCH_NORM = COMMON + ("virtual_batch_size", "activation", "negative_slope", "sa
 BATCH_RENORM = COMMON + ("r_max", "d_max")
 
 
-def call_options(layer: Any, names: tuple[str, ...], *, synchronize: bool = True) -> dict:
-    """Keyword arguments for the pure function from `layer`'s attributes `names`.
-    `synchronize=False` drops the axis names (flax's init runs outside the transform that
-    binds them)."""
+def call_options(layer: Any, names: tuple[str, ...], *, initializing: bool = False) -> dict:
+    """Keyword arguments for the pure function from `layer`'s attributes `names`. While
+    `initializing` (flax's init runs outside the transform that binds the axis names, often
+    on a dummy example), the call neither synchronizes nor splits ghost batches."""
     options = {name: getattr(layer, name) for name in names}
-    if not synchronize:
+    if initializing:
         options["axis_name"] = options["axis_index_groups"] = None
+        if "virtual_batch_size" in options:
+            options["virtual_batch_size"] = None
     return options
 
 

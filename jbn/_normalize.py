@@ -70,8 +70,8 @@ def normalize(
     epsilon = _validate.check_epsilon(epsilon)
     layout = _axes.resolve(x, axis)
     fshape = layout.fshape
-    mean = _validate.check_feature_array(mean, fshape, "mean", axis)
-    var = _validate.check_feature_array(var, fshape, "var", axis)
+    mean = _validate.check_feature_array(mean, fshape, "mean", axis)  # type: ignore[assignment]
+    var = _validate.check_feature_array(var, fshape, "var", axis)  # type: ignore[assignment]
     scale = _validate.check_feature_array(scale, fshape, "scale", axis)
     bias = _validate.check_feature_array(bias, fshape, "bias", axis)
     out = output_dtype(_validate.check_output_dtype(dtype), x, scale, bias)

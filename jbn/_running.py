@@ -27,8 +27,8 @@ def check_running(running: Any, fshape: tuple[int, ...], axis: Any) -> RunningSt
             f"jbn.RunningStats(mean=jnp.zeros({fshape}), var=jnp.ones({fshape}))."
         )
     return RunningStats(
-        _validate.check_feature_array(running.mean, fshape, "running.mean", axis),
-        _validate.check_feature_array(running.var, fshape, "running.var", axis, kind="real"),
+        _validate.check_feature_array(running.mean, fshape, "running.mean", axis),  # type: ignore[arg-type]
+        _validate.check_feature_array(running.var, fshape, "running.var", axis, kind="real"),  # type: ignore[arg-type]
         _validate.check_feature_array(running.count, fshape, "running.count", axis, kind="count"),
     )
 
@@ -58,7 +58,7 @@ def counted_momentum(momentum: Any, t: Array) -> Array:
         return momentum * -jnp.expm1((t - 1) * log_m) / -jnp.expm1(t * log_m)
     m = jnp.asarray(momentum, t.dtype)
     inside = (m > 0) & (m < 1)
-    log_m = jnp.log(jnp.where(inside, m, 0.5))
+    log_m = jnp.log(jnp.where(inside, m, 0.5))  # type: ignore[assignment]
     weight = m * jnp.expm1((t - 1) * log_m) / jnp.expm1(t * log_m)
     return jnp.where(inside, weight, jnp.where(m >= 1, 1.0, 0.0).astype(t.dtype))
 
@@ -160,5 +160,5 @@ def apply_update(running: RunningStats, batch: Moments, momentum, debias: bool, 
         count = jnp.where(ok & (count < limit), count + 1, count).astype(count.dtype)
     keep = momentum
     if counted:
-        keep = counted_momentum(momentum, jnp.maximum(count, 1).astype(_axes.stats_dtype(jnp.float32)))
+        keep = counted_momentum(momentum, jnp.maximum(count, 1).astype(_axes.stats_dtype(jnp.float32)))  # type: ignore[arg-type]
     return RunningStats(mix(running.mean, batch.mean, keep, ok), mix(running.var, batch.var, keep, ok), count)

@@ -60,10 +60,11 @@ def moments_by_shard(x: Array, layout: Layout, dtype) -> Moments | None:
         vshape, vspec = split_layout(layout.valid.shape, sharding.spec, shards)
         valid = jax.sharding.reshard(layout.valid, named(like_x)).reshape(vshape, out_sharding=named(vspec))
     grouped = Layout(layout.axis, kept, _axes.reduction_axes(len(shape), kept), tuple(shape), valid)
-    local = _merge.stack_participant(_merge.local_moments(xg, grouped, dtype))
+    own = _merge.local_moments(xg, grouped, dtype)
+    local = _merge.stack_participant(own)
     # Shard axes first (in kept order they sit among the feature axes), flattened.
     positions = [kept.index(g) + 1 for g in group_axes]
     local = jnp.moveaxis(local, positions, list(range(1, len(positions) + 1)))
     local = local.reshape((local.shape[0], -1) + layout.fshape)
     gathered = jax.sharding.reshard(local, named(()))
-    return _merge.chan_merge(*_merge.unstack_participants(gathered, 0))
+    return _merge.chan_merge(_merge.unstack_participants(gathered, 0, jnp.iscomplexobj(own.base)))

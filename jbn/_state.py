@@ -20,7 +20,7 @@ class Moments(NamedTuple):
 
     mean: Array
     var: Array
-    count: Array
+    count: Array  # type: ignore[assignment]
 
 
 class RunningStats(NamedTuple):
@@ -39,4 +39,4 @@ class RunningStats(NamedTuple):
 
     mean: Array
     var: Array
-    count: Array | None = None
+    count: Array | None = None  # type: ignore[assignment]

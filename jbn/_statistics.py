@@ -22,9 +22,10 @@ def batch_moments(x: Array, layout: Layout, shift: Array | None = None) -> Momen
         count, s1, s2 = _merge.shifted_sums(x, layout, shift, dtype)
         if layout.names is not None:
             count = jnp.broadcast_to(count, layout.fshape)
-            parts = [count, s2, s1] if not jnp.iscomplexobj(s1) else [count, s2, s1.real, s1.imag]
+            parts = [count, s2] + ([s1.real, s1.imag] if jnp.iscomplexobj(s1) else [s1])
             summed = _collectives.psum_in_groups(jnp.stack(parts), layout.names, layout.groups)
-            count, s2, s1 = _merge.unstack_participants(summed, 0)
+            count, s2 = summed[0], summed[1]
+            s1 = lax.complex(summed[2], summed[3]) if jnp.iscomplexobj(s1) else summed[2]
         return _merge.from_shifted_sums(count, s1, s2, shift)
     if layout.names is None and _axes.sharded_in_type(x):
         by_shard = _sharded.moments_by_shard(x, layout, dtype)
@@ -32,9 +33,9 @@ def batch_moments(x: Array, layout: Layout, shift: Array | None = None) -> Momen
             return by_shard
     local = _merge.local_moments(x, layout, dtype)
     if layout.names is None:
-        return local
+        return local.moments()
     gathered = _collectives.gather(_merge.stack_participant(local), layout.names, layout.groups)
-    return _merge.chan_merge(*_merge.unstack_participants(gathered, 1))
+    return _merge.chan_merge(_merge.unstack_participants(gathered, 1, jnp.iscomplexobj(local.base)))
 
 
 def moments(
@@ -78,5 +79,5 @@ def moments(
     layout = _axes.resolve(x, axis, mask, axis_name, axis_index_groups)
     if shift is not None:
         shift = _validate.check_feature_array(shift, layout.fshape, "shift", axis)
-        shift = lax.stop_gradient(shift.astype(_axes.stats_dtype(x.dtype, shift.dtype)))
+        shift = lax.stop_gradient(shift.astype(_axes.stats_dtype(x.dtype, shift.dtype)))  # type: ignore[union-attr]
     return batch_moments(x, layout, shift)

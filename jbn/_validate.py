@@ -115,8 +115,10 @@ def check_flag(value: Any, name: str) -> bool:
 
 
 def check_negative_slope(value: Any) -> float:
-    if is_bool(value) or not isinstance(value, (int, float, jnp.integer, jnp.floating)) or not math.isfinite(value):
-        raise TypeError(f"`negative_slope` must be a finite Python number (it is static), got {value!r}.")
+    if is_bool(value) or not isinstance(value, (int, float, jnp.integer, jnp.floating)):
+        raise TypeError(f"`negative_slope` must be a Python number (it is static), got {value!r}.")
+    if not math.isfinite(value):
+        raise ValueError(f"`negative_slope`={value} must be finite, e.g. 0.01.")
     return float(value)
 
 

@@ -96,7 +96,7 @@ def from_torch(state_dict_or_module: Any, prefix: str = "", *, count: bool | Non
             f"no '{prefix}running_mean'/'{prefix}running_var' in the state dict: pass the `prefix` of a batch-norm "
             f"layer that tracks running statistics (found: {found or 'none'})."
         )
-    out = {"params": {}, "batch_stats": {}}
+    out = {"params": {}, "batch_stats": {}}  # type: ignore[var-annotated]
     for torch_name, name in (("weight", "scale"), ("bias", "bias")):
         if get(torch_name) is not None:
             out["params"][name] = jnp.asarray(_numpy(get(torch_name)), jnp.float32)
@@ -187,7 +187,7 @@ def from_keras(layer_or_weights: Any, *, scale: bool = True, center: bool = True
         named = dict(zip(names, map(_numpy, weights)))
     if "moving_mean" not in named or "moving_variance" not in named:
         raise ValueError(f"no moving_mean/moving_variance among {sorted(named)}: pass a built BatchNormalization layer.")
-    out = {"params": {}, "batch_stats": {}}
+    out = {"params": {}, "batch_stats": {}}  # type: ignore[var-annotated]
     for keras_name, (collection, name) in _KERAS_NAMES.items():
         if keras_name in named:
             out[collection][name] = jnp.asarray(named[keras_name], jnp.float32)

@@ -34,6 +34,7 @@ class _Normalization(nn.Module):
     axis_name: Any = None
     axis_index_groups: Any = None
 
+    @nn.nowrap
     def _check_existing(self, fshape: tuple[int, ...]) -> None:
         """Clear error when the input's feature shape differs from already-created variables
         (a checkpoint for another width, or `axis` pointing at the wrong dimension)."""
@@ -50,6 +51,7 @@ class _Normalization(nn.Module):
                     "input with that feature shape, set `axis` to the input's feature axis, or re-initialize."
                 )
 
+    @nn.nowrap
     def _prepare(self, x, use_running_average: bool | None):
         """Settle the mode, check `x`, create (or fetch) the variables. Returns
         (training, x, running variables, scale, bias)."""
@@ -66,16 +68,19 @@ class _Normalization(nn.Module):
         bias = self.param("bias", self.bias_init, fshape, self.param_dtype) if self.use_bias else None
         return not use_running_average, x, (mean, var, count), scale, bias
 
+    @nn.nowrap
     def _call_pure(self, function, names, x, scale, bias, running_vars, training: bool, mask, **extra):
-        """The pure call; at init the axis names need not be bound and a dummy example of
-        one value per feature is not worth a warning, as in flax."""
+        """The pure call. At init, as in flax: the axis names need not be bound, the batch
+        is one batch (a dummy example is no multiple of `virtual_batch_size`), and one value
+        per feature is not worth a warning (init trains nothing)."""
         mean, var, count = running_vars
         running = RunningStats(mean.value, var.value, None if count is None else count.value)
         initializing = self.is_initializing()
-        options = _module_options.call_options(self, names, synchronize=not initializing)
+        options = _module_options.call_options(self, names, initializing=initializing)
         with _module_options.quiet_one_value(initializing):
             return function(x, scale, bias, running, training=training, mask=mask, **options, **extra)
 
+    @nn.nowrap
     def _record(self, x, mask, running_vars, new: RunningStats) -> bool:
         """After a training call: store the new running statistics, or, in a
         `recompute_batch_stats` pass, merge the batch into the population instead. Returns
@@ -83,7 +88,7 @@ class _Normalization(nn.Module):
         if self.is_initializing():
             return False
         if self.has_variable("batch_stats", "population_count"):
-            population = [self.variable("batch_stats", name) for name in precise.POPULATION_VARIABLES]
+            population = [self.variable("batch_stats", name) for name in precise.POPULATION_VARIABLES]  # type: ignore[var-annotated]
             merged = precise.add_batch(Moments(*(v.value for v in population)), x, axis=self.axis, mask=mask,
                                        axis_name=self.axis_name, axis_index_groups=self.axis_index_groups)
             for v, value in zip(population, merged):

@@ -26,7 +26,9 @@ Initializer = Callable[..., jax.Array]
 
 def _feature_shape(num_features: Any) -> tuple[int, ...]:
     sizes = (num_features,) if not isinstance(num_features, (tuple, list)) else tuple(num_features)
-    if not sizes or not all(_validate.is_index(n) and n > 0 for n in sizes):
+    if sizes and all(_validate.is_index(n) for n in sizes) and not all(n > 0 for n in sizes):
+        raise ValueError(f"`num_features`={num_features!r} must be positive: the size of the feature axis, e.g. 64.")
+    if not sizes or not all(_validate.is_index(n) for n in sizes):
         raise TypeError(
             f"`num_features` must be a positive int (or a tuple of them, one per feature axis), got {num_features!r}: "
             "e.g. nnx.BatchNorm(64, rngs=rngs) for 64 channels."
@@ -93,8 +95,8 @@ class _Normalization(nnx.Module):
         if getattr(self, "population_count", None) is None:
             return False
         population = [getattr(self, name) for name in precise.POPULATION_VARIABLES]
-        merged = precise.add_batch(Moments(*(v[...] for v in population)), x, axis=self.axis, mask=mask,
-                                   axis_name=self.axis_name, axis_index_groups=self.axis_index_groups)
+        merged = precise.add_batch(Moments(*(v[...] for v in population)), x, axis=self.axis, mask=mask,  # type: ignore[attr-defined]
+                                   axis_name=self.axis_name, axis_index_groups=self.axis_index_groups)  # type: ignore[attr-defined]
         for v, value in zip(population, merged):
             v[...] = value
         return True

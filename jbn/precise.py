@@ -78,7 +78,7 @@ def _map_layers(tree: Any, fn: Callable[[tuple[str, ...], Mapping], Any], path: 
 
 
 def _layers(tree: Any) -> dict[tuple[str, ...], Mapping]:
-    found = {}
+    found = {}  # type: ignore[var-annotated]
     _map_layers(tree, lambda p, s: found.setdefault(p, s))
     return found
 

@@ -64,14 +64,15 @@ def resolve_limit(limit: Limit, step: Any, name: str) -> Array | float:
     if callable(limit):
         if step is None:
             raise ValueError(f"`{name}` is a schedule of the step count: pass `step` (e.g. batch_stats['step']).")
-        value = jnp.asarray(limit(step), jnp.float32)
+        raw = limit(step)
+        value = jnp.asarray(raw, jnp.float32)
         if value.shape != ():
             raise ValueError(f"`{name}` schedule returned shape {value.shape}: it must return a scalar.")
-        if not isinstance(value, jax.core.Tracer):
+        if not isinstance(raw, jax.core.Tracer):  # a Python number, or an array computed eagerly
             with jax.ensure_compile_time_eval():
-                bad = not bool(value >= low)  # NaN fails too
+                bad = not bool(jnp.asarray(raw) >= low)  # NaN fails too
             if bad:
-                raise ValueError(f"`{name}` schedule returned {float(value)} at step {step}: it must be >= {low:g} ({meaning}).")
+                raise ValueError(f"`{name}` schedule returned {raw} at step {step}: it must be >= {low:g} ({meaning}).")
         return jnp.maximum(value, low)
     if _validate.is_bool(limit) or not isinstance(limit, (int, float, jnp.integer, jnp.floating)):
         raise TypeError(f"`{name}` must be a float or a callable of the step count, got {type(limit).__name__} {limit!r}.")
@@ -137,8 +138,8 @@ def batch_renorm(
         raise TypeError(f"`x` is complex ({x.dtype}): batch renormalization supports real inputs; use batch_norm.")
     epsilon, out_dtype = options["epsilon"], options["out_dtype"]
     running = check_running(running, layout.fshape, axis)
-    r_max = resolve_limit(r_max, step, "r_max")
-    d_max = resolve_limit(d_max, step, "d_max")
+    r_max = resolve_limit(r_max, step, "r_max")  # type: ignore[assignment]
+    d_max = resolve_limit(d_max, step, "d_max")  # type: ignore[assignment]
     if not training:
         y = normalized(x, layout, running.mean, running.var, scale, bias, epsilon=epsilon, out_dtype=out_dtype)
         return y, running
@@ -149,8 +150,8 @@ def batch_renorm(
     compute = stats.mean.dtype
     sigma_batch = jnp.sqrt(stats.var + epsilon)
     sigma = jnp.sqrt(running.var.astype(compute) + epsilon)
-    r = lax.stop_gradient(jnp.clip(sigma_batch / sigma, 1 / r_max, r_max))
-    d = lax.stop_gradient(jnp.clip((stats.mean - running.mean.astype(compute)) / sigma, -d_max, d_max))
+    r = lax.stop_gradient(jnp.clip(sigma_batch / sigma, 1 / r_max, r_max))  # type: ignore[arg-type,operator]
+    d = lax.stop_gradient(jnp.clip((stats.mean - running.mean.astype(compute)) / sigma, -d_max, d_max))  # type: ignore[arg-type,operator]
     # scale * (xhat * r + d) + bias == xhat * (scale * r) + (scale * d + bias): batch norm's
     # normalize with a corrected affine map; r = 1, d = 0 leave scale and bias exactly as they are.
     r_scale = r if scale is None else scale * r

@@ -24,7 +24,7 @@ def _key(entry: Any) -> Any:
 def _norm_layers(params: Any, batch_stats: Any, path: tuple = ()) -> set[tuple]:
     """Paths of the mappings whose only entries are `scale` and/or `bias` (and, when
     `batch_stats` is given, that have running statistics at the same path)."""
-    found = set()
+    found = set()  # type: ignore[var-annotated]
     if not isinstance(params, Mapping):
         return found
     keys = set(params.keys())

@@ -489,12 +489,9 @@ def test_gradient_through_jit_and_scan(where, fused):
     np.testing.assert_allclose(g.bias, sum(db for _, _, db in per_step), rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="jbn's all-gather under vmap is a psum of one-hot slots: (N, N, 4, C) per "
-    "call, so memory and time grow as N^2 (equinox's pmean: N)",
-)
 def test_vmap_memory_grows_linearly_with_batch():
+    """Under vmap the all-gather of the statistics is a broadcast (jbn._collectives.gather),
+    not a psum of one-hot slots: memory grows linearly with the batch, as equinox's pmean."""
     def temp_bytes(n):
         bn, state = make(je.BatchNorm, 16, "batch", mode="batch")
         params, static = eqx.partition(bn, eqx.is_inexact_array)

@@ -345,7 +345,8 @@ def residuals(f, *args):
 def test_saved_residuals_are_x_or_only_y(dtype, short):
     shape = (8, 4, 4, 6)
     x = jnp.asarray(np.random.default_rng(0).normal(size=shape).astype(np.float32)).astype(dtype)
-    scale, bias = jnp.linspace(0.5, 1.5, 6), jnp.zeros(6)
+    # Parameters in x's dtype, so that flax's promotion keeps y in it too.
+    scale, bias = jnp.linspace(0.5, 1.5, 6).astype(dtype), jnp.zeros(6, dtype)
     running = RunningStats(jnp.zeros(6), jnp.ones(6))
 
     def layer(**kwargs):

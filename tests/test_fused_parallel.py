@@ -125,7 +125,7 @@ def test_shard_map_check_vma_gradients_match_whole_batch_reference(activation):
     assert_close(d_bias, ref["d_bias"])
 
     # Besides the loss's scalars: one psum for the statistics (per-device slots of count,
-    # shift, mean, M2), and ONE for the backward pass's two per-feature reductions.
+    # var, and the mean as base + delta), and ONE for the backward pass's two per-feature reductions.
     jaxpr = jax.make_jaxpr(jax.grad(total_loss, argnums=(0, 1, 2)))(x_s, scale_r, bias_r, dy_s, mask_s)
     shapes = sorted(s for s in psum_operand_shapes(jaxpr.jaxpr) if s != ())
     assert shapes == [(2, C), (D, 4, C)]

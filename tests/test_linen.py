@@ -1,6 +1,8 @@
 """jbn.BatchNorm as a drop-in for flax.linen.BatchNorm: same variables, outputs,
 updated statistics and gradients; checkpoints move both ways."""
 import flax.linen as nn
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -98,18 +100,23 @@ def test_init_does_not_update_running_stats():
 @pytest.mark.parametrize("module_fields", [dict(), dict(axis_name="batch"), dict(virtual_batch_size=16)],
                          ids=["plain", "axis_name", "ghost"])
 def test_init_on_one_example_in_training_mode_is_flaxs(module_fields):
-    """flax code often initializes with a dummy example and use_running_average=False;
-    training would reject one value per feature, init trains nothing and must work."""
+    """flax code often initializes with a dummy example and use_running_average=False:
+    same variables and output as flax, and no warning (init trains nothing)."""
     x = data(11, (1, 4))
     flax_fields = {k: v for k, v in module_fields.items() if k != "virtual_batch_size"}
-    y_ours, v_ours = jbn.BatchNorm(use_running_average=False, **module_fields).init_with_output(jax.random.key(0), x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", jbn.OneValuePerFeatureWarning)
+        y_ours, v_ours = jbn.BatchNorm(use_running_average=False, **module_fields).init_with_output(jax.random.key(0), x)
     y_flax, v_flax = nn.BatchNorm(use_running_average=False, **flax_fields).init_with_output(jax.random.key(0), x)
     assert jax.tree.structure(v_ours) == jax.tree.structure(v_flax)
     for a, b in zip(jax.tree.leaves(v_ours), jax.tree.leaves(v_flax)):
         np.testing.assert_array_equal(a, b)
     np.testing.assert_allclose(y_ours, y_flax, atol=1e-6)
-    with pytest.raises(ValueError, match="`x`"):  # training on it still fails, as in PyTorch
-        jbn.BatchNorm(use_running_average=False).apply(v_ours, x, mutable=["batch_stats"])
+    with pytest.warns(jbn.OneValuePerFeatureWarning):  # training on it computes as flax does, and warns
+        y, s = jbn.BatchNorm(use_running_average=False).apply(v_ours, x, mutable=["batch_stats"])
+    y_f, s_f = nn.BatchNorm(use_running_average=False).apply(v_flax, x, mutable=["batch_stats"])
+    np.testing.assert_allclose(y, y_f, atol=1e-6)
+    np.testing.assert_allclose(s["batch_stats"]["var"], s_f["batch_stats"]["var"], rtol=1e-6)
     v = jbn.BatchRenorm(use_running_average=False).init(jax.random.key(0), x)
     assert int(v["batch_stats"]["step"]) == 0
 
@@ -191,26 +198,26 @@ def test_training_step_under_jit():
     assert not np.allclose(stats["BatchNorm_0"]["mean"], 0)
 
 
-def test_bfloat16_input_keeps_dtype_and_float32_stats():
+def test_bfloat16_input_promotes_like_flax_and_keeps_float32_stats():
     x = data(10).astype(jnp.bfloat16)
     module = jbn.BatchNorm(use_running_average=False)
     v = module.init(jax.random.key(0), x)
     y, s = module.apply(v, x, mutable=["batch_stats"])
-    assert y.dtype == jnp.bfloat16
+    assert y.dtype == jnp.float32  # flax's promotion of the bfloat16 input with float32 parameters
+    assert jbn.BatchNorm(use_running_average=False, dtype=jnp.bfloat16).apply(v, x, mutable=["batch_stats"])[0].dtype == jnp.bfloat16
     assert s["batch_stats"]["mean"].dtype == jnp.float32
     y32 = jbn.BatchNorm(use_running_average=False, dtype=jnp.float32).apply(v, x, mutable=["batch_stats"])[0]
     assert y32.dtype == jnp.float32
 
 
 def test_bfloat16_input_with_float32_output_matches_flaxs_default():
-    """flax promotes a bfloat16 input with float32 parameters to a float32 output; jbn keeps
-    the input dtype unless `dtype` says otherwise, and with dtype=float32 gives flax's result."""
+    """flax promotes a bfloat16 input with float32 parameters to a float32 output; so does
+    jbn, by default and with dtype=float32."""
     x = data(12).astype(jnp.bfloat16)
     v = nn.BatchNorm().init(jax.random.key(0), x, use_running_average=False)
     for training in (True, False):
         y_flax, s_flax = nn.BatchNorm(use_running_average=not training).apply(v, x, mutable=["batch_stats"])
-        y_ours, s_ours = jbn.BatchNorm(use_running_average=not training, dtype=jnp.float32).apply(
-            v, x, mutable=["batch_stats"])
+        y_ours, s_ours = jbn.BatchNorm(use_running_average=not training).apply(v, x, mutable=["batch_stats"])
         assert y_flax.dtype == y_ours.dtype == jnp.float32
         np.testing.assert_allclose(y_ours, y_flax, rtol=1e-5, atol=1e-5)
         for a, b in zip(jax.tree.leaves(s_ours), jax.tree.leaves(s_flax)):

@@ -212,10 +212,10 @@ def test_mask_is_renorm_of_the_valid_rows(transform):
         return y, new, dx
 
     if transform is None:
-        y, new, dx = jax.jit(step)(x, cot, jnp.asarray(valid))
+        y, new, dx = jax.jit(step)(x, cot, jnp.asarray(valid)[:, None])
     else:
         split = lambda a: a.reshape(devices, rows, *a.shape[1:])  # noqa: E731
-        y, new, dx = _transformed(step, transform)(split(x), split(cot), split(jnp.asarray(valid)))
+        y, new, dx = _transformed(step, transform)(split(x), split(cot), split(jnp.asarray(valid)[:, None]))  # (rows, 1): a (rows,) mask of a square input is ambiguous
         for d in range(1, devices):  # the same global statistics on every participant
             np.testing.assert_array_equal(new.mean[d], new.mean[0])
             np.testing.assert_array_equal(new.var[d], new.var[0])
