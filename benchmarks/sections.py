@@ -218,7 +218,8 @@ def strategies_markdown(strat: dict) -> list[str]:
         "two reductions reading `x`, then one loop reading `x` and writing `y`, no x-sized intermediate. "
         "jbn.moments at commit 84181de, inside the same forward, writes its mean broadcast to x's full shape "
         "(`wrapped_broadcast`, f32[64,32,32,64]) before its second reduction: one x-sized write and read more "
-        "than flax (its statistics alone have no such buffer).",
+        "than flax (its statistics alone have no such buffer). At a1d91fd jbn.BatchNorm's forward no longer has "
+        "it (its only x-sized buffer is `y`, as flax's); what remains is the work inside its reductions.",
         "- Written without separate handles (the shift indexed out of `x` in the same expression), XLA writes "
         "`x - shift` to memory in full and reads it back twice; the barrier handles in jbn and in these methods "
         "avoid that.",
