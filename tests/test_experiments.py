@@ -27,7 +27,7 @@ def test_experiment_runs_end_to_end_at_tiny_size(name, tmp_path):
     module = registry.load_module(name)
     tiny = getattr(module, "TINY", None) or external.TINY[name]
     resolved = yaml.safe_load((out / "config.yaml").read_text())
-    assert set(resolved) == set(module.DEFAULTS)
+    assert set(resolved) == set(module.DEFAULTS) | {"criteria"}
     for key, value in tiny.items():
         assert resolved[key] == value
     # metrics.csv has a header and rows; every PNG is a real PNG; summary.md has a verdict.
