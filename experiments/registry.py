@@ -23,13 +23,13 @@ class Entry(NamedTuple):
 
 EXPERIMENTS = (
     Entry(1, "ioffe_fig1", "Ioffe & Szegedy 2015 Fig. 1: accuracy and sigmoid-input percentiles, BN vs none"),
-    Entry(2, "learning_rates", "BN allows higher learning rates (1x, 5x, 30x)"),
+    Entry(2, "learning_rates", "BN allows higher learning rates: both arms sweep the same grid"),
     Entry(3, "conv_speed", "Steps to a target accuracy on a conv net, BN vs none, over seeds"),
     Entry(4, "bn_placement", "BN before vs after the activation; a bias before BN is redundant"),
-    Entry(5, "small_batches", "Small statistics batches: BN vs ghost BN, Batch Renorm, GroupNorm"),
+    Entry(5, "small_batches", "Small statistics batches (conv net): BN vs Batch Renorm, GroupNorm; ghost BN for large batches"),
     Entry(6, "ics_smoothness", "Internal covariate shift vs smoothness (Santurkar et al. 2018)"),
-    Entry(7, "deep_gradients", "Gradient explosion at init in deep BN nets (Yang et al. 2019)"),
-    Entry(8, "dropout_variance", "Dropout before BN: variance shift (Li et al. 2019)"),
+    Entry(7, "deep_gradients", "Gradients in deep BN nets without skips, at init and in training, ReLU and sigmoid (Yang et al. 2019)"),
+    Entry(8, "dropout_variance", "Dropout before BN: variance shift (Li et al. 2019), with a no-BN dropout control"),
     Entry(9, "eval_statistics", "Evaluation statistics: EMA vs exact population vs batch statistics"),
     Entry(10, "sync_bn", "Sync BN across 8 devices with 2-8 examples each"),
     Entry(11, "batch_order", "Batch order and non-i.i.d. batches, BN vs Batch Renorm"),
