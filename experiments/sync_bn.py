@@ -45,7 +45,7 @@ DEFAULTS: dict[str, Any] = {
     "widths": [16, 32],  # channels of the conv layers; each is followed by BatchNorm and ReLU
     "test_fraction": 0.2,
     "split_seed": 0,  # the train/test split (the same for every seed)
-    "seeds": [0, 1, 2, 3, 4],  # each seed: its own initialization and batch order
+    "seeds": [0, 1, 2, 3, 4, 5, 6, 7, 8, 9],  # each seed: its own initialization and batch order
     "log_every": 1,  # print the four losses every this many steps
     "late_fraction": 0.2,  # the summary's training loss: mean over this last fraction of the steps
 }
