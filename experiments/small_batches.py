@@ -49,7 +49,7 @@ DEFAULTS = {
     "ghost_learning_rate": 0.05,  # at batch reference_batch_size, scaled linearly (Hoffer et al. use sqrt; see setup)
     "ghost_seeds": [0, 1, 2, 3, 4, 5, 6, 7, 8, 9],
 }
-TINY = {"statistics_batch_sizes": [2, 4], "epochs": 0.02, "seeds": [0, 1], "evaluations": 1, "channels": [4], "group_size": 2,
+TINY = {"statistics_batch_sizes": [2], "epochs": 0.02, "seeds": [0, 1], "evaluations": 1, "channels": [4], "group_size": 2,
         "ghost_widths": [16], "ghost_epochs": 0.5, "ghost_seeds": [0, 1], "large_batch": 64, "ghost_batch_size": 16}
 
 CLAIM = (
