@@ -29,6 +29,7 @@ Where things live (imports only point down this list):
     jbn/_axes.py                       axis bookkeeping, masks, Layout (arguments resolved once)
     jbn/_validate.py                   argument checks, OneValuePerFeatureWarning
 """
+
 from __future__ import annotations
 
 import importlib

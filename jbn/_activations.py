@@ -5,6 +5,7 @@ invertible ones) the pre-activation recovered from the output.
 Names: None or "identity", "relu" (`max(z, 0)`, derivative 0 at 0 as in `jax.nn.relu`),
 "leaky_relu" (`z` where `z >= 0`, else `negative_slope * z`, as in `jax.nn.leaky_relu`).
 """
+
 from __future__ import annotations
 
 from typing import Any

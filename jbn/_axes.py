@@ -4,10 +4,12 @@ the input, which named axes a call synchronizes over; and `Layout`, all of it re
 Every public entry point of the pure layer calls `resolve` once; the internals take the
 `Layout` it returns and never re-check.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Any, Hashable, NamedTuple, Sequence
+from collections.abc import Hashable, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -49,7 +51,9 @@ class Layout(NamedTuple):
         return feature_shape(self.shape, self.features)
 
 
-def resolve(x: jax.Array, axis: Axes, mask: Any = None, axis_name: AxisName = None, axis_index_groups: Any = None) -> Layout:
+def resolve(
+    x: jax.Array, axis: Axes, mask: Any = None, axis_name: AxisName = None, axis_index_groups: Any = None
+) -> Layout:
     """The `Layout` of a call on `x` (already an array)."""
     features = feature_axes(x.ndim, axis)
     names = normalize_axis_name(axis_name)

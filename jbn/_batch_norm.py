@@ -1,9 +1,11 @@
 """`batch_norm` and `normalize_with_batch_stats`: the training and evaluation entry points,
 ghost batches included. Each canonicalizes its arguments once, then calls the floors."""
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -35,13 +37,32 @@ def without_nonfinite_padding(x: Array, valid: Array | None) -> Array:
     return jnp.where(valid | jnp.isfinite(x), x, jnp.zeros((), x.dtype))
 
 
-def train_with_layout(x: Array, scale, bias, layout: Layout, *, epsilon, out_dtype, activation, negative_slope,
-                      save_output_only: bool, fused: bool) -> tuple[Array, Moments]:
+def train_with_layout(
+    x: Array,
+    scale,
+    bias,
+    layout: Layout,
+    *,
+    epsilon,
+    out_dtype,
+    activation,
+    negative_slope,
+    save_output_only: bool,
+    fused: bool,
+) -> tuple[Array, Moments]:
     """Normalize with the batch's own statistics, on checked arguments."""
     if fused and _fused.can_fuse(x, epsilon):
-        return _fused.fused_batch_norm(x, scale, bias, layout, epsilon=epsilon, out_dtype=out_dtype,
-                                       activation=activation, negative_slope=negative_slope,
-                                       save_output_only=save_output_only)
+        return _fused.fused_batch_norm(
+            x,
+            scale,
+            bias,
+            layout,
+            epsilon=epsilon,
+            out_dtype=out_dtype,
+            activation=activation,
+            negative_slope=negative_slope,
+            save_output_only=save_output_only,
+        )
     if save_output_only:
         raise ValueError(
             "`save_output_only=True` needs the fused training path, which is off here: set fused=True, pass a "
@@ -49,13 +70,38 @@ def train_with_layout(x: Array, scale, bias, layout: Layout, *, epsilon, out_dty
         )
     x = without_nonfinite_padding(x, layout.valid)
     stats = batch_moments(x, layout)
-    y = _normalize.normalized(x, layout, stats.mean, stats.var, scale, bias, epsilon=epsilon, out_dtype=out_dtype,
-                              activation=activation, negative_slope=negative_slope)
+    y = _normalize.normalized(
+        x,
+        layout,
+        stats.mean,
+        stats.var,
+        scale,
+        bias,
+        epsilon=epsilon,
+        out_dtype=out_dtype,
+        activation=activation,
+        negative_slope=negative_slope,
+    )
     return y, stats
 
 
-def canonical_arguments(x, scale, bias, *, axis, mask, axis_name, axis_index_groups, epsilon, dtype, activation,
-               negative_slope, save_output_only, fused, training=True):
+def canonical_arguments(
+    x,
+    scale,
+    bias,
+    *,
+    axis,
+    mask,
+    axis_name,
+    axis_index_groups,
+    epsilon,
+    dtype,
+    activation,
+    negative_slope,
+    save_output_only,
+    fused,
+    training=True,
+):
     """The arguments shared by both entry points, checked once: (x, scale, bias, layout,
     keyword arguments of `train_with_layout`)."""
     x = _validate.check_input(x)
@@ -69,15 +115,22 @@ def canonical_arguments(x, scale, bias, *, axis, mask, axis_name, axis_index_gro
     act = _activations.check(activation, negative_slope, save_output_only and training)
     if act != "identity" and jnp.iscomplexobj(x):
         raise ValueError(f"`activation`={activation!r} needs a real input; `x` is {x.dtype}.")
-    options = dict(epsilon=epsilon, out_dtype=_normalize.output_dtype(_validate.check_output_dtype(dtype), x, scale, bias),
-                   activation=act, negative_slope=negative_slope, save_output_only=save_output_only, fused=fused)
+    options = dict(
+        epsilon=epsilon,
+        out_dtype=_normalize.output_dtype(_validate.check_output_dtype(dtype), x, scale, bias),
+        activation=act,
+        negative_slope=negative_slope,
+        save_output_only=save_output_only,
+        fused=fused,
+    )
     return x, scale, bias, layout, options
 
 
 def warn_if_one_value_per_feature(layout: Layout, virtual_batch_size: int | None = None) -> None:
     per_participant = _axes.element_count(layout.shape, layout.reduce)
-    _validate.warn_if_one_value(per_participant * _axes.participants(layout), layout.shape, layout.axis,
-                                virtual_batch_size=virtual_batch_size)
+    _validate.warn_if_one_value(
+        per_participant * _axes.participants(layout), layout.shape, layout.axis, virtual_batch_size=virtual_batch_size
+    )
 
 
 def normalize_with_batch_stats(
@@ -105,9 +158,20 @@ def normalize_with_batch_stats(
       differentiable (count is not).
     """
     x, scale, bias, layout, options = canonical_arguments(
-        x, scale, bias, axis=axis, mask=mask, axis_name=axis_name, axis_index_groups=axis_index_groups,
-        epsilon=epsilon, dtype=dtype, activation=activation, negative_slope=negative_slope,
-        save_output_only=save_output_only, fused=fused)
+        x,
+        scale,
+        bias,
+        axis=axis,
+        mask=mask,
+        axis_name=axis_name,
+        axis_index_groups=axis_index_groups,
+        epsilon=epsilon,
+        dtype=dtype,
+        activation=activation,
+        negative_slope=negative_slope,
+        save_output_only=save_output_only,
+        fused=fused,
+    )
     warn_if_one_value_per_feature(layout)
     return train_with_layout(x, scale, bias, layout, **options)
 
@@ -194,14 +258,35 @@ def batch_norm(
     debias = _validate.check_flag(debias, "debias")
     unbiased_running_var = _validate.check_flag(unbiased_running_var, "unbiased_running_var")
     x, scale, bias, layout, options = canonical_arguments(
-        x, scale, bias, axis=axis, mask=mask, axis_name=axis_name, axis_index_groups=axis_index_groups,
-        epsilon=epsilon, dtype=dtype, activation=activation, negative_slope=negative_slope,
-        save_output_only=save_output_only, fused=fused, training=training)
+        x,
+        scale,
+        bias,
+        axis=axis,
+        mask=mask,
+        axis_name=axis_name,
+        axis_index_groups=axis_index_groups,
+        epsilon=epsilon,
+        dtype=dtype,
+        activation=activation,
+        negative_slope=negative_slope,
+        save_output_only=save_output_only,
+        fused=fused,
+        training=training,
+    )
     running = _running.check_running(running, layout.fshape, axis)
     if not training:
-        y = _normalize.normalized(x, layout, running.mean, running.var, scale, bias, epsilon=options["epsilon"],
-                                  out_dtype=options["out_dtype"], activation=options["activation"],
-                                  negative_slope=options["negative_slope"])
+        y = _normalize.normalized(
+            x,
+            layout,
+            running.mean,
+            running.var,
+            scale,
+            bias,
+            epsilon=options["epsilon"],
+            out_dtype=options["out_dtype"],
+            activation=options["activation"],
+            negative_slope=options["negative_slope"],
+        )
         return y, running
     train = partial(train_with_layout, **options)
     if virtual_batch_size is None:
@@ -213,8 +298,9 @@ def batch_norm(
     return y, _running.apply_update(running, stats, momentum, debias, unbiased_running_var)
 
 
-def ghost_batches(train: Callable, x: Array, scale, bias, layout: Layout, size: Any, *,
-                  unbiased: bool) -> tuple[Array, Moments]:
+def ghost_batches(
+    train: Callable, x: Array, scale, bias, layout: Layout, size: Any, *, unbiased: bool
+) -> tuple[Array, Moments]:
     """Ghost batch norm as a reshape: (N, ...) -> (N // size, size, ...) with the new group
     axis 0 treated as one more feature axis, then the ordinary training path, so it
     composes with masks, `axis_name` and whatever the training path does. Returns the
@@ -223,8 +309,15 @@ def ghost_batches(train: Callable, x: Array, scale, bias, layout: Layout, size: 
     size = layout.shape[0] // n_groups
     grouped_shape = (n_groups, size) + layout.shape[1:]
     grouped_features = (0,) + tuple(a + 1 for a in layout.features)
-    grouped_layout = Layout(layout.axis, grouped_features, _axes.reduction_axes(len(grouped_shape), grouped_features),
-                            grouped_shape, None, layout.names, layout.groups)
+    grouped_layout = Layout(
+        layout.axis,
+        grouped_features,
+        _axes.reduction_axes(len(grouped_shape), grouped_features),
+        grouped_shape,
+        None,
+        layout.names,
+        layout.groups,
+    )
     warn_if_one_value_per_feature(grouped_layout, size)
     gshape = (n_groups,) + layout.fshape
     expand = lambda p: None if p is None else jnp.broadcast_to(p, gshape)  # noqa: E731  (gradients sum back)

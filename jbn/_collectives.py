@@ -1,8 +1,9 @@
 """The collectives of the pure layer: a sum and an all-gather over bound axis names,
 optionally within `axis_index_groups`, each ONE `psum` under pmap, shard_map and vmap."""
+
 from __future__ import annotations
 
-from typing import Hashable
+from collections.abc import Hashable
 
 import jax
 import jax.numpy as jnp

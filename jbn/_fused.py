@@ -26,10 +26,12 @@ higher orders (grad of grad, Hessian-vector products) differentiate it like any 
 Collectives, masks and vma types follow JAX's own rules, since JAX derives the backward
 pass by transposition: gradients are those of the unfused layer in every setting.
 """
+
 from __future__ import annotations
 
+from collections.abc import Hashable
 from functools import partial
-from typing import Any, Hashable, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -64,9 +66,18 @@ def can_fuse(x: Array, epsilon: Any) -> bool:
     return static_eps and not jnp.iscomplexobj(x)
 
 
-def fused_batch_norm(x: Array, scale: Array | None, bias: Array | None, layout: Layout, *, epsilon: float,
-                     out_dtype: Any, activation: str, negative_slope: float,
-                     save_output_only: bool) -> tuple[Array, Moments]:
+def fused_batch_norm(
+    x: Array,
+    scale: Array | None,
+    bias: Array | None,
+    layout: Layout,
+    *,
+    epsilon: float,
+    out_dtype: Any,
+    activation: str,
+    negative_slope: float,
+    save_output_only: bool,
+) -> tuple[Array, Moments]:
     """Training-mode batch norm (+ activation) with the fused derivative rule, on checked
     arguments. Returns the output and the batch `Moments` (mean and var
     differentiable, count not)."""
@@ -79,22 +90,47 @@ def fused_batch_norm(x: Array, scale: Array | None, bias: Array | None, layout: 
                 "zeros (e.g. a zero-initialized last scale of a residual block): use save_output_only=False "
                 "for this layer."
             )
-    cfg = FusedConfig(layout.features, layout.names, layout.groups, float(epsilon), jnp.dtype(out_dtype),
-                      activation, float(negative_slope), bool(save_output_only))
+    cfg = FusedConfig(
+        layout.features,
+        layout.names,
+        layout.groups,
+        float(epsilon),
+        jnp.dtype(out_dtype),
+        activation,
+        float(negative_slope),
+        bool(save_output_only),
+    )
     y, mean, var, count = _fused(cfg, x, scale, bias, layout.valid)
     return y, Moments(mean, var, lax.stop_gradient(count))
 
 
 def _layout(cfg: FusedConfig, x: Array, valid: Array | None) -> Layout:
-    return Layout(cfg.features, cfg.features, _axes.reduction_axes(x.ndim, cfg.features), tuple(x.shape), valid,
-                  cfg.names, cfg.groups)
+    return Layout(
+        cfg.features,
+        cfg.features,
+        _axes.reduction_axes(x.ndim, cfg.features),
+        tuple(x.shape),
+        valid,
+        cfg.names,
+        cfg.groups,
+    )
 
 
 def _primal(cfg: FusedConfig, x, scale, bias, valid):
     layout = _layout(cfg, x, valid)
     stats = batch_moments(x, layout)
-    y = _normalize.normalized(x, layout, stats.mean, stats.var, scale, bias, epsilon=cfg.epsilon,
-                              out_dtype=cfg.out_dtype, activation=cfg.activation, negative_slope=cfg.negative_slope)
+    y = _normalize.normalized(
+        x,
+        layout,
+        stats.mean,
+        stats.var,
+        scale,
+        bias,
+        epsilon=cfg.epsilon,
+        out_dtype=cfg.out_dtype,
+        activation=cfg.activation,
+        negative_slope=cfg.negative_slope,
+    )
     return y, stats
 
 
@@ -139,9 +175,13 @@ def _tangent(cfg: FusedConfig, saved, mean, inv, scale, bias, valid, count, dx, 
 
     # Feature-shaped constants travel with `inv`, so that XLA cannot fold them back into
     # scalars that it would then write out at full size (see _activations.cotangent).
-    constants = (inv, jnp.zeros_like(inv), jnp.full_like(inv, 1 - cfg.negative_slope),
-                 jnp.full_like(inv, 1 / cfg.negative_slope if cfg.negative_slope else 0))
-    uses = separate_uses(3, saved, mean, scale, bias, constants)  # type: ignore[arg-type]
+    constants = (
+        inv,
+        jnp.zeros_like(inv),
+        jnp.full_like(inv, 1 - cfg.negative_slope),
+        jnp.full_like(inv, 1 / cfg.negative_slope if cfg.negative_slope else 0),
+    )
+    uses = separate_uses(3, saved, mean, scale, bias, constants)
 
     def pieces(saved, mean, scale, bias, constants):
         """(x_hat, z, act'(.)) recomputed from x, or from y with save_output_only."""

@@ -10,7 +10,10 @@ its own handle on the inputs, so that each fuses its own copy of the cheap produ
 Only on CPU: XLA:GPU duplicates cheap producers by itself and fuses sibling reductions
 over the same input into one pass (reading it once), which separate handles would hide.
 """
+
 from __future__ import annotations
+
+from typing import Any
 
 import jax
 from jax import lax
@@ -18,7 +21,7 @@ from jax import lax
 from jbn._axes import varying_axes
 
 
-def separate_uses(n: int, *arrays: jax.Array) -> list[tuple[jax.Array, ...]]:
+def separate_uses(n: int, *arrays: Any) -> list[tuple[Any, ...]]:
     """`n` tuples, each holding the same `arrays` (arrays or pytrees of them). On CPU,
     XLA cannot merge them back into one (an optimization barrier: no copy, no numerical
     effect, differentiable); elsewhere they are the arrays themselves. XLA folds a
@@ -38,7 +41,7 @@ def separate_uses(n: int, *arrays: jax.Array) -> list[tuple[jax.Array, ...]]:
 def _same_variance(tree):
     """The leaves of `tree`, each made to vary over every manual axis that any of them
     varies over (a no-op outside shard_map, or for a single array)."""
-    leaves = [leaf for leaf in jax.tree.leaves(tree)]
+    leaves = list(jax.tree.leaves(tree))
     axes = frozenset().union(*(varying_axes(leaf) for leaf in leaves)) if leaves else frozenset()
     if not axes:
         return tree

@@ -1,5 +1,6 @@
 """What the framework wrappers (linen, NNX, equinox) share: the names of the options
 they forward to the pure functions, read the same way from any layer object."""
+
 from __future__ import annotations
 
 import contextlib

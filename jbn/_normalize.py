@@ -1,5 +1,6 @@
 """`normalize`: `(x - mean) / sqrt(var + epsilon) * scale + bias`, feature-wise, and the
 output dtype rule shared by every path (flax's promotion by default)."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -27,8 +28,9 @@ def compute_dtype(x: Array, *arrays: Array | None) -> jnp.dtype:
     return _axes.stats_dtype(x.dtype, *(a.dtype for a in arrays if a is not None))
 
 
-def normalized(x, layout: Layout, mean, var, scale, bias, *, epsilon, out_dtype, activation="identity",
-               negative_slope=0.01) -> Array:
+def normalized(
+    x, layout: Layout, mean, var, scale, bias, *, epsilon, out_dtype, activation="identity", negative_slope=0.01
+) -> Array:
     """`normalize` (then the activation, in the compute dtype) on checked arguments."""
     compute = compute_dtype(x, mean, scale, bias)
 

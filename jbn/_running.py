@@ -1,5 +1,6 @@
 """Running statistics: the rules that move `RunningStats` toward each batch's `Moments`
 (Flax/Keras EMA, PyTorch's cumulative average, the debiased EMA, the unbiased variance)."""
+
 from __future__ import annotations
 
 import math

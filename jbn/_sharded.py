@@ -2,6 +2,7 @@
 along reduced axes (Explicit axes, `jax.make_mesh`'s default): each shard reduces its own
 rows (no communication), then ONE all-gather of the per-shard (count, var, mean), merged
 with Chan's formula. Left to XLA, the same statistics cost two or three collectives."""
+
 from __future__ import annotations
 
 import itertools

@@ -1,4 +1,5 @@
 """The two state types of the pure layer: one batch's statistics and the running ones."""
+
 from __future__ import annotations
 
 from typing import NamedTuple

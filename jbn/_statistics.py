@@ -1,5 +1,6 @@
 """`moments`: the per-feature statistics of a batch, on one device, over bound axis
 names (one collective), or over the shards of a batch-sharded array under plain jit."""
+
 from __future__ import annotations
 
 from typing import Any

@@ -4,6 +4,7 @@ Every check runs on static information (shapes, dtypes, Python numbers), so a ba
 argument fails when the function is traced, with a message that names the argument
 and the fix. Nothing here knows about axes beyond shapes (that is `jbn._axes`).
 """
+
 from __future__ import annotations
 
 import math
@@ -72,8 +73,12 @@ def concrete_number(value: Any, name: str) -> float | None:
     if isinstance(value, jax.core.Tracer):
         return None
     dtype = getattr(value, "dtype", None)
-    if getattr(value, "shape", None) == () and dtype is not None and jnp.issubdtype(dtype, jnp.number) \
-            and not jnp.issubdtype(dtype, jnp.complexfloating):
+    if (
+        getattr(value, "shape", None) == ()
+        and dtype is not None
+        and jnp.issubdtype(dtype, jnp.number)
+        and not jnp.issubdtype(dtype, jnp.complexfloating)
+    ):
         return float(value)
     raise TypeError(f"`{name}` must be a real number (a Python float), got {type(value).__name__} {value!r}.")
 
@@ -122,7 +127,9 @@ def check_negative_slope(value: Any) -> float:
     return float(value)
 
 
-def check_feature_array(v: Any, fshape: tuple[int, ...], name: str, axis: Any, *, kind: str = "inexact") -> jax.Array | None:
+def check_feature_array(
+    v: Any, fshape: tuple[int, ...], name: str, axis: Any, *, kind: str = "inexact"
+) -> jax.Array | None:
     """`v` (scale, bias, a running statistic) must have exactly the feature shape.
 
     kind: "inexact" (floating or complex: scale, bias, shift), "real" (floating: a running
@@ -200,7 +207,9 @@ def check_virtual_batch_size(size: Any, shape: tuple[int, ...], features: tuple[
     return shape[0] // size
 
 
-def warn_if_one_value(values_per_feature: Any, shape: tuple, axis: Any, *, virtual_batch_size: int | None = None) -> None:
+def warn_if_one_value(
+    values_per_feature: Any, shape: tuple, axis: Any, *, virtual_batch_size: int | None = None
+) -> None:
     """One `OneValuePerFeatureWarning` when training sees exactly one value per feature
     (per sub-batch with ghost batches). A symbolic batch size (jax.export) is not known
     to be 1, so it gets no warning."""

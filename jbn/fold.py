@@ -6,6 +6,7 @@ In evaluation, BN is the feature-wise affine map `y = m * (z - mean) + beta` wit
 the same layer with `W' = W * m` (scaling the kernel's output-feature axis, the last one in
 flax's layout) and `b' = m * (b - mean) + beta`.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -71,7 +72,9 @@ def fold_batch_norm(
 def _feature(tree: Mapping, name: str, shape: tuple[int, ...], where: str):
     if name not in tree:
         if where == "bn_stats":
-            raise ValueError(f"`bn_stats` has no '{name}': pass the BN layer's batch_stats, e.g. variables['batch_stats']['BatchNorm_0'].")
+            raise ValueError(
+                f"`bn_stats` has no '{name}': pass the BN layer's batch_stats, e.g. variables['batch_stats']['BatchNorm_0']."
+            )
         return None
     v = jnp.asarray(tree[name])
     if v.shape != shape:

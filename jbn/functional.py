@@ -7,6 +7,7 @@ feature axes, in increasing axis order: (C,) for NHWC with axis=-1 or NCHW with 
 This module only gathers the public names; each lives in the module of its floor (see
 `jbn/__init__.py` for the map).
 """
+
 from __future__ import annotations
 
 from jbn._batch_norm import batch_norm, normalize_with_batch_stats

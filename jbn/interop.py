@@ -23,6 +23,7 @@ evaluation, so the evaluation outputs match whatever it estimates.
 
 torch and keras are not imported by this module unless a function needs them.
 """
+
 from __future__ import annotations
 
 from collections import OrderedDict
@@ -117,7 +118,7 @@ def from_torch(state_dict_or_module: Any, prefix: str = "", *, count: bool | Non
     return out
 
 
-def to_torch(variables: Mapping, prefix: str = "", *, num_batches_tracked: int | None = None) -> "OrderedDict[str, Any]":
+def to_torch(variables: Mapping, prefix: str = "", *, num_batches_tracked: int | None = None) -> OrderedDict[str, Any]:
     """A PyTorch state dict for one batch-norm layer from its jbn variables.
 
     Args:
@@ -155,8 +156,12 @@ def to_torch(variables: Mapping, prefix: str = "", *, num_batches_tracked: int |
     return out
 
 
-_KERAS_NAMES = {"gamma": ("params", "scale"), "beta": ("params", "bias"),
-                "moving_mean": ("batch_stats", "mean"), "moving_variance": ("batch_stats", "var")}
+_KERAS_NAMES = {
+    "gamma": ("params", "scale"),
+    "beta": ("params", "bias"),
+    "moving_mean": ("batch_stats", "mean"),
+    "moving_variance": ("batch_stats", "var"),
+}
 
 
 def from_keras(layer_or_weights: Any, *, scale: bool = True, center: bool = True) -> dict:
@@ -186,7 +191,9 @@ def from_keras(layer_or_weights: Any, *, scale: bool = True, center: bool = True
             )
         named = dict(zip(names, map(_numpy, weights)))
     if "moving_mean" not in named or "moving_variance" not in named:
-        raise ValueError(f"no moving_mean/moving_variance among {sorted(named)}: pass a built BatchNormalization layer.")
+        raise ValueError(
+            f"no moving_mean/moving_variance among {sorted(named)}: pass a built BatchNormalization layer."
+        )
     out = {"params": {}, "batch_stats": {}}  # type: ignore[var-annotated]
     for keras_name, (collection, name) in _KERAS_NAMES.items():
         if keras_name in named:

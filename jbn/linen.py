@@ -1,7 +1,9 @@
 """Flax linen wrappers: create the variables, then call the pure layer."""
+
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -38,8 +40,13 @@ class _Normalization(nn.Module):
     def _check_existing(self, fshape: tuple[int, ...]) -> None:
         """Clear error when the input's feature shape differs from already-created variables
         (a checkpoint for another width, or `axis` pointing at the wrong dimension)."""
-        names = [("params", "scale"), ("params", "bias"), ("batch_stats", "mean"), ("batch_stats", "var"),
-                 ("batch_stats", "count")] + [("batch_stats", name) for name in precise.POPULATION_VARIABLES]
+        names = [
+            ("params", "scale"),
+            ("params", "bias"),
+            ("batch_stats", "mean"),
+            ("batch_stats", "var"),
+            ("batch_stats", "count"),
+        ] + [("batch_stats", name) for name in precise.POPULATION_VARIABLES]
         for collection, name in names:
             if not self.has_variable(collection, name):
                 continue
@@ -62,7 +69,9 @@ class _Normalization(nn.Module):
         mean = self.variable("batch_stats", "mean", lambda s: jnp.zeros(s, jnp.float32), fshape)
         var = self.variable("batch_stats", "var", lambda s: jnp.ones(s, jnp.float32), fshape)
         count = None  # batch_stats/count only when the update needs it or a checkpoint brought one
-        if needs_batch_count(self.momentum, getattr(self, "debias", False)) or self.has_variable("batch_stats", "count"):
+        if needs_batch_count(self.momentum, getattr(self, "debias", False)) or self.has_variable(
+            "batch_stats", "count"
+        ):
             count = self.variable("batch_stats", "count", lambda s: jnp.zeros(s, jnp.int32), fshape)
         scale = self.param("scale", self.scale_init, fshape, self.param_dtype) if self.use_scale else None
         bias = self.param("bias", self.bias_init, fshape, self.param_dtype) if self.use_bias else None
@@ -89,8 +98,14 @@ class _Normalization(nn.Module):
             return False
         if self.has_variable("batch_stats", "population_count"):
             population = [self.variable("batch_stats", name) for name in precise.POPULATION_VARIABLES]  # type: ignore[var-annotated]
-            merged = precise.add_batch(Moments(*(v.value for v in population)), x, axis=self.axis, mask=mask,
-                                       axis_name=self.axis_name, axis_index_groups=self.axis_index_groups)
+            merged = precise.add_batch(
+                Moments(*(v.value for v in population)),
+                x,
+                axis=self.axis,
+                mask=mask,
+                axis_name=self.axis_name,
+                axis_index_groups=self.axis_index_groups,
+            )
             for v, value in zip(population, merged):
                 v.value = value
             return False
@@ -199,8 +214,9 @@ class BatchRenorm(_Normalization):
         """Renormalize `x` (any rank, features on `axis`); arguments as in `BatchNorm`."""
         training, x, running_vars, scale, bias = self._prepare(x, use_running_average)
         step = self.variable("batch_stats", "step", lambda: jnp.zeros((), jnp.int32))
-        y, new = self._call_pure(batch_renorm, _module_options.BATCH_RENORM, x, scale, bias, running_vars, training,
-                                 mask, step=step.value)
+        y, new = self._call_pure(
+            batch_renorm, _module_options.BATCH_RENORM, x, scale, bias, running_vars, training, mask, step=step.value
+        )
         if training and self._record(x, mask, running_vars, new):
             step.value = next_step(step.value)
         return y

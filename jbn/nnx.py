@@ -4,11 +4,12 @@ They mirror `flax.nnx.BatchNorm`: the same constructor arguments and defaults, t
 state (`scale`, `bias` as `nnx.Param`; `mean`, `var` as `nnx.BatchStat`), `train()` /
 `eval()` / `nnx.view(..., use_running_average=...)` switching, and they call the pure layer.
 """
+
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from types import MappingProxyType
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -45,10 +46,26 @@ class _Normalization(nnx.Module):
     """State, switching and the pure call shared by the two modules."""
 
     _options: tuple[str, ...] = ()
+    # Set from the constructor's arguments (see `__init__`), read by the pure call.
+    axis: Any
+    axis_name: Any
+    axis_index_groups: Any
+    use_running_average: bool | None
 
-    def __init__(self, num_features, *, rngs: nnx.Rngs, use_scale: bool, use_bias: bool, scale_init: Initializer,
-                 bias_init: Initializer, param_dtype: Any, scale_metadata: Mapping[str, Any],
-                 bias_metadata: Mapping[str, Any], **attributes: Any):
+    def __init__(
+        self,
+        num_features,
+        *,
+        rngs: nnx.Rngs,
+        use_scale: bool,
+        use_bias: bool,
+        scale_init: Initializer,
+        bias_init: Initializer,
+        param_dtype: Any,
+        scale_metadata: Mapping[str, Any],
+        bias_metadata: Mapping[str, Any],
+        **attributes: Any,
+    ):
         fshape = _feature_shape(num_features)
         attributes["momentum"] = _validate.check_momentum(attributes["momentum"])
         attributes["epsilon"] = _validate.check_epsilon(attributes["epsilon"])
@@ -58,8 +75,12 @@ class _Normalization(nnx.Module):
         self.count = nnx.BatchStat(jnp.zeros(fshape, jnp.int32)) if counted else nnx.data(None)
         self.scale: nnx.Param | None
         self.bias: nnx.Param | None
-        self.scale = nnx.Param(scale_init(rngs.params(), fshape, param_dtype), **scale_metadata) if use_scale else nnx.data(None)
-        self.bias = nnx.Param(bias_init(rngs.params(), fshape, param_dtype), **bias_metadata) if use_bias else nnx.data(None)
+        self.scale = (
+            nnx.Param(scale_init(rngs.params(), fshape, param_dtype), **scale_metadata) if use_scale else nnx.data(None)
+        )
+        self.bias = (
+            nnx.Param(bias_init(rngs.params(), fshape, param_dtype), **bias_metadata) if use_bias else nnx.data(None)
+        )
         self.num_features = num_features
         self.param_dtype = param_dtype
         self.use_scale = use_scale
@@ -95,8 +116,14 @@ class _Normalization(nnx.Module):
         if getattr(self, "population_count", None) is None:
             return False
         population = [getattr(self, name) for name in precise.POPULATION_VARIABLES]
-        merged = precise.add_batch(Moments(*(v[...] for v in population)), x, axis=self.axis, mask=mask,  # type: ignore[attr-defined]
-                                   axis_name=self.axis_name, axis_index_groups=self.axis_index_groups)  # type: ignore[attr-defined]
+        merged = precise.add_batch(
+            Moments(*(v[...] for v in population)),
+            x,
+            axis=self.axis,
+            mask=mask,
+            axis_name=self.axis_name,
+            axis_index_groups=self.axis_index_groups,
+        )
         for v, value in zip(population, merged):
             v[...] = value
         return True
@@ -257,8 +284,10 @@ def recompute_batch_stats(
     layers = [m for _, m in nnx.iter_modules(model) if isinstance(m, _Normalization)]
     if not layers:
         raise ValueError("`model` contains no jbn.nnx.BatchNorm / BatchRenorm layer: nothing to recompute.")
-    modes = [(m, {a: getattr(m, a) for a in ("use_running_average", "deterministic") if hasattr(m, a)})
-             for _, m in nnx.iter_modules(model)]
+    modes = [
+        (m, {a: getattr(m, a) for a in ("use_running_average", "deterministic") if hasattr(m, a)})
+        for _, m in nnx.iter_modules(model)
+    ]
     for layer in layers:
         for name, value in zip(precise.POPULATION_VARIABLES, precise.empty_population(layer.mean[...])):
             setattr(layer, name, nnx.BatchStat(value))

@@ -13,10 +13,11 @@ training output, so each later layer sees the inputs it sees in training, as Pre
 defines. At the end `mean`/`var` are replaced by the population statistics and the extra
 variables are dropped.
 """
+
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
-from typing import Any, Callable
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -34,7 +35,9 @@ def empty_population(mean: Any) -> Moments:
     """The population statistics before any batch: zeros, float32 or wider."""
     mean = jnp.asarray(mean)
     zeros = jnp.zeros(mean.shape, jnp.promote_types(mean.dtype, jnp.float32))
-    return Moments(zeros, jnp.zeros(mean.shape, jnp.promote_types(jnp.finfo(mean.dtype).dtype, jnp.float32)), zeros.real)
+    return Moments(
+        zeros, jnp.zeros(mean.shape, jnp.promote_types(jnp.finfo(mean.dtype).dtype, jnp.float32)), zeros.real
+    )
 
 
 def add_batch(population: Moments, x: jax.Array, **moments_options: Any) -> Moments:
@@ -50,8 +53,10 @@ def finished(population: Moments, mean: Any, var: Any) -> tuple[jax.Array, jax.A
     old ones, in the old dtypes."""
     mean, var = jnp.asarray(mean), jnp.asarray(var)
     seen = population.count > 0
-    return (jnp.where(seen, population.mean, mean).astype(mean.dtype),
-            jnp.where(seen, population.var, var).astype(var.dtype))
+    return (
+        jnp.where(seen, population.mean, mean).astype(mean.dtype),
+        jnp.where(seen, population.var, var).astype(var.dtype),
+    )
 
 
 def progress_bar(iterable: Iterable, *, total: int | None, enabled: bool) -> Iterable:
@@ -168,10 +173,16 @@ def _call(apply_fn: Callable, variables: Mapping, batch: Any) -> Mapping:
         result = apply_fn(variables, batch)
     except Exception as e:
         if type(e).__name__ in ("ModifyScopeVariableError", "ApplyScopeInvalidVariablesTypeError"):
-            raise ValueError(f"`apply_fn` did not let the model update `batch_stats` ({type(e).__name__}): {_HOW_TO_CALL}.") from e
+            raise ValueError(
+                f"`apply_fn` did not let the model update `batch_stats` ({type(e).__name__}): {_HOW_TO_CALL}."
+            ) from e
         raise
-    if not (isinstance(result, tuple) and len(result) == 2 and isinstance(result[1], Mapping) and "batch_stats" in result[1]):
-        raise ValueError(f"`apply_fn` returned {type(result).__name__}, not (output, mutated variables with 'batch_stats'): {_HOW_TO_CALL}.")
+    if not (
+        isinstance(result, tuple) and len(result) == 2 and isinstance(result[1], Mapping) and "batch_stats" in result[1]
+    ):
+        raise ValueError(
+            f"`apply_fn` returned {type(result).__name__}, not (output, mutated variables with 'batch_stats'): {_HOW_TO_CALL}."
+        )
     return result[1]
 
 

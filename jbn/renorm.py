@@ -8,9 +8,11 @@ Evaluation is batch norm's evaluation: the running statistics are the same `Runn
 (mean and variance, updated by `update_running_stats`), so a renorm checkpoint is a batch-norm
 checkpoint.
 """
+
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -59,8 +61,11 @@ def resolve_limit(limit: Limit, step: Any, name: str) -> Array | float:
     value is checked when it is concrete; a traced one is clipped to its valid range
     (r_max >= 1, d_max >= 0), since it cannot be checked at trace time."""
     low = 1.0 if name == "r_max" else 0.0
-    meaning = ("r is clipped to [1/r_max, r_max]; 1 gives batch norm" if name == "r_max"
-               else "d is clipped to [-d_max, d_max]; 0 gives batch norm")
+    meaning = (
+        "r is clipped to [1/r_max, r_max]; 1 gives batch norm"
+        if name == "r_max"
+        else "d is clipped to [-d_max, d_max]; 0 gives batch norm"
+    )
     if callable(limit):
         if step is None:
             raise ValueError(f"`{name}` is a schedule of the step count: pass `step` (e.g. batch_stats['step']).")
@@ -75,7 +80,9 @@ def resolve_limit(limit: Limit, step: Any, name: str) -> Array | float:
                 raise ValueError(f"`{name}` schedule returned {raw} at step {step}: it must be >= {low:g} ({meaning}).")
         return jnp.maximum(value, low)
     if _validate.is_bool(limit) or not isinstance(limit, (int, float, jnp.integer, jnp.floating)):
-        raise TypeError(f"`{name}` must be a float or a callable of the step count, got {type(limit).__name__} {limit!r}.")
+        raise TypeError(
+            f"`{name}` must be a float or a callable of the step count, got {type(limit).__name__} {limit!r}."
+        )
     if not limit >= low:  # NaN fails too
         raise ValueError(f"`{name}`={limit} must be >= {low:g} ({meaning}).")
     return float(limit)
@@ -131,9 +138,21 @@ def batch_renorm(
     debias = _validate.check_flag(debias, "debias")
     unbiased_running_var = _validate.check_flag(unbiased_running_var, "unbiased_running_var")
     x, scale, bias, layout, options = canonical_arguments(
-        x, scale, bias, axis=axis, mask=mask, axis_name=axis_name, axis_index_groups=axis_index_groups,
-        epsilon=epsilon, dtype=dtype, activation=None, negative_slope=0.01, save_output_only=False, fused=False,
-        training=training)
+        x,
+        scale,
+        bias,
+        axis=axis,
+        mask=mask,
+        axis_name=axis_name,
+        axis_index_groups=axis_index_groups,
+        epsilon=epsilon,
+        dtype=dtype,
+        activation=None,
+        negative_slope=0.01,
+        save_output_only=False,
+        fused=False,
+        training=training,
+    )
     if jnp.iscomplexobj(x):
         raise TypeError(f"`x` is complex ({x.dtype}): batch renormalization supports real inputs; use batch_norm.")
     epsilon, out_dtype = options["epsilon"], options["out_dtype"]

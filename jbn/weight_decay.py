@@ -4,6 +4,7 @@ Decaying BN's scale pulls it to zero for nothing: the layer after BN is invarian
 scale of the weights before it, and the scale/bias of BN are few, so the usual practice
 (Goyal et al. 2017; He et al. 2019 "Bag of tricks") is to decay only the kernels.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping

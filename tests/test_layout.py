@@ -1,6 +1,7 @@
 """The package's architecture, checked: imports point down (no cycle, function-level
 imports included), no private name crosses a module boundary, no module past 400 lines,
 and the pure layer loads no framework."""
+
 import ast
 import pathlib
 import subprocess
@@ -13,19 +14,15 @@ MODULES = {p.stem: p for p in PACKAGE.glob("*.py")}
 def _imports(path: pathlib.Path) -> list[tuple[str, str | None]]:
     """(jbn module imported, name taken from it or None) for every import in the file,
     at any depth (inside functions too)."""
-    found = []
+    found: list[tuple[str, str | None]] = []
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
-            for alias in node.names:
-                if alias.name.startswith("jbn."):
-                    found.append((alias.name.split(".")[1], None))
+            found += [(a.name.split(".")[1], None) for a in node.names if a.name.startswith("jbn.")]
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             if node.module == "jbn":
-                for alias in node.names:
-                    found.append((alias.name, None) if alias.name in MODULES else ("__init__", alias.name))
+                found += [(a.name, None) if a.name in MODULES else ("__init__", a.name) for a in node.names]
             elif node.module.startswith("jbn."):
-                for alias in node.names:
-                    found.append((node.module.split(".")[1], alias.name))
+                found += [(node.module.split(".")[1], a.name) for a in node.names]
     return found
 
 
@@ -55,9 +52,13 @@ def test_no_module_imports_the_package_root_or_a_private_name():
     for name, path in MODULES.items():
         for module, imported in _imports(path):
             if name != "__init__":
-                assert module != "__init__", f"jbn/{name}.py imports {imported!r} from the package root (import it from its module)"
+                assert module != "__init__", (
+                    f"jbn/{name}.py imports {imported!r} from the package root (import it from its module)"
+                )
             if imported is not None and module != "__init__":
-                assert not imported.startswith("_") or imported.startswith("__"), f"jbn/{name}.py imports the private name {imported} from jbn.{module}"
+                assert not imported.startswith("_") or imported.startswith("__"), (
+                    f"jbn/{name}.py imports the private name {imported} from jbn.{module}"
+                )
 
 
 def test_no_module_is_longer_than_400_lines():
