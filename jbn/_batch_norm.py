@@ -126,6 +126,17 @@ def canonical_arguments(
     return x, scale, bias, layout, options
 
 
+def check_running_options(training: Any, momentum: Any, debias: Any, unbiased_running_var: Any) -> tuple:
+    """The options of a call that keeps running statistics, checked: (training, momentum,
+    debias, unbiased_running_var)."""
+    return (
+        _validate.check_flag(training, "training"),
+        _validate.check_momentum(momentum),
+        _validate.check_flag(debias, "debias"),
+        _validate.check_flag(unbiased_running_var, "unbiased_running_var"),
+    )
+
+
 def warn_if_one_value_per_feature(layout: Layout, virtual_batch_size: int | None = None) -> None:
     per_participant = _axes.element_count(layout.shape, layout.reduce)
     _validate.warn_if_one_value(
@@ -253,10 +264,9 @@ def batch_norm(
     Training on one value per feature (one example without spatial axes) computes as
     flax does (the output is the bias) and emits one `jbn.OneValuePerFeatureWarning`.
     """
-    training = _validate.check_flag(training, "training")
-    momentum = _validate.check_momentum(momentum)
-    debias = _validate.check_flag(debias, "debias")
-    unbiased_running_var = _validate.check_flag(unbiased_running_var, "unbiased_running_var")
+    training, momentum, debias, unbiased_running_var = check_running_options(
+        training, momentum, debias, unbiased_running_var
+    )
     x, scale, bias, layout, options = canonical_arguments(
         x,
         scale,

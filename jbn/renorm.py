@@ -20,7 +20,12 @@ from jax import lax
 
 from jbn import _validate
 from jbn._axes import Axes, AxisName
-from jbn._batch_norm import canonical_arguments, warn_if_one_value_per_feature, without_nonfinite_padding
+from jbn._batch_norm import (
+    canonical_arguments,
+    check_running_options,
+    warn_if_one_value_per_feature,
+    without_nonfinite_padding,
+)
 from jbn._normalize import normalized
 from jbn._running import apply_update, check_running
 from jbn._state import RunningStats
@@ -133,10 +138,9 @@ def batch_renorm(
     Returns:
       `(y, new_running)`: `y` has `x`'s shape.
     """
-    training = _validate.check_flag(training, "training")
-    momentum = _validate.check_momentum(momentum)
-    debias = _validate.check_flag(debias, "debias")
-    unbiased_running_var = _validate.check_flag(unbiased_running_var, "unbiased_running_var")
+    training, momentum, debias, unbiased_running_var = check_running_options(
+        training, momentum, debias, unbiased_running_var
+    )
     x, scale, bias, layout, options = canonical_arguments(
         x,
         scale,
