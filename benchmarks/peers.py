@@ -30,8 +30,8 @@ EPSILON = 1e-5
 MOMENTUM = 0.99  # Flax convention; PyTorch's 1 - 0.99 = 0.01
 
 NOTES = {
-    "jbn": "jbn.BatchNorm (linen module), fused custom VJP (the default).",
-    "jbn (fused=False)": "jbn.BatchNorm(fused=False): the same math differentiated by plain autodiff.",
+    "jbn": "jbn.BatchNorm(dtype=input dtype) (linen module), the fused derivative rule (the default).",
+    "jbn (fused=False)": "jbn.BatchNorm(dtype=input dtype, fused=False): the same math by plain autodiff.",
     "flax.linen": "flax.linen.BatchNorm(dtype=input dtype).",
     "flax.nnx": "flax.nnx.BatchNorm(dtype=input dtype), split/merged into a pure function.",
     "haiku": "haiku.BatchNorm(create_scale=True, create_offset=True, decay_rate=0.99); its parameters take the "
@@ -83,7 +83,7 @@ def _jax_layer(apply, params, state, x, ct) -> Layer:
 def make_jbn(x, **fields):
     import jbn
 
-    module = jbn.BatchNorm(momentum=MOMENTUM, epsilon=EPSILON, **fields)
+    module = jbn.BatchNorm(momentum=MOMENTUM, epsilon=EPSILON, dtype=x.dtype, **fields)  # as flax's row
     variables = module.init(jax.random.key(0), x, use_running_average=False)
 
     def apply(params, state, x, train):

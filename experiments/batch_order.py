@@ -7,6 +7,7 @@ non-i.i.d. batches (each batch drawn from a few classes) BN suffers, because its
 statistics no longer match the population statistics used at test time; Batch Renorm
 (Ioffe 2017) reduces the damage.
 """
+
 from __future__ import annotations
 
 import pathlib
@@ -61,14 +62,25 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
                 rows += report.waiting_rows(status[kind], norm=kind, order=order)
                 continue
             spec = NormSpec(
-                kind, momentum=config["bn_momentum"], r_max=config["renorm_r_max"], d_max=config["renorm_d_max"],
+                kind,
+                momentum=config["bn_momentum"],
+                r_max=config["renorm_r_max"],
+                d_max=config["renorm_d_max"],
                 renorm_ramp=renorm_ramp(config["renorm_ramp"], config["steps"]),
             )
             model = MLP(tuple(config["widths"]), data.num_classes, activation="relu", norm=spec)
             r = fit(
-                model, make_optimizer(config["optimizer"], config["learning_rate"]), data, seeds=seeds, order_seeds=order_seeds,
-                steps=config["steps"], batch_size=config["batch_size"], eval_every=config["eval_every"], order=order,
-                classes_per_batch=config["classes_per_batch"], desc=f"{LABELS[kind]}, {order}",
+                model,
+                make_optimizer(config["optimizer"], config["learning_rate"]),
+                data,
+                seeds=seeds,
+                order_seeds=order_seeds,
+                steps=config["steps"],
+                batch_size=config["batch_size"],
+                eval_every=config["eval_every"],
+                order=order,
+                classes_per_batch=config["classes_per_batch"],
+                desc=f"{LABELS[kind]}, {order}",
             )
             runs[kind, order] = r
             rows += r.rows(norm=kind, order=order)
@@ -83,8 +95,14 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
     table = report.markdown_table(
         ["norm", "order", "final test acc (mean ± std over orders)", "train acc in training mode (batch stats)"],
         [
-            (LABELS[k], ORDERS[o], status[k] or report.fmt_seeds(acc(k, o)), status[k] or report.fmt_seeds(train_acc(k, o)))
-            for k in config["norms"] for o in ORDERS
+            (
+                LABELS[k],
+                ORDERS[o],
+                status[k] or report.fmt_seeds(acc(k, o)),
+                status[k] or report.fmt_seeds(train_acc(k, o)),
+            )
+            for k in config["norms"]
+            for o in ORDERS
         ],
     )
     # Per-order-seed quantities (all runs share the initialization; index i = order seed i).
@@ -118,7 +136,20 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
         f"classes. Test accuracy uses the running statistics; train accuracy is the training-mode accuracy of the last "
         f"{config['eval_every']} steps (batch statistics)."
     )
-    notes = ("(A) compares spreads, not means: per batch order, the absolute deviation of the final test accuracy from "
-             "the median over the orders (Brown-Forsythe), paired by order seed between BN and no norm.")
-    return report.finish(NAME, out_dir, config, title="11. Batch order and non-i.i.d. batches", claim=CLAIM, setup=setup,
-                         table=table, figures=figures, quantities=quantities, seeds=order_seeds, notes=notes)
+    notes = (
+        "(A) compares spreads, not means: per batch order, the absolute deviation of the final test accuracy from "
+        "the median over the orders (Brown-Forsythe), paired by order seed between BN and no norm."
+    )
+    return report.finish(
+        NAME,
+        out_dir,
+        config,
+        title="11. Batch order and non-i.i.d. batches",
+        claim=CLAIM,
+        setup=setup,
+        table=table,
+        figures=figures,
+        quantities=quantities,
+        seeds=order_seeds,
+        notes=notes,
+    )

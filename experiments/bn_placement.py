@@ -5,6 +5,7 @@ transform immediately before the nonlinearity"); practitioners and some seed art
 it after. (B) A bias in the layer before BN is redundant: BN subtracts the batch mean, so
 the bias cancels, its gradient is zero, and training is the same with or without it.
 """
+
 from __future__ import annotations
 
 import pathlib
@@ -83,9 +84,15 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
     for arm, kw in arms.items():
         model = MLP(tuple(config["widths"]), data.num_classes, activation=config["activation"], **kw)
         r = fit(
-            model, make_optimizer(config["optimizer"], config["learning_rate"]), nudged if "ulp" in arm else data, seeds=config["seeds"],
-            steps=config["steps"], batch_size=config["batch_size"], eval_every=config["eval_every"],
-            probe=gradient_probe(model, gx, gy), desc=arm,
+            model,
+            make_optimizer(config["optimizer"], config["learning_rate"]),
+            nudged if "ulp" in arm else data,
+            seeds=config["seeds"],
+            steps=config["steps"],
+            batch_size=config["batch_size"],
+            eval_every=config["eval_every"],
+            probe=gradient_probe(model, gx, gy),
+            desc=arm,
         )
         runs[arm] = r
         rows += r.rows(arm=arm)
@@ -104,9 +111,14 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
     table_a = report.markdown_table(
         ["arm", "final test acc", "final train loss", "max |grad bias| / max |grad kernel| (over training)"],
         [
-            (a, report.fmt_seeds(acc[a]), report.fmt_seeds(loss[a]),
-             f"{np.nanmax(grad_ratio):.1e}" if a == "BN before act + bias" else "")
-            for a in runs if "ulp" not in a
+            (
+                a,
+                report.fmt_seeds(acc[a]),
+                report.fmt_seeds(loss[a]),
+                f"{np.nanmax(grad_ratio):.1e}" if a == "BN before act + bias" else "",
+            )
+            for a in runs
+            if "ulp" not in a
         ],
     )
     table_b = report.markdown_table(
@@ -123,8 +135,10 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
 
     # Per-seed quantities; every arm shares each seed's init seed and data order (paired).
     quantities = {
-        "test_acc/before": acc["BN before act"], "test_acc/after": acc["BN after act"],
-        "train_loss/before": loss["BN before act"], "train_loss/after": loss["BN after act"],
+        "test_acc/before": acc["BN before act"],
+        "test_acc/after": acc["BN after act"],
+        "train_loss/before": loss["BN before act"],
+        "train_loss/after": loss["BN after act"],
         "bias_grad_ratio": np.nanmax(grad_ratio, axis=0),  # per seed, the largest over training
         "loss_gap/with_vs_without_bias": np.mean(loss_gap, axis=0),
         "loss_gap/rounding_control": np.mean(control_gap, axis=0),
@@ -151,5 +165,15 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
         f"every arm); BN = jbn.BatchNorm (momentum {config['bn_momentum']}). Bias gradients are taken on "
         f"{config['grad_examples']} fixed training examples in training mode, at every evaluation."
     )
-    return report.finish(NAME, out_dir, config, title="4. BN before vs after the activation; the bias before BN", claim=CLAIM,
-                         setup=setup, table=table, figures=figures, quantities=quantities, seeds=config["seeds"])
+    return report.finish(
+        NAME,
+        out_dir,
+        config,
+        title="4. BN before vs after the activation; the bias before BN",
+        claim=CLAIM,
+        setup=setup,
+        table=table,
+        figures=figures,
+        quantities=quantities,
+        seeds=config["seeds"],
+    )

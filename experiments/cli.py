@@ -8,10 +8,10 @@ DEFAULTS), writes runs/NAME/config.yaml, calls the experiment's `run(config, out
 which writes metrics.csv, PNG figures and summary.md, then prints the verdict, the table
 and the figures' paths. Set TQDM_DISABLE=1 to hide the progress bars.
 """
+
 from __future__ import annotations
 
 import argparse
-import os
 import pathlib
 import sys
 import time
@@ -118,11 +118,23 @@ def main(argv=None) -> int:
     sub.add_parser("list", help="list the experiments and their configs")
     p = sub.add_parser("run", help="run one experiment from its YAML config")
     p.add_argument("config", help="configs/NAME.yaml")
-    p.add_argument("--override", "-o", action="append", default=[], metavar="KEY=VALUE", help="change one config key (value read as YAML); repeatable")
+    p.add_argument(
+        "--override",
+        "-o",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="change one config key (value read as YAML); repeatable",
+    )
     p.add_argument("--tiny", action="store_true", help="apply the experiment's TINY settings (a few-step smoke run)")
     p.add_argument("--runs-dir", default="runs", help="parent of the output folder runs/NAME (default: runs)")
-    p.add_argument("--order-seed-offset", type=int, default=0, metavar="K",
-                   help="add K to every data-order seed (same initializations, other batch orders: the reproducibility reruns)")
+    p.add_argument(
+        "--order-seed-offset",
+        type=int,
+        default=0,
+        metavar="K",
+        help="add K to every data-order seed (same initializations, other batch orders: the reproducibility reruns)",
+    )
     args = parser.parse_args(argv)
     if args.command == "list":
         list_experiments()

@@ -6,18 +6,19 @@ type of the default list's items). Keys the file leaves out keep their default. 
 is checked by `experiments.protocol.validate` and cannot be overridden. Overrides
 from the command line (`key=value`, the value read as YAML) go through the same checks.
 """
+
 from __future__ import annotations
 
 import copy
 import difflib
 import pathlib
 import re
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import yaml
 
 from experiments import protocol
-
 
 CRITERIA = "criteria"  # every experiment config's pre-registered criteria (experiments/protocol.py)
 
@@ -39,8 +40,7 @@ def _coerce(value: Any, default: Any, where: str, key: str) -> Any:
 
     def fail(expected: str):
         raise ConfigError(
-            f"{where}: key '{key}' must be {expected} (its default is {default!r}), "
-            f"got {_type_name(value)} {value!r}."
+            f"{where}: key '{key}' must be {expected} (its default is {default!r}), got {_type_name(value)} {value!r}."
         )
 
     if default is None:  # a default of None accepts any scalar

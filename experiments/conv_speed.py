@@ -4,6 +4,7 @@ Claim (the seed articles, after Ioffe & Szegedy 2015): with BN a network reaches
 accuracy in fewer steps. A small conv net on the 8x8 digit images, with and without
 BN, the same optimizer and learning rate, several seeds: steps to a target test accuracy.
 """
+
 from __future__ import annotations
 
 import pathlib
@@ -13,7 +14,7 @@ import numpy as np
 from experiments import data as datasets
 from experiments import report
 from experiments.models import ConvNet, NormSpec
-from experiments.training import fit, first_step_reaching, make_optimizer
+from experiments.training import first_step_reaching, fit, make_optimizer
 
 NAME = "conv_speed"
 DEFAULTS = {
@@ -44,15 +45,29 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
         model = ConvNet(tuple(config["channels"]), data.num_classes, norm=norm, pool_after=tuple(config["pool_after"]))
         for lr in lrs:
             r = fit(
-                model, make_optimizer(config["optimizer"], lr), data, seeds=config["seeds"], steps=steps,
-                batch_size=config["batch_size"], eval_every=config["eval_every"], desc=f"{arm} lr {lr:g}",
-                vmap_seeds=False, scan_steps=False,
+                model,
+                make_optimizer(config["optimizer"], lr),
+                data,
+                seeds=config["seeds"],
+                steps=steps,
+                batch_size=config["batch_size"],
+                eval_every=config["eval_every"],
+                desc=f"{arm} lr {lr:g}",
+                vmap_seeds=False,
+                scan_steps=False,
             )
             # A seed that never reaches the target counts as `steps` (a lower bound).
             runs[arm, lr], reach[arm, lr] = r, first_step_reaching(r, target)
             rows += r.rows(arm=arm, learning_rate=lr)
             rows += [
-                {"arm": arm, "learning_rate": lr, "seed": s, "step": "", "metric": f"steps_to_{target:g}", "value": float(v)}
+                {
+                    "arm": arm,
+                    "learning_rate": lr,
+                    "seed": s,
+                    "step": "",
+                    "metric": f"steps_to_{target:g}",
+                    "value": float(v),
+                }
                 for s, v in zip(r.seeds, reach[arm, lr])
             ]
     report.write_metrics(out_dir, rows)
@@ -60,13 +75,22 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
     n_seeds = len(config["seeds"])
     censored = {k: np.where(np.isfinite(v), v, steps) for k, v in reach.items()}
     never = {k: int(np.sum(~np.isfinite(v))) for k, v in reach.items()}
-    best = {a: min(lrs, key=lambda lr: (np.mean(censored[a, lr]), -np.mean(runs[a, lr].final("test_accuracy")))) for a in arms}
+    best = {
+        a: min(lrs, key=lambda lr: (np.mean(censored[a, lr]), -np.mean(runs[a, lr].final("test_accuracy"))))
+        for a in arms
+    }
     table = report.markdown_table(
         ["arm", "learning rate", f"steps to {target:g} test acc", "never reached", "final test acc"],
         [
-            (a + (" (best rate)" if lr == best[a] else ""), f"{lr:g}", report.fmt_seeds(censored[a, lr], 0), f"{never[a, lr]} of {n_seeds}",
-             report.fmt_seeds(runs[a, lr].final("test_accuracy")))
-            for a in arms for lr in lrs
+            (
+                a + (" (best rate)" if lr == best[a] else ""),
+                f"{lr:g}",
+                report.fmt_seeds(censored[a, lr], 0),
+                f"{never[a, lr]} of {n_seeds}",
+                report.fmt_seeds(runs[a, lr].final("test_accuracy")),
+            )
+            for a in arms
+            for lr in lrs
         ],
     )
     # Per-seed quantities at each arm's best rate (paired: both arms share each seed's init
@@ -74,7 +98,8 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
     # for the "reached" quantity).
     quantities = {
         "reach_fraction/BN": np.where(np.isfinite(reach["BN", best["BN"]]), reach["BN", best["BN"]] / steps, np.inf),
-        "steps/BN": censored["BN", best["BN"]], "steps/baseline": censored["baseline", best["baseline"]],
+        "steps/BN": censored["BN", best["BN"]],
+        "steps/baseline": censored["baseline", best["baseline"]],
         # one number: the smallest, over the grid, of the mean (over seeds) step advantage of BN
         "worst_grid_gap": np.asarray([min(np.mean(censored["baseline", lr] - censored["BN", lr]) for lr in lrs)]),
     }
@@ -84,7 +109,9 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
         stds = [np.std(censored[a, lr], ddof=1) if n_seeds > 1 else 0.0 for lr in lrs]
         axes[0, 0].errorbar(lrs, means, yerr=stds, marker="o", capsize=3, label=a)
     report.log_ticks(axes[0, 0], lrs)
-    axes[0, 0].set(xlabel="learning rate", ylabel=f"steps to {target:g} test acc", title=f"mean ± sample SD over {n_seeds} seeds")
+    axes[0, 0].set(
+        xlabel="learning rate", ylabel=f"steps to {target:g} test acc", title=f"mean ± sample SD over {n_seeds} seeds"
+    )
     axes[0, 0].legend()
     for a in arms:
         r = runs[a, best[a]]
@@ -100,5 +127,15 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
         f"{config['seeds']} (same init seed and data order in both arms). BN = jbn.BatchNorm (momentum "
         f"{config['bn_momentum']}) after each conv (conv without bias). Each arm's best rate = fewest mean steps to the target."
     )
-    return report.finish(NAME, out_dir, config, title="3. Convergence speed on a conv net", claim=CLAIM, setup=setup,
-                         table=table, figures=figures, quantities=quantities, seeds=config["seeds"])
+    return report.finish(
+        NAME,
+        out_dir,
+        config,
+        title="3. Convergence speed on a conv net",
+        claim=CLAIM,
+        setup=setup,
+        table=table,
+        figures=figures,
+        quantities=quantities,
+        seeds=config["seeds"],
+    )

@@ -11,6 +11,7 @@ how the gradient range changes once training starts (Yang et al. report that it 
 the first steps), whether BN helps a saturating (sigmoid) net train, and whether deep BN nets
 without skips are still trainable (Yang et al.: not past ~50 layers).
 """
+
 from __future__ import annotations
 
 import pathlib
@@ -38,8 +39,15 @@ DEFAULTS = {
     "optimizer": "momentum",
     "learning_rate": 0.05,
 }
-TINY = {"depths": [2, 3], "width": 8, "seeds": [0, 1], "activations": ["relu"], "train_depths": [3], "train_steps": 4,
-        "train_eval_every": 2}
+TINY = {
+    "depths": [2, 3],
+    "width": 8,
+    "seeds": [0, 1],
+    "activations": ["relu"],
+    "train_depths": [3],
+    "train_steps": 4,
+    "train_eval_every": 2,
+}
 
 CLAIM = (
     "At initialization, a deep BN MLP without skips has exploding gradients (norm growing exponentially from the last "
@@ -102,18 +110,38 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
             for depth in depths:
                 model = MLP((config["width"],) * depth, data.num_classes, activation=act, norm=spec, weight_init="he")
                 variables = initialize(model, keys, xs[0])
-                n = np.asarray(jax.jit(jax.vmap(lambda v, x, y: layer_gradient_norms(model, v, x, y)))(variables, xs, ys))  # (S, depth)
+                n = np.asarray(
+                    jax.jit(jax.vmap(lambda v, x, y: layer_gradient_norms(model, v, x, y)))(variables, xs, ys)
+                )  # (S, depth)
                 norms[act, arm, depth] = n
                 rows += [
-                    {"activation": act, "arm": arm, "depth": depth, "layer": layer, "seed": s, "step": 0, "metric": "grad_norm", "value": float(n[i, layer])}
-                    for i, s in enumerate(seeds) for layer in range(depth)
+                    {
+                        "activation": act,
+                        "arm": arm,
+                        "depth": depth,
+                        "layer": layer,
+                        "seed": s,
+                        "step": 0,
+                        "metric": "grad_norm",
+                        "value": float(n[i, layer]),
+                    }
+                    for i, s in enumerate(seeds)
+                    for layer in range(depth)
                 ]
             for depth in config["train_depths"]:
                 # Training: the same nets, a fixed probe batch (the first seed's) for the gradient norms.
                 model = MLP((config["width"],) * depth, data.num_classes, activation=act, norm=spec, weight_init="he")
-                r = fit(model, make_optimizer(config["optimizer"], config["learning_rate"]), data, seeds=seeds,
-                        steps=config["train_steps"], batch_size=b, eval_every=config["train_eval_every"],
-                        probe=gradient_probe(model, xs[0], ys[0]), desc=f"{act} {arm} depth {depth}")
+                r = fit(
+                    model,
+                    make_optimizer(config["optimizer"], config["learning_rate"]),
+                    data,
+                    seeds=seeds,
+                    steps=config["train_steps"],
+                    batch_size=b,
+                    eval_every=config["train_eval_every"],
+                    probe=gradient_probe(model, xs[0], ys[0]),
+                    desc=f"{act} {arm} depth {depth}",
+                )
                 trained[act, arm, depth] = r
                 rows += r.rows(activation=act, arm=arm, depth=depth)
     report.write_metrics(out_dir, rows)
@@ -130,28 +158,58 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
         return np.array([growth_per_layer(np.log10(row)) for row in n])
 
     table = report.markdown_table(
-        ["activation", "depth", "BN: log10(first/last)", "BN: growth per layer", "no BN: log10(first/last)", "no BN: log10(max/min over layers)"],
         [
-            (act, d, report.fmt_seeds(log_ratio(norms[act, "BN", d]), 2), report.fmt_seeds(growth(norms[act, "BN", d]), 3),
-             report.fmt_seeds(log_ratio(norms[act, "no BN", d]), 2), report.fmt_seeds(log_spread(norms[act, "no BN", d]), 2))
-            for act in acts for d in depths
+            "activation",
+            "depth",
+            "BN: log10(first/last)",
+            "BN: growth per layer",
+            "no BN: log10(first/last)",
+            "no BN: log10(max/min over layers)",
+        ],
+        [
+            (
+                act,
+                d,
+                report.fmt_seeds(log_ratio(norms[act, "BN", d]), 2),
+                report.fmt_seeds(growth(norms[act, "BN", d]), 3),
+                report.fmt_seeds(log_ratio(norms[act, "no BN", d]), 2),
+                report.fmt_seeds(log_spread(norms[act, "no BN", d]), 2),
+            )
+            for act in acts
+            for d in depths
         ],
     )
     t_steps = config["train_steps"]
     table += "\n\n" + report.markdown_table(
-        ["activation", "depth", "arm", "log10(first/last) at init (probe batch)", "after the first evaluation interval", f"after {t_steps} steps",
-         f"test acc after {t_steps} steps"],
         [
-            (act, d, arm, report.fmt_seeds(log_ratio(r.series["grad_norms"][0]), 2), report.fmt_seeds(log_ratio(r.series["grad_norms"][1]), 2),
-             report.fmt_seeds(log_ratio(r.series["grad_norms"][-1]), 2), report.fmt_seeds(r.final("test_accuracy")))
+            "activation",
+            "depth",
+            "arm",
+            "log10(first/last) at init (probe batch)",
+            "after the first evaluation interval",
+            f"after {t_steps} steps",
+            f"test acc after {t_steps} steps",
+        ],
+        [
+            (
+                act,
+                d,
+                arm,
+                report.fmt_seeds(log_ratio(r.series["grad_norms"][0]), 2),
+                report.fmt_seeds(log_ratio(r.series["grad_norms"][1]), 2),
+                report.fmt_seeds(log_ratio(r.series["grad_norms"][-1]), 2),
+                report.fmt_seeds(r.final("test_accuracy")),
+            )
             for (act, arm, d), r in trained.items()
         ],
     )
-    deepest, shallow_t, deep_t = max(depths), min(config["train_depths"]), max(config["train_depths"])
+    deepest = max(depths)
     quantities = {}
     for act in acts:
         quantities[f"init_log10_first_over_last/{act}/BN/depth{deepest}"] = log_ratio(norms[act, "BN", deepest])
-        quantities[f"init_log10_max_over_min/{act}/noBN/worst_depth"] = np.max([log_spread(norms[act, "no BN", d]) for d in depths], axis=0)
+        quantities[f"init_log10_max_over_min/{act}/noBN/worst_depth"] = np.max(
+            [log_spread(norms[act, "no BN", d]) for d in depths], axis=0
+        )
         g = np.stack([growth(norms[act, "BN", d]) for d in depths])  # (depths, S)
         quantities[f"init_growth_min_over_depths/{act}/BN"] = g.min(axis=0)
         quantities[f"init_growth_max_over_min_depths/{act}/BN"] = g.max(axis=0) / g.min(axis=0)
@@ -160,20 +218,31 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
                 r = trained[act, arm, d]
                 quantities[f"test_acc/{act}/{key}/depth{d}"] = r.final("test_accuracy")
                 quantities[f"log10_first_over_last/{act}/{key}/depth{d}/init"] = log_ratio(r.series["grad_norms"][0])
-                quantities[f"log10_first_over_last/{act}/{key}/depth{d}/trained"] = log_ratio(r.series["grad_norms"][-1])
+                quantities[f"log10_first_over_last/{act}/{key}/depth{d}/trained"] = log_ratio(
+                    r.series["grad_norms"][-1]
+                )
 
     fig, axes = report.figure(3, 1, width=4.0)
     for j, d in enumerate(depths):
         for arm, ls in (("BN", "-"), ("no BN", "--")):
             m = np.mean(np.log10(norms[acts[0], arm, d]), axis=0)
             axes[0, 0].plot(np.arange(d), m, ls=ls, color=f"C{j}", label=f"{arm}, depth {d}")
-    axes[0, 0].set(xlabel="hidden layer (0 = first)", ylabel="log10 ||dL/dW||", title=f"{acts[0]}: gradient norm per layer at init")
+    axes[0, 0].set(
+        xlabel="hidden layer (0 = first)", ylabel="log10 ||dL/dW||", title=f"{acts[0]}: gradient norm per layer at init"
+    )
     axes[0, 0].legend(fontsize=6, ncol=2)
     for k, act in enumerate(acts):
         for arm, marker in (("BN", "o"), ("no BN", "s")):
             vals = [log_ratio(norms[act, arm, d]) for d in depths]
-            axes[0, 1].errorbar(depths, [np.mean(v) for v in vals], yerr=[np.nan_to_num(report.mean_std(v)[1]) for v in vals],
-                                marker=marker, capsize=3, ls="-" if k == 0 else ":", label=f"{act}, {arm}")
+            axes[0, 1].errorbar(
+                depths,
+                [np.mean(v) for v in vals],
+                yerr=[np.nan_to_num(report.mean_std(v)[1]) for v in vals],
+                marker=marker,
+                capsize=3,
+                ls="-" if k == 0 else ":",
+                label=f"{act}, {arm}",
+            )
     axes[0, 1].set(xlabel="depth", ylabel="log10(first / last)", title="at init: explosion vs depth")
     axes[0, 1].legend(fontsize=6)
     for (act, arm, d), r in trained.items():
@@ -191,5 +260,15 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
         f"{config['optimizer']} lr {config['learning_rate']}, batch {b}, {t_steps} steps, the same seeds; gradient norms "
         f"on one fixed batch every {config['train_eval_every']} steps; test accuracy with the running statistics."
     )
-    return report.finish(NAME, out_dir, config, title="7. Gradients in deep BN nets without skips: at init and in training", claim=CLAIM,
-                         setup=setup, table=table, figures=figures, quantities=quantities, seeds=seeds)
+    return report.finish(
+        NAME,
+        out_dir,
+        config,
+        title="7. Gradients in deep BN nets without skips: at init and in training",
+        claim=CLAIM,
+        setup=setup,
+        table=table,
+        figures=figures,
+        quantities=quantities,
+        seeds=seeds,
+    )

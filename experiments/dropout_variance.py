@@ -10,6 +10,7 @@ dropout off is the "precise BN" remedy (Wu & Johnson 2021, "Rethinking 'Batch' i
 BatchNorm"), tested here against the same shift. A no-BN control with the same dropout
 separates the cost of the variance shift from the cost of the dropout itself.
 """
+
 from __future__ import annotations
 
 import pathlib
@@ -47,9 +48,12 @@ CLAIM = (
 )
 # arm -> (dropout placement or None, with BN)
 ARMS = {
-    "dropout before BN": ("each", True), "dropout after last BN": ("last", True), "no dropout": (None, True),
+    "dropout before BN": ("each", True),
+    "dropout after last BN": ("last", True),
+    "no dropout": (None, True),
     # the no-BN control: the same dropout without BN
-    "no BN, dropout every layer": ("each", False), "no BN, dropout before classifier": ("last", False),
+    "no BN, dropout every layer": ("each", False),
+    "no BN, dropout before classifier": ("last", False),
 }
 
 
@@ -76,21 +80,40 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
     runs, ratios, recomputed_acc, rows = {}, {}, {}, []
     for arm, (placement, with_bn) in ARMS.items():
         model = MLP(
-            tuple(config["widths"]), data.num_classes, activation="relu", norm=bn if with_bn else NormSpec("none"),
-            dropout=config["dropout"] if placement else 0.0, dropout_placement=placement or "each",
+            tuple(config["widths"]),
+            data.num_classes,
+            activation="relu",
+            norm=bn if with_bn else NormSpec("none"),
+            dropout=config["dropout"] if placement else 0.0,
+            dropout_placement=placement or "each",
         )
         r = fit(
-            model, make_optimizer(config["optimizer"], config["learning_rate"]), data, seeds=config["seeds"],
-            steps=config["steps"], batch_size=config["batch_size"], eval_every=config["eval_every"], desc=arm,
+            model,
+            make_optimizer(config["optimizer"], config["learning_rate"]),
+            data,
+            seeds=config["seeds"],
+            steps=config["steps"],
+            batch_size=config["batch_size"],
+            eval_every=config["eval_every"],
+            desc=arm,
         )
         runs[arm] = r
         rows += r.rows(arm=arm)
         if not with_bn:
             continue
-        ratios[arm] = np.asarray(jax.jit(jax.vmap(lambda st: variance_ratios(model, st, x_train)))(r.state))  # (S, layers)
+        ratios[arm] = np.asarray(
+            jax.jit(jax.vmap(lambda st: variance_ratios(model, st, x_train)))(r.state)
+        )  # (S, layers)
         rows += [
-            {"arm": arm, "seed": s, "layer": layer, "metric": "var_test_over_running", "value": float(ratios[arm][i, layer])}
-            for i, s in enumerate(r.seeds) for layer in range(len(config["widths"]))
+            {
+                "arm": arm,
+                "seed": s,
+                "layer": layer,
+                "metric": "var_test_over_running",
+                "value": float(ratios[arm][i, layer]),
+            }
+            for i, s in enumerate(r.seeds)
+            for layer in range(len(config["widths"]))
         ]
         if waiting:
             rows += report.waiting_rows(waiting, arm=arm, metric="test_accuracy_recomputed")
@@ -99,7 +122,9 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
         accs = []
         for i, s in enumerate(r.seeds):
             st = seed_state(r.state, i)
-            st = st._replace(batch_stats=recompute(model, st, data.x_train, config["recompute_batch_size"], dropout=False))
+            st = st._replace(
+                batch_stats=recompute(model, st, data.x_train, config["recompute_batch_size"], dropout=False)
+            )
             accs.append(float(evaluate(st, jnp.asarray(data.x_test), jnp.asarray(data.y_test))["accuracy"]))
             rows.append({"arm": arm, "seed": s, "metric": "test_accuracy_recomputed", "value": accs[-1]})
         recomputed_acc[arm] = np.asarray(accs)
@@ -114,21 +139,36 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
 
     acc = {a: r.final("test_accuracy") for a, r in runs.items()}
     table = report.markdown_table(
-        ["arm", "test acc (running stats)", "test acc (recomputed, dropout off)", "Var_test / running var per BN layer", "dropout shift: mean |log(ratio / no-dropout ratio)|"],
         [
-            (a, report.fmt_seeds(acc[a]), (waiting or report.fmt_seeds(recomputed_acc[a])) if a in ratios else "(no BN)",
-             ", ".join(f"{v:.3f}" for v in ratios[a].mean(0)) if a in ratios else "", report.fmt_seeds(shift(a)) if a in ratios else "")
+            "arm",
+            "test acc (running stats)",
+            "test acc (recomputed, dropout off)",
+            "Var_test / running var per BN layer",
+            "dropout shift: mean |log(ratio / no-dropout ratio)|",
+        ],
+        [
+            (
+                a,
+                report.fmt_seeds(acc[a]),
+                (waiting or report.fmt_seeds(recomputed_acc[a])) if a in ratios else "(no BN)",
+                ", ".join(f"{v:.3f}" for v in ratios[a].mean(0)) if a in ratios else "",
+                report.fmt_seeds(shift(a)) if a in ratios else "",
+            )
             for a in runs
         ],
     )
     before, after = "dropout before BN", "dropout after last BN"
     # Per-seed quantities; all arms share each seed's init seed and data order (paired).
     quantities = {
-        "shift/before": shift(before), "shift/after": shift(after),
+        "shift/before": shift(before),
+        "shift/after": shift(after),
         # largest, over the BN layers that follow a dropout, of (ratio - no-dropout ratio)
         "ratio_minus_control_max/before": np.max(ratios[before][:, 1:] - control[:, 1:], axis=1),
-        "test_acc/before": acc[before], "test_acc/after": acc[after], "test_acc/none": acc["no dropout"],
-        "test_acc/noBN_each": acc["no BN, dropout every layer"], "test_acc/noBN_last": acc["no BN, dropout before classifier"],
+        "test_acc/before": acc[before],
+        "test_acc/after": acc[after],
+        "test_acc/none": acc["no dropout"],
+        "test_acc/noBN_each": acc["no BN, dropout every layer"],
+        "test_acc/noBN_last": acc["no BN, dropout before classifier"],
         # what dropout on every layer costs with BN beyond what it costs without BN
         "dropout_cost/BN": acc[after] - acc[before],
         "dropout_cost/noBN": acc["no BN, dropout before classifier"] - acc["no BN, dropout every layer"],
@@ -144,7 +184,13 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
         sd = ratios[a].std(0, ddof=1) if len(ratios[a]) > 1 else None
         axes[0, 0].bar(layers + (j - 1) * 0.27, ratios[a].mean(0), width=0.27, yerr=sd, label=a)
     axes[0, 0].axhline(1.0, color="gray", lw=1)
-    axes[0, 0].set(xlabel="BN layer", ylabel="Var_test / running var", title="variance shift per BN layer", xticks=layers, ylim=(0, 1.6))
+    axes[0, 0].set(
+        xlabel="BN layer",
+        ylabel="Var_test / running var",
+        title="variance shift per BN layer",
+        xticks=layers,
+        ylim=(0, 1.6),
+    )
     axes[0, 0].legend(fontsize=7, ncol=2, loc="upper center")
     for a, r in runs.items():
         report.band(axes[0, 1], r.steps, r.series["test_accuracy"], a)
@@ -163,5 +209,15 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
         f"bias), dropout {config['dropout']} on every hidden layer or only before the classifier; dropout cost = test "
         f"accuracy with dropout before the classifier minus with dropout on every layer, per seed."
     )
-    return report.finish(NAME, out_dir, config, title="8. Dropout before BN: variance shift", claim=CLAIM, setup=setup,
-                         table=table, figures=figures, quantities=quantities, seeds=config["seeds"])
+    return report.finish(
+        NAME,
+        out_dir,
+        config,
+        title="8. Dropout before BN: variance shift",
+        claim=CLAIM,
+        setup=setup,
+        table=table,
+        figures=figures,
+        quantities=quantities,
+        seeds=config["seeds"],
+    )

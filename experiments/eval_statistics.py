@@ -6,6 +6,7 @@ seed articles); Wu & Johnson (2021) show the EMA can lag the population statisti
 exact ("precise") population statistics may do better. (B) Normalizing test examples with
 their own batch's statistics instead hurts when those batches are small.
 """
+
 from __future__ import annotations
 
 import pathlib
@@ -72,14 +73,31 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
             steps = max(1, int(config["epochs"] * n_train) // b)
             lr = config["learning_rate"] * b / config["reference_batch_size"]
             r = fit(
-                model, make_optimizer(config["optimizer"], lr), data, seeds=config["seeds"], steps=steps, batch_size=b,
-                eval_every=max(1, steps // config["evaluations"]), desc=f"b={b} momentum {m:g}",
+                model,
+                make_optimizer(config["optimizer"], lr),
+                data,
+                seeds=config["seeds"],
+                steps=steps,
+                batch_size=b,
+                eval_every=max(1, steps // config["evaluations"]),
+                desc=f"b={b} momentum {m:g}",
             )
             ema[b, m] = r.final("test_accuracy")
             rows += r.rows(batch_size=b, momentum=m, learning_rate=lr, statistics="ema")
-            batch_acc[b, m] = np.asarray(jax.jit(jax.vmap(lambda st: batch_stat_accuracy(model, st, x_test, y_test, b)))(r.state))
-            rows += [{"batch_size": b, "momentum": m, "seed": s, "metric": "test_accuracy", "statistics": "test batch", "value": float(v)}
-                     for s, v in zip(r.seeds, batch_acc[b, m])]
+            batch_acc[b, m] = np.asarray(
+                jax.jit(jax.vmap(lambda st: batch_stat_accuracy(model, st, x_test, y_test, b)))(r.state)
+            )
+            rows += [
+                {
+                    "batch_size": b,
+                    "momentum": m,
+                    "seed": s,
+                    "metric": "test_accuracy",
+                    "statistics": "test batch",
+                    "value": float(v),
+                }
+                for s, v in zip(r.seeds, batch_acc[b, m])
+            ]
             if waiting:
                 rows += report.waiting_rows(waiting, batch_size=b, momentum=m, statistics="exact population")
                 continue
@@ -89,14 +107,32 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
                 st = seed_state(r.state, i)
                 st = st._replace(batch_stats=recompute(model, st, data.x_train, config["recompute_batch_size"]))
                 accs.append(float(evaluate(st, x_test, y_test)["accuracy"]))
-                rows.append({"batch_size": b, "momentum": m, "seed": s, "metric": "test_accuracy", "statistics": "exact population", "value": accs[-1]})
+                rows.append(
+                    {
+                        "batch_size": b,
+                        "momentum": m,
+                        "seed": s,
+                        "metric": "test_accuracy",
+                        "statistics": "exact population",
+                        "value": accs[-1],
+                    }
+                )
             exact[b, m] = np.asarray(accs)
     report.write_metrics(out_dir, rows)
 
     keys = [(b, m) for b in config["batch_sizes"] for m in config["momenta"]]
     table = report.markdown_table(
         ["batch", "momentum", "EMA (running averages)", "exact population", "test-batch statistics"],
-        [(b, f"{m:g}", report.fmt_seeds(ema[b, m]), waiting or report.fmt_seeds(exact[b, m]), report.fmt_seeds(batch_acc[b, m])) for b, m in keys],
+        [
+            (
+                b,
+                f"{m:g}",
+                report.fmt_seeds(ema[b, m]),
+                waiting or report.fmt_seeds(exact[b, m]),
+                report.fmt_seeds(batch_acc[b, m]),
+            )
+            for b, m in keys
+        ],
     )
     # Per-seed quantities, cell by cell: the three columns of a cell are the same trained nets
     # (paired by seed).
@@ -111,9 +147,18 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
     sizes = config["batch_sizes"]
     for j, m in enumerate(config["momenta"]):
         ax = axes[0, j]
-        curves = [("EMA", ema), ("test-batch statistics", batch_acc)] + ([] if waiting else [("exact population", exact)])
+        curves = [("EMA", ema), ("test-batch statistics", batch_acc)] + (
+            [] if waiting else [("exact population", exact)]
+        )
         for label, d in curves:
-            ax.errorbar(sizes, [np.mean(d[b, m]) for b in sizes], yerr=[np.nan_to_num(report.mean_std(d[b, m])[1]) for b in sizes], marker="o", capsize=3, label=label)
+            ax.errorbar(
+                sizes,
+                [np.mean(d[b, m]) for b in sizes],
+                yerr=[np.nan_to_num(report.mean_std(d[b, m])[1]) for b in sizes],
+                marker="o",
+                capsize=3,
+                label=label,
+            )
         if waiting:
             ax.plot([], [], ls="none", label=f"exact population: {waiting}")
         ax.set(xlabel="normalization batch size", ylabel="test accuracy", title=f"BN momentum {m:g}")
@@ -127,5 +172,15 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
         f"is normalized three ways: the running averages (EMA); exact population statistics of the training set "
         f"(jbn.recompute_batch_stats); or each shuffled test batch of the training batch size with its own statistics."
     )
-    return report.finish(NAME, out_dir, config, title="9. Evaluation statistics", claim=CLAIM, setup=setup, table=table,
-                         figures=figures, quantities=quantities, seeds=config["seeds"])
+    return report.finish(
+        NAME,
+        out_dir,
+        config,
+        title="9. Evaluation statistics",
+        claim=CLAIM,
+        setup=setup,
+        table=table,
+        figures=figures,
+        quantities=quantities,
+        seeds=config["seeds"],
+    )

@@ -6,6 +6,7 @@ CLI then calls the report function registered here, which states the claim and t
 config's criteria and writes summary.md with a verdict computed from those numbers, like
 every other experiment. TINY holds the few-step settings of these modules.
 """
+
 from __future__ import annotations
 
 import pathlib
@@ -33,14 +34,29 @@ def sync_bn(config: dict, result: dict, out_dir: pathlib.Path) -> dict:
     rows, quantities = [], {}
     for b, numbers in by_batch.items():
         for style in ("shard_map", "pmap"):
-            s, l = f"{style}_sync", f"{style}_local"
-            rows.append((b, style, report.fmt_seeds(numbers[f"{s}_test_accuracy"]), report.fmt_seeds(numbers[f"{l}_test_accuracy"]),
-                         report.fmt_seeds(numbers[f"{s}_late_loss"]), report.fmt_seeds(numbers[f"{l}_late_loss"])))
+            s, loc = f"{style}_sync", f"{style}_local"
+            rows.append(
+                (
+                    b,
+                    style,
+                    report.fmt_seeds(numbers[f"{s}_test_accuracy"]),
+                    report.fmt_seeds(numbers[f"{loc}_test_accuracy"]),
+                    report.fmt_seeds(numbers[f"{s}_late_loss"]),
+                    report.fmt_seeds(numbers[f"{loc}_late_loss"]),
+                )
+            )
             for sync in ("sync", "local"):
                 quantities[f"test_acc/b{b}/{style}/{sync}"] = numbers[f"{style}_{sync}_test_accuracy"]
                 quantities[f"late_loss/b{b}/{style}/{sync}"] = numbers[f"{style}_{sync}_late_loss"]
     table = report.markdown_table(
-        ["examples per device", "style", "test acc, sync", "test acc, local", f"train loss (last {late_pct}), sync", f"train loss (last {late_pct}), local"],
+        [
+            "examples per device",
+            "style",
+            "test acc, sync",
+            "test acc, local",
+            f"train loss (last {late_pct}), sync",
+            f"train loss (last {late_pct}), local",
+        ],
         rows,
     )
     figures = sorted(out_dir.glob("*.png"))
@@ -55,8 +71,18 @@ def sync_bn(config: dict, result: dict, out_dir: pathlib.Path) -> dict:
         f"averaged over the devices before evaluation). Train loss = mean per-step training loss over the last {late_pct} "
         f"of the steps. ± is the sample standard deviation over the seeds."
     )
-    return report.finish("sync_bn", out_dir, config, title="10. Sync BN across devices", claim=SYNC_CLAIM, setup=setup,
-                         table=table, figures=figures, quantities=quantities, seeds=seeds)
+    return report.finish(
+        "sync_bn",
+        out_dir,
+        config,
+        title="10. Sync BN across devices",
+        claim=SYNC_CLAIM,
+        setup=setup,
+        table=table,
+        figures=figures,
+        quantities=quantities,
+        seeds=seeds,
+    )
 
 
 REPORTS = {"sync_bn": sync_bn}

@@ -4,6 +4,7 @@ Some arms use names that other issues add to jbn (ghost batches, Batch Renorm, e
 population statistics). Until a name exists, the arm is not run: its rows in metrics.csv
 and its lines in summary.md say `waiting for <feature>` instead of a number.
 """
+
 from __future__ import annotations
 
 import dataclasses

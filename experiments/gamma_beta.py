@@ -8,11 +8,11 @@ to avoid division by zero". Tested: the same BN net with `use_scale` / `use_bias
 (jbn.BatchNorm's flax-style names for Keras's scale/center), how far the learned gamma and
 beta move from their initial 1 and 0, and epsilon from 1e-5 to 1.
 """
+
 from __future__ import annotations
 
 import pathlib
 
-import jax
 import numpy as np
 
 from experiments import data as datasets
@@ -41,15 +41,36 @@ CLAIM = (
     "from their initial 1 and 0, and epsilon, a guard against division by zero, does not change the result while small "
     "(seed articles; Ioffe & Szegedy 2015)."
 )
-OPTIONS = {"gamma and beta": (True, True), "no gamma (use_scale=False)": (False, True), "no beta (use_bias=False)": (True, False),
-           "neither": (False, False)}
-KEYS = {"gamma and beta": "full", "no gamma (use_scale=False)": "no_scale", "no beta (use_bias=False)": "no_bias", "neither": "neither"}
+OPTIONS = {
+    "gamma and beta": (True, True),
+    "no gamma (use_scale=False)": (False, True),
+    "no beta (use_bias=False)": (True, False),
+    "neither": (False, False),
+}
+KEYS = {
+    "gamma and beta": "full",
+    "no gamma (use_scale=False)": "no_scale",
+    "no beta (use_bias=False)": "no_bias",
+    "neither": "neither",
+}
 
 
 def learned(state, n_layers: int):
     """Per seed: mean over hidden units of |gamma - 1| and of |beta|, averaged over layers."""
-    g = np.mean([np.mean(np.abs(np.asarray(state.params[f"norm_{i}"]["BatchNorm_0"]["scale"]) - 1), axis=-1) for i in range(n_layers)], axis=0)
-    b = np.mean([np.mean(np.abs(np.asarray(state.params[f"norm_{i}"]["BatchNorm_0"]["bias"])), axis=-1) for i in range(n_layers)], axis=0)
+    g = np.mean(
+        [
+            np.mean(np.abs(np.asarray(state.params[f"norm_{i}"]["BatchNorm_0"]["scale"]) - 1), axis=-1)
+            for i in range(n_layers)
+        ],
+        axis=0,
+    )
+    b = np.mean(
+        [
+            np.mean(np.abs(np.asarray(state.params[f"norm_{i}"]["BatchNorm_0"]["bias"])), axis=-1)
+            for i in range(n_layers)
+        ],
+        axis=0,
+    )
     return g, b
 
 
@@ -63,19 +84,37 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
     for name, use_scale, use_bias, e in arms:
         spec = NormSpec("bn", momentum=config["bn_momentum"], use_scale=use_scale, use_bias=use_bias, epsilon=e)
         model = MLP(tuple(config["widths"]), data.num_classes, activation=config["activation"], norm=spec)
-        r = fit(model, make_optimizer(config["optimizer"], config["learning_rate"]), data, seeds=config["seeds"],
-                steps=config["steps"], batch_size=config["batch_size"], eval_every=config["eval_every"], desc=name)
+        r = fit(
+            model,
+            make_optimizer(config["optimizer"], config["learning_rate"]),
+            data,
+            seeds=config["seeds"],
+            steps=config["steps"],
+            batch_size=config["batch_size"],
+            eval_every=config["eval_every"],
+            desc=name,
+        )
         runs[name] = r
         rows += r.rows(arm=name, use_scale=use_scale, use_bias=use_bias, epsilon=e)
     gamma_move, beta_move = learned(runs["gamma and beta"].state, len(config["widths"]))
-    rows += [{"arm": "gamma and beta", "seed": s, "metric": m, "value": float(v)}
-             for m, vals in (("mean_abs_gamma_minus_1", gamma_move), ("mean_abs_beta", beta_move)) for s, v in zip(config["seeds"], vals)]
+    rows += [
+        {"arm": "gamma and beta", "seed": s, "metric": m, "value": float(v)}
+        for m, vals in (("mean_abs_gamma_minus_1", gamma_move), ("mean_abs_beta", beta_move))
+        for s, v in zip(config["seeds"], vals)
+    ]
     report.write_metrics(out_dir, rows)
 
     table = report.markdown_table(
         ["arm", "epsilon", "final test acc", "final train loss"],
-        [(name, f"{e:g}", report.fmt_seeds(runs[name].final("test_accuracy")), report.fmt_seeds(runs[name].final("train_loss")))
-         for name, _, _, e in arms],
+        [
+            (
+                name,
+                f"{e:g}",
+                report.fmt_seeds(runs[name].final("test_accuracy")),
+                report.fmt_seeds(runs[name].final("train_loss")),
+            )
+            for name, _, _, e in arms
+        ],
     )
     table += "\n\n" + report.markdown_table(
         ["learned (gamma and beta arm, mean over units and layers)", "value"],
@@ -92,13 +131,25 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
 
     fig, axes = report.figure(2, 1)
     names = list(OPTIONS)
-    axes[0, 0].bar(range(len(names)), [np.mean(runs[n].final("test_accuracy")) for n in names],
-                   yerr=[np.nan_to_num(report.mean_std(runs[n].final("test_accuracy"))[1]) for n in names], capsize=3)
+    axes[0, 0].bar(
+        range(len(names)),
+        [np.mean(runs[n].final("test_accuracy")) for n in names],
+        yerr=[np.nan_to_num(report.mean_std(runs[n].final("test_accuracy"))[1]) for n in names],
+        capsize=3,
+    )
     axes[0, 0].set_xticks(range(len(names)), [n.split(" (")[0] for n in names], fontsize=7)
     lo = min(np.mean(runs[n].final("test_accuracy")) for n in names)
     axes[0, 0].set(ylabel="final test accuracy", title="gamma / beta on or off", ylim=(max(0, lo - 0.1), None))
-    accs = [runs["gamma and beta"].final("test_accuracy")] + [runs[f"epsilon {e:g}"].final("test_accuracy") for e in eps[1:]]
-    axes[0, 1].errorbar(eps, [np.mean(a) for a in accs], yerr=[np.nan_to_num(report.mean_std(a)[1]) for a in accs], marker="o", capsize=3)
+    accs = [runs["gamma and beta"].final("test_accuracy")] + [
+        runs[f"epsilon {e:g}"].final("test_accuracy") for e in eps[1:]
+    ]
+    axes[0, 1].errorbar(
+        eps,
+        [np.mean(a) for a in accs],
+        yerr=[np.nan_to_num(report.mean_std(a)[1]) for a in accs],
+        marker="o",
+        capsize=3,
+    )
     report.log_ticks(axes[0, 1], eps)
     axes[0, 1].set(xlabel="epsilon", ylabel="final test accuracy", title="epsilon (± sample SD)")
     figures = [report.save_figure(fig, out_dir, "gamma_beta.png")]
@@ -110,5 +161,15 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
         f"at 1, use_bias=False fixes beta at 0 (Keras: scale=False, center=False). Learned gamma/beta: the final values "
         f"of the full arm."
     )
-    return report.finish(NAME, out_dir, config, title="14. gamma, beta and epsilon", claim=CLAIM, setup=setup, table=table,
-                         figures=figures, quantities=quantities, seeds=config["seeds"])
+    return report.finish(
+        NAME,
+        out_dir,
+        config,
+        title="14. gamma, beta and epsilon",
+        claim=CLAIM,
+        setup=setup,
+        table=table,
+        figures=figures,
+        quantities=quantities,
+        seeds=config["seeds"],
+    )

@@ -8,6 +8,7 @@ change of a layer's gradient when the earlier layers take their update. (C) BN m
 loss landscape smoother: along the gradient direction the loss varies less, the gradient
 changes less ("gradient predictiveness") and the effective beta-smoothness is lower.
 """
+
 from __future__ import annotations
 
 import pathlib
@@ -37,7 +38,15 @@ DEFAULTS = {
     "step_multipliers": [0.25, 0.5, 1.0, 2.0, 4.0],  # landscape steps, times the learning rate
     "seeds": [0, 1, 2, 3, 4, 5, 6, 7, 8, 9],
 }
-TINY = {"depth": 2, "width": 8, "steps": 4, "eval_every": 2, "seeds": [0, 1], "probe_examples": 16, "step_multipliers": [1.0]}
+TINY = {
+    "depth": 2,
+    "width": 8,
+    "steps": 4,
+    "eval_every": 2,
+    "seeds": [0, 1],
+    "probe_examples": 16,
+    "step_multipliers": [1.0],
+}
 
 CLAIM = (
     "BN's success is not due to reducing internal covariate shift but to a smoother loss landscape: "
@@ -73,7 +82,10 @@ def landscape_probe(model, x, y, lr: float, multipliers):
         rel, cos = [], []
         for i in range(1, depth):
             before = {f"dense_{j}" for j in range(i)} | {f"norm_{j}" for j in range(i)}
-            moved = {k: (jax.tree.map(lambda p, d: p - lr * d, v, g[k]) if k in before else v) for k, v in state.params.items()}
+            moved = {
+                k: (jax.tree.map(lambda p, d: p - lr * d, v, g[k]) if k in before else v)
+                for k, v in state.params.items()
+            }
             g_new = jax.grad(loss)(moved)[f"dense_{i}"]["kernel"]
             g_old = g[f"dense_{i}"]["kernel"]
             diff = jnp.linalg.norm(g_new - g_old)
@@ -103,17 +115,30 @@ def landscape_probe(model, x, y, lr: float, multipliers):
 def run(config: dict, out_dir: pathlib.Path) -> dict:
     out_dir = pathlib.Path(out_dir)
     data = datasets.load(config["data"])
-    px, py = jnp.asarray(data.x_train[: config["probe_examples"]]), jnp.asarray(data.y_train[: config["probe_examples"]])
+    px, py = (
+        jnp.asarray(data.x_train[: config["probe_examples"]]),
+        jnp.asarray(data.y_train[: config["probe_examples"]]),
+    )
     lr = config["learning_rate"]
     runs, rows, fit_loss = {}, [], {}
     x_train, y_train = jnp.asarray(data.x_train), jnp.asarray(data.y_train)
     for arm, kind in ARMS.items():
-        spec = NormSpec(kind, momentum=config["bn_momentum"], noise_scale=config["noise_scale"], noise_shift=config["noise_shift"])
-        model = MLP((config["width"],) * config["depth"], data.num_classes, activation="relu", norm=spec, weight_init="he")
+        spec = NormSpec(
+            kind, momentum=config["bn_momentum"], noise_scale=config["noise_scale"], noise_shift=config["noise_shift"]
+        )
+        model = MLP(
+            (config["width"],) * config["depth"], data.num_classes, activation="relu", norm=spec, weight_init="he"
+        )
         r = fit(
-            model, make_optimizer("sgd", lr), data, seeds=config["seeds"], steps=config["steps"],
-            batch_size=config["batch_size"], eval_every=config["eval_every"],
-            probe=landscape_probe(model, px, py, lr, config["step_multipliers"]), desc=arm,
+            model,
+            make_optimizer("sgd", lr),
+            data,
+            seeds=config["seeds"],
+            steps=config["steps"],
+            batch_size=config["batch_size"],
+            eval_every=config["eval_every"],
+            probe=landscape_probe(model, px, py, lr, config["step_multipliers"]),
+            desc=arm,
         )
         runs[arm] = r
         rows += r.rows(arm=arm)
@@ -121,8 +146,10 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
         # statistics, no injected noise): how well each fits its training data.
         evaluate = jax.jit(jax.vmap(make_evaluate(model), in_axes=(0, None, None)))
         fit_loss[arm] = np.asarray(evaluate(r.state, x_train, y_train)["loss"])
-        rows += [{"arm": arm, "seed": s, "step": config["steps"], "metric": "train_set_loss_eval_mode", "value": float(v)}
-                 for s, v in zip(r.seeds, fit_loss[arm])]
+        rows += [
+            {"arm": arm, "seed": s, "step": config["steps"], "metric": "train_set_loss_eval_mode", "value": float(v)}
+            for s, v in zip(r.seeds, fit_loss[arm])
+        ]
     report.write_metrics(out_dir, rows)
 
     def over_training(arm, metric):
@@ -132,9 +159,24 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
 
     metrics = ["ics_relative_l2", "ics_cosine", "loss_range", "gradient_change", "beta_smoothness"]
     table = report.markdown_table(
-        ["arm", "final test acc", "final train loss", "final train-set loss, eval mode", "ICS ||G-G'||/||G||", "ICS cos(G,G')", "loss range", "max grad change", "beta-smoothness"],
         [
-            [arm, report.fmt_seeds(r.final("test_accuracy")), report.fmt_seeds(r.final("train_loss")), report.fmt_seeds(fit_loss[arm])]
+            "arm",
+            "final test acc",
+            "final train loss",
+            "final train-set loss, eval mode",
+            "ICS ||G-G'||/||G||",
+            "ICS cos(G,G')",
+            "loss range",
+            "max grad change",
+            "beta-smoothness",
+        ],
+        [
+            [
+                arm,
+                report.fmt_seeds(r.final("test_accuracy")),
+                report.fmt_seeds(r.final("train_loss")),
+                report.fmt_seeds(fit_loss[arm]),
+            ]
             + [report.fmt_seeds(over_training(arm, m)) for m in metrics]
             for arm, r in runs.items()
         ],
@@ -158,13 +200,18 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
 
     fig, axes = report.figure(3, 2, width=3.4, height=2.8)
     panels = [
-        ("train_loss", "train loss", "log"), ("test_accuracy", "test accuracy", "linear"), ("ics_cosine", "ICS: cos(G, G')", "linear"),
-        ("ics_relative_l2", "ICS: ||G - G'|| / ||G||", "log"), ("loss_range", "loss range along gradient", "log"),
+        ("train_loss", "train loss", "log"),
+        ("test_accuracy", "test accuracy", "linear"),
+        ("ics_cosine", "ICS: cos(G, G')", "linear"),
+        ("ics_relative_l2", "ICS: ||G - G'|| / ||G||", "log"),
+        ("loss_range", "loss range along gradient", "log"),
         ("beta_smoothness", "effective beta-smoothness", "log"),
     ]
     for ax, (metric, title, scale) in zip(axes.ravel(), panels):
         for arm, r in runs.items():
-            steps, values = (r.steps[1:], r.series[metric][1:]) if metric == "train_loss" else (r.steps, r.series[metric])
+            steps, values = (
+                (r.steps[1:], r.series[metric][1:]) if metric == "train_loss" else (r.steps, r.series[metric])
+            )
             report.band(ax, steps, values, arm)
         ax.set(xlabel="step", title=title, yscale=scale)
     axes[0, 0].legend(fontsize=7)
@@ -179,5 +226,15 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
         f"along the gradient g, at steps eta = {config['step_multipliers']} x lr: the loss range, max ||g - g(eta)|| and "
         f"max ||g - g(eta)|| / ||eta g||."
     )
-    return report.finish(NAME, out_dir, config, title="6. Internal covariate shift vs smoothness", claim=CLAIM, setup=setup,
-                         table=table, figures=figures, quantities=quantities, seeds=config["seeds"])
+    return report.finish(
+        NAME,
+        out_dir,
+        config,
+        title="6. Internal covariate shift vs smoothness",
+        claim=CLAIM,
+        setup=setup,
+        table=table,
+        figures=figures,
+        quantities=quantities,
+        seeds=config["seeds"],
+    )

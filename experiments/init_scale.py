@@ -6,6 +6,7 @@ from kernels initialized at very different scales ends about the same with BN, a
 differently without it. With BN each hidden layer's output is invariant to its kernel's
 scale, so only the classifier and the effective learning rate (lr / ||W||^2) feel it.
 """
+
 from __future__ import annotations
 
 import pathlib
@@ -48,8 +49,16 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
     for arm, spec in arms.items():
         for sc in scales:
             model = MLP(tuple(config["widths"]), data.num_classes, norm=spec, weight_init="he", init_scale=sc)
-            r = fit(model, make_optimizer(config["optimizer"], config["learning_rate"]), data, seeds=config["seeds"],
-                    steps=config["steps"], batch_size=config["batch_size"], eval_every=config["eval_every"], desc=f"{arm} x{sc:g}")
+            r = fit(
+                model,
+                make_optimizer(config["optimizer"], config["learning_rate"]),
+                data,
+                seeds=config["seeds"],
+                steps=config["steps"],
+                batch_size=config["batch_size"],
+                eval_every=config["eval_every"],
+                desc=f"{arm} x{sc:g}",
+            )
             finite = np.isfinite(r.final("train_loss"))
             acc[arm, sc] = np.where(finite, r.final("test_accuracy"), chance)  # a diverged seed is at chance
             diverged[arm, sc] = int(np.sum(~finite))
@@ -59,8 +68,14 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
 
     table = report.markdown_table(
         ["init scale"] + [f"{a} final test acc" for a in arms],
-        [[f"{sc:g}"] + [report.fmt_seeds(acc[a, sc]) + (f" ({diverged[a, sc]} diverged)" if diverged[a, sc] else "") for a in arms]
-         for sc in scales],
+        [
+            [f"{sc:g}"]
+            + [
+                report.fmt_seeds(acc[a, sc]) + (f" ({diverged[a, sc]} diverged)" if diverged[a, sc] else "")
+                for a in arms
+            ]
+            for sc in scales
+        ],
     )
     quantities = {}
     for a, key in (("no BN", "noBN"), ("BN", "BN")):
@@ -71,8 +86,14 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
 
     fig, axes = report.figure(2, 1)
     for a in arms:
-        axes[0, 0].errorbar(scales, [np.mean(acc[a, sc]) for sc in scales],
-                            yerr=[np.nan_to_num(report.mean_std(acc[a, sc])[1]) for sc in scales], marker="o", capsize=3, label=a)
+        axes[0, 0].errorbar(
+            scales,
+            [np.mean(acc[a, sc]) for sc in scales],
+            yerr=[np.nan_to_num(report.mean_std(acc[a, sc])[1]) for sc in scales],
+            marker="o",
+            capsize=3,
+            label=a,
+        )
     report.log_ticks(axes[0, 0], scales)
     axes[0, 0].axhline(chance, color="gray", ls=":", lw=1)
     axes[0, 0].set(xlabel="initial kernel scale (x He std)", ylabel="final test accuracy", title="(± sample SD)")
@@ -80,7 +101,9 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
     for a, ls in (("no BN", "--"), ("BN", "-")):
         for j, sc in enumerate(scales):
             r = runs[a, sc]
-            axes[0, 1].plot(r.steps, np.nanmean(r.series["test_accuracy"], 1), ls=ls, color=f"C{j}", label=f"{a} x{sc:g}")
+            axes[0, 1].plot(
+                r.steps, np.nanmean(r.series["test_accuracy"], 1), ls=ls, color=f"C{j}", label=f"{a} x{sc:g}"
+            )
     axes[0, 1].set(xlabel="step", ylabel="test accuracy", title="mean over seeds")
     axes[0, 1].legend(fontsize=5, ncol=2)
     figures = [report.save_figure(fig, out_dir, "init_scale.png")]
@@ -91,5 +114,15 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
         f"scale). A seed whose final training loss is not finite counts at chance. Per seed: the range (max - min) of the "
         f"final test accuracy over the scales, and its worst scale."
     )
-    return report.finish(NAME, out_dir, config, title="13. Sensitivity to the weight initialization", claim=CLAIM, setup=setup,
-                         table=table, figures=figures, quantities=quantities, seeds=config["seeds"])
+    return report.finish(
+        NAME,
+        out_dir,
+        config,
+        title="13. Sensitivity to the weight initialization",
+        claim=CLAIM,
+        setup=setup,
+        table=table,
+        figures=figures,
+        quantities=quantities,
+        seeds=config["seeds"],
+    )

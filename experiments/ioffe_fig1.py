@@ -5,18 +5,18 @@ a higher test accuracy sooner with batch norm, and the distribution of a sigmoid
 (its 15th, 50th and 85th percentiles) stays steady during training with BN while it drifts
 without ("internal covariate shift").
 """
+
 from __future__ import annotations
 
 import pathlib
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 from experiments import data as datasets
 from experiments import report
 from experiments.models import MLP, NormSpec
-from experiments.training import TrainState, fit, first_step_reaching, make_optimizer, rngs_for
+from experiments.training import TrainState, first_step_reaching, fit, make_optimizer, rngs_for
 
 NAME = "ioffe_fig1"
 DEFAULTS = {
@@ -52,7 +52,9 @@ def percentile_probe(model, probe_x):
 
     def probe(state: TrainState, key):
         variables = {"params": state.params, **({"batch_stats": state.batch_stats} if state.batch_stats else {})}
-        _, inter = model.apply(variables, probe_x, train=True, rngs=rngs_for(key), mutable=["intermediates", "batch_stats"])
+        _, inter = model.apply(
+            variables, probe_x, train=True, rngs=rngs_for(key), mutable=["intermediates", "batch_stats"]
+        )
         h = inter["intermediates"][f"act_input_{last}"][0]  # (N, units)
         return {"pct": jnp.percentile(h, jnp.asarray(PERCENTILES), axis=0).T}
 
@@ -105,7 +107,15 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
         for t, step in enumerate(run_.steps):
             for s, seed in enumerate(run_.seeds):
                 for q, pq in enumerate(PERCENTILES):
-                    rows.append({"arm": arm, "seed": seed, "step": int(step), "metric": f"unit{unit}_p{pq:g}", "value": float(run_.series["pct"][t, s, unit, q])})
+                    rows.append(
+                        {
+                            "arm": arm,
+                            "seed": seed,
+                            "step": int(step),
+                            "metric": f"unit{unit}_p{pq:g}",
+                            "value": float(run_.series["pct"][t, s, unit, q]),
+                        }
+                    )
     report.write_metrics(out_dir, rows)
 
     # Numbers
@@ -128,7 +138,14 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
             )
         )
     table = report.markdown_table(
-        ["arm", "final test acc", "final train loss", f"steps to {target:.3f} (baseline final)", "percentile drift", "seconds"],
+        [
+            "arm",
+            "final test acc",
+            "final train loss",
+            f"steps to {target:.3f} (baseline final)",
+            "percentile drift",
+            "seconds",
+        ],
         table_rows,
     )
     # How the distributions move, in plain numbers: the plotted unit (first seed, as in
@@ -141,27 +158,35 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
         start = int(np.flatnonzero(r.steps >= config["settle_fraction"] * r.steps[-1])[0])
         first, last = pct[0, 0, unit], pct[-1, 0, unit]
         width = pct[..., 2] - pct[..., 0]  # (T, S, units)
-        pct_rows.append((
-            a,
-            f"{first[0]:+.2f} / {first[1]:+.2f} / {first[2]:+.2f}",
-            f"{last[0]:+.2f} / {last[1]:+.2f} / {last[2]:+.2f}",
-            f"{np.mean(width[start]):.2f} -> {np.mean(width[-1]):.2f}",
-            f"{np.mean(np.abs(pct[-1, ..., 1] - pct[start, ..., 1])):.2f}",
-        ))
+        pct_rows.append(
+            (
+                a,
+                f"{first[0]:+.2f} / {first[1]:+.2f} / {first[2]:+.2f}",
+                f"{last[0]:+.2f} / {last[1]:+.2f} / {last[2]:+.2f}",
+                f"{np.mean(width[start]):.2f} -> {np.mean(width[-1]):.2f}",
+                f"{np.mean(np.abs(pct[-1, ..., 1] - pct[start, ..., 1])):.2f}",
+            )
+        )
     table += "\n\n" + report.markdown_table(
-        ["arm", f"unit {unit} (seed {runs['BN'].seeds[0]}) 15/50/85th pct, step 0", f"unit {unit}, step {steps_done(runs)}",
-         f"15-85 width, step {int(runs['BN'].steps[start])} -> {steps_done(runs)} (mean over units, seeds)",
-         f"mean |median change|, step {int(runs['BN'].steps[start])} -> {steps_done(runs)}"],
+        [
+            "arm",
+            f"unit {unit} (seed {runs['BN'].seeds[0]}) 15/50/85th pct, step 0",
+            f"unit {unit}, step {steps_done(runs)}",
+            f"15-85 width, step {int(runs['BN'].steps[start])} -> {steps_done(runs)} (mean over units, seeds)",
+            f"mean |median change|, step {int(runs['BN'].steps[start])} -> {steps_done(runs)}",
+        ],
         pct_rows,
     )
 
     # Per-seed quantities (both arms share each seed's data order): the criteria are in the config.
     steps = config["steps"]
     quantities = {
-        "test_acc/BN": final["BN"], "test_acc/baseline": final["baseline"],
+        "test_acc/BN": final["BN"],
+        "test_acc/baseline": final["baseline"],
         # fraction of training BN needs to reach the baseline's final accuracy (inf: never)
         "reach_fraction/BN": np.where(np.isfinite(reach["BN"]), reach["BN"] / steps, np.inf),
-        "drift/BN": drift["BN"], "drift/baseline": drift["baseline"],
+        "drift/BN": drift["BN"],
+        "drift/baseline": drift["baseline"],
     }
 
     # Figure: accuracy, then the percentiles of one unit without and with BN (first seed).
@@ -176,7 +201,10 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
         for q, pq in enumerate(PERCENTILES):
             ax.plot(runs[a].steps, pct[:, q], color="C0" if a == "baseline" else "C1", lw=1.5 if pq == 50 else 0.8)
         ax.set(xlabel="step", ylabel="sigmoid input", title=f"({letter}) {a}: unit {unit}, 15/50/85th pct")
-    ylim = (min(axes[0, 1].get_ylim()[0], axes[0, 2].get_ylim()[0]), max(axes[0, 1].get_ylim()[1], axes[0, 2].get_ylim()[1]))
+    ylim = (
+        min(axes[0, 1].get_ylim()[0], axes[0, 2].get_ylim()[0]),
+        max(axes[0, 1].get_ylim()[1], axes[0, 2].get_ylim()[1]),
+    )
     axes[0, 1].set_ylim(ylim)
     axes[0, 2].set_ylim(ylim)
     figures = [report.save_figure(fig, out_dir, "ioffe_fig1.png")]
@@ -191,5 +219,15 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
         f"mean 15-85 width), measured after the first {config['settle_fraction']:.0%} of training: 0 for a "
         f"distribution that never moves."
     )
-    return report.finish(NAME, out_dir, config, title="1. Ioffe & Szegedy 2015, Fig. 1", claim=CLAIM, setup=setup,
-                         table=table, figures=figures, quantities=quantities, seeds=config["seeds"])
+    return report.finish(
+        NAME,
+        out_dir,
+        config,
+        title="1. Ioffe & Szegedy 2015, Fig. 1",
+        claim=CLAIM,
+        setup=setup,
+        table=table,
+        figures=figures,
+        quantities=quantities,
+        seeds=config["seeds"],
+    )

@@ -5,6 +5,7 @@ trains at higher learning rates, and its best rate is higher, than without. Both
 (experiment 1's 3x100 sigmoid MLP, batch 60) sweep the same grid of rates, so neither arm's
 rate is chosen for the other: per arm and seed, the best rate and the largest stable rate.
 """
+
 from __future__ import annotations
 
 import pathlib
@@ -47,7 +48,9 @@ def per_seed_rates(acc: np.ndarray, finite: np.ndarray, lrs, chance: float, frac
     best_gain = np.max(gain, axis=0) - chance
     stable = finite & (acc >= chance + fraction * best_gain[None])
     lrs = np.asarray(lrs, dtype=float)
-    largest = np.array([lrs[np.flatnonzero(stable[:, s])].max() if stable[:, s].any() else np.nan for s in range(acc.shape[1])])
+    largest = np.array(
+        [lrs[np.flatnonzero(stable[:, s])].max() if stable[:, s].any() else np.nan for s in range(acc.shape[1])]
+    )
     return lrs[best_i], largest
 
 
@@ -61,8 +64,14 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
         model = MLP(tuple(config["widths"]), data.num_classes, activation=config["activation"], norm=norm)
         for lr in lrs:
             r = fit(
-                model, make_optimizer(config["optimizer"], lr), data, seeds=config["seeds"], steps=config["steps"],
-                batch_size=config["batch_size"], eval_every=config["eval_every"], desc=f"{arm} lr {lr:g}",
+                model,
+                make_optimizer(config["optimizer"], lr),
+                data,
+                seeds=config["seeds"],
+                steps=config["steps"],
+                batch_size=config["batch_size"],
+                eval_every=config["eval_every"],
+                desc=f"{arm} lr {lr:g}",
             )
             runs[arm, lr] = r
             rows += r.rows(arm=arm, learning_rate=lr)
@@ -85,10 +94,21 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
         table_rows.append(row)
     table = report.markdown_table(["learning rate", "baseline final test acc", "BN final test acc"], table_rows)
     table += "\n\n" + report.markdown_table(
-        ["arm", "best rate (per seed: median, range)", "largest stable rate (median, range)", "test acc at its best rate"],
-        [(a, f"{np.median(best[a]):g} ({best[a].min():g}-{best[a].max():g})",
-          f"{np.nanmedian(largest[a]):g} ({np.nanmin(largest[a]):g}-{np.nanmax(largest[a]):g})",
-          report.fmt_seeds(acc[a].max(axis=0))) for a in arms],
+        [
+            "arm",
+            "best rate (per seed: median, range)",
+            "largest stable rate (median, range)",
+            "test acc at its best rate",
+        ],
+        [
+            (
+                a,
+                f"{np.median(best[a]):g} ({best[a].min():g}-{best[a].max():g})",
+                f"{np.nanmedian(largest[a]):g} ({np.nanmin(largest[a]):g}-{np.nanmax(largest[a]):g})",
+                report.fmt_seeds(acc[a].max(axis=0)),
+            )
+            for a in arms
+        ],
     )
     quantities = {}
     for a in arms:
@@ -104,7 +124,7 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
     axes[0, 0].axhline(chance, color="gray", ls=":", lw=1)
     axes[0, 0].set(xlabel="learning rate", ylabel="final test accuracy", title="both arms sweep the grid (± sample SD)")
     axes[0, 0].legend()
-    for k, a in enumerate(arms):
+    for _, a in enumerate(arms):
         lr = float(np.median(best[a]))
         lr = min(lrs, key=lambda x: abs(x - lr))
         report.band(axes[0, 1], runs[a, lr].steps, runs[a, lr].series["test_accuracy"], f"{a} at lr {lr:g}")
@@ -120,5 +140,15 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
         f"largest stable rate (no divergence and at least {config['stable_fraction']:.0%} of the seed's best gain over "
         "chance)."
     )
-    return report.finish(NAME, out_dir, config, title="2. Higher learning rates with BN", claim=CLAIM, setup=setup,
-                         table=table, figures=figures, quantities=quantities, seeds=config["seeds"])
+    return report.finish(
+        NAME,
+        out_dir,
+        config,
+        title="2. Higher learning rates with BN",
+        claim=CLAIM,
+        setup=setup,
+        table=table,
+        figures=figures,
+        quantities=quantities,
+        seeds=config["seeds"],
+    )

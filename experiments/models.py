@@ -6,10 +6,11 @@ normalization, flax's GroupNorm is the batch-independent reference. Each hidden 
 `sow`s its norm input and its activation input into the `intermediates` collection, so an
 experiment can read them with `mutable=["intermediates"]`.
 """
+
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -86,7 +87,9 @@ def renorm_ramp(fractions, steps: int) -> tuple[int, int] | None:
     if not fractions:
         return None
     if len(fractions) != 2 or not 0 <= fractions[0] <= fractions[1]:
-        raise ValueError(f"`renorm_ramp`={list(fractions)}: give [begin, end] fractions of the run with 0 <= begin <= end, or [].")
+        raise ValueError(
+            f"`renorm_ramp`={list(fractions)}: give [begin, end] fractions of the run with 0 <= begin <= end, or []."
+        )
     return int(fractions[0] * steps), int(fractions[1] * steps)
 
 
@@ -108,11 +111,22 @@ class Norm(nn.Module):
         if s.kind == "none":
             return x
         if s.kind == "bn_per_activation":
-            return jbn.BatchNorm(use_running_average=not train, momentum=s.momentum, axis=tuple(range(1, x.ndim)),
-                                 use_scale=s.use_scale, use_bias=s.use_bias, epsilon=s.epsilon)(x)
+            return jbn.BatchNorm(
+                use_running_average=not train,
+                momentum=s.momentum,
+                axis=tuple(range(1, x.ndim)),
+                use_scale=s.use_scale,
+                use_bias=s.use_bias,
+                epsilon=s.epsilon,
+            )(x)
         if s.kind in ("bn", "noisy_bn"):
-            y = jbn.BatchNorm(use_running_average=not train, momentum=s.momentum, use_scale=s.use_scale, use_bias=s.use_bias,
-                              epsilon=s.epsilon)(x)
+            y = jbn.BatchNorm(
+                use_running_average=not train,
+                momentum=s.momentum,
+                use_scale=s.use_scale,
+                use_bias=s.use_bias,
+                epsilon=s.epsilon,
+            )(x)
             if s.kind == "noisy_bn" and not self.is_initializing():
                 if train:
                     # one scale and one shift per activation AND per example (Santurkar et al. 2018)
@@ -122,7 +136,9 @@ class Norm(nn.Module):
                     y = y * ((1 + s.noise_scale) / 2)
             return y
         if s.kind == "ghost":
-            return jbn.BatchNorm(use_running_average=not train, momentum=s.momentum, virtual_batch_size=s.virtual_batch_size)(x)
+            return jbn.BatchNorm(
+                use_running_average=not train, momentum=s.momentum, virtual_batch_size=s.virtual_batch_size
+            )(x)
         if s.kind == "renorm":
             r_max, d_max = s.r_max, s.d_max
             if s.renorm_ramp is not None:
@@ -185,7 +201,9 @@ class MLP(nn.Module):
         for i, width in enumerate(self.widths):
             if self.dropout > 0 and self.dropout_placement == "each" and i > 0:
                 x = nn.Dropout(self.dropout, deterministic=deterministic)(x)
-            h = nn.Dense(width, use_bias=bias, kernel_init=_scaled(INITS[self.weight_init], self.init_scale), name=f"dense_{i}")(x)
+            h = nn.Dense(
+                width, use_bias=bias, kernel_init=_scaled(INITS[self.weight_init], self.init_scale), name=f"dense_{i}"
+            )(x)
             if self.placement == "before":
                 self.sow("intermediates", f"norm_input_{i}", h)
                 h = Norm(self.norm, name=f"norm_{i}")(h, train)

@@ -6,6 +6,7 @@ spatial positions, so that normalization obeys the convolutional property and ea
 statistic sees batch x height x width values; normalizing each activation (each position
 of each channel) on its own over the batch only is worse.
 """
+
 from __future__ import annotations
 
 import pathlib
@@ -46,11 +47,24 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
     runs, rows = {}, []
     for b in config["batch_sizes"]:
         for arm, kind in ARMS.items():
-            model = ConvNet(tuple(config["channels"]), data.num_classes, norm=NormSpec(kind, momentum=config["bn_momentum"]),
-                            pool_after=tuple(config["pool_after"]))
-            r = fit(model, make_optimizer(config["optimizer"], config["learning_rate"]), data, seeds=config["seeds"],
-                    steps=config["steps"], batch_size=b, eval_every=config["eval_every"], desc=f"{arm} b={b}",
-                    vmap_seeds=False, scan_steps=False)
+            model = ConvNet(
+                tuple(config["channels"]),
+                data.num_classes,
+                norm=NormSpec(kind, momentum=config["bn_momentum"]),
+                pool_after=tuple(config["pool_after"]),
+            )
+            r = fit(
+                model,
+                make_optimizer(config["optimizer"], config["learning_rate"]),
+                data,
+                seeds=config["seeds"],
+                steps=config["steps"],
+                batch_size=b,
+                eval_every=config["eval_every"],
+                desc=f"{arm} b={b}",
+                vmap_seeds=False,
+                scan_steps=False,
+            )
             runs[kind, b] = r
             rows += r.rows(arm=kind, batch_size=b)
     report.write_metrics(out_dir, rows)
@@ -58,8 +72,17 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
     sizes = config["batch_sizes"]
     table = report.markdown_table(
         ["batch", "statistics", "final test acc", "mean test acc over the run", "final train loss"],
-        [(b, arm, report.fmt_seeds(runs[k, b].final("test_accuracy")), report.fmt_seeds(np.nanmean(runs[k, b].series["test_accuracy"][1:], 0)),
-          report.fmt_seeds(runs[k, b].final("train_loss"))) for b in sizes for arm, k in ARMS.items()],
+        [
+            (
+                b,
+                arm,
+                report.fmt_seeds(runs[k, b].final("test_accuracy")),
+                report.fmt_seeds(np.nanmean(runs[k, b].series["test_accuracy"][1:], 0)),
+                report.fmt_seeds(runs[k, b].final("train_loss")),
+            )
+            for b in sizes
+            for arm, k in ARMS.items()
+        ],
     )
     quantities = {}
     for b in sizes:
@@ -83,5 +106,15 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
         f"steps, seeds {config['seeds']} (paired: both arms share each seed's init seed and data order). Test accuracy "
         f"with the running statistics every {config['eval_every']} steps."
     )
-    return report.finish(NAME, out_dir, config, title="15. Per-channel vs per-activation statistics in a conv net", claim=CLAIM,
-                         setup=setup, table=table, figures=figures, quantities=quantities, seeds=config["seeds"])
+    return report.finish(
+        NAME,
+        out_dir,
+        config,
+        title="15. Per-channel vs per-activation statistics in a conv net",
+        claim=CLAIM,
+        setup=setup,
+        table=table,
+        figures=figures,
+        quantities=quantities,
+        seeds=config["seeds"],
+    )

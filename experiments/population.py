@@ -5,6 +5,7 @@ statistics of the training set. That computation is jbn's (`recompute_batch_stat
 the variants issue); until it lands, `features.waiting("recompute")` is set and the arms
 that need it report `waiting for jbn.recompute_batch_stats`.
 """
+
 from __future__ import annotations
 
 from typing import Any

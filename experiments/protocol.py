@@ -27,12 +27,14 @@ The verdict of a set of criteria: *confirmed* when every decided one holds, *not
 confirmed* when none does, *mixed* otherwise; undecided criteria are listed and left out.
 No experiment code holds a threshold: they all come from here, out of the config.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import datetime
 import math
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -74,7 +76,9 @@ def validate(criteria: Any, where: str) -> list[dict]:
             raise CriteriaError(f"{at} ({c.get('id', '?')}) lacks {', '.join(missing)}: every criterion states them.")
         unknown = sorted(set(c) - set(REQUIRED) - set(OPTIONAL))
         if unknown:
-            raise CriteriaError(f"{at} ({c['id']}): unknown key(s) {', '.join(unknown)}; known: {', '.join(REQUIRED + OPTIONAL)}.")
+            raise CriteriaError(
+                f"{at} ({c['id']}): unknown key(s) {', '.join(unknown)}; known: {', '.join(REQUIRED + OPTIONAL)}."
+            )
         c = dict(c)
         c["id"] = str(c["id"])
         if c["id"] in seen:
@@ -89,10 +93,16 @@ def validate(criteria: Any, where: str) -> list[dict]:
         if c["versus"] is None and c["op"] is not None:
             raise CriteriaError(f"{at} ({c['id']}): `op` {c['op']!r} needs a `versus` quantity to pair with.")
         if c["compare"] not in COMPARES:
-            raise CriteriaError(f"{at} ({c['id']}): `compare` must be one of {', '.join(COMPARES)}, got {c['compare']!r}.")
+            raise CriteriaError(
+                f"{at} ({c['id']}): `compare` must be one of {', '.join(COMPARES)}, got {c['compare']!r}."
+            )
         if c["test"] not in TESTS:
             raise CriteriaError(f"{at} ({c['id']}): `test` must be one of {', '.join(TESTS)}, got {c['test']!r}.")
-        if isinstance(c["threshold"], bool) or not isinstance(c["threshold"], (int, float)) or not math.isfinite(c["threshold"]):
+        if (
+            isinstance(c["threshold"], bool)
+            or not isinstance(c["threshold"], (int, float))
+            or not math.isfinite(c["threshold"])
+        ):
             raise CriteriaError(f"{at} ({c['id']}): `threshold` must be a finite number, got {c['threshold']!r}.")
         c["threshold"] = float(c["threshold"])
         if c["compare"] == "within" and c["threshold"] < 0:
@@ -104,7 +114,9 @@ def validate(criteria: Any, where: str) -> list[dict]:
         c["history"] = []
         for j, h in enumerate(history):
             if not isinstance(h, Mapping) or set(h) != set(HISTORY_KEYS):
-                raise CriteriaError(f"{at} ({c['id']}).history[{j}] must have exactly the keys {', '.join(HISTORY_KEYS)}.")
+                raise CriteriaError(
+                    f"{at} ({c['id']}).history[{j}] must have exactly the keys {', '.join(HISTORY_KEYS)}."
+                )
             c["history"].append({**h, "until": _date(h["until"], f"{at}.history[{j}].until")})
         out.append(c)
     return out
@@ -208,10 +220,15 @@ class Outcome:
     @property
     def rule(self) -> str:
         c = self.criterion
-        x = c["quantity"] if c["versus"] is None else {
-            "difference": f"{c['quantity']} − {c['versus']}", "ratio": f"{c['quantity']} / {c['versus']}",
-            "log10_ratio": f"log10({c['quantity']} / {c['versus']})",
-        }[c["op"]]
+        x = (
+            c["quantity"]
+            if c["versus"] is None
+            else {
+                "difference": f"{c['quantity']} − {c['versus']}",
+                "ratio": f"{c['quantity']} / {c['versus']}",
+                "log10_ratio": f"log10({c['quantity']} / {c['versus']})",
+            }[c["op"]]
+        )
         what = {"t95": "95% t-CI of the mean of", "every_seed": "every seed's", "mean": "the mean of"}[c["test"]]
         paired_word = " (paired by seed)" if c["versus"] is not None else ""
         t = c["threshold"]

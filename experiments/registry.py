@@ -4,6 +4,7 @@ Experiment NAME lives in `experiments/NAME.py` (module-level `DEFAULTS: dict` an
 `run(config: dict, out_dir: pathlib.Path) -> dict`, optionally `TINY: dict` of overrides
 that make it a few-step smoke run) and its default config in `configs/NAME.yaml`.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -26,9 +27,17 @@ EXPERIMENTS = (
     Entry(2, "learning_rates", "BN allows higher learning rates: both arms sweep the same grid"),
     Entry(3, "conv_speed", "Steps to a target accuracy on a conv net, BN vs none, over seeds"),
     Entry(4, "bn_placement", "BN before vs after the activation; a bias before BN is redundant"),
-    Entry(5, "small_batches", "Small statistics batches (conv net): BN vs Batch Renorm, GroupNorm; ghost BN for large batches"),
+    Entry(
+        5,
+        "small_batches",
+        "Small statistics batches (conv net): BN vs Batch Renorm, GroupNorm; ghost BN for large batches",
+    ),
     Entry(6, "ics_smoothness", "Internal covariate shift vs smoothness (Santurkar et al. 2018)"),
-    Entry(7, "deep_gradients", "Gradients in deep BN nets without skips, at init and in training, ReLU and sigmoid (Yang et al. 2019)"),
+    Entry(
+        7,
+        "deep_gradients",
+        "Gradients in deep BN nets without skips, at init and in training, ReLU and sigmoid (Yang et al. 2019)",
+    ),
     Entry(8, "dropout_variance", "Dropout before BN: variance shift (Li et al. 2019), with a no-BN dropout control"),
     Entry(9, "eval_statistics", "Evaluation statistics: EMA vs exact population vs batch statistics"),
     Entry(10, "sync_bn", "Sync BN across 8 devices with 2-8 examples each"),
@@ -57,12 +66,16 @@ def load_module(name: str):
     if not is_available(name):
         known = ", ".join(e.name for e in EXPERIMENTS)
         if name in BY_NAME:
-            raise LookupError(f"experiment '{name}' is registered but experiments/{name}.py has not landed yet (waiting for it).")
+            raise LookupError(
+                f"experiment '{name}' is registered but experiments/{name}.py has not landed yet (waiting for it)."
+            )
         raise LookupError(f"no experiment '{name}' (no experiments/{name}.py); known experiments: {known}.")
     module = importlib.import_module(module_name(name))
     for attr in ("DEFAULTS", "run"):
         if not hasattr(module, attr):
-            raise LookupError(f"experiments/{name}.py has no `{attr}`: an experiment module defines DEFAULTS and run(config, out_dir).")
+            raise LookupError(
+                f"experiments/{name}.py has no `{attr}`: an experiment module defines DEFAULTS and run(config, out_dir)."
+            )
     return module
 
 

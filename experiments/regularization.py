@@ -7,11 +7,11 @@ does. A fair test compares nets that fit the training data equally well: the tra
 gap is read at the first evaluation where each net's training-set loss (eval mode, no
 dropout) falls to the same value, over several training-set sizes.
 """
+
 from __future__ import annotations
 
 import pathlib
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -81,10 +81,23 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
         px, py = jnp.asarray(data.x_train), jnp.asarray(data.y_train)
         for arm, kw in ARMS.items():
             spec = kw["norm"] if arm != "BN" else NormSpec("bn", momentum=config["bn_momentum"])
-            model = MLP(tuple(config["widths"]), full.num_classes, norm=spec, dropout=config["dropout"] if arm == "dropout" else 0.0)
-            r = fit(model, make_optimizer(config["optimizer"], config["learning_rate"]), data, seeds=config["seeds"],
-                    steps=config["steps"], batch_size=min(config["batch_size"], n), eval_every=config["eval_every"],
-                    probe=train_set_probe(model, px, py), desc=f"{arm} n={n}")
+            model = MLP(
+                tuple(config["widths"]),
+                full.num_classes,
+                norm=spec,
+                dropout=config["dropout"] if arm == "dropout" else 0.0,
+            )
+            r = fit(
+                model,
+                make_optimizer(config["optimizer"], config["learning_rate"]),
+                data,
+                seeds=config["seeds"],
+                steps=config["steps"],
+                batch_size=min(config["batch_size"], n),
+                eval_every=config["eval_every"],
+                probe=train_set_probe(model, px, py),
+                desc=f"{arm} n={n}",
+            )
             runs[arm, n] = r
             matched[arm, n] = at_matched_loss(r, target)
             rows += r.rows(arm=arm, train_size=n)
@@ -92,11 +105,28 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
 
     sizes = config["train_sizes"]
     table = report.markdown_table(
-        ["train size", "arm", f"step where train loss <= {target:g}", "train acc there", "test acc there", "gap (train - test)",
-         "final test acc"],
-        [(n, a, report.fmt_seeds(matched[a, n]["step"], 0, missing="never reached"), report.fmt_seeds(matched[a, n]["train_accuracy"]),
-          report.fmt_seeds(matched[a, n]["test_accuracy"]), report.fmt_seeds(matched[a, n]["gap"], missing="never reached"),
-          report.fmt_seeds(runs[a, n].final("test_accuracy"))) for n in sizes for a in ARMS],
+        [
+            "train size",
+            "arm",
+            f"step where train loss <= {target:g}",
+            "train acc there",
+            "test acc there",
+            "gap (train - test)",
+            "final test acc",
+        ],
+        [
+            (
+                n,
+                a,
+                report.fmt_seeds(matched[a, n]["step"], 0, missing="never reached"),
+                report.fmt_seeds(matched[a, n]["train_accuracy"]),
+                report.fmt_seeds(matched[a, n]["test_accuracy"]),
+                report.fmt_seeds(matched[a, n]["gap"], missing="never reached"),
+                report.fmt_seeds(runs[a, n].final("test_accuracy")),
+            )
+            for n in sizes
+            for a in ARMS
+        ],
     )
     quantities = {}
     for n in sizes:
@@ -110,7 +140,9 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
         sd = [np.nan_to_num(report.mean_std(matched[a, n]["gap"])[1]) for n in sizes]
         axes[0, 0].errorbar(sizes, m, yerr=sd, marker="o", capsize=3, label=a)
     report.log_ticks(axes[0, 0], sizes)
-    axes[0, 0].set(xlabel="training examples", ylabel="train acc - test acc", title=f"gap at train loss {target:g} (± SD)")
+    axes[0, 0].set(
+        xlabel="training examples", ylabel="train acc - test acc", title=f"gap at train loss {target:g} (± SD)"
+    )
     axes[0, 0].legend()
     n0 = min(sizes)
     for a in ARMS:
@@ -129,5 +161,15 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
         f"read at the first evaluation where that loss is <= {target:g} (a seed that never gets there is left out, and "
         f"n says so)."
     )
-    return report.finish(NAME, out_dir, config, title="12. Does BN regularize? Train-test gap at matched training loss",
-                         claim=CLAIM, setup=setup, table=table, figures=figures, quantities=quantities, seeds=config["seeds"])
+    return report.finish(
+        NAME,
+        out_dir,
+        config,
+        title="12. Does BN regularize? Train-test gap at matched training loss",
+        claim=CLAIM,
+        setup=setup,
+        table=table,
+        figures=figures,
+        quantities=quantities,
+        seeds=config["seeds"],
+    )

@@ -6,24 +6,24 @@ criteria on them, and `write_summary` states each criterion, when it was fixed, 
 measured, its earlier versions with their verdicts, and the verdict. "±" in tables is the
 sample standard deviation over seeds (ddof=1).
 """
+
 from __future__ import annotations
 
 import csv
-import dataclasses
 import datetime
 import math
 import os
 import pathlib
 import platform
 import sys
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
+import matplotlib.pyplot as plt
+import numpy as np
 
 
 def mean_std(values: Iterable[float]) -> tuple[float, float]:
@@ -91,7 +91,7 @@ def write_metrics(out_dir: pathlib.Path, rows: Sequence[dict]) -> pathlib.Path:
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         for r in rows:
-            writer.writerow({**{"status": "ok"}, **{k: ("" if v is None else v) for k, v in r.items()}})
+            writer.writerow({"status": "ok", **{k: ("" if v is None else v) for k, v in r.items()}})
     return path
 
 
@@ -146,19 +146,20 @@ def band(ax, x, values: np.ndarray, label: str, **kw):
         mean = np.nanmean(values, axis=1) if values.ndim == 2 else values
     (line,) = ax.plot(x, mean, label=label, **kw)
     if values.ndim == 2 and values.shape[1] > 1:
-        ax.fill_between(x, np.nanmin(values, axis=1), np.nanmax(values, axis=1), color=line.get_color(), alpha=0.2, lw=0)
+        ax.fill_between(
+            x, np.nanmin(values, axis=1), np.nanmax(values, axis=1), color=line.get_color(), alpha=0.2, lw=0
+        )
     return line
 
 
 def _history_lines(outcomes) -> str:
     """The criteria changed after results existed: each earlier version, its date, reason and verdict."""
-    lines = []
-    for o in outcomes:
-        for h in o.criterion["history"]:
-            lines.append(
-                f"- **{o.criterion['id']}** (until {h['until']}): was \"{h['was']}\", verdict then **{h['verdict']}**; "
-                f"changed because: {h['reason']}. Now (fixed {o.criterion['fixed']}): {o.mark}."
-            )
+    lines = [
+        f'- **{o.criterion["id"]}** (until {h["until"]}): was "{h["was"]}", verdict then **{h["verdict"]}**; '
+        f"changed because: {h['reason']}. Now (fixed {o.criterion['fixed']}): {o.mark}."
+        for o in outcomes
+        for h in o.criterion["history"]
+    ]
     if not lines:
         return ""
     return "\n\n### Criteria changed after results existed\n\n" + "\n".join(lines)
@@ -187,8 +188,17 @@ def write_summary(
     result = protocol.verdict(outcomes)
     crit = markdown_table(
         ["id", "criterion", "rule", "fixed", "measured", "holds"],
-        [((o.criterion["part"] + ": " if o.criterion["part"] else "") + o.criterion["id"], o.criterion["says"], o.rule,
-          o.criterion["fixed"], o.measured, o.mark) for o in outcomes],
+        [
+            (
+                (o.criterion["part"] + ": " if o.criterion["part"] else "") + o.criterion["id"],
+                o.criterion["says"],
+                o.rule,
+                o.criterion["fixed"],
+                o.measured,
+                o.mark,
+            )
+            for o in outcomes
+        ],
     )
     figs = "\n".join(f"![{p.stem}]({p.name})" for p in figures)
     parts = protocol.verdicts_by_part(outcomes)
@@ -241,7 +251,9 @@ def write_rows(path: pathlib.Path, rows: Sequence[dict]) -> pathlib.Path:
     return pathlib.Path(path)
 
 
-def result(name: str, out_dir: pathlib.Path, verdict_text: str, table: str, figures: Sequence[pathlib.Path], outcomes: Sequence) -> dict:
+def result(
+    name: str, out_dir: pathlib.Path, verdict_text: str, table: str, figures: Sequence[pathlib.Path], outcomes: Sequence
+) -> dict:
     """The dict an experiment's `run` returns (the CLI prints it)."""
     from experiments import protocol
 
@@ -255,20 +267,51 @@ def result(name: str, out_dir: pathlib.Path, verdict_text: str, table: str, figu
         "figures": [str(p) for p in figures],
         "summary": str(pathlib.Path(out_dir) / "summary.md"),
         "metrics": str(pathlib.Path(out_dir) / "metrics.csv"),
-        "checks": [{"id": o.criterion["id"], "part": o.criterion["part"], "criterion": o.criterion["says"],
-                    "passed": o.passed, "measured": o.measured} for o in outcomes],
+        "checks": [
+            {
+                "id": o.criterion["id"],
+                "part": o.criterion["part"],
+                "criterion": o.criterion["says"],
+                "passed": o.passed,
+                "measured": o.measured,
+            }
+            for o in outcomes
+        ],
     }
 
 
-def finish(name: str, out_dir, config: dict, *, title: str, claim: str, setup: str, table: str, figures, quantities: dict,
-           seeds=None, notes: str = "") -> dict:
+def finish(
+    name: str,
+    out_dir,
+    config: dict,
+    *,
+    title: str,
+    claim: str,
+    setup: str,
+    table: str,
+    figures,
+    quantities: dict,
+    seeds=None,
+    notes: str = "",
+) -> dict:
     """Judge the config's criteria on `quantities`, write summary.md and quantities.csv,
     and return the result dict: the one ending every experiment's `run`."""
     from experiments import protocol
 
     outcomes = protocol.judge(config["criteria"], quantities)
-    _, v = write_summary(out_dir, title=title, claim=claim, setup=setup, table=table, outcomes=outcomes, figures=figures,
-                         quantities=quantities, seeds=seeds, notes=notes, command=command_for(name))
+    _, v = write_summary(
+        out_dir,
+        title=title,
+        claim=claim,
+        setup=setup,
+        table=table,
+        outcomes=outcomes,
+        figures=figures,
+        quantities=quantities,
+        seeds=seeds,
+        notes=notes,
+        command=command_for(name),
+    )
     return result(name, out_dir, v, table, figures, outcomes)
 
 

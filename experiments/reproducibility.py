@@ -7,6 +7,7 @@ from each run's quantities.csv, and the report lists, per criterion: the mean of
 criterion's per-seed values in each run, the drift (B - A), the drift in units of the
 run-A sample SD, and whether the verdict of the criterion is the same.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,14 +42,34 @@ def compare(runs_a: pathlib.Path, runs_b: pathlib.Path) -> tuple[str, list[dict]
         for a, b in zip(oa, ob):
             sd = a.summary.sd
             drift = b.summary.mean - a.summary.mean
-            rows.append({"experiment": e.name, "criterion": a.criterion["id"], "mean_a": a.summary.mean, "mean_b": b.summary.mean,
-                         "drift": drift, "drift_over_sd": drift / sd if sd and np.isfinite(sd) and sd > 0 else np.nan,
-                         "holds_a": a.mark, "holds_b": b.mark})
-            lines.append((e.number, e.name, a.criterion["id"], f"{a.summary.mean:+.4g}", f"{b.summary.mean:+.4g}", f"{drift:+.3g}",
-                          "n/a" if not np.isfinite(rows[-1]["drift_over_sd"]) else f"{rows[-1]['drift_over_sd']:+.2f}",
-                          f"{a.mark} -> {b.mark}" + ("" if a.mark == b.mark else " **(flips)**")))
+            rows.append(
+                {
+                    "experiment": e.name,
+                    "criterion": a.criterion["id"],
+                    "mean_a": a.summary.mean,
+                    "mean_b": b.summary.mean,
+                    "drift": drift,
+                    "drift_over_sd": drift / sd if sd and np.isfinite(sd) and sd > 0 else np.nan,
+                    "holds_a": a.mark,
+                    "holds_b": b.mark,
+                }
+            )
+            lines.append(
+                (
+                    e.number,
+                    e.name,
+                    a.criterion["id"],
+                    f"{a.summary.mean:+.4g}",
+                    f"{b.summary.mean:+.4g}",
+                    f"{drift:+.3g}",
+                    "n/a" if not np.isfinite(rows[-1]["drift_over_sd"]) else f"{rows[-1]['drift_over_sd']:+.2f}",
+                    f"{a.mark} -> {b.mark}" + ("" if a.mark == b.mark else " **(flips)**"),
+                )
+            )
     table = report.markdown_table(
-        ["#", "experiment", "criterion", "mean, run A", "mean, run B", "drift B - A", "drift / SD(A)", "holds: A -> B"], lines)
+        ["#", "experiment", "criterion", "mean, run A", "mean, run B", "drift B - A", "drift / SD(A)", "holds: A -> B"],
+        lines,
+    )
     return table, rows
 
 
@@ -60,9 +81,11 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     table, rows = compare(pathlib.Path(args.runs_a), pathlib.Path(args.runs_b))
     flips = sum(r["holds_a"] != r["holds_b"] for r in rows)
-    text = (f"# Reproducibility: run A ({args.runs_a}) vs run B ({args.runs_b})\n\n"
-            f"Every criterion decided again on each run's per-seed quantities; {len(rows)} criteria compared, "
-            f"{flips} change their outcome.\n\n{table}\n")
+    text = (
+        f"# Reproducibility: run A ({args.runs_a}) vs run B ({args.runs_b})\n\n"
+        f"Every criterion decided again on each run's per-seed quantities; {len(rows)} criteria compared, "
+        f"{flips} change their outcome.\n\n{table}\n"
+    )
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)

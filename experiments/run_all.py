@@ -7,6 +7,7 @@ and runs/timings.csv (experiment, seconds, verdict). With --order-seed-offset K 
 initializations train on other batch orders: the reproducibility reruns (see
 experiments/reproducibility.py for the drift between two such sets of runs).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,7 +41,15 @@ def main(argv=None) -> int:
             start = time.perf_counter()
             result = cli.run_experiment(registry.config_path(name), runs_dir=runs_dir)
             seconds = time.perf_counter() - start
-            writer.writerow([name, f"{seconds:.1f}", args.order_seed_offset, time.strftime("%H:%M:%S", time.gmtime()), result["verdict"]])
+            writer.writerow(
+                [
+                    name,
+                    f"{seconds:.1f}",
+                    args.order_seed_offset,
+                    time.strftime("%H:%M:%S", time.gmtime()),
+                    result["verdict"],
+                ]
+            )
             f.flush()
             print(f"{name}: {seconds:.0f} s, {result['verdict']}", flush=True)
     return 0

@@ -10,6 +10,7 @@ batches: statistics over small virtual batches inside a large optimizer batch cl
 the generalization gap of large-batch training. It is not a small-batch remedy, so it is
 tested on its own claim: large batch with ghost BN vs large batch with plain BN.
 """
+
 from __future__ import annotations
 
 import pathlib
@@ -49,8 +50,19 @@ DEFAULTS = {
     "ghost_learning_rate": 0.05,  # at batch reference_batch_size, scaled linearly (Hoffer et al. use sqrt; see setup)
     "ghost_seeds": [0, 1, 2, 3, 4, 5, 6, 7, 8, 9],
 }
-TINY = {"statistics_batch_sizes": [2], "epochs": 0.02, "seeds": [0, 1], "evaluations": 1, "channels": [4], "group_size": 2,
-        "ghost_widths": [16], "ghost_epochs": 0.5, "ghost_seeds": [0, 1], "large_batch": 64, "ghost_batch_size": 16}
+TINY = {
+    "statistics_batch_sizes": [2],
+    "epochs": 0.02,
+    "seeds": [0, 1],
+    "evaluations": 1,
+    "channels": [4],
+    "group_size": 2,
+    "ghost_widths": [16],
+    "ghost_epochs": 0.5,
+    "ghost_seeds": [0, 1],
+    "large_batch": 64,
+    "ghost_batch_size": 16,
+}
 
 CLAIM = (
     "(A) BN degrades when its statistics come from 2-4 examples; GroupNorm and Batch Renorm degrade less (Wu & He "
@@ -81,14 +93,28 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
         for b in sizes:
             steps = max(1, int(config["epochs"] * n_train) // b)
             spec = NormSpec(
-                kind, momentum=config["bn_momentum"], group_size=config["group_size"],
-                r_max=config["renorm_r_max"], d_max=config["renorm_d_max"], renorm_ramp=renorm_ramp(config["renorm_ramp"], steps),
+                kind,
+                momentum=config["bn_momentum"],
+                group_size=config["group_size"],
+                r_max=config["renorm_r_max"],
+                d_max=config["renorm_d_max"],
+                renorm_ramp=renorm_ramp(config["renorm_ramp"], steps),
             )
             lr = config["learning_rate"] * b / config["reference_batch_size"]
-            model = ConvNet(tuple(config["channels"]), data.num_classes, norm=spec, pool_after=tuple(config["pool_after"]))
+            model = ConvNet(
+                tuple(config["channels"]), data.num_classes, norm=spec, pool_after=tuple(config["pool_after"])
+            )
             r = fit(
-                model, make_optimizer(config["optimizer"], lr), data, seeds=config["seeds"], steps=steps, batch_size=b,
-                eval_every=max(1, steps // config["evaluations"]), desc=f"{LABELS[kind]} b={b}", vmap_seeds=False, scan_steps=True,
+                model,
+                make_optimizer(config["optimizer"], lr),
+                data,
+                seeds=config["seeds"],
+                steps=steps,
+                batch_size=b,
+                eval_every=max(1, steps // config["evaluations"]),
+                desc=f"{LABELS[kind]} b={b}",
+                vmap_seeds=False,
+                scan_steps=True,
             )
             acc[kind, b] = r.final("test_accuracy")
             rows += r.rows(part="A", norm=kind, statistics_batch=b, batch=b, learning_rate=lr)
@@ -110,8 +136,16 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
         steps = max(1, int(config["ghost_epochs"] * len(gdata.y_train)) // batch)
         lr = config["ghost_learning_rate"] * batch / config["reference_batch_size"]
         model = MLP(tuple(config["ghost_widths"]), gdata.num_classes, norm=spec)
-        r = fit(model, make_optimizer(config["optimizer"], lr), gdata, seeds=config["ghost_seeds"], steps=steps, batch_size=batch,
-                eval_every=max(1, steps // config["evaluations"]), desc=arm)
+        r = fit(
+            model,
+            make_optimizer(config["optimizer"], lr),
+            gdata,
+            seeds=config["ghost_seeds"],
+            steps=steps,
+            batch_size=batch,
+            eval_every=max(1, steps // config["evaluations"]),
+            desc=arm,
+        )
         ghost_acc[arm] = r.final("test_accuracy")
         rows += r.rows(part="B", arm=arm, batch=batch, learning_rate=lr)
     report.write_metrics(out_dir, rows)
@@ -119,11 +153,14 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
     table = report.markdown_table(
         ["(A) norm, conv net"] + [f"stat. batch {b}" for b in sizes],
         [
-            [LABELS[k] + (f" ({status[k]})" if status[k] else "")] + ["waiting" if status[k] else report.fmt_seeds(acc[k, b]) for b in sizes]
+            [LABELS[k] + (f" ({status[k]})" if status[k] else "")]
+            + ["waiting" if status[k] else report.fmt_seeds(acc[k, b]) for b in sizes]
             for k in config["norms"]
         ],
     )
-    table += "\n\n" + report.markdown_table(["(B) arm", "final test acc"], [(a, report.fmt_seeds(v)) for a, v in ghost_acc.items()])
+    table += "\n\n" + report.markdown_table(
+        ["(B) arm", "final test acc"], [(a, report.fmt_seeds(v)) for a, v in ghost_acc.items()]
+    )
     small = [b for b in sizes if b <= 4] or [min(sizes)]
     largest = max(sizes)
 
@@ -132,7 +169,11 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
         if not status[kind]:
             # per seed: accuracy at the largest statistics batch minus the mean over batches <= 4
             quantities[f"drop/{kind}"] = acc[kind, largest] - np.mean([acc[kind, b] for b in small], axis=0)
-    for arm, key in (("BN, large batch", "bn_large"), ("ghost BN, large batch", "ghost_large"), ("BN, small batch", "bn_small")):
+    for arm, key in (
+        ("BN, large batch", "bn_large"),
+        ("ghost BN, large batch", "ghost_large"),
+        ("BN, small batch", "bn_small"),
+    ):
         if arm in ghost_acc:
             quantities[f"test_acc/{key}"] = ghost_acc[arm]
 
@@ -150,8 +191,12 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
     ax.legend(fontsize=7)
     ax = axes[0, 1]
     names = list(ghost_acc)
-    ax.bar(range(len(names)), [np.mean(ghost_acc[a]) for a in names],
-           yerr=[np.nan_to_num(report.mean_std(ghost_acc[a])[1]) for a in names], capsize=3)
+    ax.bar(
+        range(len(names)),
+        [np.mean(ghost_acc[a]) for a in names],
+        yerr=[np.nan_to_num(report.mean_std(ghost_acc[a])[1]) for a in names],
+        capsize=3,
+    )
     ax.set_xticks(range(len(names)), [a.replace(", ", "\n") for a in names], fontsize=7)
     ax.set(ylabel="final test accuracy", title=f"(B) batch {large}: ghost BN ({small_b}) vs BN")
     figures = [report.save_figure(fig, out_dir, "small_batches.png")]
@@ -171,5 +216,15 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
         f"{small_b} with BN for reference. Hoffer et al. also scale the rate by sqrt(batch) and train longer; here both "
         f"large-batch arms share the same (linear) rate and epochs, so only the statistics batch differs."
     )
-    return report.finish(NAME, out_dir, config, title="5. Small statistics batches; ghost BN for large batches", claim=CLAIM,
-                         setup=setup, table=table, figures=figures, quantities=quantities, seeds=None)
+    return report.finish(
+        NAME,
+        out_dir,
+        config,
+        title="5. Small statistics batches; ghost BN for large batches",
+        claim=CLAIM,
+        setup=setup,
+        table=table,
+        figures=figures,
+        quantities=quantities,
+        seeds=None,
+    )

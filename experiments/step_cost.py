@@ -8,6 +8,7 @@ little more than one without. Measured with the benchmark suite's interleaved ti
 pause), for whole jitted training steps of the experiments' networks: no norm,
 jbn.BatchNorm, and flax.linen.BatchNorm as the peer.
 """
+
 from __future__ import annotations
 
 import os
@@ -70,18 +71,30 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
         if size not in SIZES:
             raise ValueError(f"`sizes` entry {size!r}: use one of {', '.join(SIZES)}.")
         calls = {arm: step_call(kind, size) for arm, kind in ARMS.items()}
-        t = interleaved(calls, rounds=config["rounds"], min_sample_s=config["min_sample_s"], settle_s=config["settle_s"])
+        t = interleaved(
+            calls, rounds=config["rounds"], min_sample_s=config["min_sample_s"], settle_s=config["settle_s"]
+        )
         for arm, kind in ARMS.items():
             timings[size, kind] = np.asarray(t[arm].samples)
-            rows += [{"size": size, "arm": kind, "round": i, "metric": "seconds_per_step", "value": float(v)}
-                     for i, v in enumerate(t[arm].samples)]
+            rows += [
+                {"size": size, "arm": kind, "round": i, "metric": "seconds_per_step", "value": float(v)}
+                for i, v in enumerate(t[arm].samples)
+            ]
     report.write_metrics(out_dir, rows)
 
     table = report.markdown_table(
         ["size", "arm", "median ms per step (IQR)", "per-round ratio to no norm (median)"],
-        [(size, arm, f"{1e3 * np.median(timings[size, k]):.3f} ({1e3 * np.percentile(timings[size, k], 25):.3f}-"
-                     f"{1e3 * np.percentile(timings[size, k], 75):.3f})",
-          f"{np.median(timings[size, k] / timings[size, 'none']):.3f}") for size in config["sizes"] for arm, k in ARMS.items()],
+        [
+            (
+                size,
+                arm,
+                f"{1e3 * np.median(timings[size, k]):.3f} ({1e3 * np.percentile(timings[size, k], 25):.3f}-"
+                f"{1e3 * np.percentile(timings[size, k], 75):.3f})",
+                f"{np.median(timings[size, k] / timings[size, 'none']):.3f}",
+            )
+            for size in config["sizes"]
+            for arm, k in ARMS.items()
+        ],
     )
     quantities = {}
     for size in config["sizes"]:
@@ -109,5 +122,15 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
         f"all arms of a round), so ratios are taken round by round. CPU backend, {os.cpu_count()} cores visible, shared "
         f"with other jobs: absolute times are noisy, the per-round ratios less so."
     )
-    return report.finish(NAME, out_dir, config, title="17. BN's cost per training step", claim=CLAIM, setup=setup, table=table,
-                         figures=figures, quantities=quantities, seeds=list(range(config["rounds"])))
+    return report.finish(
+        NAME,
+        out_dir,
+        config,
+        title="17. BN's cost per training step",
+        claim=CLAIM,
+        setup=setup,
+        table=table,
+        figures=figures,
+        quantities=quantities,
+        seeds=list(range(config["rounds"])),
+    )

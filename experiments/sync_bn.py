@@ -18,15 +18,17 @@ the devices that process has.
 Without sync the devices' running statistics are averaged before evaluation (what flax's
 ImageNet example does); with sync they are equal on every device already.
 """
+
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import pathlib
-from typing import Any, NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import linen as nn
@@ -85,7 +87,7 @@ def load_digits(test_fraction: float, seed: int):
     x = (d.images / 16.0).astype(np.float32)[..., None]
     y = d.target.astype(np.int32)
     order = np.random.RandomState(seed).permutation(len(y))
-    n_test = int(round(test_fraction * len(y)))
+    n_test = round(test_fraction * len(y))
     test, train = order[:n_test], order[n_test:]
     return (x[train], y[train]), (x[test], y[test])
 
@@ -171,7 +173,7 @@ def train_one(c: dict, devices, mesh, per_device: int, fns: dict, seed: int, dat
             log.write(f"step {i:4d}  " + "  ".join(f"{name} {losses[name][-1]:.4f}" for name in runs))
 
     accuracy = {}
-    for name, (step, state, style) in runs.items():
+    for name, (_step, state, style) in runs.items():
         params = jax.device_get(state.params)
         if style == "pmap":
             params = jax.tree.map(lambda a: a[0], params)
@@ -215,7 +217,9 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
     """
     unknown = set(config) - set(DEFAULTS) - {"criteria"}  # criteria: judged by experiments.external
     if unknown:
-        raise ValueError(f"unknown config keys {sorted(unknown)}: use keys of experiments.sync_bn.DEFAULTS {sorted(DEFAULTS)}.")
+        raise ValueError(
+            f"unknown config keys {sorted(unknown)}: use keys of experiments.sync_bn.DEFAULTS {sorted(DEFAULTS)}."
+        )
     c = {**DEFAULTS, **config}
     per_devices = [int(b) for b in _as_list(c["per_device_batch"])]
     seeds = [int(s) for s in _as_list(c["seeds"])]
@@ -241,7 +245,13 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
 
     evaluate = jax.jit(lambda p, s, x: local_model.apply({"params": p, "batch_stats": s}, x, train=False))
     log = _Log()
-    summary: dict[str, Any] = {"devices": n, "steps": c["steps"], "seeds": seeds, "per_device_batch": per_devices, "by_batch": {}}
+    summary: dict[str, Any] = {
+        "devices": n,
+        "steps": c["steps"],
+        "seeds": seeds,
+        "per_device_batch": per_devices,
+        "by_batch": {},
+    }
     losses_by: dict[int, dict[str, np.ndarray]] = {}
     late_steps = max(1, int(c["steps"] * c["late_fraction"]))
     for per_device in per_devices:
@@ -250,7 +260,11 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
         for style in STYLES:  # compiled once per batch size, shared by the seeds
             for sync in (True, False):
                 model = local_model.clone(axis_name=AXIS) if sync else local_model
-                step = shard_map_step(model, tx, mesh, global_batch) if style == "shard_map" else pmap_step(model, tx, devices, global_batch)
+                step = (
+                    shard_map_step(model, tx, mesh, global_batch)
+                    if style == "shard_map"
+                    else pmap_step(model, tx, devices, global_batch)
+                )
                 compiled[f"{style}_{'sync' if sync else 'local'}"] = (step, style)
         fns = {"init": init, "evaluate": evaluate, "compiled": compiled}
         per_seed_losses = {name: [] for name in RUNS}
@@ -271,8 +285,10 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
         print(f"{per_device} examples per device (global batch {numbers['global_batch']}):")
         for name in RUNS:
             acc, loss = np.asarray(numbers[f"{name}_test_accuracy"]), np.asarray(numbers[f"{name}_final_loss"])
-            print(f"  {name:16s} final loss {loss.mean():.4f} ± {loss.std():.4f}  "
-                  f"test accuracy {acc.mean():.4f} ± {acc.std():.4f}  (per seed: {', '.join(f'{a:.3f}' for a in acc)})")
+            print(
+                f"  {name:16s} final loss {loss.mean():.4f} ± {loss.std():.4f}  "
+                f"test accuracy {acc.mean():.4f} ± {acc.std():.4f}  (per seed: {', '.join(f'{a:.3f}' for a in acc)})"
+            )
     if len(per_devices) == 1:
         numbers = summary["by_batch"][per_devices[0]]
         summary["global_batch"] = numbers["global_batch"]
@@ -282,12 +298,24 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
 
     with open(out_dir / "metrics.csv", "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["per_device_batch", "step", *(f"{name}_loss" for name in RUNS),
-                    *(f"{name}_loss_seed{s}" for name in RUNS for s in seeds)])
+        w.writerow(
+            [
+                "per_device_batch",
+                "step",
+                *(f"{name}_loss" for name in RUNS),
+                *(f"{name}_loss_seed{s}" for name in RUNS for s in seeds),
+            ]
+        )
         for per_device, losses in losses_by.items():
             for i in range(c["steps"]):
-                w.writerow([per_device, i + 1, *(f"{losses[name][:, i].mean():.6f}" for name in RUNS),
-                            *(f"{losses[name][k, i]:.6f}" for name in RUNS for k in range(len(seeds)))])
+                w.writerow(
+                    [
+                        per_device,
+                        i + 1,
+                        *(f"{losses[name][:, i].mean():.6f}" for name in RUNS),
+                        *(f"{losses[name][k, i]:.6f}" for name in RUNS for k in range(len(seeds))),
+                    ]
+                )
     plot(losses_by, summary, n, devices[0].platform, out_dir / "sync_bn.png")
     return summary
 
@@ -311,8 +339,15 @@ def plot(losses_by: dict, summary: dict, n: int, platform: str, path: pathlib.Pa
             w = min(20, len(mean))
             smooth = np.convolve(mean, np.ones(w) / w, mode="valid")
             wide = name.startswith("shard_map")  # drawn wide and pale under pmap's line: the two coincide
-            ax.plot(np.arange(w, len(mean) + 1), smooth, lw=3 if wide else 1, alpha=0.45 if wide else 1, color=colors[name],
-                    ls="-" if "sync" in name else "--", label=name)
+            ax.plot(
+                np.arange(w, len(mean) + 1),
+                smooth,
+                lw=3 if wide else 1,
+                alpha=0.45 if wide else 1,
+                color=colors[name],
+                ls="-" if "sync" in name else "--",
+                label=name,
+            )
         ax.set_xlabel("step")
         ax.set_ylabel("training loss (20-step mean)")
         ax.set_yscale("log")
@@ -326,14 +361,25 @@ def plot(losses_by: dict, summary: dict, n: int, platform: str, path: pathlib.Pa
     x = np.arange(len(batches))
     for k, name in enumerate(RUNS):
         accs = [np.asarray(summary["by_batch"][b][f"{name}_test_accuracy"]) for b in batches]
-        ax.errorbar(x + (k - 1.5) * 0.08, [a.mean() for a in accs], yerr=[a.std() for a in accs], marker="o" if "sync" in name else "s",
-                    ms=4, capsize=3, ls="none", color=colors[name], label=name)
+        ax.errorbar(
+            x + (k - 1.5) * 0.08,
+            [a.mean() for a in accs],
+            yerr=[a.std() for a in accs],
+            marker="o" if "sync" in name else "s",
+            ms=4,
+            capsize=3,
+            ls="none",
+            color=colors[name],
+            label=name,
+        )
     ax.set_xticks(x, [str(b) for b in batches])
     ax.set_xlabel("examples per device")
     ax.set_ylabel("test accuracy (mean ± std)")
     ax.legend(fontsize=6)
-    fig.suptitle(f"digits, {n} {platform} devices, seeds {summary['seeds']}; "
-                 f"jax {jax.__version__}, flax {flax.__version__}", fontsize=8)
+    fig.suptitle(
+        f"digits, {n} {platform} devices, seeds {summary['seeds']}; jax {jax.__version__}, flax {flax.__version__}",
+        fontsize=8,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
@@ -357,10 +403,10 @@ def main(argv=None) -> dict:
     config = load_config(a.config)
     if a.steps is not None:
         config["steps"] = a.steps
-    try:  # fake CPU devices when there is no accelerator (no effect on GPU/TPU)
+    # Fake CPU devices when there is no accelerator (no effect on GPU/TPU); if JAX already
+    # started in this process, use the devices it has.
+    with contextlib.suppress(RuntimeError):
         jax.config.update("jax_num_cpu_devices", int(config["devices"]))
-    except RuntimeError:  # JAX already started in this process: use the devices it has
-        pass
     return run(config, a.out)
 
 

@@ -7,11 +7,13 @@ jitted step per dispatch (faster on XLA:CPU, see `fit`). Every seed has its own
 initialization, data order, dropout and noise keys, all derived from the seed, so a run is
 reproducible (on the same machine and library versions).
 """
+
 from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -76,7 +78,9 @@ def variables_of(state: TrainState) -> dict:
     return variables
 
 
-def init_state(model: nn.Module, optimizer: optax.GradientTransformation, key: jax.Array, sample_x: jax.Array) -> TrainState:
+def init_state(
+    model: nn.Module, optimizer: optax.GradientTransformation, key: jax.Array, sample_x: jax.Array
+) -> TrainState:
     """A fresh TrainState for one seed. `sample_x` is a batch with the input shape."""
     variables = model.init({"params": key}, sample_x, train=False)
     params = variables["params"]
@@ -154,7 +158,16 @@ class Run:
                 for name, values in self.series.items():
                     v = values[t, s]
                     if np.ndim(v) == 0:
-                        out.append({**extra, "seed": seed, "order_seed": order_seeds[s], "step": int(step), "metric": name, "value": float(v)})
+                        out.append(
+                            {
+                                **extra,
+                                "seed": seed,
+                                "order_seed": order_seeds[s],
+                                "step": int(step),
+                                "metric": name,
+                                "value": float(v),
+                            }
+                        )
         return out
 
 
@@ -177,7 +190,9 @@ def _over_seeds(f: Callable, vectorize: bool, in_axes=0) -> Callable:
     axes = in_axes if isinstance(in_axes, tuple) else None
 
     def one_seed(*args):
-        squeezed = [a if axes is not None and axes[i] is None else jax.tree.map(lambda v: v[0], a) for i, a in enumerate(args)]
+        squeezed = [
+            a if axes is not None and axes[i] is None else jax.tree.map(lambda v: v[0], a) for i, a in enumerate(args)
+        ]
         return jax.tree.map(lambda v: v[None], f(*squeezed))
 
     return one_seed
@@ -187,8 +202,14 @@ def _merge_runs(runs: list[Run]) -> Run:
     """Runs of single seeds -> one Run stacked over seeds."""
     series = {k: np.concatenate([r.series[k] for r in runs], axis=1) for k in runs[0].series}
     state = jax.tree.map(lambda *leaves: jnp.concatenate(leaves), *[r.state for r in runs])
-    return Run([s for r in runs for s in r.seeds], runs[0].steps, series, state, sum(r.seconds for r in runs),
-               [o for r in runs for o in r.order_seeds])
+    return Run(
+        [s for r in runs for s in r.seeds],
+        runs[0].steps,
+        series,
+        state,
+        sum(r.seconds for r in runs),
+        [o for r in runs for o in r.order_seeds],
+    )
 
 
 def fit(
@@ -240,13 +261,21 @@ def fit(
     if len(order_seeds) != len(seeds):
         raise ValueError(f"`order_seeds` has {len(order_seeds)} entries for {len(seeds)} seeds: give one per seed.")
     options = dict(
-        steps=steps, batch_size=batch_size, eval_every=eval_every, order=order, classes_per_batch=classes_per_batch,
-        progress=progress, scan_steps=scan_steps,
+        steps=steps,
+        batch_size=batch_size,
+        eval_every=eval_every,
+        order=order,
+        classes_per_batch=classes_per_batch,
+        progress=progress,
+        scan_steps=scan_steps,
     )
     fns = _Compiled(model, optimizer, probe, vmap_seeds)  # shared by all seeds: one compilation
     if vmap_seeds or len(seeds) == 1:
         return _fit(fns, data, seeds=list(seeds), order_seeds=order_seeds, desc=desc, **options)
-    runs = [_fit(fns, data, seeds=[s], order_seeds=[o], desc=f"{desc} seed {s}", **options) for s, o in zip(seeds, order_seeds)]
+    runs = [
+        _fit(fns, data, seeds=[s], order_seeds=[o], desc=f"{desc} seed {s}", **options)
+        for s, o in zip(seeds, order_seeds)
+    ]
     return _merge_runs(runs)
 
 
@@ -279,8 +308,21 @@ class _Compiled:
         self.probe = None if probe is None else jax.jit(_over_seeds(probe, vectorize))
 
 
-def _fit(fns: _Compiled, data, *, seeds, order_seeds, steps, batch_size, eval_every, order, classes_per_batch, desc,
-         progress, scan_steps) -> Run:
+def _fit(
+    fns: _Compiled,
+    data,
+    *,
+    seeds,
+    order_seeds,
+    steps,
+    batch_size,
+    eval_every,
+    order,
+    classes_per_batch,
+    desc,
+    progress,
+    scan_steps,
+) -> Run:
     start = time.perf_counter()
     n_seeds = len(seeds)
     x_train, y_train = jnp.asarray(data.x_train), jnp.asarray(data.y_train)
@@ -320,7 +362,9 @@ def _fit(fns: _Compiled, data, *, seeds, order_seeds, steps, batch_size, eval_ev
         n = min(eval_every, steps - done)
         if scan_steps:
             ts = jnp.arange(done, done + n)
-            state, train_metrics = train_chunk(state, run_keys, x_train, y_train, jnp.asarray(indices[done : done + n]), ts)
+            state, train_metrics = train_chunk(
+                state, run_keys, x_train, y_train, jnp.asarray(indices[done : done + n]), ts
+            )
         else:
             per_step = []
             for t in range(done, done + n):
@@ -331,7 +375,9 @@ def _fit(fns: _Compiled, data, *, seeds, order_seeds, steps, batch_size, eval_ev
         values = record(state, done, train_metrics)
         eval_steps.append(done)
         bar.update(n)
-        bar.set_postfix(loss=f"{np.nanmean(values['train_loss']):.3f}", test_acc=f"{np.nanmean(values['test_accuracy']):.3f}")
+        bar.set_postfix(
+            loss=f"{np.nanmean(values['train_loss']):.3f}", test_acc=f"{np.nanmean(values['test_accuracy']):.3f}"
+        )
     bar.close()
     series = {k: np.stack(v) for k, v in history.items()}
     return Run(list(seeds), np.asarray(eval_steps), series, state, time.perf_counter() - start, list(order_seeds))

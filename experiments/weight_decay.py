@@ -9,6 +9,7 @@ lr / ||W||^2, which then decays. Weight decay keeps ||W|| small, so the effectiv
 rate stays high: with BN, weight decay acts on the learning rate, not as a regularizer of
 the function.
 """
+
 from __future__ import annotations
 
 import pathlib
@@ -72,37 +73,79 @@ def norm_probe(model: MLP, x, y):
 def run(config: dict, out_dir: pathlib.Path) -> dict:
     out_dir = pathlib.Path(out_dir)
     data = datasets.load(config["data"])
-    px, py = jnp.asarray(data.x_train[: config["probe_examples"]]), jnp.asarray(data.y_train[: config["probe_examples"]])
+    px, py = (
+        jnp.asarray(data.x_train[: config["probe_examples"]]),
+        jnp.asarray(data.y_train[: config["probe_examples"]]),
+    )
     lr = config["learning_rate"]
     arms = {"no weight decay": 0.0, f"weight decay {config['weight_decay']:g}": config["weight_decay"]}
     runs, rows = {}, []
     for arm, wd in arms.items():
         model = MLP(tuple(config["widths"]), data.num_classes, norm=NormSpec("bn", momentum=config["bn_momentum"]))
-        r = fit(model, optimizer(lr, wd), data, seeds=config["seeds"], steps=config["steps"], batch_size=config["batch_size"],
-                eval_every=config["eval_every"], probe=norm_probe(model, px, py), desc=arm)
+        r = fit(
+            model,
+            optimizer(lr, wd),
+            data,
+            seeds=config["seeds"],
+            steps=config["steps"],
+            batch_size=config["batch_size"],
+            eval_every=config["eval_every"],
+            probe=norm_probe(model, px, py),
+            desc=arm,
+        )
         runs[arm] = r
         rows += r.rows(arm=arm, weight_decay=wd)
         for t, step in enumerate(r.steps):
             for s, seed in enumerate(r.seeds):
                 for layer in range(len(config["widths"])):
                     for m in ("w_norm", "cos_w_grad"):
-                        rows.append({"arm": arm, "seed": seed, "step": int(step), "layer": layer, "metric": m, "value": float(r.series[m][t, s, layer])})
+                        rows.append(
+                            {
+                                "arm": arm,
+                                "seed": seed,
+                                "step": int(step),
+                                "layer": layer,
+                                "metric": m,
+                                "value": float(r.series[m][t, s, layer]),
+                            }
+                        )
     report.write_metrics(out_dir, rows)
 
     no, yes = list(arms)
+
     def mean_norm(r, t):  # (S,) mean over hidden layers of ||W|| at evaluation t
         return r.series["w_norm"][t].mean(-1)
+
     table = report.markdown_table(
-        ["arm", "||W|| at init", "||W|| at the end", "lr / ||W||^2 at the end", "max |cos(W, dL/dW)|", "final test acc"],
-        [(a, report.fmt_seeds(mean_norm(r, 0)), report.fmt_seeds(mean_norm(r, -1)), report.fmt_seeds(lr / mean_norm(r, -1) ** 2, 4),
-          f"{np.max(np.abs(r.series['cos_w_grad'])):.1e}", report.fmt_seeds(r.final("test_accuracy"))) for a, r in runs.items()],
+        [
+            "arm",
+            "||W|| at init",
+            "||W|| at the end",
+            "lr / ||W||^2 at the end",
+            "max |cos(W, dL/dW)|",
+            "final test acc",
+        ],
+        [
+            (
+                a,
+                report.fmt_seeds(mean_norm(r, 0)),
+                report.fmt_seeds(mean_norm(r, -1)),
+                report.fmt_seeds(lr / mean_norm(r, -1) ** 2, 4),
+                f"{np.max(np.abs(r.series['cos_w_grad'])):.1e}",
+                report.fmt_seeds(r.final("test_accuracy")),
+            )
+            for a, r in runs.items()
+        ],
     )
     quantities = {
         "max_abs_cos/no_wd": np.max(np.abs(runs[no].series["cos_w_grad"]), axis=(0, 2)),
         "norm_growth/no_wd": mean_norm(runs[no], -1) / mean_norm(runs[no], 0),
-        "final_norm/no_wd": mean_norm(runs[no], -1), "final_norm/wd": mean_norm(runs[yes], -1),
-        "effective_lr/no_wd": lr / mean_norm(runs[no], -1) ** 2, "effective_lr/wd": lr / mean_norm(runs[yes], -1) ** 2,
-        "test_acc/no_wd": runs[no].final("test_accuracy"), "test_acc/wd": runs[yes].final("test_accuracy"),
+        "final_norm/no_wd": mean_norm(runs[no], -1),
+        "final_norm/wd": mean_norm(runs[yes], -1),
+        "effective_lr/no_wd": lr / mean_norm(runs[no], -1) ** 2,
+        "effective_lr/wd": lr / mean_norm(runs[yes], -1) ** 2,
+        "test_acc/no_wd": runs[no].final("test_accuracy"),
+        "test_acc/wd": runs[yes].final("test_accuracy"),
     }
 
     fig, axes = report.figure(3, 1, width=3.6)
@@ -123,5 +166,15 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
         f"{config['eval_every']} steps on {config['probe_examples']} fixed training examples: ||W|| of each hidden kernel "
         f"and cos(W, dL/dW). Effective learning rate = lr / ||W||^2 with ||W|| the mean over the hidden kernels."
     )
-    return report.finish(NAME, out_dir, config, title="16. Weight decay and scale invariance", claim=CLAIM, setup=setup,
-                         table=table, figures=figures, quantities=quantities, seeds=config["seeds"])
+    return report.finish(
+        NAME,
+        out_dir,
+        config,
+        title="16. Weight decay and scale invariance",
+        claim=CLAIM,
+        setup=setup,
+        table=table,
+        figures=figures,
+        quantities=quantities,
+        seeds=config["seeds"],
+    )

@@ -9,6 +9,7 @@ shard_map over the global mesh, plain jit over globally sharded arrays, and pmap
 local devices (its psum spans every process). It writes this process's rows of the
 per-example results and its copy of the replicated ones to DIR/process_I.npz.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,7 +32,9 @@ def main() -> None:
     jax.config.update("jax_num_cpu_devices", LOCAL_DEVICES)
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(
-        coordinator_address=f"127.0.0.1:{a.port}", num_processes=a.processes, process_id=a.process_id,
+        coordinator_address=f"127.0.0.1:{a.port}",
+        num_processes=a.processes,
+        process_id=a.process_id,
         initialization_timeout=60,
     )
     try:
@@ -60,8 +63,17 @@ def run(process_id: int) -> dict:
     own = slice(process_id * rows, (process_id + 1) * rows)
 
     def loss_and_state(x, mask, w, scale, bias, mean, var, axis_name=None):
-        y, new = jbn.batch_norm(x, scale, bias, jbn.RunningStats(mean, var), training=True, momentum=MOMENTUM,
-                                epsilon=EPSILON, mask=mask, axis_name=axis_name)
+        y, new = jbn.batch_norm(
+            x,
+            scale,
+            bias,
+            jbn.RunningStats(mean, var),
+            training=True,
+            momentum=MOMENTUM,
+            epsilon=EPSILON,
+            mask=mask,
+            axis_name=axis_name,
+        )
         return jnp.sum(jnp.where(mask[..., None], y, 0) * w), (y, new.mean, new.var)
 
     def step(x, mask, w, scale, bias, mean, var, axis_name=None):
@@ -90,11 +102,14 @@ def run(process_id: int) -> dict:
     results = {}
 
     # shard_map over all devices of all processes; gradients taken inside (check_vma=True).
-    f = jax.jit(jax.shard_map(
-        lambda *t: step(*t, axis_name="d"), mesh=mesh,
-        in_specs=(P("d"), P("d"), P("d"), P(), P(), P(), P()),
-        out_specs=(P("d"), P(), P(), P("d"), P(), P()),
-    ))
+    f = jax.jit(
+        jax.shard_map(
+            lambda *t: step(*t, axis_name="d"),
+            mesh=mesh,
+            in_specs=(P("d"), P("d"), P("d"), P(), P(), P(), P()),
+            out_specs=(P("d"), P(), P(), P("d"), P(), P()),
+        )
+    )
     results.update(collect("shard_map", f(*per_example, *params)))
 
     # Plain jit over globally sharded arrays, no axis_name.
@@ -109,8 +124,19 @@ def run(process_id: int) -> dict:
     p = jax.pmap(pstep, axis_name="i", in_axes=(0, 0, 0, None, None, None, None))
     local = [a[own].reshape((LOCAL_DEVICES, -1) + a.shape[1:]) for a in (b.x, b.mask, b.w)]
     y, mean, var, dx, dscale, dbias = (np.asarray(o) for o in p(*local, b.scale, b.bias, b.mean, b.var))
-    results.update(collect("pmap", (y.reshape((rows,) + y.shape[2:]), mean[0], var[0], dx.reshape((rows,) + dx.shape[2:]),
-                                    dscale[0], dbias[0])))
+    results.update(
+        collect(
+            "pmap",
+            (
+                y.reshape((rows,) + y.shape[2:]),
+                mean[0],
+                var[0],
+                dx.reshape((rows,) + dx.shape[2:]),
+                dscale[0],
+                dbias[0],
+            ),
+        )
+    )
     results["pmap_mean_all_local"] = mean
     return results
 

@@ -2,6 +2,7 @@
 expected results: single-device batch norm on the concatenated (masked) batch, from the
 float64 NumPy reference in tests/reference.py (written from the formulas, not from jbn).
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -67,8 +68,9 @@ def make_batch(devices: int, per_device: int = 3, steps: int = 2, *, seed: int =
 def reference(b: Batch, *, momentum: float = MOMENTUM, epsilon: float = EPSILON) -> Reference:
     """Single-device batch norm of the whole batch `b` (all participants concatenated), and
     the gradients of the loss sum(where(mask, y, 0) * w)."""
-    y, mean, var = ref.batch_norm(b.x, b.scale, b.bias, b.mean, b.var, training=True, momentum=momentum,
-                                  epsilon=epsilon, mask=b.mask)
+    y, mean, var = ref.batch_norm(
+        b.x, b.scale, b.bias, b.mean, b.var, training=True, momentum=momentum, epsilon=epsilon, mask=b.mask
+    )
     dy = b.mask[..., None] * b.w.astype(np.float64)
     dx, dscale, dbias = ref.batch_norm_grads(b.x, b.scale, dy, epsilon=epsilon, mask=b.mask)
     return Reference(y=y, mean=mean, var=var, dx=dx, dscale=dscale, dbias=dbias)

@@ -1,8 +1,9 @@
 """Test setup: 8 fake CPU devices, made available before any JAX backend starts."""
+
 import os
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
 
-import jax  # noqa: E402
+import jax
 
 jax.config.update("jax_num_cpu_devices", 8)

@@ -3,6 +3,7 @@
 It shares no code with jbn: every number the tests check comes from here or from a
 real peer (flax, PyTorch), never from the code under test.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -56,8 +57,7 @@ def normalize(x, mean, var, scale=None, bias=None, axis=-1, epsilon=1e-5):
     return y
 
 
-def batch_norm(x, scale, bias, running_mean, running_var, *, training, axis=-1, momentum=0.99,
-               epsilon=1e-5, mask=None):
+def batch_norm(x, scale, bias, running_mean, running_var, *, training, axis=-1, momentum=0.99, epsilon=1e-5, mask=None):
     """Returns (y, new_running_mean, new_running_var)."""
     running_mean = np.asarray(running_mean, np.float64)
     running_var = np.asarray(running_var, np.float64)

@@ -1,4 +1,5 @@
 """Training conveniences: optax_mask, freezing BN for fine-tuning, zero-initialised residual scale."""
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -65,7 +66,10 @@ def test_optax_mask_in_adamw_decays_only_the_kernels():
 def test_frozen_statistics_still_train_scale_and_bias():
     x, variables = _init()
     rng = np.random.default_rng(1)
-    stats = {"mean": jnp.asarray(rng.normal(size=4), jnp.float32), "var": jnp.asarray(rng.uniform(0.5, 2, 4), jnp.float32)}
+    stats = {
+        "mean": jnp.asarray(rng.normal(size=4), jnp.float32),
+        "var": jnp.asarray(rng.uniform(0.5, 2, 4), jnp.float32),
+    }
     variables = {**variables, "batch_stats": {"BatchNorm_0": stats}}
     bn = jbn.BatchNorm(use_running_average=True)  # frozen: eval-mode statistics during fine-tuning
     bn_vars = {"params": variables["params"]["BatchNorm_0"], "batch_stats": stats}

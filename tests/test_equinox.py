@@ -492,6 +492,7 @@ def test_gradient_through_jit_and_scan(where, fused):
 def test_vmap_memory_grows_linearly_with_batch():
     """Under vmap the all-gather of the statistics is a broadcast (jbn._collectives.gather),
     not a psum of one-hot slots: memory grows linearly with the batch, as equinox's pmean."""
+
     def temp_bytes(n):
         bn, state = make(je.BatchNorm, 16, "batch", mode="batch")
         params, static = eqx.partition(bn, eqx.is_inexact_array)

@@ -1,4 +1,5 @@
 """Every bad input fails at trace time with the right exception naming the argument."""
+
 import warnings
 
 import jax
@@ -23,8 +24,11 @@ def traced(fn):
     [
         (lambda: jbn.batch_norm(X, jnp.ones(5), None, RUNNING, training=True), ValueError, "`scale`"),
         (lambda: jbn.batch_norm(X, None, jnp.ones(2), RUNNING, training=True), ValueError, "`bias`"),
-        (lambda: jbn.batch_norm(X, None, None, jbn.RunningStats(jnp.zeros(4), jnp.ones(3)), training=True),
-         ValueError, "`running.mean`"),
+        (
+            lambda: jbn.batch_norm(X, None, None, jbn.RunningStats(jnp.zeros(4), jnp.ones(3)), training=True),
+            ValueError,
+            "`running.mean`",
+        ),
         (lambda: jbn.batch_norm(X, None, None, RUNNING, training=True, axis=2), ValueError, "`axis`"),
         (lambda: jbn.moments(X, axis=(0, -2)), ValueError, "`axis`"),
         (lambda: jbn.moments(jnp.ones((4, 3), jnp.int32)), TypeError, "`x`"),
@@ -36,21 +40,45 @@ def traced(fn):
         (lambda: jbn.moments(X, mask=jnp.ones((4, 3, 1), bool)), ValueError, "`mask`"),
         (lambda: jbn.moments(X, axis_name="batch"), ValueError, "`axis_name`"),
         (lambda: jbn.moments(X, axis_index_groups=[[0]]), ValueError, "`axis_index_groups`"),
-        (lambda: jbn.batch_norm(X, None, None, RUNNING, training=True, momentum=np.float32(1.5)), ValueError,
-         "`momentum`"),
-        (lambda: jbn.batch_norm(X, None, None, RUNNING, training=True, momentum=JAX_MOMENTUM), ValueError,
-         "`momentum`"),
+        (
+            lambda: jbn.batch_norm(X, None, None, RUNNING, training=True, momentum=np.float32(1.5)),
+            ValueError,
+            "`momentum`",
+        ),
+        (
+            lambda: jbn.batch_norm(X, None, None, RUNNING, training=True, momentum=JAX_MOMENTUM),
+            ValueError,
+            "`momentum`",
+        ),
         (lambda: jbn.batch_norm(X, None, None, RUNNING, training=True, momentum="0.9"), TypeError, "`momentum`"),
-        (lambda: jbn.batch_norm(X, None, None, RUNNING, training=True, epsilon=np.float32(0)), ValueError,
-         "`epsilon`"),
+        (lambda: jbn.batch_norm(X, None, None, RUNNING, training=True, epsilon=np.float32(0)), ValueError, "`epsilon`"),
         (lambda: jbn.moments(X, axis=1.0), TypeError, "`axis`"),
         (lambda: jbn.moments(X, axis=True), TypeError, "`axis`"),
         (lambda: jbn.moments(jnp.ones(())), ValueError, "`axis`"),
     ],
-    ids=["scale-size", "bias-size", "running-size", "axis-range", "axis-duplicate", "integer-x", "momentum-high",
-         "momentum-low", "epsilon-zero", "epsilon-negative", "mask-shape", "mask-rank",
-         "unbound-axis-name", "groups-without-name", "momentum-numpy-scalar", "momentum-jax-scalar",
-         "momentum-string", "epsilon-numpy-scalar", "axis-float", "axis-bool", "scalar-input"],
+    ids=[
+        "scale-size",
+        "bias-size",
+        "running-size",
+        "axis-range",
+        "axis-duplicate",
+        "integer-x",
+        "momentum-high",
+        "momentum-low",
+        "epsilon-zero",
+        "epsilon-negative",
+        "mask-shape",
+        "mask-rank",
+        "unbound-axis-name",
+        "groups-without-name",
+        "momentum-numpy-scalar",
+        "momentum-jax-scalar",
+        "momentum-string",
+        "epsilon-numpy-scalar",
+        "axis-float",
+        "axis-bool",
+        "scalar-input",
+    ],
 )
 def test_bad_input_raises_at_trace_time(call, exc, names):
     with pytest.raises(exc, match=names.replace(".", r"\.")):
@@ -66,8 +94,9 @@ def test_unbound_axis_name_explains_the_fix():
 
 
 def test_numpy_integer_axis_and_scalar_momentum_are_accepted():
-    y, running = jbn.batch_norm(X, None, None, RUNNING, training=True, axis=np.int64(1),
-                                momentum=np.float32(0.5), epsilon=np.float64(1e-3))
+    y, running = jbn.batch_norm(
+        X, None, None, RUNNING, training=True, axis=np.int64(1), momentum=np.float32(0.5), epsilon=np.float64(1e-3)
+    )
     x = np.asarray(X, np.float64)
     np.testing.assert_allclose(y, (x - x.mean(0)) / np.sqrt(x.var(0) + 1e-3), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(running.mean, 0.5 * x.mean(0), rtol=1e-6)
@@ -108,12 +137,17 @@ def test_one_value_per_feature_counts_the_group_not_the_axis():
     running = jbn.RunningStats(jnp.zeros(3), jnp.ones(3))
 
     def step(x):
-        return jbn.batch_norm(x, None, None, running, training=True, axis_name="i",
-                              axis_index_groups=[[i] for i in range(8)])[0]
+        return jbn.batch_norm(
+            x, None, None, running, training=True, axis_name="i", axis_index_groups=[[i] for i in range(8)]
+        )[0]
 
     with pytest.warns(jbn.OneValuePerFeatureWarning, match="one value per feature"):
         jax.pmap(step, axis_name="i")(x)
     with warnings.catch_warnings():
         warnings.simplefilter("error", jbn.OneValuePerFeatureWarning)  # groups of 4 values: no warning
-        jax.pmap(lambda x: jbn.batch_norm(x, None, None, running, training=True, axis_name="i",
-                                      axis_index_groups=[[0, 1, 2, 3], [4, 5, 6, 7]])[0], axis_name="i")(x)
+        jax.pmap(
+            lambda x: jbn.batch_norm(
+                x, None, None, running, training=True, axis_name="i", axis_index_groups=[[0, 1, 2, 3], [4, 5, 6, 7]]
+            )[0],
+            axis_name="i",
+        )(x)

@@ -1,5 +1,6 @@
 """The experiment suite: every experiment end to end at a tiny size, config validation,
 the CLI, the offline data loaders, batch orders, the training loop and the verdict rule."""
+
 from __future__ import annotations
 
 import csv
@@ -54,7 +55,9 @@ def test_waiting_arm_reports_a_marker_never_a_number(tmp_path, monkeypatch):
     """An arm whose jbn feature is missing is not run: metrics.csv says so, and its criteria are undecided."""
     label, _ = features.FEATURES["renorm"]
     monkeypatch.setitem(features.FEATURES, "renorm", (label, lambda: False))
-    cli.run_experiment(registry.config_path("small_batches"), ["norms=[bn, renorm]", "ghost_seeds=[0]"], tiny=True, runs_dir=tmp_path)
+    cli.run_experiment(
+        registry.config_path("small_batches"), ["norms=[bn, renorm]", "ghost_seeds=[0]"], tiny=True, runs_dir=tmp_path
+    )
     out = tmp_path / "small_batches"
     with open(out / "metrics.csv", newline="") as f:
         rows = list(csv.DictReader(f))
@@ -62,7 +65,7 @@ def test_waiting_arm_reports_a_marker_never_a_number(tmp_path, monkeypatch):
     assert waiting and all(r["status"] == "waiting for jbn.BatchRenorm" and r["value"] == "" for r in waiting)
     assert all(r["status"] == "ok" for r in rows if r.get("norm") == "bn")
     summary = (out / "summary.md").read_text()
-    line = next(l for l in summary.splitlines() if l.startswith("| A: renorm_less |"))
+    line = next(row for row in summary.splitlines() if row.startswith("| A: renorm_less |"))
     assert line.endswith("| no finite value | undecided |")
 
 
@@ -83,7 +86,14 @@ def write(tmp_path, text):
 def test_config_fills_defaults_and_accepts_ints_and_exponents_for_floats(tmp_path, defaults):
     path = write(tmp_path, "steps: 5\nlearning_rate: 1e-3\nnested: {depth: 4}\n")
     c = cfg.load(path, defaults)
-    assert c == {"steps": 5, "learning_rate": 0.001, "seeds": [0, 1], "name": "bn", "progress": True, "nested": {"depth": 4}}
+    assert c == {
+        "steps": 5,
+        "learning_rate": 0.001,
+        "seeds": [0, 1],
+        "name": "bn",
+        "progress": True,
+        "nested": {"depth": 4},
+    }
     assert cfg.load(write(tmp_path, "learning_rate: 1\n"), defaults)["learning_rate"] == 1.0
     assert cfg.load(write(tmp_path, ""), defaults) == defaults
 
@@ -295,7 +305,15 @@ def test_sync_bn_report_judges_the_configs_criteria_paired_by_seed(tmp_path):
 
 
 def criterion(**kw):
-    base = {"id": "c", "says": "a beats b", "quantity": "a", "compare": "greater", "threshold": 0.0, "test": "t95", "fixed": "2026-12-01"}
+    base = {
+        "id": "c",
+        "says": "a beats b",
+        "quantity": "a",
+        "compare": "greater",
+        "threshold": 0.0,
+        "test": "t95",
+        "fixed": "2026-12-01",
+    }
     return protocol.validate([{**base, **kw}], "test")[0]
 
 
@@ -350,11 +368,41 @@ def test_decide(values, compare, threshold, test, expected):
 
 
 def test_verdict_is_computed_from_the_criteria_only():
-    crits = protocol.validate([
-        {"id": "x", "part": "A", "says": "x", "quantity": "x", "compare": "greater", "threshold": 0.0, "test": "t95", "fixed": "2026-12-01"},
-        {"id": "y", "part": "B", "says": "y", "quantity": "y", "compare": "greater", "threshold": 0.0, "test": "t95", "fixed": "2026-12-01"},
-        {"id": "z", "part": "B", "says": "z", "quantity": "missing", "compare": "less", "threshold": 0.0, "test": "t95", "fixed": "2026-12-01"},
-    ], "test")
+    crits = protocol.validate(
+        [
+            {
+                "id": "x",
+                "part": "A",
+                "says": "x",
+                "quantity": "x",
+                "compare": "greater",
+                "threshold": 0.0,
+                "test": "t95",
+                "fixed": "2026-12-01",
+            },
+            {
+                "id": "y",
+                "part": "B",
+                "says": "y",
+                "quantity": "y",
+                "compare": "greater",
+                "threshold": 0.0,
+                "test": "t95",
+                "fixed": "2026-12-01",
+            },
+            {
+                "id": "z",
+                "part": "B",
+                "says": "z",
+                "quantity": "missing",
+                "compare": "less",
+                "threshold": 0.0,
+                "test": "t95",
+                "fixed": "2026-12-01",
+            },
+        ],
+        "test",
+    )
     q = {"x": [1.0, 1.1, 0.9], "y": [-1.0, -1.1, -0.9]}
     outcomes = protocol.judge(crits, q)
     assert [o.passed for o in outcomes] == [True, False, None]
@@ -386,7 +434,15 @@ def test_bad_criteria_name_the_criterion_and_the_fix(change, message):
 
 
 def test_missing_key_and_duplicate_id_are_rejected():
-    good = {"id": "c", "says": "s", "quantity": "a", "compare": "greater", "threshold": 0.0, "test": "t95", "fixed": "2026-12-01"}
+    good = {
+        "id": "c",
+        "says": "s",
+        "quantity": "a",
+        "compare": "greater",
+        "threshold": 0.0,
+        "test": "t95",
+        "fixed": "2026-12-01",
+    }
     with pytest.raises(protocol.CriteriaError, match="lacks fixed"):
         protocol.validate([{k: v for k, v in good.items() if k != "fixed"}], "test")
     with pytest.raises(protocol.CriteriaError, match="used twice"):
@@ -403,17 +459,44 @@ def test_criteria_cannot_be_overridden_and_a_config_needs_them(tmp_path):
 
 
 def test_summary_keeps_an_old_verdict_beside_the_new_one(tmp_path):
-    crits = protocol.validate([{
-        "id": "acc", "says": "BN is better", "quantity": "a", "versus": "b", "compare": "greater", "threshold": 0.0,
-        "test": "t95", "fixed": "2026-12-01",
-        "history": [{"until": "2026-11-23", "was": "mean gap > summed SDs", "verdict": "confirmed", "reason": "loosened"}],
-    }], "test")
+    crits = protocol.validate(
+        [
+            {
+                "id": "acc",
+                "says": "BN is better",
+                "quantity": "a",
+                "versus": "b",
+                "compare": "greater",
+                "threshold": 0.0,
+                "test": "t95",
+                "fixed": "2026-12-01",
+                "history": [
+                    {
+                        "until": "2026-11-23",
+                        "was": "mean gap > summed SDs",
+                        "verdict": "confirmed",
+                        "reason": "loosened",
+                    }
+                ],
+            }
+        ],
+        "test",
+    )
     outcomes = protocol.judge(crits, {"a": [0.5, 0.6, 0.4], "b": [0.5, 0.5, 0.5]})
-    path, v = report.write_summary(tmp_path, title="t", claim="c", setup="s", table="", outcomes=outcomes, figures=[],
-                                   quantities={"a": [0.5, 0.6, 0.4], "b": [0.5, 0.5, 0.5]}, seeds=[0, 1, 2])
+    path, v = report.write_summary(
+        tmp_path,
+        title="t",
+        claim="c",
+        setup="s",
+        table="",
+        outcomes=outcomes,
+        figures=[],
+        quantities={"a": [0.5, 0.6, 0.4], "b": [0.5, 0.5, 0.5]},
+        seeds=[0, 1, 2],
+    )
     text = path.read_text()
     assert v == "not confirmed"
-    assert "**acc** (until 2026-11-23): was \"mean gap > summed SDs\", verdict then **confirmed**" in text
+    assert '**acc** (until 2026-11-23): was "mean gap > summed SDs", verdict then **confirmed**' in text
     assert "Now (fixed 2026-12-01): no." in text
     assert "| acc | BN is better | 95% t-CI of the mean of a − b (paired by seed) > 0 | 2026-12-01 |" in text
 
@@ -433,8 +516,13 @@ def test_reproducibility_report_gives_the_drift_of_each_criterion(tmp_path):
 
     def write_run(folder, bn_acc):
         (folder / "ioffe_fig1").mkdir(parents=True)
-        q = {"test_acc/BN": bn_acc, "test_acc/baseline": [0.45, 0.46, 0.47], "reach_fraction/BN": [0.1, 0.2, 0.1],
-             "drift/BN": [0.3, 0.3, 0.3], "drift/baseline": [0.8, 0.8, 0.8]}
+        q = {
+            "test_acc/BN": bn_acc,
+            "test_acc/baseline": [0.45, 0.46, 0.47],
+            "reach_fraction/BN": [0.1, 0.2, 0.1],
+            "drift/BN": [0.3, 0.3, 0.3],
+            "drift/baseline": [0.8, 0.8, 0.8],
+        }
         report.write_rows(folder / "ioffe_fig1" / "quantities.csv", protocol.quantity_rows(q, [0, 1, 2]))
 
     write_run(tmp_path / "a", [0.65, 0.66, 0.67])
@@ -449,5 +537,5 @@ def test_reproducibility_report_gives_the_drift_of_each_criterion(tmp_path):
 
 def test_at_least_sixteen_experiments_are_listed(capsys):
     assert cli.main(["list"]) == 0
-    listed = [l for l in capsys.readouterr().out.splitlines()[1:] if "configs/" in l]
+    listed = [line for line in capsys.readouterr().out.splitlines()[1:] if "configs/" in line]
     assert len(listed) >= 16

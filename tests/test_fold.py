@@ -1,4 +1,5 @@
 """fold_batch_norm: the folded layer equals layer + BN in eval mode."""
+
 from functools import partial
 from typing import Any
 
@@ -34,10 +35,14 @@ def _random_bn(variables, seed):
     rng = np.random.default_rng(seed)
     stats = variables["batch_stats"]["bn"]
     c = stats["mean"].shape[0]
-    new_stats = {"mean": jnp.asarray(rng.normal(size=c) * 2, jnp.float32),
-                 "var": jnp.asarray(rng.uniform(0.1, 3.0, c), jnp.float32)}
-    bn_params = {k: jnp.asarray(rng.normal(size=c) + (1.0 if k == "scale" else 0.0), jnp.float32)
-                 for k in variables["params"].get("bn", {})}
+    new_stats = {
+        "mean": jnp.asarray(rng.normal(size=c) * 2, jnp.float32),
+        "var": jnp.asarray(rng.uniform(0.1, 3.0, c), jnp.float32),
+    }
+    bn_params = {
+        k: jnp.asarray(rng.normal(size=c) + (1.0 if k == "scale" else 0.0), jnp.float32)
+        for k in variables["params"].get("bn", {})
+    }
     params = {**variables["params"]}
     if bn_params:
         params["bn"] = bn_params
@@ -49,8 +54,9 @@ def _check_fold(make_layer, x, seed, bn_kwargs=None, epsilon=EPS):
     variables = _random_bn(unfolded.init(jax.random.key(seed), x), seed)
     expected = unfolded.apply(variables, x)
     layer_params = variables["params"]["layer"]
-    folded_params = jbn.fold_batch_norm(layer_params, variables["params"].get("bn"), variables["batch_stats"]["bn"],
-                                        epsilon=epsilon)
+    folded_params = jbn.fold_batch_norm(
+        layer_params, variables["params"].get("bn"), variables["batch_stats"]["bn"], epsilon=epsilon
+    )
     got = LayerThenBN(make_layer, fold=True).apply({"params": {"layer": folded_params}}, x)
     np.testing.assert_allclose(got, expected, rtol=2e-5, atol=2e-5)
     return variables, got
@@ -78,8 +84,13 @@ def test_grouped_conv():
 
 def test_bn_without_scale_or_bias_and_other_epsilon():
     x = jnp.asarray(np.random.default_rng(3).normal(size=(2, 4, 4, 2)), jnp.float32)
-    _check_fold(partial(nn.Conv, 3, (2, 2)), x, 3, bn_kwargs={"use_scale": False, "use_bias": False, "epsilon": 1e-3},
-                epsilon=1e-3)
+    _check_fold(
+        partial(nn.Conv, 3, (2, 2)),
+        x,
+        3,
+        bn_kwargs={"use_scale": False, "use_bias": False, "epsilon": 1e-3},
+        epsilon=1e-3,
+    )
 
 
 def test_mismatched_bn_fails_clearly():

@@ -1,4 +1,5 @@
 """The pure layer against the float64 NumPy reference."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -70,8 +71,16 @@ def test_batch_norm_matches_reference(case, training):
     features = ref.canonical_axes(len(shape), axis)
     if training and np.prod([s for a, s in enumerate(shape) if a not in features]) == 1:
         return  # one value per feature: an error, tested in test_errors.py
-    y, new = jbn.batch_norm(jnp.asarray(x, dtype), scale, bias, jbn.RunningStats(rm, rv), training=training,
-                            axis=axis, momentum=0.9, mask=mask)
+    y, new = jbn.batch_norm(
+        jnp.asarray(x, dtype),
+        scale,
+        bias,
+        jbn.RunningStats(rm, rv),
+        training=training,
+        axis=axis,
+        momentum=0.9,
+        mask=mask,
+    )
     y_ref, m_ref, v_ref = ref.batch_norm(x, scale, bias, rm, rv, training=training, axis=axis, momentum=0.9, mask=mask)
     assert y.dtype == jnp.result_type(dtype, scale.dtype, bias.dtype) and y.shape == x.shape  # flax's promotion
     tol = TOL[dtype]

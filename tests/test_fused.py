@@ -1,6 +1,7 @@
 """The fused training path (jbn._vjp): gradients against a float64 NumPy reference
 written from the batch-norm backward formulas, against flax, numerical second
 derivatives, masks, activations, the memory-saving mode and its saved residuals."""
+
 import io
 import re
 from contextlib import redirect_stdout
@@ -67,9 +68,11 @@ def reference(x, scale, bias, valid, dy, g_mean, g_var, features, activation=Non
     d_scale = (dz * x_hat).sum(reduce)
     dx_hat = dz * g
     d_var = (dx_hat * (x - mean)).sum(reduce, keepdims=True) * -0.5 * r**3 + gv
-    d_mean = (-dx_hat * r).sum(reduce, keepdims=True) + d_var * (v * -2 * (xv - mean)).sum(
-        reduce, keepdims=True
-    ) / np.maximum(n, 1) + gm
+    d_mean = (
+        (-dx_hat * r).sum(reduce, keepdims=True)
+        + d_var * (v * -2 * (xv - mean)).sum(reduce, keepdims=True) / np.maximum(n, 1)
+        + gm
+    )
     dx = dx_hat * r + v * (d_var * 2 * (xv - mean) + d_mean) / np.maximum(n, 1)
     squeeze = tuple(x.shape[a] for a in features)
     return {
@@ -154,8 +157,15 @@ def test_gradients_match_float64_reference(shape, axis, features, activation, ma
     mask = make_mask(mask_kind, shape, features)
     got = loss_and_grads(x, scale, bias, dy, w_mean, w_var, axis=axis, mask=mask, activation=activation)
     ref = reference(
-        x, scale, bias, expand_mask(mask, shape, features), dy,
-        (1 - MOMENTUM) * w_mean, (1 - MOMENTUM) * w_var, features, activation,
+        x,
+        scale,
+        bias,
+        expand_mask(mask, shape, features),
+        dy,
+        (1 - MOMENTUM) * w_mean,
+        (1 - MOMENTUM) * w_var,
+        features,
+        activation,
     )
     # Padded outputs are normalized too, so compare y only where it counts.
     valid = np.ones(shape, bool) if mask is None else np.broadcast_to(expand_mask(mask, shape, features), shape)
@@ -190,8 +200,15 @@ def test_masked_loss_gives_zero_gradient_on_padding_even_with_nan():
     for activation in (None, "relu", "leaky_relu"):
         got = loss_and_grads(x_nan, scale, bias, dy_masked, w_mean, w_var, mask=mask, activation=activation)
         ref = reference(
-            x, scale, bias, mask[..., None], dy_masked,
-            (1 - MOMENTUM) * w_mean, (1 - MOMENTUM) * w_var, features, activation,
+            x,
+            scale,
+            bias,
+            mask[..., None],
+            dy_masked,
+            (1 - MOMENTUM) * w_mean,
+            (1 - MOMENTUM) * w_var,
+            features,
+            activation,
         )
         assert np.all(np.asarray(got["dx"])[~valid] == 0)
         for key in ("dx", "d_scale", "d_bias"):
@@ -220,8 +237,11 @@ def test_unmasked_loss_gradients_match_flax_with_mask():
 
         def loss(x, params):
             y, _ = module.apply(
-                {"params": params, "batch_stats": variables["batch_stats"]}, x,
-                use_running_average=False, mask=mask[..., None], mutable=["batch_stats"],
+                {"params": params, "batch_stats": variables["batch_stats"]},
+                x,
+                use_running_average=False,
+                mask=mask[..., None],
+                mutable=["batch_stats"],
             )
             return jnp.sum(y * dy)
 
@@ -243,8 +263,10 @@ def test_fused_relu_module_matches_flax_batchnorm_then_relu():
 
         def loss(x, params):
             y, updates = module.apply(
-                {"params": params, "batch_stats": variables["batch_stats"]}, x,
-                use_running_average=False, mutable=["batch_stats"],
+                {"params": params, "batch_stats": variables["batch_stats"]},
+                x,
+                use_running_average=False,
+                mutable=["batch_stats"],
             )
             return jnp.sum(after(y) * dy), updates
 
@@ -371,8 +393,9 @@ def test_save_output_only_argument_checks():
     with pytest.raises(ValueError, match="invertible"):
         jbn.batch_norm(x, None, None, running, training=True, activation="relu", save_output_only=True)
     with pytest.raises(ValueError, match="negative_slope"):
-        jbn.batch_norm(x, None, None, running, training=True, activation="leaky_relu", negative_slope=0.0,
-                       save_output_only=True)
+        jbn.batch_norm(
+            x, None, None, running, training=True, activation="leaky_relu", negative_slope=0.0, save_output_only=True
+        )
     with pytest.raises(ValueError, match="zeros"):
         jbn.batch_norm(x, jnp.float32([1, 0, 1]), None, running, training=True, save_output_only=True)
     with pytest.raises(ValueError, match="fused"):
@@ -397,8 +420,9 @@ def test_save_output_only_traced_zero_scale_gives_nan_gradient_not_a_wrong_one()
 def test_eval_mode_applies_the_activation():
     x = jnp.float32([[-2.0, 1.0], [3.0, -4.0]])
     running = RunningStats(jnp.zeros(2), jnp.ones(2))
-    y, same = jbn.batch_norm(x, None, None, running, training=False, epsilon=1e-12, activation="leaky_relu",
-                             negative_slope=0.5)
+    y, same = jbn.batch_norm(
+        x, None, None, running, training=False, epsilon=1e-12, activation="leaky_relu", negative_slope=0.5
+    )
     np.testing.assert_allclose(y, [[-1.0, 1.0], [3.0, -2.0]], rtol=1e-6)
     np.testing.assert_array_equal(same.mean, running.mean)
     np.testing.assert_array_equal(same.var, running.var)
@@ -424,8 +448,17 @@ def test_bfloat16_input_with_float32_output_keeps_each_dtype():
     x16 = jnp.asarray(x).astype(jnp.bfloat16)
     got = loss_and_grads(x16, scale, bias, dy, w_mean, w_var, activation="relu", dtype=jnp.float32)
     assert got["y"].dtype == jnp.float32 and got["dx"].dtype == jnp.bfloat16 and got["d_scale"].dtype == jnp.float32
-    ref = reference(np.asarray(x16.astype(jnp.float32)), scale, bias, None, dy,
-                    (1 - MOMENTUM) * w_mean, (1 - MOMENTUM) * w_var, features, "relu")
+    ref = reference(
+        np.asarray(x16.astype(jnp.float32)),
+        scale,
+        bias,
+        None,
+        dy,
+        (1 - MOMENTUM) * w_mean,
+        (1 - MOMENTUM) * w_var,
+        features,
+        "relu",
+    )
     assert_close(got["y"], ref["y"])  # computed in float32 from the bfloat16 input
     assert_close(got["d_scale"], ref["d_scale"])
     assert_close(got["dx"], ref["dx"], rtol=1e-2, atol=1e-2)  # rounded to bfloat16

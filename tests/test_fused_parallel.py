@@ -1,6 +1,7 @@
 """Gradients of the fused path with synchronized statistics (pmap, vmap with an axis
 name, shard_map with check_vma=True, axis_index_groups), against the float64 NumPy
 reference of single-device batch norm on the whole batch."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -34,8 +35,18 @@ def data(seed=0, rows=(3, 2)):
 def local_loss(x, dy, mask, scale, bias, w_mean, w_var, axis_name, fused=True, **kwargs):
     running = RunningStats(jnp.zeros(C), jnp.ones(C))
     y, new = jbn.batch_norm(
-        x, scale, bias, running, training=True, momentum=MOMENTUM, epsilon=EPS, mask=mask,
-        axis_name=axis_name, fused=fused, negative_slope=SLOPE, **kwargs,
+        x,
+        scale,
+        bias,
+        running,
+        training=True,
+        momentum=MOMENTUM,
+        epsilon=EPS,
+        mask=mask,
+        axis_name=axis_name,
+        fused=fused,
+        negative_slope=SLOPE,
+        **kwargs,
     )
     return jnp.sum(y * dy) + jnp.sum(new.mean * w_mean) + jnp.sum(new.var * w_var)
 
@@ -45,8 +56,15 @@ def whole_batch_reference(x, dy, mask, scale, bias, w_mean, w_var, activation, d
     statistics once, so their cotangents add up over participants."""
     flat = lambda a: a.reshape(-1, *a.shape[2:])  # noqa: E731
     return reference(
-        flat(x), scale, bias, flat(mask)[..., None], flat(dy),
-        devices * (1 - MOMENTUM) * w_mean, devices * (1 - MOMENTUM) * w_var, (x.ndim - 2,), activation,
+        flat(x),
+        scale,
+        bias,
+        flat(mask)[..., None],
+        flat(dy),
+        devices * (1 - MOMENTUM) * w_mean,
+        devices * (1 - MOMENTUM) * w_var,
+        (x.ndim - 2,),
+        activation,
     )
 
 
@@ -140,15 +158,25 @@ def test_shard_map_module_running_stats_are_replicated_and_global():
     variables = module.init(jax.random.key(0), x[0], use_running_average=False)
 
     def body(x, mask, variables):
-        y, updates = module.apply(variables, x[0], mask=mask[0][..., None], use_running_average=False,
-                                  mutable=["batch_stats"])
+        y, updates = module.apply(
+            variables, x[0], mask=mask[0][..., None], use_running_average=False, mutable=["batch_stats"]
+        )
         return y[None], updates["batch_stats"]
 
     y, stats = jax.jit(
         jax.shard_map(body, mesh=mesh, in_specs=(P("batch"), P("batch"), P()), out_specs=(P("batch"), P()))
     )(x_s, mask_s, variables)
-    ref = reference(x.reshape(-1, 2, C), None, None, mask.reshape(-1, 2)[..., None], np.zeros((D * 3, 2, C)),
-                    None, None, (2,), "relu")
+    ref = reference(
+        x.reshape(-1, 2, C),
+        None,
+        None,
+        mask.reshape(-1, 2)[..., None],
+        np.zeros((D * 3, 2, C)),
+        None,
+        None,
+        (2,),
+        "relu",
+    )
     assert_close(stats["mean"], (1 - MOMENTUM) * ref["mean"])
     assert_close(stats["var"], MOMENTUM + (1 - MOMENTUM) * ref["var"])
     valid = np.broadcast_to(mask[..., None], x.shape).reshape(-1, 2, C)

@@ -1,4 +1,5 @@
 """Ghost batch norm (`virtual_batch_size`): each sub-batch normalized on its own."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -25,8 +26,8 @@ def test_equals_batch_norm_on_each_sub_batch():
     y, new = jbn.batch_norm(x, gamma, beta, running, training=True, momentum=M, virtual_batch_size=4)
     means, variances = [], []
     for g in range(3):
-        y_ref, mean, var, _ = bn_train(x[4 * g: 4 * g + 4], gamma, beta, EPS)
-        np.testing.assert_allclose(y[4 * g: 4 * g + 4], y_ref, rtol=1e-5, atol=1e-5)
+        y_ref, mean, var, _ = bn_train(x[4 * g : 4 * g + 4], gamma, beta, EPS)
+        np.testing.assert_allclose(y[4 * g : 4 * g + 4], y_ref, rtol=1e-5, atol=1e-5)
         means.append(mean)
         variances.append(var)
     # running statistics: updated once, from the mean of sub-batch means and of sub-batch variances
@@ -42,7 +43,7 @@ def test_gradients_equal_separate_sub_batches():
         return jnp.sum(jbn.batch_norm(x, g, b, running, training=True, virtual_batch_size=6)[0] * cot)
 
     def separate(x, g, b):
-        parts = [jbn.batch_norm(x[i: i + 6], g, b, running, training=True)[0] for i in (0, 6)]
+        parts = [jbn.batch_norm(x[i : i + 6], g, b, running, training=True)[0] for i in (0, 6)]
         return jnp.sum(jnp.concatenate(parts) * cot)
 
     for a, b in zip(jax.grad(ghost, (0, 1, 2))(x, gamma, beta), jax.grad(separate, (0, 1, 2))(x, gamma, beta)):
@@ -55,8 +56,9 @@ def test_composes_with_masks_and_leaves_out_empty_sub_batches():
     valid[0, :2] = False
     valid[5, 1] = False
     valid[8:12] = False  # the third sub-batch has no valid element
-    y, new = jbn.batch_norm(x, gamma, beta, running, training=True, momentum=M, virtual_batch_size=4,
-                            mask=jnp.asarray(valid))
+    y, new = jbn.batch_norm(
+        x, gamma, beta, running, training=True, momentum=M, virtual_batch_size=4, mask=jnp.asarray(valid)
+    )
     means, variances = [], []
     for g in range(2):
         sl = slice(4 * g, 4 * g + 4)
@@ -71,9 +73,10 @@ def test_composes_with_masks_and_leaves_out_empty_sub_batches():
 
 def test_unbiased_correction_per_sub_batch():
     x, gamma, beta, running = _data(seed=4)
-    _, new = jbn.batch_norm(x, gamma, beta, running, training=True, momentum=M, virtual_batch_size=6,
-                            unbiased_running_var=True)
-    per_sub = [f64(x[i: i + 6]).reshape(-1, 2).var(0, ddof=1) for i in (0, 6)]
+    _, new = jbn.batch_norm(
+        x, gamma, beta, running, training=True, momentum=M, virtual_batch_size=6, unbiased_running_var=True
+    )
+    per_sub = [f64(x[i : i + 6]).reshape(-1, 2).var(0, ddof=1) for i in (0, 6)]
     np.testing.assert_allclose(new.var, M * f64(running.var) + (1 - M) * np.mean(per_sub, 0), rtol=1e-6)
 
 
@@ -85,9 +88,9 @@ def test_with_axis_name_sub_batch_g_spans_participants():
 
     y, new = jax.vmap(per_device, axis_name="d")(x)
     for g in range(2):
-        sub = np.concatenate([x[0, 4 * g: 4 * g + 4], x[1, 4 * g: 4 * g + 4]])
+        sub = np.concatenate([x[0, 4 * g : 4 * g + 4], x[1, 4 * g : 4 * g + 4]])
         y_ref, *_ = bn_train(sub, gamma, beta, EPS)
-        got = np.concatenate([y[0, 4 * g: 4 * g + 4], y[1, 4 * g: 4 * g + 4]])
+        got = np.concatenate([y[0, 4 * g : 4 * g + 4], y[1, 4 * g : 4 * g + 4]])
         np.testing.assert_allclose(got, y_ref, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(new.mean[0], new.mean[1])
 
@@ -100,8 +103,8 @@ def test_linen_module_and_variables_unchanged():
     y, updates = model.apply(variables, x, mutable=["batch_stats"])
     means = []
     for g in range(4):
-        y_ref, mean, _, _ = bn_train(x[2 * g: 2 * g + 2], None, None, EPS)
-        np.testing.assert_allclose(y[2 * g: 2 * g + 2], y_ref, rtol=1e-4, atol=1e-4)
+        y_ref, mean, _, _ = bn_train(x[2 * g : 2 * g + 2], None, None, EPS)
+        np.testing.assert_allclose(y[2 * g : 2 * g + 2], y_ref, rtol=1e-4, atol=1e-4)
         means.append(mean)
     np.testing.assert_allclose(updates["batch_stats"]["mean"], (1 - M) * np.mean(means, 0), rtol=1e-5, atol=1e-7)
 
@@ -113,8 +116,15 @@ def test_bad_virtual_batch_sizes_fail_clearly():
     with pytest.raises(ValueError, match="positive int"):
         jbn.batch_norm(x, gamma, beta, running, training=True, virtual_batch_size=0)
     with pytest.raises(ValueError, match="axis 0 is a feature axis"):
-        jbn.batch_norm(jnp.swapaxes(x, 0, 2), jnp.ones(2), None,
-                       jbn.RunningStats(jnp.zeros(2), jnp.ones(2)), training=True, axis=0, virtual_batch_size=1)
+        jbn.batch_norm(
+            jnp.swapaxes(x, 0, 2),
+            jnp.ones(2),
+            None,
+            jbn.RunningStats(jnp.zeros(2), jnp.ones(2)),
+            training=True,
+            axis=0,
+            virtual_batch_size=1,
+        )
     x2 = x[:, 0, :]
     with pytest.warns(jbn.OneValuePerFeatureWarning, match="one value per feature along axis=-1 in each sub-batch"):
         y, _ = jbn.batch_norm(x2, gamma, beta, running, training=True, virtual_batch_size=1)
@@ -126,7 +136,8 @@ def test_plain_jit_over_an_explicitly_sharded_batch(size):
     """jax.make_mesh's default (Explicit axes): the batch's split is part of its type, and
     the sub-batches cut across the shards (16 rows over 8-row shards) or within them;
     outputs, running statistics and gradients are those of each sub-batch alone."""
-    from jax.sharding import NamedSharding, PartitionSpec as P
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
 
     from tests.variants_reference import bn_backward
 
@@ -139,7 +150,8 @@ def test_plain_jit_over_an_explicitly_sharded_batch(size):
         return jnp.sum(y * cot), (y, new)
 
     (dx, dgamma, dbeta), (y, new) = jax.jit(jax.grad(loss, argnums=(0, 1, 2), has_aux=True))(
-        jax.device_put(x, rows), gamma, beta)
+        jax.device_put(x, rows), gamma, beta
+    )
     assert y.sharding.is_equivalent_to(rows, y.ndim)
     y, dx = np.asarray(y), np.asarray(dx)
     means, variances, dgammas, dbetas = [], [], [], []

@@ -1,4 +1,5 @@
 """Training-mode gradients: numerical checks in float64 and the analytic reference."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -29,8 +30,9 @@ def test_check_grads_float64(axis, mask_kind):
             y, new = jbn.batch_norm(x, scale, bias, running, training=True, axis=axis, mask=mask)
             return jnp.sum(jnp.tanh(y) * weights) + jnp.sum(new.mean**2) + jnp.sum(jnp.sqrt(new.var))
 
-        check_grads(f, (jnp.asarray(x), jnp.asarray(scale), jnp.asarray(bias)), order=2, modes=["rev"],
-                    atol=1e-5, rtol=1e-5)
+        check_grads(
+            f, (jnp.asarray(x), jnp.asarray(scale), jnp.asarray(bias)), order=2, modes=["rev"], atol=1e-5, rtol=1e-5
+        )
 
 
 @pytest.mark.parametrize("mask_kind", [None, "full", "reduced"])

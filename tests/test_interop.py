@@ -1,18 +1,19 @@
 """jbn.interop against real torch.nn.BatchNorm1d/2d and Keras 3 BatchNormalization."""
+
 import os
 
 os.environ.setdefault("KERAS_BACKEND", "jax")  # conftest sets it too; keras reads it once, at import
 
-import flax.linen as nn  # noqa: E402
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import keras
+import numpy as np
+import pytest
+import torch
 
-import jbn  # noqa: E402
-from jbn import interop  # noqa: E402
+import jbn
+from jbn import interop
 
 C = 3
 
@@ -58,15 +59,23 @@ def test_torch_batchnorm2d_eval_outputs_nchw_and_nhwc():
     np.testing.assert_allclose(flax_bn.apply(exact, jnp.asarray(x)), expected, rtol=1e-5, atol=1e-5)
 
 
-_TORCH_KINDS = {"1d": (torch.nn.BatchNorm1d, (6, C)), "1d-ncl": (torch.nn.BatchNorm1d, (4, C, 5)),
-                "2d": (torch.nn.BatchNorm2d, (2, C, 3, 3))}
+_TORCH_KINDS = {
+    "1d": (torch.nn.BatchNorm1d, (6, C)),
+    "1d-ncl": (torch.nn.BatchNorm1d, (4, C, 5)),
+    "2d": (torch.nn.BatchNorm2d, (2, C, 3, 3)),
+}
 
 
 def _train_side_by_side(bn, variables, shape, steps, seed):
     """`steps` training steps on the torch layer and on jbn (PyTorch's conventions) from the
     converted variables: same outputs and running statistics after every step."""
-    jbn_bn = jbn.BatchNorm(use_running_average=False, axis=1, momentum=interop.momentum_from_torch(bn.momentum),
-                           epsilon=bn.eps, unbiased_running_var=True)
+    jbn_bn = jbn.BatchNorm(
+        use_running_average=False,
+        axis=1,
+        momentum=interop.momentum_from_torch(bn.momentum),
+        epsilon=bn.eps,
+        unbiased_running_var=True,
+    )
     bn.train()
     for x in _batches(shape, steps, seed):
         with torch.no_grad():
@@ -80,10 +89,18 @@ def _train_side_by_side(bn, variables, shape, steps, seed):
     return variables
 
 
-@pytest.mark.parametrize("kind, momentum, source", [
-    ("1d", 0.1, "module"), ("1d", None, "module"), ("1d", None, "state_dict"), ("2d", 0.1, "module"),
-    ("2d", 0.1, "state_dict"), ("1d-ncl", 0.1, "module"), ("1d-ncl", None, "state_dict"),
-])
+@pytest.mark.parametrize(
+    "kind, momentum, source",
+    [
+        ("1d", 0.1, "module"),
+        ("1d", None, "module"),
+        ("1d", None, "state_dict"),
+        ("2d", 0.1, "module"),
+        ("2d", 0.1, "state_dict"),
+        ("1d-ncl", 0.1, "module"),
+        ("1d-ncl", None, "state_dict"),
+    ],
+)
 def test_torch_training_steps_give_the_same_running_statistics(kind, momentum, source):
     layer_cls, shape = _TORCH_KINDS[kind]
     model = torch.nn.Sequential(torch.nn.Identity(), layer_cls(C, momentum=momentum))
@@ -104,8 +121,9 @@ def test_torch_training_steps_give_the_same_running_statistics(kind, momentum, s
     with torch.no_grad():
         expected = fresh(torch.from_numpy(x)).numpy()
         np.testing.assert_allclose(bn(torch.from_numpy(x)).numpy(), expected, rtol=1e-5, atol=1e-5)
-    y = jbn.BatchNorm(use_running_average=True, axis=1, momentum=interop.momentum_from_torch(momentum),
-                      epsilon=bn.eps).apply(variables, jnp.asarray(x))
+    y = jbn.BatchNorm(
+        use_running_average=True, axis=1, momentum=interop.momentum_from_torch(momentum), epsilon=bn.eps
+    ).apply(variables, jnp.asarray(x))
     np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
 
 
@@ -128,7 +146,8 @@ def test_torch_cumulative_average_from_a_state_dict_continues_like_torch():
     with torch.no_grad():
         expected = bn.eval()(torch.from_numpy(_batches((5, C, 4), 1, 9)[0])).numpy()
     y = jbn.BatchNorm(use_running_average=True, axis=1, momentum=None, epsilon=bn.eps).apply(
-        variables, jnp.asarray(_batches((5, C, 4), 1, 9)[0]))
+        variables, jnp.asarray(_batches((5, C, 4), 1, 9)[0])
+    )
     np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
 
 
@@ -144,7 +163,7 @@ def test_torch_state_dict_with_prefix_and_errors():
     np.testing.assert_array_equal(interop.from_torch(old, prefix="1.", count=True)["batch_stats"]["count"], np.zeros(C))
     with pytest.raises(ValueError, match="count=False"):
         interop.from_torch({**old, "1.num_batches_tracked": torch.tensor(2**31)}, prefix="1.")
-    with pytest.raises(ValueError, match="found: \\['1.'\\]"):
+    with pytest.raises(ValueError, match=r"found: \['1\.'\]"):
         interop.from_torch(model.state_dict(), prefix="0")
 
 
@@ -156,22 +175,26 @@ def test_keras_batch_normalization_eval_and_training():
     variables = interop.from_keras(layer)
     x = _batches((2, 4, 4, C), 1, 5)[0]
     jbn_eval = jbn.BatchNorm(use_running_average=True, epsilon=layer.epsilon)
-    np.testing.assert_allclose(jbn_eval.apply(variables, jnp.asarray(x)), np.asarray(layer(x, training=False)),
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        jbn_eval.apply(variables, jnp.asarray(x)), np.asarray(layer(x, training=False)), rtol=1e-5, atol=1e-5
+    )
     jbn_train = jbn.BatchNorm(use_running_average=False, momentum=layer.momentum, epsilon=layer.epsilon)
     for x in _batches((2, 4, 4, C), 3, 6):
         y_keras = np.asarray(layer(x, training=True))
         y, updates = jbn_train.apply(variables, jnp.asarray(x), mutable=["batch_stats"])
         variables = {**variables, **updates}
         np.testing.assert_allclose(y, y_keras, rtol=1e-5, atol=1e-5)
-        np.testing.assert_allclose(variables["batch_stats"]["mean"], np.asarray(layer.moving_mean), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(
+            variables["batch_stats"]["mean"], np.asarray(layer.moving_mean), rtol=1e-5, atol=1e-6
+        )
         np.testing.assert_allclose(variables["batch_stats"]["var"], np.asarray(layer.moving_variance), rtol=1e-5)
     # to Keras: a fresh layer evaluates like jbn
     fresh = keras.layers.BatchNormalization(center=True, scale=True)
     fresh.build((None, 4, 4, C))
     fresh.set_weights(interop.to_keras(variables))
-    np.testing.assert_allclose(np.asarray(fresh(x, training=False)), jbn_eval.apply(variables, jnp.asarray(x)),
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(fresh(x, training=False)), jbn_eval.apply(variables, jnp.asarray(x)), rtol=1e-5, atol=1e-5
+    )
     # the weight list alone converts too
     no_gamma = interop.from_keras([np.zeros(C), np.ones(C), np.full(C, 2.0)], scale=False)
     assert set(no_gamma["params"]) == {"bias"} and float(no_gamma["batch_stats"]["var"][0]) == 2.0

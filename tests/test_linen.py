@@ -1,8 +1,9 @@
 """jbn.BatchNorm as a drop-in for flax.linen.BatchNorm: same variables, outputs,
 updated statistics and gradients; checkpoints move both ways."""
-import flax.linen as nn
+
 import warnings
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -49,8 +50,9 @@ def test_same_variables_outputs_stats_and_grads(config, flax_fast_variance):
 
     def run(module, variables, x, training):
         def f(params, x):
-            y, state = module.apply({**variables, "params": params}, x, use_running_average=not training,
-                                    mutable=["batch_stats"])
+            y, state = module.apply(
+                {**variables, "params": params}, x, use_running_average=not training, mutable=["batch_stats"]
+            )
             return jnp.vdot(y, dy), (y, state)
 
         (_, (y, state)), grads = jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(variables.get("params", {}), x)
@@ -72,7 +74,8 @@ def test_mask_matches_flax():
     v = nn.BatchNorm().init(jax.random.key(0), x, use_running_average=False)
     y1, s1 = jbn.BatchNorm(use_running_average=False).apply(v, x, mask=mask, mutable=["batch_stats"])
     y2, s2 = nn.BatchNorm(use_running_average=False, use_fast_variance=False).apply(
-        v, x, mask=mask, mutable=["batch_stats"])
+        v, x, mask=mask, mutable=["batch_stats"]
+    )
     np.testing.assert_allclose(y1, y2, rtol=1e-5, atol=1e-5)
     for a, b in zip(jax.tree.leaves(s1), jax.tree.leaves(s2)):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
@@ -97,8 +100,9 @@ def test_init_does_not_update_running_stats():
     np.testing.assert_array_equal(v["batch_stats"]["var"], 1)
 
 
-@pytest.mark.parametrize("module_fields", [dict(), dict(axis_name="batch"), dict(virtual_batch_size=16)],
-                         ids=["plain", "axis_name", "ghost"])
+@pytest.mark.parametrize(
+    "module_fields", [dict(), dict(axis_name="batch"), dict(virtual_batch_size=16)], ids=["plain", "axis_name", "ghost"]
+)
 def test_init_on_one_example_in_training_mode_is_flaxs(module_fields):
     """flax code often initializes with a dummy example and use_running_average=False:
     same variables and output as flax, and no warning (init trains nothing)."""
@@ -106,7 +110,9 @@ def test_init_on_one_example_in_training_mode_is_flaxs(module_fields):
     flax_fields = {k: v for k, v in module_fields.items() if k != "virtual_batch_size"}
     with warnings.catch_warnings():
         warnings.simplefilter("error", jbn.OneValuePerFeatureWarning)
-        y_ours, v_ours = jbn.BatchNorm(use_running_average=False, **module_fields).init_with_output(jax.random.key(0), x)
+        y_ours, v_ours = jbn.BatchNorm(use_running_average=False, **module_fields).init_with_output(
+            jax.random.key(0), x
+        )
     y_flax, v_flax = nn.BatchNorm(use_running_average=False, **flax_fields).init_with_output(jax.random.key(0), x)
     assert jax.tree.structure(v_ours) == jax.tree.structure(v_flax)
     for a, b in zip(jax.tree.leaves(v_ours), jax.tree.leaves(v_flax)):
@@ -155,18 +161,21 @@ def test_replaces_flax_in_a_model_with_its_checkpoint():
 
     template = jbn_net.init(jax.random.key(1), x, train=False)
     restored = serialization.from_bytes(template, blob)
-    np.testing.assert_allclose(jbn_net.apply(restored, x, train=False), flax_net.apply(variables, x, train=False),
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        jbn_net.apply(restored, x, train=False), flax_net.apply(variables, x, train=False), rtol=1e-5, atol=1e-5
+    )
     y1, s1 = jbn_net.apply(restored, x, train=True, mutable=["batch_stats"])
     y2, s2 = flax_net.apply(variables, x, train=True, mutable=["batch_stats"])
     np.testing.assert_allclose(y1, y2, rtol=1e-4, atol=1e-4)
     for a, b in zip(jax.tree.leaves(s1), jax.tree.leaves(s2)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
-    back = serialization.from_bytes(flax_net.init(jax.random.key(2), x, train=False),
-                                    serialization.to_bytes({**restored, **s1}))
-    np.testing.assert_allclose(flax_net.apply(back, x, train=False), jbn_net.apply({**restored, **s1}, x, train=False),
-                               rtol=1e-5, atol=1e-5)
+    back = serialization.from_bytes(
+        flax_net.init(jax.random.key(2), x, train=False), serialization.to_bytes({**restored, **s1})
+    )
+    np.testing.assert_allclose(
+        flax_net.apply(back, x, train=False), jbn_net.apply({**restored, **s1}, x, train=False), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_training_step_under_jit():
@@ -182,9 +191,11 @@ def test_training_step_under_jit():
     @jax.jit
     def step(params, batch_stats, opt_state):
         def loss(params):
-            logits, state = net.apply({"params": params, "batch_stats": batch_stats}, x, train=True,
-                                      mutable=["batch_stats"])
+            logits, state = net.apply(
+                {"params": params, "batch_stats": batch_stats}, x, train=True, mutable=["batch_stats"]
+            )
             return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), state
+
         (value, state), grads = jax.value_and_grad(loss, has_aux=True)(params)
         updates, opt_state = opt.update(grads, opt_state)
         return optax.apply_updates(params, updates), state["batch_stats"], opt_state, value
@@ -204,7 +215,10 @@ def test_bfloat16_input_promotes_like_flax_and_keeps_float32_stats():
     v = module.init(jax.random.key(0), x)
     y, s = module.apply(v, x, mutable=["batch_stats"])
     assert y.dtype == jnp.float32  # flax's promotion of the bfloat16 input with float32 parameters
-    assert jbn.BatchNorm(use_running_average=False, dtype=jnp.bfloat16).apply(v, x, mutable=["batch_stats"])[0].dtype == jnp.bfloat16
+    assert (
+        jbn.BatchNorm(use_running_average=False, dtype=jnp.bfloat16).apply(v, x, mutable=["batch_stats"])[0].dtype
+        == jnp.bfloat16
+    )
     assert s["batch_stats"]["mean"].dtype == jnp.float32
     y32 = jbn.BatchNorm(use_running_average=False, dtype=jnp.float32).apply(v, x, mutable=["batch_stats"])[0]
     assert y32.dtype == jnp.float32

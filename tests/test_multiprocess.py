@@ -5,6 +5,7 @@ with a hard deadline, ends only the processes it started, and compares what each
 saw (its rows of y and dx, its copy of the running statistics and parameter gradients)
 with single-device batch norm of the global batch in float64.
 """
+
 from __future__ import annotations
 
 import os
@@ -42,11 +43,27 @@ def launch(out: pathlib.Path, deadline: float) -> tuple[list[int], list[str]]:
     try:
         for i, log in enumerate(logs):
             with open(log, "w") as f:
-                procs.append(subprocess.Popen(
-                    [sys.executable, "-m", "tests._distributed_worker", "--process-id", str(i),
-                     "--processes", str(PROCESSES), "--port", str(port), "--out", str(out)],
-                    cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT,
-                ))
+                procs.append(
+                    subprocess.Popen(
+                        [
+                            sys.executable,
+                            "-m",
+                            "tests._distributed_worker",
+                            "--process-id",
+                            str(i),
+                            "--processes",
+                            str(PROCESSES),
+                            "--port",
+                            str(port),
+                            "--out",
+                            str(out),
+                        ],
+                        cwd=ROOT,
+                        env=env,
+                        stdout=f,
+                        stderr=subprocess.STDOUT,
+                    )
+                )
         while any(p.poll() is None for p in procs):
             if time.monotonic() > deadline:
                 raise TimeoutError(f"workers still running at the deadline ({DEADLINE_S} s for all attempts)")
@@ -66,12 +83,14 @@ def launch(out: pathlib.Path, deadline: float) -> tuple[list[int], list[str]]:
 @pytest.mark.timeout(DEADLINE_S + 60)
 def test_two_processes_two_devices_each_match_single_device_bn(tmp_path):
     deadline = time.monotonic() + DEADLINE_S  # for both attempts, within the pytest timeout
-    for attempt in range(2):
+    for _attempt in range(2):
         codes, logs = launch(tmp_path, deadline)
         port_taken = any("address already in use" in log.lower() for log in logs)
         if codes == [0] * PROCESSES or not port_taken:
             break  # retry only when another program took the free port in between
-    assert codes == [0] * PROCESSES, "\n".join(f"--- process {i} (exit {c})\n{log}" for i, (c, log) in enumerate(zip(codes, logs)))
+    assert codes == [0] * PROCESSES, "\n".join(
+        f"--- process {i} (exit {c})\n{log}" for i, (c, log) in enumerate(zip(codes, logs))
+    )
 
     batch = make_batch(PROCESSES * LOCAL_DEVICES)
     ref = reference(batch)
@@ -80,8 +99,17 @@ def test_two_processes_two_devices_each_match_single_device_bn(tmp_path):
         # Per-example results: each process's rows, concatenated. Replicated ones: every copy.
         rows = {k: np.concatenate([r[f"{style}_{k}"] for r in results]) for k in ("y", "dx")}
         for r in results:
-            got = (rows["y"], r[f"{style}_mean"], r[f"{style}_var"], rows["dx"], r[f"{style}_dscale"], r[f"{style}_dbias"])
+            got = (
+                rows["y"],
+                r[f"{style}_mean"],
+                r[f"{style}_var"],
+                rows["dx"],
+                r[f"{style}_dscale"],
+                r[f"{style}_dbias"],
+            )
             check(got, ref, batch.mask)
     # Under pmap every local device of every process holds the global statistics.
     for r in results:
-        np.testing.assert_array_equal(r["pmap_mean_all_local"], np.broadcast_to(r["pmap_mean"], r["pmap_mean_all_local"].shape))
+        np.testing.assert_array_equal(
+            r["pmap_mean_all_local"], np.broadcast_to(r["pmap_mean"], r["pmap_mean_all_local"].shape)
+        )

@@ -1,4 +1,5 @@
 """jbn.nnx: same outputs and state as flax.nnx.BatchNorm, and as jbn's linen module."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -58,8 +59,10 @@ def test_same_as_linen_module_under_nnx_jit():
     module = jnnx.BatchNorm(C, momentum=0.8, rngs=nnx.Rngs(0))
     _randomize(module, 3)
     linen = jbn.BatchNorm(use_running_average=False, momentum=0.8)
-    variables = {"params": {"scale": module.scale[...], "bias": module.bias[...]},
-                 "batch_stats": {"mean": module.mean[...], "var": module.var[...]}}
+    variables = {
+        "params": {"scale": module.scale[...], "bias": module.bias[...]},
+        "batch_stats": {"mean": module.mean[...], "var": module.var[...]},
+    }
 
     @nnx.jit
     def step(module, x):

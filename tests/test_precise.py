@@ -1,4 +1,5 @@
 """recompute_batch_stats: exact population statistics of every BN layer's inputs."""
+
 from functools import partial
 from typing import Any
 
@@ -7,7 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
 import jbn
 from tests.variants_reference import f64
@@ -18,8 +20,10 @@ DEVICES = 8
 
 def _data(sizes, dim, seed=0, offset=50.0):
     rng = np.random.default_rng(seed)
-    return [rng.normal(size=(n, dim)).astype(np.float32) * rng.uniform(0.5, 2.0, dim).astype(np.float32) + offset
-            for n in sizes]
+    return [
+        rng.normal(size=(n, dim)).astype(np.float32) * rng.uniform(0.5, 2.0, dim).astype(np.float32) + offset
+        for n in sizes
+    ]
 
 
 class Single(nn.Module):
@@ -57,7 +61,7 @@ def _perturbed(variables, seed=1):
     """Non-trivial BN scale/bias and running statistics (so that 'unchanged' means something)."""
     leaves, tree = jax.tree.flatten(variables)
     keys = jax.random.split(jax.random.key(seed), len(leaves))
-    leaves = [l + 0.3 * jax.random.normal(k, l.shape) if l.dtype == jnp.float32 else l for l, k in zip(leaves, keys)]
+    leaves = [v + 0.3 * jax.random.normal(k, v.shape) if v.dtype == jnp.float32 else v for v, k in zip(leaves, keys)]
     return jax.tree.unflatten(tree, leaves)
 
 
@@ -126,9 +130,13 @@ def test_renorm_layer_records_without_moving_its_state():
 
     model = Renorm()
     variables = _init(model, batches[0])
-    variables = {**variables, "batch_stats": {"BatchRenorm_0": {**variables["batch_stats"]["BatchRenorm_0"], "step": jnp.int32(7)}}}
-    result = jbn.recompute_batch_stats(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]),
-                                       variables, batches, progress=False)
+    variables = {
+        **variables,
+        "batch_stats": {"BatchRenorm_0": {**variables["batch_stats"]["BatchRenorm_0"], "step": jnp.int32(7)}},
+    }
+    result = jbn.recompute_batch_stats(
+        lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]), variables, batches, progress=False
+    )
     data = f64(np.concatenate(batches))
     stats = result["batch_stats"]["BatchRenorm_0"]
     np.testing.assert_allclose(stats["mean"], data.mean(0), rtol=1e-5)
@@ -166,8 +174,9 @@ def test_pmap_without_axis_name_merges_the_devices():
     variables = _init(model, batches[0])
     replicated = jax.tree.map(lambda a: jnp.broadcast_to(a, (DEVICES,) + a.shape), variables)
     apply = jax.pmap(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]))
-    result = jbn.recompute_batch_stats(apply, replicated, [b.reshape(DEVICES, -1, 2) for b in batches],
-                                       device_axis=True, progress=False)
+    result = jbn.recompute_batch_stats(
+        apply, replicated, [b.reshape(DEVICES, -1, 2) for b in batches], device_axis=True, progress=False
+    )
     data = f64(np.concatenate(batches))
     for d in range(DEVICES):
         np.testing.assert_allclose(result["batch_stats"]["BatchNorm_0"]["mean"][d], data.mean(0), rtol=1e-6)
@@ -202,13 +211,16 @@ def test_layers_that_cannot_record_are_reported():
     model = FlaxBN()
     variables = model.init(jax.random.key(0), x, train=False)
     with pytest.raises(ValueError, match="BatchNorm_0 recorded no statistics"):
-        jbn.recompute_batch_stats(lambda v, b: model.apply(v, b, train=True, mutable=["batch_stats"]), variables, [x],
-                                  progress=False)
+        jbn.recompute_batch_stats(
+            lambda v, b: model.apply(v, b, train=True, mutable=["batch_stats"]), variables, [x], progress=False
+        )
     single = Single()
     variables = single.init(jax.random.key(0), x, train=False)
     with pytest.raises(ValueError, match="training mode"):  # eval-mode apply records nothing
-        jbn.recompute_batch_stats(lambda v, b: single.apply(v, b, train=False, mutable=["batch_stats"]), variables,
-                                  [x], progress=False)
+        jbn.recompute_batch_stats(
+            lambda v, b: single.apply(v, b, train=False, mutable=["batch_stats"]), variables, [x], progress=False
+        )
     with pytest.raises(ValueError, match="no batch"):
-        jbn.recompute_batch_stats(lambda v, b: single.apply(v, b, train=True, mutable=["batch_stats"]), variables,
-                                  [], progress=False)
+        jbn.recompute_batch_stats(
+            lambda v, b: single.apply(v, b, train=True, mutable=["batch_stats"]), variables, [], progress=False
+        )

@@ -1,4 +1,5 @@
 """Batch Renormalization: against batch norm (r_max=1, d_max=0) and a float64 NumPy reference."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -48,8 +49,9 @@ def test_limits_one_and_zero_are_batch_norm_exactly():
     # and batch norm itself against the textbook backward, on both training paths
     np.testing.assert_allclose(grads_b[0], bn_backward(x, gamma, cot, EPS), rtol=1e-4, atol=1e-5)
     fused = lambda x, g, b: jbn.batch_norm(x, g, b, running, training=True, momentum=0.9)  # noqa: E731
-    np.testing.assert_allclose(_loss_and_grads(fused, x, gamma, beta, cot)[2][0], bn_backward(x, gamma, cot, EPS),
-                               rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        _loss_and_grads(fused, x, gamma, beta, cot)[2][0], bn_backward(x, gamma, cot, EPS), rtol=1e-4, atol=1e-5
+    )
 
 
 def test_clipped_renorm_matches_numpy_reference():
@@ -57,7 +59,10 @@ def test_clipped_renorm_matches_numpy_reference():
     r_max, d_max = 1.5, 0.5
     y, new, (dx, dgamma, dbeta) = _loss_and_grads(
         lambda x, g, b: jbn.batch_renorm(x, g, b, running, training=True, r_max=r_max, d_max=d_max, momentum=0.9),
-        x, gamma, beta, cot,
+        x,
+        gamma,
+        beta,
+        cot,
     )
     xf = f64(x)
     mu_b, var_b = xf.mean(0), xf.var(0)
@@ -89,8 +94,12 @@ def test_clipped_renorm_matches_numpy_reference():
 def test_schedule_helper_follows_the_paper():
     r_sched, d_sched = jbn.paper_renorm_schedules()
     steps = np.array([0, 4_999, 5_000, 10_000, 25_000, 40_000, 100_000])
-    np.testing.assert_allclose([float(r_sched(s)) for s in steps], np.interp(steps, [5_000, 40_000], [1.0, 3.0]), rtol=1e-6)
-    np.testing.assert_allclose([float(d_sched(s)) for s in steps], np.interp(steps, [5_000, 25_000], [0.0, 5.0]), rtol=1e-6)
+    np.testing.assert_allclose(
+        [float(r_sched(s)) for s in steps], np.interp(steps, [5_000, 40_000], [1.0, 3.0]), rtol=1e-6
+    )
+    np.testing.assert_allclose(
+        [float(d_sched(s)) for s in steps], np.interp(steps, [5_000, 25_000], [0.0, 5.0]), rtol=1e-6
+    )
     with pytest.raises(ValueError, match="end_step"):
         jbn.renorm_schedule(1.0, 3.0, 10, 5)
 
@@ -103,24 +112,40 @@ def test_linen_module_keeps_step_and_reads_schedules():
     variables = model.init(jax.random.key(0), x)
     assert set(variables["batch_stats"]) == {"mean", "var", "step"}
     assert int(variables["batch_stats"]["step"]) == 0  # init does not count as a step
-    variables = {"params": {"scale": gamma, "bias": beta},
-                 "batch_stats": {"mean": running.mean, "var": running.var, "step": jnp.int32(0)}}
+    variables = {
+        "params": {"scale": gamma, "bias": beta},
+        "batch_stats": {"mean": running.mean, "var": running.var, "step": jnp.int32(0)},
+    }
     apply = jax.jit(lambda v, x: model.apply(v, x, mutable=["batch_stats"]))
     stats = running
     for step in range(3):
         y, updates = apply(variables, x + step)
-        y_ref, stats_ref = jbn.batch_renorm(x + step, gamma, beta, stats, training=True, r_max=float(r_sched(step)),
-                                            d_max=float(d_sched(step)), momentum=0.9)
+        y_ref, stats_ref = jbn.batch_renorm(
+            x + step,
+            gamma,
+            beta,
+            stats,
+            training=True,
+            r_max=float(r_sched(step)),
+            d_max=float(d_sched(step)),
+            momentum=0.9,
+        )
         np.testing.assert_allclose(y, y_ref, rtol=1e-6, atol=1e-6)
         np.testing.assert_allclose(updates["batch_stats"]["mean"], stats_ref.mean, rtol=1e-6, atol=1e-7)
         assert int(updates["batch_stats"]["step"]) == step + 1
         variables = {**variables, "batch_stats": updates["batch_stats"]}
         stats = stats_ref
     # step 0 of the schedules (r_max=1, d_max=0) is batch norm: same output as jbn.BatchNorm
-    fresh = {"params": {"scale": gamma, "bias": beta}, "batch_stats": {"mean": running.mean, "var": running.var, "step": jnp.int32(0)}}
+    fresh = {
+        "params": {"scale": gamma, "bias": beta},
+        "batch_stats": {"mean": running.mean, "var": running.var, "step": jnp.int32(0)},
+    }
     y_renorm, _ = apply(fresh, x)
     y_bn, _ = jbn.BatchNorm(use_running_average=False).apply(
-        {"params": fresh["params"], "batch_stats": {"mean": running.mean, "var": running.var}}, x, mutable=["batch_stats"])
+        {"params": fresh["params"], "batch_stats": {"mean": running.mean, "var": running.var}},
+        x,
+        mutable=["batch_stats"],
+    )
     np.testing.assert_allclose(y_renorm, y_bn, rtol=1e-6, atol=1e-6)  # jit fuses the two differently
 
 
@@ -164,8 +189,9 @@ def test_axis_name_is_renorm_of_the_concatenated_batch(transform):
 
     def step(x, cot):
         def loss(x, gamma, beta):
-            y, new = jbn.batch_renorm(x, gamma, beta, running, training=True, r_max=r_max, d_max=d_max, momentum=0.9,
-                                      axis_name="i")
+            y, new = jbn.batch_renorm(
+                x, gamma, beta, running, training=True, r_max=r_max, d_max=d_max, momentum=0.9, axis_name="i"
+            )
             return jnp.sum(y * cot), (y, new)
 
         (_, (y, new)), grads = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(x, gamma, beta)
@@ -183,8 +209,9 @@ def test_axis_name_is_renorm_of_the_concatenated_batch(transform):
         np.testing.assert_allclose(new.mean[d], mean_ref, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(new.var[d], var_ref, rtol=1e-5, atol=1e-6)
     # each participant's gradient of its own loss is its slice of the global batch's gradient
-    np.testing.assert_allclose(np.asarray(dx).reshape(x.shape), bn_backward(x, gamma, cot, EPS, r=r),
-                               rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(dx).reshape(x.shape), bn_backward(x, gamma, cot, EPS, r=r), rtol=1e-4, atol=1e-5
+    )
     xhat = (f64(x) - f64(x).mean(0)) / np.sqrt(f64(x).var(0) + EPS)
     d_clip = np.clip(d_raw, -d_max, d_max)
     np.testing.assert_allclose(np.sum(dgamma, 0), (f64(cot) * (xhat * r + d_clip)).sum(0), rtol=1e-4, atol=1e-4)
@@ -199,13 +226,23 @@ def test_mask_is_renorm_of_the_valid_rows(transform):
     x, gamma, beta, running, cot = _data(4, (devices * rows, 4))
     valid = np.random.default_rng(5).random(devices * rows) < 0.6
     valid[:rows] = False  # participant 0 holds padding only
-    valid[rows:rows + 2] = True  # and the others at least two valid rows between them
+    valid[rows : rows + 2] = True  # and the others at least two valid rows between them
     cot = jnp.where(jnp.asarray(valid)[:, None], cot, 0.0)  # padded outputs do not enter the loss
 
     def step(x, cot, mask):
         def loss(x):
-            y, new = jbn.batch_renorm(x, gamma, beta, running, training=True, r_max=r_max, d_max=d_max, momentum=0.9,
-                                      mask=mask, axis_name=None if transform is None else "i")
+            y, new = jbn.batch_renorm(
+                x,
+                gamma,
+                beta,
+                running,
+                training=True,
+                r_max=r_max,
+                d_max=d_max,
+                momentum=0.9,
+                mask=mask,
+                axis_name=None if transform is None else "i",
+            )
             return jnp.sum(y * cot), (y, new)
 
         (_, (y, new)), dx = jax.value_and_grad(loss, has_aux=True)(x)
@@ -215,7 +252,9 @@ def test_mask_is_renorm_of_the_valid_rows(transform):
         y, new, dx = jax.jit(step)(x, cot, jnp.asarray(valid)[:, None])
     else:
         split = lambda a: a.reshape(devices, rows, *a.shape[1:])  # noqa: E731
-        y, new, dx = _transformed(step, transform)(split(x), split(cot), split(jnp.asarray(valid)[:, None]))  # (rows, 1): a (rows,) mask of a square input is ambiguous
+        y, new, dx = _transformed(step, transform)(
+            split(x), split(cot), split(jnp.asarray(valid)[:, None])
+        )  # (rows, 1): a (rows,) mask of a square input is ambiguous
         for d in range(1, devices):  # the same global statistics on every participant
             np.testing.assert_array_equal(new.mean[d], new.mean[0])
             np.testing.assert_array_equal(new.var[d], new.var[0])
@@ -229,6 +268,7 @@ def test_mask_is_renorm_of_the_valid_rows(transform):
     np.testing.assert_allclose(y[valid], only_valid[0], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(new.mean, mean_ref, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(new.var, var_ref, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(dx[valid], bn_backward(np.asarray(x)[valid], gamma, np.asarray(cot)[valid], EPS, r=r),
-                               rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        dx[valid], bn_backward(np.asarray(x)[valid], gamma, np.asarray(cot)[valid], EPS, r=r), rtol=1e-4, atol=1e-5
+    )
     np.testing.assert_array_equal(dx[~valid], 0.0)

@@ -1,4 +1,5 @@
 """Running-average choices: cumulative (momentum=None), debiased EMA, unbiased variance."""
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -14,7 +15,10 @@ C = 3
 def _batches(k=5, seed=0):
     rng = np.random.default_rng(seed)
     # different sizes and far-off means: a cumulative average weighs batches, not examples
-    return [jnp.asarray(rng.normal(size=(n, C)).astype(np.float32) * (1 + i) + 3 * i) for i, n in enumerate([4, 7, 5, 9, 6][:k])]
+    return [
+        jnp.asarray(rng.normal(size=(n, C)).astype(np.float32) * (1 + i) + 3 * i)
+        for i, n in enumerate([4, 7, 5, 9, 6][:k])
+    ]
 
 
 def _run(batches, momentum, **options):
@@ -108,8 +112,9 @@ def test_linen_variables_are_flax_names_plus_count_only_when_needed():
     for x in batches:
         _, updates = apply(variables, x)
         variables = {**variables, **updates}
-    np.testing.assert_allclose(variables["batch_stats"]["mean"], np.mean([batch_moments(b)[0] for b in batches], 0),
-                               rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(
+        variables["batch_stats"]["mean"], np.mean([batch_moments(b)[0] for b in batches], 0), rtol=1e-6, atol=1e-6
+    )
     np.testing.assert_array_equal(variables["batch_stats"]["count"], np.full(C, len(batches)))
     # debias through the module
     debiased = jbn.BatchNorm(use_running_average=False, momentum=0.95, debias=True)

@@ -18,6 +18,7 @@ Gradient conventions (how a user takes them in each style):
   `lax.psum`-ed inside `shard_map`.
 - plain jit: `jax.grad` of the global loss over batch-sharded arrays, no axis_name.
 """
+
 from __future__ import annotations
 
 import csv
@@ -52,15 +53,25 @@ def per_device(a):
 def loss_and_state(x, mask, w, scale, bias, mean, var, *, axis_name=None, groups=None):
     """One participant's loss `sum(where(mask, y, 0) * w)`, with (y, new running stats)."""
     y, new = jbn.batch_norm(
-        x, scale, bias, jbn.RunningStats(mean, var), training=True, momentum=MOMENTUM, epsilon=EPSILON,
-        mask=mask, axis_name=axis_name, axis_index_groups=groups,
+        x,
+        scale,
+        bias,
+        jbn.RunningStats(mean, var),
+        training=True,
+        momentum=MOMENTUM,
+        epsilon=EPSILON,
+        mask=mask,
+        axis_name=axis_name,
+        axis_index_groups=groups,
     )
     return jnp.sum(jnp.where(mask[..., None], y, 0) * w), (y, new)
 
 
 def step(x, mask, w, scale, bias, mean, var, **kw):
     """(y, new_mean, new_var, dx, dscale, dbias) as one participant sees them."""
-    grads, (y, new) = jax.grad(loss_and_state, argnums=(0, 3, 4), has_aux=True)(x, mask, w, scale, bias, mean, var, **kw)
+    grads, (y, new) = jax.grad(loss_and_state, argnums=(0, 3, 4), has_aux=True)(
+        x, mask, w, scale, bias, mean, var, **kw
+    )
     return (y, new.mean, new.var) + grads
 
 
@@ -114,7 +125,9 @@ def test_pmap_matches_single_device_bn():
 
 def test_pmap_axis_index_groups_matches_per_group_bn():
     f = jax.pmap(step_psum_params("i", groups=GROUPS), axis_name="i", in_axes=(0, 0, 0, None, None, None, None))
-    y, mean, var, dx, dscale, dbias = (np.asarray(o) for o in f(*(per_device(a) if i < 3 else a for i, a in enumerate(args()))))
+    y, mean, var, dx, dscale, dbias = (
+        np.asarray(o) for o in f(*(per_device(a) if i < 3 else a for i, a in enumerate(args())))
+    )
     # Running statistics are those of each group: device 0 and 4 represent the two groups.
     got = (y.reshape(BATCH.x.shape), mean[[0, 4]], var[[0, 4]], dx.reshape(BATCH.x.shape), dscale[0], dbias[0])
     check(got, REF_GROUPS, BATCH.mask)
@@ -128,19 +141,30 @@ def test_vmap_axis_name_matches_single_device_bn():
 
 def test_vmap_axis_index_groups_matches_per_group_bn():
     # lax.psum(..., axis_index_groups=) raises NotImplementedError under vmap; jbn gathers instead.
-    f = jax.jit(jax.vmap(step_psum_params("v", groups=GROUPS), axis_name="v", in_axes=(0, 0, 0, None, None, None, None)))
-    y, mean, var, dx, dscale, dbias = (np.asarray(o) for o in f(*(per_device(a) if i < 3 else a for i, a in enumerate(args()))))
-    check((y.reshape(BATCH.x.shape), mean[[0, 4]], var[[0, 4]], dx.reshape(BATCH.x.shape), dscale[0], dbias[0]), REF_GROUPS, BATCH.mask)
+    f = jax.jit(
+        jax.vmap(step_psum_params("v", groups=GROUPS), axis_name="v", in_axes=(0, 0, 0, None, None, None, None))
+    )
+    y, mean, var, dx, dscale, dbias = (
+        np.asarray(o) for o in f(*(per_device(a) if i < 3 else a for i, a in enumerate(args())))
+    )
+    check(
+        (y.reshape(BATCH.x.shape), mean[[0, 4]], var[[0, 4]], dx.reshape(BATCH.x.shape), dscale[0], dbias[0]),
+        REF_GROUPS,
+        BATCH.mask,
+    )
 
 
 def test_shard_map_1d_grad_inside_leaves_replicated():
     """Running statistics and parameter gradients leave shard_map as P() with check_vma=True."""
-    f = jax.jit(jax.shard_map(
-        functools.partial(step, axis_name="d"), mesh=mesh_1d(),
-        in_specs=(P("d"), P("d"), P("d"), P(), P(), P(), P()),
-        out_specs=(P("d"), P(), P(), P("d"), P(), P()),
-        check_vma=True,
-    ))
+    f = jax.jit(
+        jax.shard_map(
+            functools.partial(step, axis_name="d"),
+            mesh=mesh_1d(),
+            in_specs=(P("d"), P("d"), P("d"), P(), P(), P(), P()),
+            out_specs=(P("d"), P(), P(), P("d"), P(), P()),
+            check_vma=True,
+        )
+    )
     check(f(*args()), REF, BATCH.mask)
 
 
@@ -154,7 +178,8 @@ def test_shard_map_1d_grad_outside():
 
         specs = (P("d"), P("d"), P("d"), P(), P(), P(), P())
         loss, y, new_mean, new_var = jax.shard_map(body, mesh=mesh, in_specs=specs, out_specs=(P(), P("d"), P(), P()))(
-            x, mask, w, scale, bias, mean, var)
+            x, mask, w, scale, bias, mean, var
+        )
         return loss, (y, new_mean, new_var)
 
     f = jax.jit(jax.grad(global_loss, argnums=(0, 1, 2), has_aux=True))
@@ -166,11 +191,14 @@ def test_shard_map_1d_grad_outside():
 def test_shard_map_2d_tuple_axis_name_is_global():
     mesh = mesh_2d()
     batch = P(("group", "member"))
-    f = jax.jit(jax.shard_map(
-        functools.partial(step, axis_name=("group", "member")), mesh=mesh,
-        in_specs=(batch, batch, batch, P(), P(), P(), P()),
-        out_specs=(batch, P(), P(), batch, P(), P()),
-    ))
+    f = jax.jit(
+        jax.shard_map(
+            functools.partial(step, axis_name=("group", "member")),
+            mesh=mesh,
+            in_specs=(batch, batch, batch, P(), P(), P(), P()),
+            out_specs=(batch, P(), P(), batch, P(), P()),
+        )
+    )
     check(f(*place(mesh, batch)), REF, BATCH.mask)
 
 
@@ -183,11 +211,14 @@ def test_shard_map_2d_member_axis_normalizes_within_groups():
         y, mean, var, dx, dscale, dbias = step(*a, axis_name="member")
         return y, mean[None], var[None], dx, dscale, dbias  # statistics differ per group
 
-    g = jax.jit(jax.shard_map(
-        f, mesh=mesh,
-        in_specs=(batch, batch, batch, P(), P(), P(), P()),
-        out_specs=(batch, P("group"), P("group"), batch, P(), P()),
-    ))
+    g = jax.jit(
+        jax.shard_map(
+            f,
+            mesh=mesh,
+            in_specs=(batch, batch, batch, P(), P(), P(), P()),
+            out_specs=(batch, P("group"), P("group"), batch, P(), P()),
+        )
+    )
     check(g(*place(mesh, batch)), REF_GROUPS, BATCH.mask)
 
 
@@ -199,21 +230,28 @@ def test_shard_map_axis_index_groups_matches_2d_mesh():
         y, mean, var, dx, dscale, dbias = step(*a, axis_name="d", groups=GROUPS)
         return y, mean[None], var[None], dx, dscale, dbias
 
-    g = jax.jit(jax.shard_map(
-        f, mesh=mesh_1d(),
-        in_specs=(P("d"), P("d"), P("d"), P(), P(), P(), P()),
-        out_specs=(P("d"), P("d"), P("d"), P("d"), P(), P()),
-    ))
+    g = jax.jit(
+        jax.shard_map(
+            f,
+            mesh=mesh_1d(),
+            in_specs=(P("d"), P("d"), P("d"), P(), P(), P(), P()),
+            out_specs=(P("d"), P("d"), P("d"), P("d"), P(), P()),
+        )
+    )
     y, mean, var, dx, dscale, dbias = g(*args())
     check((y, np.asarray(mean)[[0, 4]], np.asarray(var)[[0, 4]], dx, dscale, dbias), REF_GROUPS, BATCH.mask)
 
 
 def test_jax_psum_with_groups_under_shard_map_is_unsupported():
     """Documents the JAX limitation that jbn works around (jax 0.10.2)."""
-    g = jax.jit(jax.shard_map(
-        lambda v: lax.psum(v, "d", axis_index_groups=[list(GROUPS[0]), list(GROUPS[1])]),
-        mesh=mesh_1d(), in_specs=P("d"), out_specs=P("d"),
-    ))
+    g = jax.jit(
+        jax.shard_map(
+            lambda v: lax.psum(v, "d", axis_index_groups=[list(GROUPS[0]), list(GROUPS[1])]),
+            mesh=mesh_1d(),
+            in_specs=P("d"),
+            out_specs=P("d"),
+        )
+    )
     with pytest.raises(NotImplementedError):
         g(np.ones((DEVICES, 2), np.float32))
 
@@ -230,7 +268,15 @@ def test_sharded_jit_without_axis_name_is_global(axis_type):
 
     f = jax.jit(jax.grad(global_loss, argnums=(0, 1, 2), has_aux=True))
     b = BATCH
-    inputs = (jax.device_put(b.x, batch), b.scale, b.bias, jax.device_put(b.mask, batch), jax.device_put(b.w, batch), b.mean, b.var)
+    inputs = (
+        jax.device_put(b.x, batch),
+        b.scale,
+        b.bias,
+        jax.device_put(b.mask, batch),
+        jax.device_put(b.w, batch),
+        b.mean,
+        b.var,
+    )
     (dx, dscale, dbias), (y, new) = f(*inputs)
     check((y, new.mean, new.var, dx, dscale, dbias), REF, BATCH.mask)
     assert y.sharding.is_equivalent_to(batch, y.ndim), "the output stays batch-sharded"
@@ -250,24 +296,30 @@ def test_linen_batchnorm_under_shard_map():
 
     def step_linen(x, mask, w, variables):
         def loss(x, params):
-            y, updates = module.apply({**variables, "params": params}, x, use_running_average=False, mask=mask,
-                                      mutable=["batch_stats"])
+            y, updates = module.apply(
+                {**variables, "params": params}, x, use_running_average=False, mask=mask, mutable=["batch_stats"]
+            )
             return jnp.sum(jnp.where(mask[..., None], y, 0) * w), (y, updates["batch_stats"])
 
         (dx, grads), (y, stats) = jax.grad(loss, argnums=(0, 1), has_aux=True)(x, variables["params"])
         return y, stats["mean"], stats["var"], dx, grads["scale"], grads["bias"]
 
-    g = jax.jit(jax.shard_map(
-        step_linen, mesh=mesh_1d(),
-        in_specs=(P("d"), P("d"), P("d"), P()),
-        out_specs=(P("d"), P(), P(), P("d"), P(), P()),
-    ))
+    g = jax.jit(
+        jax.shard_map(
+            step_linen,
+            mesh=mesh_1d(),
+            in_specs=(P("d"), P("d"), P("d"), P()),
+            out_specs=(P("d"), P(), P(), P("d"), P(), P()),
+        )
+    )
     check(g(b.x, b.mask, b.w, variables), REF, BATCH.mask)
 
 
 # ------------------------------------------------------------------ collectives in HLO
 
-COLLECTIVE = re.compile(r"\b(all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute|collective-broadcast)(?:-start)?\(")
+COLLECTIVE = re.compile(
+    r"\b(all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute|collective-broadcast)(?:-start)?\("
+)
 
 
 def group_size(line: str) -> int:
@@ -322,9 +374,13 @@ def forward_and_grad(style, layers):
     # The loss is each device's own sum: it leaves as one value per device. The replicated
     # scale and bias get the gradient of the sum over devices and leave replicated.
     fwd = jax.jit(jax.shard_map(lambda *a: fn(*a)[None], mesh=mesh, in_specs=in_specs, out_specs=batch))
-    grad = jax.jit(jax.shard_map(jax.grad(fn, argnums=GRAD_ARGNUMS), mesh=mesh, in_specs=in_specs,
-                                 out_specs=(batch, P(), P())))
-    inputs = tuple(jax.device_put(a, NamedSharding(mesh, s)) for a, s in zip((b.x, b.mask, b.scale, b.bias, b.mean, b.var), in_specs))
+    grad = jax.jit(
+        jax.shard_map(jax.grad(fn, argnums=GRAD_ARGNUMS), mesh=mesh, in_specs=in_specs, out_specs=(batch, P(), P()))
+    )
+    inputs = tuple(
+        jax.device_put(a, NamedSharding(mesh, s))
+        for a, s in zip((b.x, b.mask, b.scale, b.bias, b.mean, b.var), in_specs)
+    )
     return fwd, grad, inputs
 
 
@@ -368,8 +424,9 @@ def test_sharded_jit_forward_reduces_over_every_device(axis_type):
     b = BATCH
 
     def forward(x, mask, scale, bias, mean, var):
-        return jbn.batch_norm(x, scale, bias, jbn.RunningStats(mean, var), training=True, mask=mask,
-                              momentum=MOMENTUM, epsilon=EPSILON)
+        return jbn.batch_norm(
+            x, scale, bias, jbn.RunningStats(mean, var), training=True, mask=mask, momentum=MOMENTUM, epsilon=EPSILON
+        )
 
     f = jax.jit(forward)
     inputs = (jax.device_put(b.x, batch), jax.device_put(b.mask, batch), b.scale, b.bias, b.mean, b.var)
@@ -388,7 +445,9 @@ def test_sharded_jit_forward_reduces_over_every_device(axis_type):
     def loss(x, scale, bias):
         return jnp.sum(jnp.where(b.mask[..., None], forward(x, b.mask, scale, bias, b.mean, b.var)[0], 0) * b.w)
 
-    grad_ops = collectives(jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(inputs[0], b.scale, b.bias).compile().as_text())
+    grad_ops = collectives(
+        jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(inputs[0], b.scale, b.bias).compile().as_text()
+    )
     assert sorted(grad_ops) == [("all-gather", DEVICES), ("all-reduce", DEVICES)], grad_ops
 
 
@@ -428,11 +487,14 @@ def test_variance_across_devices_is_accurate_when_mean_is_1e4_times_std():
 
 def test_all_padding_everywhere_keeps_running_stats_and_stays_finite():
     b = BATCH._replace(mask=np.zeros_like(BATCH.mask))
-    f = jax.jit(jax.shard_map(
-        functools.partial(step, axis_name="d"), mesh=mesh_1d(),
-        in_specs=(P("d"), P("d"), P("d"), P(), P(), P(), P()),
-        out_specs=(P("d"), P(), P(), P("d"), P(), P()),
-    ))
+    f = jax.jit(
+        jax.shard_map(
+            functools.partial(step, axis_name="d"),
+            mesh=mesh_1d(),
+            in_specs=(P("d"), P("d"), P("d"), P(), P(), P(), P()),
+            out_specs=(P("d"), P(), P(), P("d"), P(), P()),
+        )
+    )
     y, mean, var, dx, dscale, dbias = (np.asarray(a) for a in f(*args(b)))
     assert all(np.all(np.isfinite(a)) for a in (y, mean, var, dx, dscale, dbias))
     np.testing.assert_array_equal(mean, b.mean)
@@ -441,7 +503,7 @@ def test_all_padding_everywhere_keeps_running_stats_and_stays_finite():
 
 
 def test_unbound_axis_name_is_a_clear_error():
-    with pytest.raises(ValueError, match="not bound.*shard_map"):
+    with pytest.raises(ValueError, match=r"not bound.*shard_map"):
         jax.jit(lambda x: jbn.moments(x, axis_name="batch"))(BATCH.x)
 
 
@@ -470,7 +532,9 @@ def test_sync_bn_example_runs_at_tiny_size(tmp_path):
         rows = list(csv.DictReader(f))
     assert [int(r["step"]) for r in rows] == [1, 2, 3]
     for sync in ("sync", "local"):
-        np.testing.assert_allclose(float(rows[0][f"shard_map_{sync}_loss"]), float(rows[0][f"pmap_{sync}_loss"]), rtol=1e-5)
+        np.testing.assert_allclose(
+            float(rows[0][f"shard_map_{sync}_loss"]), float(rows[0][f"pmap_{sync}_loss"]), rtol=1e-5
+        )
     assert (tmp_path / "out" / "sync_bn.png").stat().st_size > 0
 
 
@@ -482,8 +546,9 @@ def test_flax_pmean_is_wrong_with_uneven_masks_where_jbn_is_exact():
 
     b = make_batch(DEVICES)
     b = b._replace(x=np.where(b.mask[..., None], b.x, 0.0).astype(np.float32))  # plain zero padding
-    y_ref, mean_ref, var_ref = ref_module.batch_norm(b.x, None, None, np.zeros(3), np.ones(3), training=True,
-                                                     momentum=0.0, mask=b.mask)
+    y_ref, mean_ref, var_ref = ref_module.batch_norm(
+        b.x, None, None, np.zeros(3), np.ones(3), training=True, momentum=0.0, mask=b.mask
+    )
 
     def run(module):
         variables = module.init(jax.random.key(0), b.x[:2], mask=b.mask[:2, :, None])

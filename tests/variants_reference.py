@@ -2,6 +2,7 @@
 
 Shapes: `x` is (N, ..., C) with the features last unless a function says otherwise.
 """
+
 import numpy as np
 
 
