@@ -17,7 +17,7 @@ import numpy as np
 from experiments import data as datasets
 from experiments import report
 from experiments.models import MLP, NormSpec
-from experiments.training import TrainState, fit, make_optimizer, training_loss
+from experiments.training import TrainState, fit_from_config, training_loss
 
 NAME = "bn_placement"
 DEFAULTS = {
@@ -83,14 +83,10 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
     runs, rows = {}, []
     for arm, kw in arms.items():
         model = MLP(tuple(config["widths"]), data.num_classes, activation=config["activation"], **kw)
-        r = fit(
+        r = fit_from_config(
             model,
-            make_optimizer(config["optimizer"], config["learning_rate"]),
             nudged if "ulp" in arm else data,
-            seeds=config["seeds"],
-            steps=config["steps"],
-            batch_size=config["batch_size"],
-            eval_every=config["eval_every"],
+            config,
             probe=gradient_probe(model, gx, gy),
             desc=arm,
         )

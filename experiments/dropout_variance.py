@@ -23,7 +23,7 @@ from experiments import data as datasets
 from experiments import features, report
 from experiments.models import MLP, NormSpec
 from experiments.population import recompute, seed_state
-from experiments.training import TrainState, fit, make_evaluate, make_optimizer, variables_of
+from experiments.training import TrainState, fit_from_config, make_evaluate, variables_of
 
 NAME = "dropout_variance"
 DEFAULTS = {
@@ -87,14 +87,10 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
             dropout=config["dropout"] if placement else 0.0,
             dropout_placement=placement or "each",
         )
-        r = fit(
+        r = fit_from_config(
             model,
-            make_optimizer(config["optimizer"], config["learning_rate"]),
             data,
-            seeds=config["seeds"],
-            steps=config["steps"],
-            batch_size=config["batch_size"],
-            eval_every=config["eval_every"],
+            config,
             desc=arm,
         )
         runs[arm] = r

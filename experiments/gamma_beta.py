@@ -18,7 +18,7 @@ import numpy as np
 from experiments import data as datasets
 from experiments import report
 from experiments.models import MLP, NormSpec
-from experiments.training import fit, make_optimizer
+from experiments.training import fit_from_config
 
 NAME = "gamma_beta"
 DEFAULTS = {
@@ -84,14 +84,10 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
     for name, use_scale, use_bias, e in arms:
         spec = NormSpec("bn", momentum=config["bn_momentum"], use_scale=use_scale, use_bias=use_bias, epsilon=e)
         model = MLP(tuple(config["widths"]), data.num_classes, activation=config["activation"], norm=spec)
-        r = fit(
+        r = fit_from_config(
             model,
-            make_optimizer(config["optimizer"], config["learning_rate"]),
             data,
-            seeds=config["seeds"],
-            steps=config["steps"],
-            batch_size=config["batch_size"],
-            eval_every=config["eval_every"],
+            config,
             desc=name,
         )
         runs[name] = r

@@ -16,7 +16,7 @@ import numpy as np
 from experiments import data as datasets
 from experiments import report
 from experiments.models import MLP, NormSpec
-from experiments.training import fit, make_optimizer
+from experiments.training import fit_from_config
 
 NAME = "init_scale"
 DEFAULTS = {
@@ -49,14 +49,10 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
     for arm, spec in arms.items():
         for sc in scales:
             model = MLP(tuple(config["widths"]), data.num_classes, norm=spec, weight_init="he", init_scale=sc)
-            r = fit(
+            r = fit_from_config(
                 model,
-                make_optimizer(config["optimizer"], config["learning_rate"]),
                 data,
-                seeds=config["seeds"],
-                steps=config["steps"],
-                batch_size=config["batch_size"],
-                eval_every=config["eval_every"],
+                config,
                 desc=f"{arm} x{sc:g}",
             )
             finite = np.isfinite(r.final("train_loss"))

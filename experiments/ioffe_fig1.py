@@ -16,7 +16,7 @@ import numpy as np
 from experiments import data as datasets
 from experiments import report
 from experiments.models import MLP, NormSpec
-from experiments.training import TrainState, first_step_reaching, fit, make_optimizer, rngs_for
+from experiments.training import TrainState, first_step_reaching, fit_from_config, rngs_for
 
 NAME = "ioffe_fig1"
 DEFAULTS = {
@@ -90,14 +90,10 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
     runs, rows = {}, []
     for arm, norm in arms.items():
         model = MLP(tuple(config["widths"]), data.num_classes, activation=config["activation"], norm=norm)
-        run_ = fit(
+        run_ = fit_from_config(
             model,
-            make_optimizer(config["optimizer"], config["learning_rate"]),
             data,
-            seeds=config["seeds"],
-            steps=config["steps"],
-            batch_size=config["batch_size"],
-            eval_every=config["eval_every"],
+            config,
             probe=percentile_probe(model, probe_x),
             desc=arm,
         )

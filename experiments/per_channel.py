@@ -16,7 +16,7 @@ import numpy as np
 from experiments import data as datasets
 from experiments import report
 from experiments.models import ConvNet, NormSpec
-from experiments.training import fit, make_optimizer
+from experiments.training import fit_from_config
 
 NAME = "per_channel"
 DEFAULTS = {
@@ -53,14 +53,11 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
                 norm=NormSpec(kind, momentum=config["bn_momentum"]),
                 pool_after=tuple(config["pool_after"]),
             )
-            r = fit(
+            r = fit_from_config(
                 model,
-                make_optimizer(config["optimizer"], config["learning_rate"]),
                 data,
-                seeds=config["seeds"],
-                steps=config["steps"],
+                config,
                 batch_size=b,
-                eval_every=config["eval_every"],
                 desc=f"{arm} b={b}",
                 vmap_seeds=False,
                 scan_steps=False,

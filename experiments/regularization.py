@@ -18,7 +18,7 @@ import numpy as np
 from experiments import data as datasets
 from experiments import report
 from experiments.models import MLP, NormSpec
-from experiments.training import TrainState, fit, make_evaluate, make_optimizer
+from experiments.training import TrainState, fit_from_config, make_evaluate
 
 NAME = "regularization"
 DEFAULTS = {
@@ -87,14 +87,11 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
                 norm=spec,
                 dropout=config["dropout"] if arm == "dropout" else 0.0,
             )
-            r = fit(
+            r = fit_from_config(
                 model,
-                make_optimizer(config["optimizer"], config["learning_rate"]),
                 data,
-                seeds=config["seeds"],
-                steps=config["steps"],
+                config,
                 batch_size=min(config["batch_size"], n),
-                eval_every=config["eval_every"],
                 probe=train_set_probe(model, px, py),
                 desc=f"{arm} n={n}",
             )

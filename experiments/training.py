@@ -308,6 +308,15 @@ class _Compiled:
         self.probe = None if probe is None else jax.jit(_over_seeds(probe, vectorize))
 
 
+def fit_from_config(model: nn.Module, data: Dataset, config: dict, **options: Any) -> Run:
+    """`fit` with the optimizer, seeds, steps, batch size and evaluation interval a config
+    gives (keys `optimizer`, `learning_rate`, `seeds`, `steps`, `batch_size`, `eval_every`);
+    `options` are `fit`'s other keywords, or override those."""
+    keys = ("seeds", "steps", "batch_size", "eval_every")
+    settings = {key: options.pop(key) if key in options else config[key] for key in keys}
+    return fit(model, make_optimizer(config["optimizer"], config["learning_rate"]), data, **settings, **options)
+
+
 def _fit(
     fns: _Compiled,
     data,
