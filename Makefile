@@ -21,12 +21,14 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 # The benchmark suite: the op-level suite (benchmarks/run.py), the ResNet-18 training step
-# (benchmarks/model.py) and the statistics strategies (benchmarks/statistics_strategies.py);
+# (benchmarks/model.py), the statistics strategies (benchmarks/statistics_strategies.py) and
+# the float32 forward's floor (benchmarks/floor.py);
 # each rewrites benchmarks/RESULTS.md with every section whose JSON is there. On a GPU: bash benchmarks/device.sh.
 bench: $(STAMP)
 	$(PY) -m benchmarks.run
 	$(PY) -m benchmarks.model
 	$(PY) -m benchmarks.statistics_strategies
+	$(PY) -m benchmarks.floor
 
 # The lint and type gate (.ci/run): ruff's rules and formatting over the repository, mypy over jbn/ (pyproject.toml).
 lint: $(STAMP)

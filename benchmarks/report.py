@@ -270,8 +270,8 @@ def accelerator_status(out: Path) -> list[str]:
 
 
 def write(results, out: Path, note: str = "") -> None:
-    """RESULTS.md from the op-level results plus whatever model.json / strategies.json
-    lie in `out`; the figures where matplotlib is installed."""
+    """RESULTS.md from the op-level results plus whatever model.json / strategies.json /
+    floor.json lie in `out`; the figures where matplotlib is installed."""
     model = load_json(out / "model.json")
     # strategies.json (benchmarks.statistics_strategies), then any strategies-*.json (focused reruns)
     strategies = [
@@ -286,6 +286,9 @@ def write(results, out: Path, note: str = "") -> None:
             )
         )
     parts.extend("\n".join(sections.strategies_markdown(strat)) for strat in strategies)
+    floor = load_json(out / "floor.json")
+    if floor:
+        parts.append("\n".join(sections.floor_markdown(floor)))
     (out / "RESULTS.md").write_text("\n".join(parts))
     if have_matplotlib():
         if results:

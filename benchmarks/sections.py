@@ -232,3 +232,31 @@ def strategies_markdown(strat: dict) -> list[str]:
         "",
     ]
     return out
+
+
+def floor_markdown(floor: dict) -> list[str]:
+    """The float32 training forward's floor on XLA:CPU (benchmarks/floor.py)."""
+    speed = floor["speed"]
+    names = list(speed[0]["rows"])
+    out = [
+        "## Floor of the float32 training forward (XLA:CPU)",
+        "",
+        _measured(floor["machine"]),
+        "",
+        "The work jbn's statistics do beyond flax's, timed alone (benchmarks/floor.py describes each row): the "
+        "reductions relative to `sum(x)`, the forwards relative to flax.linen's (medians over rounds of per-round "
+        "ratios). `floor of jbn's design` is, per round, flax's forward plus the extra cost of the two shifted "
+        "reductions over the plain ones plus the base.",
+        "",
+        "| | " + " | ".join(_shape(s["shape"]) for s in speed) + " |",
+        "|---" * (1 + len(speed)) + "|",
+    ]
+    for name in names:
+        cells = []
+        for s in speed:
+            r = s["rows"][name]
+            cells.append(
+                f"{1e3 * r['median_s']:.2f} [{1e3 * r['q25_s']:.2f}-{1e3 * r['q75_s']:.2f}] · {r['ratio']:.2f}x"
+            )
+        out.append(f"| {name} | " + " | ".join(cells) + " |")
+    return [*out, ""]

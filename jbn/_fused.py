@@ -39,7 +39,7 @@ from jax import lax
 
 from jbn import _activations, _axes, _collectives, _normalize
 from jbn._axes import Layout
-from jbn._fusion import separate_uses
+from jbn._fusion import kept_apart, separate_uses
 from jbn._state import Moments
 from jbn._statistics import batch_moments
 
@@ -233,5 +233,17 @@ def _tangent(cfg: FusedConfig, saved, mean, inv, scale, bias, valid, count, dx, 
     missing = tuple(_axes.varying_axes(x_hat1) - _axes.varying_axes(ab))
     if missing:
         ab = lax.pcast(ab, missing, to="varying")
-    dy = act0(expand(k) * dx) + act1(x_hat1 * expand(ab[0])) + act2(expand(ab[1]))
-    return dy.astype(cfg.out_dtype), d_mean, d_var
+    # The third term is made full-size here, so that its transpose sums the cotangent in
+    # the compute dtype (a sum of the narrow cotangent would round); as a sum with zeros
+    # like `dx`, it is split over devices as `dx` is (a plain broadcast of a replicated
+    # vector would be replicated, and its transpose would gather the cotangent).
+    terms = (act0(expand(k) * dx), act1(x_hat1 * expand(ab[0])), act2(jnp.zeros_like(dx) + expand(ab[1])))
+    if jnp.dtype(cfg.out_dtype) == compute:
+        return sum(terms), d_mean, d_var
+    # A narrower output: each term is cast on its own, behind its own barrier. Transposed,
+    # each pass of the backward then casts its own handle on the output's cotangent
+    # inside its fusion; one cast shared by the three passes would be written out in full
+    # (an activation-sized float32 array). In forward mode the price is that the output
+    # tangent is the sum of the three terms rounded to `out_dtype` (a few of its ulps).
+    dy = sum(kept_apart(*(t.astype(cfg.out_dtype) for t in terms)))
+    return dy, d_mean, d_var

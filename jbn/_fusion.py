@@ -38,6 +38,16 @@ def separate_uses(n: int, *arrays: Any) -> list[tuple[Any, ...]]:
     return lax.platform_dependent(*arrays, cpu=barrier, default=lambda *a: [a] * n)
 
 
+def kept_apart(*arrays: Any) -> tuple[Any, ...]:
+    """The `arrays`, behind one optimization barrier on CPU (elsewhere themselves). In a
+    linear rule that JAX transposes, the barrier becomes one over the arrays' cotangents:
+    terms summed into one output then get separate handles on the output's cotangent,
+    and a cast of it fuses into each consumer. (Separate barriers would not do: XLA
+    merges identical barriers over the same cotangent.)"""
+    arrays = _same_variance(arrays)
+    return lax.platform_dependent(*arrays, cpu=lambda *a: lax.optimization_barrier(a), default=lambda *a: a)
+
+
 def _same_variance(tree):
     """The leaves of `tree`, each made to vary over every manual axis that any of them
     varies over (a no-op outside shard_map, or for a single array)."""

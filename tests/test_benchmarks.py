@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from benchmarks import model, run, statistics_strategies
+from benchmarks import floor, model, run, statistics_strategies
 
 
 def test_benchmark_suite_writes_its_report(tmp_path):
@@ -185,6 +185,28 @@ def test_strategies_benchmark_writes_its_report(tmp_path):
     for name in statistics_strategies.METHODS:
         assert rows[name]["median_s"] > 0 and rows[f"forward: {name}"]["median_s"] > 0
     assert "## Statistics strategies" in (tmp_path / "RESULTS.md").read_text()
+
+
+def test_floor_benchmark_writes_its_report(tmp_path):
+    floor.main(["--shapes", "16x2x2x4", "--rounds", "2", "--out", str(tmp_path)])
+    rows = json.loads((tmp_path / "floor.json").read_text())["speed"][0]["rows"]
+    assert set(floor.REDUCTIONS) | {floor.FLAX, floor.JBN, floor.COPY} < set(rows)
+    assert all(r["median_s"] > 0 for r in rows.values())
+    assert "## Floor of the float32 training forward" in (tmp_path / "RESULTS.md").read_text()
+
+
+@pytest.mark.parametrize("name", [floor.VARIADIC, floor.STACKED, floor.SHIFTED_SUM, floor.SHIFTED_SQUARES])
+def test_floor_reductions_compute_the_shifted_sums(name):
+    """The one-pass forms time the same sums as the two reductions: float64 reference."""
+    x = np.random.default_rng(4).normal(size=(16, 3, 5)).astype(np.float32)
+    s = np.float32([0.5, -1.0, 2.0, 0.0, 1.0])
+    d = x.astype(np.float64) - s
+    got = floor.REDUCTIONS[name](jax.numpy.asarray(x), jax.numpy.asarray(s))
+    expected = {
+        floor.SHIFTED_SUM: d.sum((0, 1)),
+        floor.SHIFTED_SQUARES: (d * d).sum((0, 1)),
+    }.get(name, (d.sum((0, 1)), (d * d).sum((0, 1))))
+    np.testing.assert_allclose(np.asarray(got, np.float64), np.asarray(expected), rtol=1e-5, atol=1e-5)
 
 
 def test_strategy_forward_matches_float64_normalization():

@@ -477,3 +477,115 @@ def test_save_output_only_rejects_a_concrete_zero_scale_also_under_jit():
     for transform in (lambda g: g, jax.jit):
         with pytest.raises(ValueError, match="`scale` has zeros"):
             transform(f)(x)
+
+
+# ------------------------------------------------------------------ narrow dtypes
+
+NARROW_OPTIONS = [
+    dict(),
+    dict(activation="relu"),
+    dict(activation="leaky_relu", save_output_only=True),
+]
+
+
+@pytest.mark.parametrize("kwargs", NARROW_OPTIONS, ids=["identity", "relu", "leaky_relu-save_output_only"])
+def test_bfloat16_training_step_keeps_no_activation_sized_float32_buffer(kwargs):
+    """The backward pass casts the bfloat16 cotangent to float32 inside each of its fused
+    passes: XLA's temporary buffers hold less than one bfloat16 copy of the input (one
+    shared float32 cast of the cotangent would be twice that; flax keeps about four)."""
+    if jax.default_backend() != "cpu":
+        pytest.skip("the buffer layout checked here is XLA:CPU's")
+    shape = (64, 8, 8, 32)
+    x = jnp.asarray(np.random.default_rng(0).normal(size=shape), jnp.bfloat16)
+    ct = jnp.asarray(np.random.default_rng(1).normal(size=shape), jnp.bfloat16)
+    scale, bias = jnp.ones(32), jnp.zeros(32)
+    running = RunningStats(jnp.zeros(32), jnp.ones(32))
+
+    def step(x, scale, bias, ct):
+        def f(x, scale, bias):
+            return jbn.batch_norm(x, scale, bias, running, training=True, dtype=jnp.bfloat16, **kwargs)[0]
+
+        y, vjp = jax.vjp(f, x, scale, bias)
+        return y, vjp(ct)
+
+    temp = jax.jit(step).lower(x, scale, bias, ct).compile().memory_analysis().temp_size_in_bytes
+    assert temp < x.nbytes, (temp, x.nbytes)
+
+
+@pytest.mark.parametrize("kwargs", NARROW_OPTIONS + [dict(mask="rows")], ids=lambda k: "-".join(k) or "identity")
+def test_parameter_gradients_of_a_bfloat16_cotangent_are_float32_sums(kwargs):
+    """d_scale and d_bias sum a bfloat16 cotangent over 2**14 elements per feature: summed
+    in float32 they match the float64 reference to float32 accuracy, where a bfloat16
+    accumulation would be off by percents."""
+    shape, features = (2**14, 3), (1,)
+    x, scale, bias, dy, w_mean, w_var = random_case(shape, features, seed=16)
+    x16, dy16 = jnp.asarray(x).astype(jnp.bfloat16), jnp.asarray(dy).astype(jnp.bfloat16)
+    kwargs = dict(kwargs)
+    valid = None
+    if kwargs.get("mask") == "rows":
+        valid = make_mask("rows", shape, features, seed=17)
+        kwargs["mask"] = jnp.asarray(valid)
+    zeros = np.zeros(3, np.float32)
+    got = loss_and_grads(x16, scale, bias, dy16.astype(jnp.float32), zeros, zeros, dtype=jnp.bfloat16, **kwargs)
+    # The reference takes the rounded input and output: what the layer saw and produced.
+    x_seen = np.asarray(x16.astype(jnp.float32), np.float64)
+    ref = reference(
+        x_seen,
+        scale,
+        bias,
+        expand_mask(valid, shape, features),
+        np.asarray(dy16.astype(jnp.float32)),
+        zeros,
+        zeros,
+        features,
+        kwargs.get("activation"),
+    )
+    # Error bounds: float32 sums of 2**14 terms (1e-4 of the sum of magnitudes is ample);
+    # recovering x_hat from the bfloat16 output rounds it by up to 2**-8 relative.
+    g = np.abs(np.asarray(dy16.astype(jnp.float32), np.float64))
+    x_hat = np.abs((x_seen - ref["mean"]) / np.sqrt(ref["var"] + EPS))
+    rounding = 2**-8 if kwargs.get("save_output_only") else 0
+    bias_bound = 1e-4 * g.sum(0)
+    scale_bound = (1e-4 + rounding) * (g * x_hat).sum(0)
+    assert np.all(np.abs(np.asarray(got["d_bias"], np.float64) - ref["d_bias"]) <= bias_bound)
+    assert np.all(np.abs(np.asarray(got["d_scale"], np.float64) - ref["d_scale"]) <= scale_bound)
+
+
+@pytest.mark.parametrize("kwargs", NARROW_OPTIONS, ids=["identity", "relu", "leaky_relu-save_output_only"])
+def test_forward_mode_bfloat16_tangent_within_rounding_of_finite_differences(kwargs):
+    """jax.jvp through the fused path with a bfloat16 output: its three terms are each
+    rounded to bfloat16 before they are added, so the tangent is within a few bfloat16
+    roundings (unit 2**-8) of the largest of them. Per feature the three terms are
+    bounded by |k| max|v| (2 + max|x_hat|**2); the bound below takes 8 roundings of that. Reference: central
+    differences of the float64 NumPy forward, in float64."""
+    shape, features = (32, 4), (1,)
+    x, scale, bias, _, _, _ = random_case(shape, features, seed=18)
+    x16 = jnp.asarray(x).astype(jnp.bfloat16)
+    v = np.random.default_rng(19).normal(size=shape)
+    v16 = jnp.asarray(v).astype(jnp.bfloat16)
+    running = RunningStats(jnp.zeros(4), jnp.ones(4))
+    activation = kwargs.get("activation")
+
+    def f(x):
+        return jbn.batch_norm(
+            x, scale, bias, running, training=True, epsilon=EPS, negative_slope=SLOPE, dtype=jnp.bfloat16, **kwargs
+        )[0]
+
+    _, tangent = jax.jit(lambda x, v: jax.jvp(f, (x,), (v,)))(x16, v16)
+    assert tangent.dtype == jnp.bfloat16
+
+    x64 = np.asarray(x16.astype(jnp.float32), np.float64)
+    v64 = np.asarray(v16.astype(jnp.float32), np.float64)
+    zeros = np.zeros(4)
+
+    def y(x):
+        return reference(x, scale, bias, None, np.zeros(shape), zeros, zeros, features, activation)["y"]
+
+    h = 1e-6
+    expected = (y(x64 + h * v64) - y(x64 - h * v64)) / (2 * h)
+    ref = reference(x64, scale, bias, None, np.zeros(shape), zeros, zeros, features, activation)
+    x_hat = (x64 - ref["mean"]) / np.sqrt(ref["var"] + EPS)
+    k = np.abs(np.asarray(scale, np.float64)) / np.sqrt(ref["var"] + EPS)
+    terms = k * np.abs(v64).max(0) * (2 + np.abs(x_hat).max(0) ** 2)
+    error = np.abs(np.asarray(tangent.astype(jnp.float32), np.float64) - expected)
+    assert np.all(error <= 8 * 2**-8 * terms), (error.max(0), terms)
