@@ -7,11 +7,14 @@ work jbn's statistics do beyond flax's, timed side by side.
 flax's statistics are two plain reductions, `sum(x)` and `sum(x * x)`. jbn's accuracy
 promise (a variance exact to float32 whatever |mean|/std and the order of the elements)
 needs a base `s` near the mean, known before the sums, and the sums of `x - s` and
-`(x - s)^2` around it: each reduction then has a per-feature operand, and the base is
-the mean of every 8th slice of `x` (jbn._merge.sample_mean). Timed here in the same
-interleaved, shuffled rounds (benchmarks/timing.py), per shape:
+`((x - s) r)^2` around it, with `r = 1/sqrt(n)` per feature so that the squares' sum
+stays finite wherever the variance is representable: each reduction then has
+per-feature operands, and the base is the mean of every 8th slice of `x`
+(jbn._merge.sample_mean). Timed here in the same interleaved, shuffled rounds
+(benchmarks/timing.py), per shape:
 
-- the four reductions alone (`s` an input, so nothing else is measured with them);
+- the reductions alone (`s` an input, so nothing else is measured with them), and the
+  squares without `r` to show what the scaling costs;
 - the base alone: the mean of every 8th slice;
 - two one-pass forms of both shifted sums that XLA:CPU might have read `x` once for: a
   variadic `lax.reduce` over the pair, and one reduction over `stack([d, d*d])`;
@@ -19,7 +22,7 @@ interleaved, shuffled rounds (benchmarks/timing.py), per shape:
 
 The floor of jbn's design is flax's forward plus, per round, the extra cost of the two
 shifted reductions over the plain ones plus the base:
-`floor = flax + (sum(x - s) - sum(x)) + (sum((x - s)^2) - sum(x * x)) + base`.
+`floor = flax + (sum(x - s) - sum(x)) + (sum(((x - s) r)^2) - sum(x * x)) + base`.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ PLAIN_SUM = "sum(x)"
 PLAIN_SQUARES = "sum(x * x)"
 SHIFTED_SUM = "sum(x - s)"
 SHIFTED_SQUARES = "sum((x - s)^2)"
+SCALED_SQUARES = "sum(((x - s) r)^2)"
 BASE = "base: mean of every 8th slice"
 VARIADIC = "both shifted sums, one variadic reduce"
 STACKED = "both shifted sums, one reduce of stack([d, d^2])"
@@ -56,23 +60,25 @@ def _axes(x):
     return tuple(range(x.ndim - 1))
 
 
-def _variadic(x, s):
+def _variadic(x, s, r):
     d = x - s
     zero = jnp.zeros((), x.dtype)
     return lax.reduce((d, d * d), (zero, zero), lambda a, b: (a[0] + b[0], a[1] + b[1]), _axes(x))
 
 
-def _stacked(x, s):
+def _stacked(x, s, r):
     d = x - s
     return jnp.sum(jnp.stack([d, d * d]), axis=tuple(a + 1 for a in _axes(x)))
 
 
 REDUCTIONS = {
-    PLAIN_SUM: lambda x, s: jnp.sum(x, _axes(x)),
-    PLAIN_SQUARES: lambda x, s: jnp.sum(x * x, _axes(x)),
-    SHIFTED_SUM: lambda x, s: jnp.sum(x - s, _axes(x)),
-    SHIFTED_SQUARES: lambda x, s: jnp.sum(jnp.square(x - s), _axes(x)),
-    BASE: lambda x, s: jnp.mean(x[::SAMPLE_STRIDE], _axes(x)),
+    PLAIN_SUM: lambda x, s, r: jnp.sum(x, _axes(x)),
+    PLAIN_SQUARES: lambda x, s, r: jnp.sum(x * x, _axes(x)),
+    SHIFTED_SUM: lambda x, s, r: jnp.sum(x - s, _axes(x)),
+    SHIFTED_SQUARES: lambda x, s, r: jnp.sum(jnp.square(x - s), _axes(x)),
+    # jbn's: r = 1/sqrt(n) per feature keeps the sum finite wherever the variance is.
+    SCALED_SQUARES: lambda x, s, r: jnp.sum(jnp.square((x - s) * r), _axes(x)),
+    BASE: lambda x, s, r: jnp.mean(x[::SAMPLE_STRIDE], _axes(x)),
     VARIADIC: _variadic,
     STACKED: _stacked,
 }
@@ -81,7 +87,7 @@ REDUCTIONS = {
 def floor_samples(t: dict[str, timing.Timing]) -> np.ndarray:
     """Per round: flax's forward plus the extra work of jbn's statistics (see the doc)."""
     s = {k: v.samples for k, v in t.items()}
-    extra = (s[SHIFTED_SUM] - s[PLAIN_SUM]) + (s[SHIFTED_SQUARES] - s[PLAIN_SQUARES]) + s[BASE]
+    extra = (s[SHIFTED_SUM] - s[PLAIN_SUM]) + (s[SCALED_SQUARES] - s[PLAIN_SQUARES]) + s[BASE]
     return s[FLAX] + extra
 
 
@@ -89,10 +95,11 @@ def time_shape(shape, rounds, log) -> dict:
     x = memory.normal(shape, "float32", seed=0, std=2.0, mean=1.0)
     ct = memory.normal(shape, "float32", seed=1)
     s = jnp.mean(x[::SAMPLE_STRIDE], _axes(x))
+    r = jnp.full_like(s, 1 / np.sqrt(np.prod(shape[:-1])))
     calls = {}
     for name, fn in REDUCTIONS.items():
-        compiled = jax.jit(fn).lower(x, s).compile()
-        calls[name] = lambda f=compiled: jax.block_until_ready(f(x, s))
+        compiled = jax.jit(fn).lower(x, s, r).compile()
+        calls[name] = lambda f=compiled: jax.block_until_ready(f(x, s, r))
     calls[FLAX] = peers.jax_layer("flax.linen", x, ct).train_fwd
     calls[JBN] = peers.jax_layer("jbn", x, ct).train_fwd
     copy = jax.jit(lambda a: a + 1)

@@ -15,7 +15,9 @@ output) and reads them back. Here the tangent rule is written so that
   `sum(g * x_hat)` (`g` the cotangent before the activation, `x_hat` the normalized
   input), then one elementwise pass `dx = k g + valid (c0 + c1 x_hat)`. Each of the three
   passes gets its own handle on the saved arrays, so that XLA:CPU fuses the
-  recomputation of `x_hat` into each (see jbn._fusion);
+  recomputation of `x_hat` into each (see jbn._fusion); with an output narrower than
+  the compute dtype (bfloat16, float16), each pass also gets its own handle on the
+  output's cotangent and casts it inside its fusion (`kept_apart`);
 - under `axis_name` the two input-tangent sums travel in one psum, whose transpose is the
   one collective of the backward pass; a replicated scale and bias (shard_map with
   `check_vma=True`) get their summed cotangents from one more transpose of an explicit
@@ -180,12 +182,18 @@ def _tangent(cfg: FusedConfig, saved, mean, inv, scale, bias, valid, count, dx, 
         jnp.zeros_like(inv),
         jnp.full_like(inv, 1 - cfg.negative_slope),
         jnp.full_like(inv, 1 / cfg.negative_slope if cfg.negative_slope else 0),
+        jnp.ones_like(inv),
     )
     uses = separate_uses(3, saved, mean, scale, bias, constants)
+    # XLA:CPU recomputes a cheap per-feature value inside every element of the loop that
+    # broadcasts it, but computes an "expensive" one (a division) once: the per-feature
+    # coefficients of the last pass are divided by an opaque 1 (exact) to be computed once.
+    one = uses[0][-1][-1]
+    k = k / one
 
     def pieces(saved, mean, scale, bias, constants):
         """(x_hat, z, act'(.)) recomputed from x, or from y with save_output_only."""
-        inv, zero, gap, reciprocal = (expand(c) for c in constants)
+        inv, zero, gap, reciprocal, _ = (expand(c) for c in constants)
         s = saved.astype(compute)
         if cfg.save_output_only:
             z = _activations.inverse(s, cfg.activation, cfg.negative_slope, zero=zero, reciprocal=reciprocal)
@@ -217,27 +225,26 @@ def _tangent(cfg: FusedConfig, saved, mean, inv, scale, bias, valid, count, dx, 
     x_hat1, act1 = pieces(*uses[1])
     _, act2 = pieces(*uses[2])
     valid_dx = dx if valid is None else jnp.where(valid, dx, 0)
-    sums = jnp.stack([jnp.sum(valid_dx, axis=reduce), jnp.sum(valid_dx * x_hat0, axis=reduce)])
-    if cfg.names is not None:
-        sums = _collectives.psum_in_groups(sums, cfg.names, cfg.groups)
-    s1, s2 = sums[0] * per_element, sums[1] * per_element
+    s1, s2 = jnp.sum(valid_dx, axis=reduce) / one, jnp.sum(valid_dx * x_hat0, axis=reduce) / one
+    if cfg.names is not None:  # both sums in one collective
+        s1, s2 = _collectives.psum_in_groups(jnp.stack([s1, s2]), cfg.names, cfg.groups)
+    s1, s2 = s1 * per_element, s2 * per_element
     d_mean, d_var = s1, 2 * s2 / inv
     a, b = -k * s2, -k * s1
     if dscale is not None:
         a = a + dscale.astype(compute)
     if dbias is not None:
         b = b + dbias.astype(compute)
-    ab = jnp.stack([a, b])
     # Where the data varies over manual axes that the per-feature terms do not (shard_map
     # with checks), say so once for both: the transpose is then one psum of the two sums.
-    missing = tuple(_axes.varying_axes(x_hat1) - _axes.varying_axes(ab))
+    missing = tuple(_axes.varying_axes(x_hat1) - _axes.varying_axes(a) - _axes.varying_axes(b))
     if missing:
-        ab = lax.pcast(ab, missing, to="varying")
+        a, b = lax.pcast(jnp.stack([a, b]), missing, to="varying")
     # The third term is made full-size here, so that its transpose sums the cotangent in
     # the compute dtype (a sum of the narrow cotangent would round); as a sum with zeros
     # like `dx`, it is split over devices as `dx` is (a plain broadcast of a replicated
     # vector would be replicated, and its transpose would gather the cotangent).
-    terms = (act0(expand(k) * dx), act1(x_hat1 * expand(ab[0])), act2(jnp.zeros_like(dx) + expand(ab[1])))
+    terms = (act0(expand(k) * dx), act1(x_hat1 * expand(a)), act2(jnp.zeros_like(dx) + expand(b)))
     if jnp.dtype(cfg.out_dtype) == compute:
         return sum(terms), d_mean, d_var
     # A narrower output: each term is cast on its own, behind its own barrier. Transposed,

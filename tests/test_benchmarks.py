@@ -195,16 +195,20 @@ def test_floor_benchmark_writes_its_report(tmp_path):
     assert "## Floor of the float32 training forward" in (tmp_path / "RESULTS.md").read_text()
 
 
-@pytest.mark.parametrize("name", [floor.VARIADIC, floor.STACKED, floor.SHIFTED_SUM, floor.SHIFTED_SQUARES])
+@pytest.mark.parametrize(
+    "name", [floor.VARIADIC, floor.STACKED, floor.SHIFTED_SUM, floor.SHIFTED_SQUARES, floor.SCALED_SQUARES]
+)
 def test_floor_reductions_compute_the_shifted_sums(name):
     """The one-pass forms time the same sums as the two reductions: float64 reference."""
     x = np.random.default_rng(4).normal(size=(16, 3, 5)).astype(np.float32)
     s = np.float32([0.5, -1.0, 2.0, 0.0, 1.0])
     d = x.astype(np.float64) - s
-    got = floor.REDUCTIONS[name](jax.numpy.asarray(x), jax.numpy.asarray(s))
+    r = np.float32([0.5, 1.0, 2.0, 0.25, 1.0])
+    got = floor.REDUCTIONS[name](*(jax.numpy.asarray(a) for a in (x, s, r)))
     expected = {
         floor.SHIFTED_SUM: d.sum((0, 1)),
         floor.SHIFTED_SQUARES: (d * d).sum((0, 1)),
+        floor.SCALED_SQUARES: ((d * r) ** 2).sum((0, 1)),
     }.get(name, (d.sum((0, 1)), (d * d).sum((0, 1))))
     np.testing.assert_allclose(np.asarray(got, np.float64), np.asarray(expected), rtol=1e-5, atol=1e-5)
 

@@ -181,3 +181,58 @@ def test_shard_map_module_running_stats_are_replicated_and_global():
     assert_close(stats["var"], MOMENTUM + (1 - MOMENTUM) * ref["var"])
     valid = np.broadcast_to(mask[..., None], x.shape).reshape(-1, 2, C)
     assert_close(np.where(valid, np.asarray(y).reshape(-1, 2, C), 0), np.where(valid, ref["y"], 0))
+
+
+def bfloat16_data(seed):
+    """`data` with x and dy rounded to bfloat16; the reference takes the rounded values."""
+    x, dy, mask, scale, bias, w_mean, w_var = data(seed)
+    x16, dy16 = jnp.asarray(x, jnp.bfloat16), jnp.asarray(dy, jnp.bfloat16)
+    rounded = (np.asarray(x16.astype(jnp.float32)), np.asarray(dy16.astype(jnp.float32)))
+    return (x16, dy16, mask, scale, bias, w_mean, w_var), rounded
+
+
+@pytest.mark.parametrize("transform", ["pmap", "vmap", "shard_map"])
+def test_bfloat16_gradients_under_every_parallel_style_match_whole_batch_reference(transform):
+    """A bfloat16 input and output: each backward pass casts its own handle on the
+    cotangent (jbn._fusion.kept_apart), also where the statistics are global."""
+    (x, dy, mask, scale, bias, w_mean, w_var), (x_seen, dy_seen) = bfloat16_data(4)
+    kwargs = dict(activation="relu", dtype=jnp.bfloat16)
+    argnums = (0, 3, 4)
+    if transform == "shard_map":
+        mesh = jax.make_mesh((D,), ("batch",))
+
+        def total_loss(x, scale, bias, dy, mask):
+            def body(x, scale, bias, dy, mask):
+                loss = local_loss(x[0], dy[0], mask[0], scale, bias, w_mean, w_var, "batch", **kwargs)
+                return jax.lax.psum(loss, "batch")
+
+            return jax.shard_map(
+                body, mesh=mesh, in_specs=(P("batch"), P(), P(), P("batch"), P("batch")), out_specs=P(), check_vma=True
+            )(x, scale, bias, dy, mask)
+
+        shard, replicated = NamedSharding(mesh, P("batch")), NamedSharding(mesh, P())
+        args = (
+            jax.device_put(x, shard),
+            jax.device_put(scale, replicated),
+            jax.device_put(bias, replicated),
+            jax.device_put(dy, shard),
+            jax.device_put(mask, shard),
+        )
+        dx, d_scale, d_bias = jax.jit(jax.grad(total_loss, argnums=(0, 1, 2)))(*args)
+        jaxpr = jax.make_jaxpr(jax.grad(total_loss, argnums=(0, 1, 2)))(*args)
+        assert sorted(s for s in psum_operand_shapes(jaxpr.jaxpr) if s != ()) == [(2, C), (D, 4, C)]
+    else:
+
+        def grads(x, dy, mask):
+            return jax.grad(local_loss, argnums=argnums)(x, dy, mask, scale, bias, w_mean, w_var, "batch", **kwargs)
+
+        mapped = (
+            jax.pmap(grads, axis_name="batch") if transform == "pmap" else jax.jit(jax.vmap(grads, axis_name="batch"))
+        )
+        dx, d_scale, d_bias = mapped(x, dy, mask)
+        d_scale, d_bias = np.sum(d_scale, 0), np.sum(d_bias, 0)
+    assert dx.dtype == jnp.bfloat16
+    ref = whole_batch_reference(x_seen, dy_seen, mask, scale, bias, w_mean, w_var, "relu")
+    assert_close(np.asarray(dx.astype(jnp.float32)).reshape(ref["dx"].shape), ref["dx"], rtol=1e-2, atol=1e-2)
+    assert_close(d_scale, ref["d_scale"])
+    assert_close(d_bias, ref["d_bias"])
