@@ -28,7 +28,6 @@ shifted reductions over the plain ones plus the base:
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -37,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from benchmarks import machine, memory, peers, timing
+from benchmarks import machine, memory, peers, report, timing
 
 SHAPES = ((64, 32, 32, 64), (128, 16, 16, 256), (256, 7, 7, 512), (4096, 1024))
 DEFAULT_OUT = Path(__file__).resolve().parent
@@ -131,12 +130,7 @@ def main(argv=None) -> dict:
     info["command"] = " ".join(["python -m benchmarks.floor", *(argv if argv is not None else sys.argv[1:])])
     speed = [time_shape(tuple(s), args.rounds, lambda m: print(m, flush=True)) for s in args.shapes]
     results = {"machine": info, "speed": speed, "reductions": list(REDUCTIONS)}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "floor.json").write_text(json.dumps(results, indent=1))
-    if not args.no_render:
-        from benchmarks import report
-
-        report.render(args.out)
+    report.save(results, args.out, "floor.json", render_report=not args.no_render)
     return results
 
 

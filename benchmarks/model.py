@@ -19,7 +19,6 @@ max-pool, stride 2).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import zlib
@@ -30,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks import machine, timing
+from benchmarks import machine, report, timing
 
 MOMENTUM = 0.9  # batch-norm running-average decay, as flax's ImageNet example
 EPSILON = 1e-5
@@ -272,12 +271,7 @@ def main(argv=None) -> dict:
         parser.error(f"--blocks must be >= 1, got {args.blocks}")
     rows = measure(sizes, args.variants, args.rounds, log=lambda m: print(m, flush=True), blocks=args.blocks)
     results = {"machine": info, "rows": rows, "variants": {v: VARIANTS[v] for v in args.variants}, "note": args.note}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "model.json").write_text(json.dumps(results, indent=1))
-    if not args.no_render:
-        from benchmarks import report
-
-        report.render(args.out)
+    report.save(results, args.out, "model.json", render_report=not args.no_render)
     return results
 
 

@@ -297,6 +297,15 @@ def write(results, out: Path, note: str = "") -> None:
             sections.model_chart(model, out / "model.png")
 
 
+def save(results: dict, out: Path, name: str, render_report: bool = True) -> None:
+    """Write `results` as `out/name` and, unless `render_report` is False, rewrite
+    RESULTS.md (and the figures) from every JSON file in `out`."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / name).write_text(json.dumps(results, indent=1))
+    if render_report:
+        render(out)
+
+
 def render(out: Path) -> None:
     """Rewrite RESULTS.md (and the figures) in `out` from the JSON files there."""
     results = load_json(out / "results.json")

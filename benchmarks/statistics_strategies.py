@@ -45,7 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from benchmarks import machine, memory, peers, timing
+from benchmarks import machine, memory, peers, report, timing
 
 SHAPES = ((64, 32, 32, 64), (128, 16, 16, 256), (256, 7, 7, 512), (4096, 1024))
 SAMPLE_ROWS = 32
@@ -312,12 +312,7 @@ def main(argv=None) -> dict:
         "copy": COPY,
         "raw": RAW,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "strategies.json").write_text(json.dumps(results, indent=1))
-    if not args.no_render:
-        from benchmarks import report
-
-        report.render(args.out)
+    report.save(results, args.out, "strategies.json", render_report=not args.no_render)
     return results
 
 
