@@ -85,6 +85,26 @@ def train_with_layout(
     return y, stats
 
 
+SHARED_OPTIONS = (
+    "axis",
+    "mask",
+    "axis_name",
+    "axis_index_groups",
+    "epsilon",
+    "dtype",
+    "activation",
+    "negative_slope",
+    "save_output_only",
+    "fused",
+)
+
+
+def shared_options(arguments: dict[str, Any]) -> dict[str, Any]:
+    """Those of an entry point's `arguments` (its `locals()`) that `canonical_arguments`
+    takes; an entry point without some of them (batch renorm) gets their defaults."""
+    return {name: arguments[name] for name in SHARED_OPTIONS if name in arguments}
+
+
 def canonical_arguments(
     x,
     scale,
@@ -96,14 +116,15 @@ def canonical_arguments(
     axis_index_groups,
     epsilon,
     dtype,
-    activation,
-    negative_slope,
-    save_output_only,
-    fused,
+    activation=None,
+    negative_slope=0.01,
+    save_output_only=False,
+    fused=True,
     training=True,
 ):
-    """The arguments shared by both entry points, checked once: (x, scale, bias, layout,
-    keyword arguments of `train_with_layout`)."""
+    """The arguments shared by the entry points, checked once: (x, scale, bias, layout,
+    keyword arguments of `train_with_layout`). An entry point passes its own with
+    `**shared_options(locals())`."""
     x = _validate.check_input(x)
     epsilon = _validate.check_epsilon(epsilon)
     save_output_only = _validate.check_flag(save_output_only, "save_output_only")
@@ -168,21 +189,7 @@ def normalize_with_batch_stats(
       `scale` and `bias`); `stats` are the batch `Moments`, whose mean and var are
       differentiable (count is not).
     """
-    x, scale, bias, layout, options = canonical_arguments(
-        x,
-        scale,
-        bias,
-        axis=axis,
-        mask=mask,
-        axis_name=axis_name,
-        axis_index_groups=axis_index_groups,
-        epsilon=epsilon,
-        dtype=dtype,
-        activation=activation,
-        negative_slope=negative_slope,
-        save_output_only=save_output_only,
-        fused=fused,
-    )
+    x, scale, bias, layout, options = canonical_arguments(x, scale, bias, **shared_options(locals()))
     warn_if_one_value_per_feature(layout)
     return train_with_layout(x, scale, bias, layout, **options)
 
@@ -267,22 +274,7 @@ def batch_norm(
     training, momentum, debias, unbiased_running_var = check_running_options(
         training, momentum, debias, unbiased_running_var
     )
-    x, scale, bias, layout, options = canonical_arguments(
-        x,
-        scale,
-        bias,
-        axis=axis,
-        mask=mask,
-        axis_name=axis_name,
-        axis_index_groups=axis_index_groups,
-        epsilon=epsilon,
-        dtype=dtype,
-        activation=activation,
-        negative_slope=negative_slope,
-        save_output_only=save_output_only,
-        fused=fused,
-        training=training,
-    )
+    x, scale, bias, layout, options = canonical_arguments(x, scale, bias, training=training, **shared_options(locals()))
     running = _running.check_running(running, layout.fshape, axis)
     if not training:
         y = _normalize.normalized(

@@ -23,6 +23,7 @@ from jbn._axes import Axes, AxisName
 from jbn._batch_norm import (
     canonical_arguments,
     check_running_options,
+    shared_options,
     warn_if_one_value_per_feature,
     without_nonfinite_padding,
 )
@@ -142,20 +143,7 @@ def batch_renorm(
         training, momentum, debias, unbiased_running_var
     )
     x, scale, bias, layout, options = canonical_arguments(
-        x,
-        scale,
-        bias,
-        axis=axis,
-        mask=mask,
-        axis_name=axis_name,
-        axis_index_groups=axis_index_groups,
-        epsilon=epsilon,
-        dtype=dtype,
-        activation=None,
-        negative_slope=0.01,
-        save_output_only=False,
-        fused=False,
-        training=training,
+        x, scale, bias, training=training, fused=False, **shared_options(locals())
     )
     if jnp.iscomplexobj(x):
         raise TypeError(f"`x` is complex ({x.dtype}): batch renormalization supports real inputs; use batch_norm.")
