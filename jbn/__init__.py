@@ -7,12 +7,13 @@ and framework modules that create variables and call them: `jbn.BatchNorm` (flax
 debiased running averages, exact population statistics (`recompute_batch_stats`),
 inference folding (`fold_batch_norm`), PyTorch/Keras interop (`jbn.interop`), `optax_mask`.
 
-`import jbn` and the pure functions load no framework: the linen, NNX, equinox and interop
-modules load on first use.
+`import jbn` and the pure functions load no framework: the linen, NNX, equinox, haiku and
+interop modules load on first use.
 
 Where things live (imports only point down this list):
 
     jbn/linen.py, nnx.py, equinox.py   framework wrappers: variables/state, then one pure call
+    jbn/haiku.py                       haiku's BatchNorm: its parameters and state, jbn's statistics
     jbn/_module_options.py             the option names the wrappers forward, read one way
     jbn/renorm.py, precise.py, fold.py, interop.py, weight_decay.py   variants and tools
     jbn/functional.py                  the public pure API, gathered from the floors below
@@ -54,8 +55,8 @@ from jbn.precise import recompute_batch_stats
 from jbn.renorm import batch_renorm, paper_renorm_schedules, renorm_schedule
 from jbn.weight_decay import optax_mask
 
-# Loaded on first use (PEP 562): they import flax, equinox or torch.
-_LAZY_MODULES = ("linen", "nnx", "equinox", "interop")
+# Loaded on first use (PEP 562): they import flax, equinox, haiku or torch.
+_LAZY_MODULES = ("linen", "nnx", "equinox", "interop", "haiku")
 _LAZY_NAMES = {"BatchNorm": "linen", "BatchRenorm": "linen"}
 
 
