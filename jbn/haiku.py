@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jbn import functional as F
+from jbn._module_options import quiet_one_value
 
 Initializer = Callable[[Sequence[int], Any], jax.Array]
 
@@ -84,6 +85,16 @@ def _statistics_dtypes(dtype: Any) -> tuple[Any, Any]:
     """(mean, var) dtypes of a new state for inputs of `dtype`: float32 or wider."""
     mean = jnp.promote_types(dtype, jnp.float32)
     return mean, jnp.real(jnp.zeros((), mean)).dtype
+
+
+def _bound(names: Any) -> bool:
+    """Whether every axis name in `names` (None, a name or a tuple) is bound here."""
+    try:
+        for name in () if names is None else names if isinstance(names, tuple) else (names,):
+            jax.lax.axis_size(name)
+    except NameError:
+        return False
+    return True
 
 
 def _feature_shaped(value: Any, w_shape: tuple[int, ...], fshape: tuple[int, ...]) -> jax.Array | None:
@@ -241,17 +252,23 @@ class BatchNorm(hk.Module):
             x, features = x[None], (0,)
             mask = None if mask is None else jnp.asarray(mask)[None]
         if is_training or test_local_stats:
-            y, batch = F.normalize_with_batch_stats(
-                x,
-                scale,
-                offset,
-                axis=features,
-                epsilon=self.eps,
-                mask=mask,
-                axis_name=self.cross_replica_axis,
-                axis_index_groups=self.cross_replica_axis_index_groups,
-                fused=self.fused,
-            )
+            # haiku's init often runs outside the map that binds the axis names, on a dummy
+            # batch; it returns the initial state whatever this call computes, so there it
+            # synchronizes only over names that are bound and does not warn.
+            initializing = hk.running_init()
+            synced = not initializing or _bound(self.cross_replica_axis)
+            with quiet_one_value(initializing):
+                y, batch = F.normalize_with_batch_stats(
+                    x,
+                    scale,
+                    offset,
+                    axis=features,
+                    epsilon=self.eps,
+                    mask=mask,
+                    axis_name=self.cross_replica_axis if synced else None,
+                    axis_index_groups=self.cross_replica_axis_index_groups if synced else None,
+                    fused=self.fused,
+                )
             if is_training:
                 self._update(mean_state, var_state, batch, fshape)
         else:
