@@ -136,7 +136,7 @@ class BatchNorm(hk.Module):
         data_format: str = "channels_last",
         name: str | None = None,
         *,
-        fused: bool = True,
+        fused: bool | None = None,
     ):
         """Arguments as in `haiku.BatchNorm`, plus jbn's `fused`.
 
@@ -157,8 +157,13 @@ class BatchNorm(hk.Module):
           data_format: "channels_last" (default), "channels_first", or a layout string such
             as "NHWC"/"NCHW" (see `hk.get_channel_index`).
           name: the module name (default "batch_norm").
-          fused: train with jbn's fused derivative rule (default; same numbers, less
-            memory). False differentiates the plain computation.
+          fused: train with jbn's fused derivative rule (same numbers, less memory, a
+            faster backward pass) or differentiate the plain computation (False). None
+            (default): fused without `cross_replica_axis`, plain with it, because under
+            `hk.vmap`/`jax.vmap` jax linearizes the fused rule outside the vmap when the
+            gradient goes through `lax.scan` or through a jitted function differentiated
+            from outside, and then reports the axis name as unbound. Under `pmap` or
+            `shard_map`, True is safe.
         """
         super().__init__(name=name)
         if not create_scale and scale_init is not None:
@@ -186,7 +191,7 @@ class BatchNorm(hk.Module):
         self.cross_replica_axis = cross_replica_axis
         self.cross_replica_axis_index_groups = cross_replica_axis_index_groups
         self.channel_index = hk.get_channel_index(data_format)
-        self.fused = bool(fused)
+        self.fused = cross_replica_axis is None if fused is None else bool(fused)
         self.mean_ema = _MovingAverageState(jnp.zeros, name="mean_ema")
         self.var_ema = _MovingAverageState(jnp.ones, name="var_ema")
 

@@ -226,8 +226,20 @@ def test_cross_replica_axis_over_an_hk_vmap_axis_normalizes_the_whole_batch(cls)
     assert state[MEAN]["average"].shape == (4,)
     np.testing.assert_allclose(state[VAR]["average"], var, rtol=1e-5, atol=1e-5)
     dy = random(x.shape, seed=8)
-    dx = jax.grad(lambda x: jnp.sum(f.apply(params, state, None, x, True)[0] * dy))(x)
-    np.testing.assert_allclose(dx, reference.batch_norm_grads(x, None, dy, epsilon=EPS)[0], rtol=1e-4, atol=1e-4)
+    expected_dx = reference.batch_norm_grads(x, None, dy, epsilon=EPS)[0]
+    # The ways users differentiate: plain, through a jitted apply, and through lax.scan over steps.
+    apply = jax.jit(f.apply, static_argnums=4)
+    for loss in (
+        lambda x: jnp.sum(f.apply(params, state, None, x, True)[0] * dy),
+        lambda x: jnp.sum(apply(params, state, None, x, True)[0] * dy),
+        lambda x: (
+            jax.lax.scan(lambda c, _: (c + jnp.sum(apply(params, state, None, x, True)[0] * dy), None), 0.0, length=2)[
+                0
+            ]
+            / 2
+        ),
+    ):
+        np.testing.assert_allclose(jax.grad(loss)(x), expected_dx, rtol=1e-4, atol=1e-4)
 
 
 DEVICES = 8
