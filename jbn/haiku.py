@@ -198,7 +198,8 @@ class BatchNorm(hk.Module):
     def _feature_axes(self, ndim: int) -> tuple[int, ...]:
         """The axes that are not reduced, sorted, non-negative."""
         if self.axis is None:
-            return tuple(i for i in range(ndim) if i == self.channel_index % max(ndim, 1))
+            channel = self.channel_index + ndim if self.channel_index < 0 else self.channel_index  # as haiku
+            return tuple(i for i in range(ndim) if i == channel)
         for a in self.axis:
             if not -ndim <= a < ndim:
                 raise ValueError(

@@ -5,6 +5,10 @@ pmap/shard_map/sharded jit on 8 fake CPU devices, masks."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import haiku as hk
 import jax
 import jax.numpy as jnp
@@ -303,11 +307,12 @@ def test_shard_map_and_sharded_jit_give_whole_batch_statistics():
 
 
 def test_every_axis_reduced_and_integer_inputs_follow_haiku():
-    """`axis` naming every axis (one mean for the whole input) and integer inputs
-    (normalized as floats), as haiku computes them."""
+    """`axis` naming every axis (one mean for the whole input), a channel index past the
+    input's rank (likewise), and integer inputs (normalized as floats), as haiku computes them."""
     x = random((5, 4), seed=13)
     ints = np.arange(20, dtype=np.int32).reshape(5, 4)
-    for inputs, kwargs in ((x, dict(axis=[0, 1])), (ints, dict())):
+    cases = ((x, dict(axis=[0, 1])), (x[:, 0], dict(data_format="channels_first")), (ints, dict()))
+    for inputs, kwargs in cases:
         outs = []
         for cls in (jbn.haiku.BatchNorm, hk.BatchNorm):
             f = transformed(cls, True, True, DECAY, **kwargs)
@@ -334,6 +339,18 @@ def test_bad_constructor_arguments_raise_naming_them(kwargs, message):
     f = hk.transform_with_state(lambda x: jbn.haiku.BatchNorm(**arguments)(x, True))
     with pytest.raises(ValueError, match=message):
         f.init(None, np.ones((2, 3), np.float32))
+
+
+def test_import_jbn_loads_no_haiku_until_jbn_haiku_is_used():
+    code = (
+        "import sys, jax.numpy as jnp, jbn\n"
+        "jbn.moments(jnp.ones((4, 3)))\n"
+        "assert 'haiku' not in sys.modules, 'import jbn loaded haiku'\n"
+        "assert jbn.haiku.BatchNorm.__module__ == 'jbn.haiku' and 'haiku' in sys.modules\n"
+    )
+    repo = Path(__file__).resolve().parent.parent  # `python -c` puts the working folder first on sys.path
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=repo)
+    assert result.returncode == 0, result.stderr
 
 
 def test_bad_call_arguments_raise_naming_them():
