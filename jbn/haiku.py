@@ -64,6 +64,11 @@ class _MovingAverageState(hk.Module):
         hk.set_state("hidden", hidden)
         hk.set_state("average", average)
 
+    @property
+    def average(self) -> jax.Array:
+        """The debiased moving average, as `hk.ExponentialMovingAverage.average`."""
+        return hk.get_state("average")
+
 
 def _check_unit_interval(value: Any, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float, np.floating)) or not 0 <= value <= 1:

@@ -99,6 +99,10 @@ def test_training_matches_haiku_outputs_state_and_gradients(layout):
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4), g_ours, g_theirs)
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, **F32), state_ours, state_theirs)
     assert int(state_ours[MEAN]["counter"]) == int(state_ours[VAR]["counter"]) == 3
+    average = hk.transform_with_state(lambda: jbn.haiku.BatchNorm(True, True, DECAY, **kwargs).mean_ema.average)
+    np.testing.assert_array_equal(
+        average.apply({}, state_ours, None)[0], state_ours[MEAN]["average"]
+    )  # haiku's property
     x = random(shape, seed=5)
     for local in (False, True):
         y_ours, _ = ours.apply(params, state_ours, None, x, False, local)
@@ -259,7 +263,7 @@ def global_reference(x, mask=None):
 
 def test_pmap_synchronizes_count_weighted_statistics_with_masks():
     """Devices with different numbers of valid rows: the statistics are those of the valid
-    rows of the whole batch (haiku's pmean of per-device means weights devices equally)."""
+    rows of the whole batch, each device weighted by its count (haiku has no mask)."""
     x = random((DEVICES, 4, 3), seed=10, mean=2.0)
     mask = np.arange(4)[None, :] < (np.arange(DEVICES) % 4 + 1)[:, None]  # 1 to 4 valid rows per device
     f = hk.transform_with_state(
