@@ -54,8 +54,8 @@ from jbn.precise import recompute_batch_stats
 from jbn.renorm import batch_renorm, paper_renorm_schedules, renorm_schedule
 from jbn.weight_decay import optax_mask
 
-# Loaded on first use (PEP 562): they import flax, equinox or torch.
-_LAZY_MODULES = ("linen", "nnx", "equinox", "interop")
+# Loaded on first use (PEP 562): they import flax, equinox, torch or keras.
+_LAZY_MODULES = ("linen", "nnx", "equinox", "interop", "keras")
 _LAZY_NAMES = {"BatchNorm": "linen", "BatchRenorm": "linen"}
 
 
