@@ -34,6 +34,8 @@ import keras
 from jbn import functional as F
 from jbn import precise
 
+__all__ = ["BatchNormalization", "batch_norm_layers", "recompute_batch_stats"]
+
 _PACKAGE = "jbn"
 
 
@@ -153,13 +155,18 @@ class BatchNormalization(keras.layers.BatchNormalization):
         beta = self.beta.value if self.center else None
         if not (training and self.trainable):
             return self._normalize_with_moving(x, gamma, beta)
+        y, updates = (self._renormalize if self.renorm else self._batch_normalize)(x, gamma, beta, mask)
         if self._population is not None:
+            # recompute_batch_stats is running: the training output, the population grows, the
+            # moving statistics stay as they are.
             self._population = precise.add_batch(self._population, x, axis=self.axis, mask=mask)
-            return F.normalize_with_batch_stats(
-                x, gamma, beta, axis=self.axis, epsilon=self.epsilon, mask=mask, dtype=self.compute_dtype
-            )[0]
-        if self.renorm:
-            return self._renormalize(x, gamma, beta, mask)
+            return y
+        for variable, value in updates:
+            variable.assign(value)
+        return y
+
+    def _batch_normalize(self, x: jax.Array, gamma: Any, beta: Any, mask: jax.Array | None) -> tuple[jax.Array, list]:
+        """The training output and the (variable, new value) pairs of the moving statistics."""
         y, new = F.batch_norm(
             x,
             gamma,
@@ -173,9 +180,7 @@ class BatchNormalization(keras.layers.BatchNormalization):
             dtype=self.compute_dtype,
             virtual_batch_size=self.virtual_batch_size,
         )
-        self.moving_mean.assign(new.mean)
-        self.moving_variance.assign(new.var)
-        return y
+        return y, [(self.moving_mean, new.mean), (self.moving_variance, new.var)]
 
     def _normalize_with_moving(self, x: jax.Array, gamma: Any, beta: Any) -> jax.Array:
         moving = F.RunningStats(self.moving_mean.value, self.moving_variance.value)
@@ -198,7 +203,7 @@ class BatchNormalization(keras.layers.BatchNormalization):
             )
         return mask if mask.dtype == jnp.bool_ else mask != 0
 
-    def _renormalize(self, x: jax.Array, gamma: Any, beta: Any, mask: jax.Array | None) -> jax.Array:
+    def _renormalize(self, x: jax.Array, gamma: Any, beta: Any, mask: jax.Array | None) -> tuple[jax.Array, list]:
         """Batch Renorm as keras defines it: r and d measured against `renorm_mean` and
         `renorm_stddev` (moving averages of the batch mean and standard deviation with
         `renorm_momentum`), clipped by `renorm_clipping` to [rmin, rmax] and [-dmax, dmax],
@@ -229,12 +234,14 @@ class BatchNormalization(keras.layers.BatchNormalization):
         moving = F.update_running_stats(
             F.RunningStats(self.moving_mean.value, self.moving_stddev.value), by_stddev, self.momentum
         )
-        self.renorm_mean.assign(renorm.mean)
-        self.renorm_stddev.assign(renorm.var)
-        self.moving_mean.assign(moving.mean)
-        self.moving_stddev.assign(moving.var)
-        self.moving_variance.assign(jnp.maximum(moving.var * moving.var - self.epsilon, 0.0))
-        return y.astype(self.compute_dtype)
+        updates = [
+            (self.renorm_mean, renorm.mean),
+            (self.renorm_stddev, renorm.var),
+            (self.moving_mean, moving.mean),
+            (self.moving_stddev, moving.var),
+            (self.moving_variance, jnp.maximum(moving.var * moving.var - self.epsilon, 0.0)),
+        ]
+        return y.astype(self.compute_dtype), updates
 
     def get_config(self) -> dict:
         """keras's configuration, with `synchronized` as given and `virtual_batch_size`."""
@@ -274,10 +281,11 @@ def recompute_batch_stats(
     statistics of the inputs it sees over `dataset`, the model running in training mode
     ("PreciseBN", Wu & Johnson 2021; PyTorch's `update_bn`).
 
-    Each batch runs through `model(x, training=True)`; every `jbn.keras.BatchNormalization`
-    normalizes with its batch statistics (as in training, so each later layer sees what it
-    sees in training) and merges them exactly (Chan's formula, masks counted) into its
-    population; no weight changes during the pass. At the end `moving_mean` and
+    Each batch runs eagerly through `model(x, training=True)`; every
+    `jbn.keras.BatchNormalization` gives its training output (ghost batches and renorm
+    included, so each later layer sees what it sees in training) and merges the statistics
+    of its whole input exactly (Chan's formula, masks counted) into its population; no
+    weight changes during the pass. At the end `moving_mean` and
     `moving_variance` get the population's mean and biased variance. Layers with `renorm`
     get the same, and `moving_stddev = sqrt(moving_variance + epsilon)`.
 

@@ -387,3 +387,24 @@ def test_synchronized_statistics_are_global_under_keras_distribution(make_distri
         ref.moments(s, mask=v[..., None] if masked else None)[1] for s, v in zip(np.split(x, 8), np.split(valid, 8))
     ]
     assert np.all(np.abs(np.mean(shards, 0) - var) > 1.0)
+
+
+def test_recompute_batch_stats_feeds_later_layers_the_ghost_batch_training_output():
+    """PreciseBN: each layer sees what it sees in training, here bn1's ghost-batch output."""
+    rng = np.random.default_rng(14)
+    batches = [rng.normal(1.0, 2.0, (8, 3)).astype(np.float32) * (i + 1) for i in range(3)]
+    inputs = keras.Input((3,))
+    h = BatchNormalization(virtual_batch_size=4, name="bn1")(inputs)
+    h = keras.layers.Dense(4, activation="tanh", name="dense")(h)
+    model = keras.Model(inputs, BatchNormalization(name="bn2")(h))
+    kernel, bias = (np.asarray(w, np.float64) for w in model.get_layer("dense").get_weights())
+    recompute_batch_stats(model, batches, progress=False)
+    dense_inputs = []
+    for batch in batches:
+        for part in np.split(batch, 2):  # bn1's training output: each half with its own statistics
+            mean, var, _ = ref.moments(part)
+            dense_inputs.append(np.tanh(ref.normalize(part, mean, var, epsilon=1e-3) @ kernel + bias))
+    for name, data in (("bn1", np.concatenate(batches)), ("bn2", np.concatenate(dense_inputs))):
+        mean, var, _ = ref.moments(data)
+        np.testing.assert_allclose(model.get_layer(name).moving_mean.numpy(), mean, atol=1e-5, rtol=1e-5)
+        np.testing.assert_allclose(model.get_layer(name).moving_variance.numpy(), var, atol=1e-5, rtol=1e-5)
