@@ -83,6 +83,10 @@ class BatchNormalization(keras.layers.BatchNormalization):
         with its own statistics; the batch size must be a multiple of it. The moving
         statistics move once per call, towards the mean of the sub-batch statistics.
         Not with `renorm`.
+      axis_name: for custom training loops under `jax.shard_map`, `pmap` or `vmap`, where
+        each call sees one part of the batch: the name (or tuple of names) bound there; the
+        statistics are then those of every part together, weighted by their valid counts.
+        Not needed under `keras.distribution` (nor allowed outside such a transform).
     """
 
     def __init__(
@@ -105,6 +109,7 @@ class BatchNormalization(keras.layers.BatchNormalization):
         renorm_momentum: float = 0.99,
         synchronized: bool = False,
         virtual_batch_size: int | None = None,
+        axis_name: str | tuple[str, ...] | None = None,
         **kwargs: Any,
     ):
         _check_backend()
@@ -132,6 +137,8 @@ class BatchNormalization(keras.layers.BatchNormalization):
         )
         self.synchronized = bool(synchronized)
         self.virtual_batch_size = _check_virtual_batch_size(virtual_batch_size, renorm)
+        # A list after a JSON round trip of the config: jbn wants a name or a tuple of names.
+        self.axis_name = tuple(axis_name) if isinstance(axis_name, list) else axis_name
         # While recompute_batch_stats runs: the population statistics merged so far.
         self._population: F.Moments | None = None
 
@@ -159,7 +166,9 @@ class BatchNormalization(keras.layers.BatchNormalization):
         if self._population is not None:
             # recompute_batch_stats is running: the training output, the population grows, the
             # moving statistics stay as they are.
-            self._population = precise.add_batch(self._population, x, axis=self.axis, mask=mask)
+            self._population = precise.add_batch(
+                self._population, x, axis=self.axis, mask=mask, axis_name=self.axis_name
+            )
             return y
         for variable, value in updates:
             variable.assign(value)
@@ -179,6 +188,7 @@ class BatchNormalization(keras.layers.BatchNormalization):
             mask=mask,
             dtype=self.compute_dtype,
             virtual_batch_size=self.virtual_batch_size,
+            axis_name=self.axis_name,
         )
         return y, [(self.moving_mean, new.mean), (self.moving_variance, new.var)]
 
@@ -210,7 +220,9 @@ class BatchNormalization(keras.layers.BatchNormalization):
         applied to jbn's batch-normalized output; `moving_variance` follows from
         `moving_stddev`. (jbn.batch_renorm measures r and d against the running variance
         with symmetric clipping, so it cannot hold keras's state.)"""
-        x_hat, batch = F.normalize_with_batch_stats(x, None, None, axis=self.axis, epsilon=self.epsilon, mask=mask)
+        x_hat, batch = F.normalize_with_batch_stats(
+            x, None, None, axis=self.axis, epsilon=self.epsilon, mask=mask, axis_name=self.axis_name
+        )
         stddev = jnp.sqrt(batch.var + self.epsilon)
         renorm_mean = self.renorm_mean.value.astype(stddev.dtype)
         renorm_stddev = jnp.maximum(self.renorm_stddev.value.astype(stddev.dtype), jnp.sqrt(self.epsilon))
@@ -244,11 +256,12 @@ class BatchNormalization(keras.layers.BatchNormalization):
         return y.astype(self.compute_dtype), updates
 
     def get_config(self) -> dict:
-        """keras's configuration, with `synchronized` as given and `virtual_batch_size`."""
+        """keras's configuration, with `synchronized` as given, `virtual_batch_size` and `axis_name`."""
         return {
             **super().get_config(),
             "synchronized": self.synchronized,
             "virtual_batch_size": self.virtual_batch_size,
+            "axis_name": self.axis_name,
         }
 
 

@@ -2,7 +2,10 @@
 statistics, gradients), a float64 NumPy reference, .keras files, keras.distribution on 8
 fake CPU devices, ghost batches, keras's Batch Renorm, and recompute_batch_stats."""
 
+import json
 import os
+import subprocess
+import sys
 
 os.environ.setdefault("KERAS_BACKEND", "jax")  # tests/conftest.py sets it too; this file may run alone
 
@@ -181,10 +184,11 @@ def test_weights_names_order_and_config_as_keras():
     assert [v.shape for v in ours.weights] == [v.shape for v in peer.weights]
     assert isinstance(ours, keras.layers.BatchNormalization)
     config = ours.get_config()
-    assert {k: v for k, v in config.items() if k not in ("name", "virtual_batch_size")} == {
+    jbn_only = ("virtual_batch_size", "axis_name")
+    assert {k: v for k, v in config.items() if k not in ("name", *jbn_only)} == {
         k: v for k, v in peer.get_config().items() if k != "name"
     }
-    assert config["virtual_batch_size"] is None
+    assert [config[k] for k in jbn_only] == [None, None]
     assert BatchNormalization.from_config(config).get_config() == config
 
 
@@ -408,3 +412,50 @@ def test_recompute_batch_stats_feeds_later_layers_the_ghost_batch_training_outpu
         mean, var, _ = ref.moments(data)
         np.testing.assert_allclose(model.get_layer(name).moving_mean.numpy(), mean, atol=1e-5, rtol=1e-5)
         np.testing.assert_allclose(model.get_layer(name).moving_variance.numpy(), var, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_axis_name_synchronizes_a_custom_training_loop_under_shard_map(masked):
+    """Each device's call sees an eighth of the batch; `axis_name` makes the statistics global."""
+    from jax.sharding import PartitionSpec
+
+    rng = np.random.default_rng(15)
+    x, valid = _sharded_batch(rng)
+    layer = BatchNormalization(momentum=0.0, axis_name="batch")
+    layer.build(x.shape)
+    trainable = [v.value for v in layer.trainable_variables]
+    non_trainable = [v.value for v in layer.non_trainable_variables]
+
+    def step(trainable, non_trainable, x, mask):
+        return layer.stateless_call(trainable, non_trainable, x, training=True, mask=mask if masked else None)
+
+    mesh = jax.make_mesh((8,), ("batch",), axis_types=(jax.sharding.AxisType.Auto,))
+    batch, replicated = PartitionSpec("batch"), PartitionSpec()
+    sharded_step = jax.shard_map(
+        step, mesh=mesh, in_specs=(replicated, replicated, batch, batch), out_specs=(batch, replicated)
+    )
+    y, (moving_mean, moving_var) = jax.jit(sharded_step)(trainable, non_trainable, x, valid)
+    mean, var, _ = ref.moments(x, mask=valid[..., None] if masked else None)
+    np.testing.assert_allclose(moving_mean, mean, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(moving_var, var, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(y, ref.normalize(x, mean, var, epsilon=1e-3), atol=1e-4, rtol=1e-4)
+
+
+def test_jbn_options_survive_a_json_config_round_trip():
+    layer = BatchNormalization(virtual_batch_size=4, axis_name=("hosts", "devices"), synchronized=True)
+    serialized = json.dumps(keras.saving.serialize_keras_object(layer))
+    restored = keras.saving.deserialize_keras_object(json.loads(serialized))
+    assert type(restored) is BatchNormalization
+    assert (restored.virtual_batch_size, restored.axis_name, restored.synchronized) == (4, ("hosts", "devices"), True)
+
+
+def test_import_jbn_loads_keras_only_on_first_use_of_jbn_keras():
+    code = (
+        "import sys, jbn\n"
+        "assert 'keras' not in sys.modules, 'import jbn loaded keras'\n"
+        "jbn.keras.BatchNormalization\n"
+        "assert 'keras' in sys.modules\n"
+    )
+    env = {**os.environ, "KERAS_BACKEND": "jax"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 0, result.stderr
