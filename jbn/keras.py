@@ -220,8 +220,15 @@ class BatchNormalization(keras.layers.BatchNormalization):
         applied to jbn's batch-normalized output; `moving_variance` follows from
         `moving_stddev`. (jbn.batch_renorm measures r and d against the running variance
         with symmetric clipping, so it cannot hold keras's state.)"""
-        x_hat, batch = F.normalize_with_batch_stats(
-            x, None, None, axis=self.axis, epsilon=self.epsilon, mask=mask, axis_name=self.axis_name
+        x_hat, batch = F.normalize_with_batch_stats(  # float32 or wider until the corrected affine map
+            x,
+            None,
+            None,
+            axis=self.axis,
+            epsilon=self.epsilon,
+            mask=mask,
+            axis_name=self.axis_name,
+            dtype=jnp.promote_types(x.dtype, jnp.float32),
         )
         stddev = jnp.sqrt(batch.var + self.epsilon)
         renorm_mean = self.renorm_mean.value.astype(stddev.dtype)

@@ -459,3 +459,21 @@ def test_import_jbn_loads_keras_only_on_first_use_of_jbn_keras():
     env = {**os.environ, "KERAS_BACKEND": "jax"}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
     assert result.returncode == 0, result.stderr
+
+
+def test_renorm_in_mixed_precision_matches_keras():
+    """bfloat16 inputs and outputs; the statistics and the correction in float32, as keras."""
+    x = np.random.default_rng(16).normal(3.0, 2.0, (64, 4)).astype(np.float32)
+    results = []
+    for cls in (keras.layers.BatchNormalization, BatchNormalization):
+        layer = cls(renorm=True, dtype="mixed_bfloat16", renorm_clipping={"rmax": 2.0, "dmax": 1.0})
+        layer.build(x.shape)
+        layer.renorm_stddev.assign([0.5, 1.0, 2.0, 4.0])
+        layer.renorm_mean.assign([0.0, 3.0, 5.0, -1.0])
+        y = layer(x, training=True)
+        assert y.dtype == jnp.bfloat16
+        results.append((np.asarray(y, np.float32), [w.numpy() for w in layer.weights]))
+    (y_peer, w_peer), (y_ours, w_ours) = results
+    np.testing.assert_allclose(y_ours, y_peer, rtol=2.0**-7, atol=1e-5)  # at most one bfloat16 ulp apart
+    for ours, peer in zip(w_ours, w_peer):
+        np.testing.assert_allclose(ours, peer, rtol=1e-6, atol=1e-6)
