@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 
 os.environ.setdefault("KERAS_BACKEND", "jax")  # tests/conftest.py sets it too; this file may run alone
 
@@ -14,7 +15,10 @@ import jax.numpy as jnp
 import keras
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
+import jbn
 from jbn.keras import BatchNormalization, recompute_batch_stats
 from tests import reference as ref
 
@@ -477,3 +481,55 @@ def test_renorm_in_mixed_precision_matches_keras():
     np.testing.assert_allclose(y_ours, y_peer, rtol=2.0**-7, atol=1e-5)  # at most one bfloat16 ulp apart
     for ours, peer in zip(w_ours, w_peer):
         np.testing.assert_allclose(ours, peer, rtol=1e-6, atol=1e-6)
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    shape=st.lists(st.integers(1, 4), min_size=2, max_size=4),
+    axis_choice=st.integers(0, 3),
+    momentum=st.floats(0.0, 1.0),
+    masked=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_any_shape_axis_momentum_and_mask_match_keras(shape, axis_choice, momentum, masked, seed):
+    """Training output and updated moving statistics equal keras's, whatever the rank, the
+    feature axis, the momentum and the mask (keras's: all axes but the last), except for a
+    feature the mask leaves empty: jbn keeps its moving statistics (keras moves them to 0)."""
+    rng = np.random.default_rng(seed)
+    shape = tuple(shape)
+    axis = (axis_choice % len(shape)) - len(shape) * (axis_choice % 2)  # negative or positive
+    if masked and shape[axis] == 1:
+        shape = shape[: axis % len(shape)] + (2,) + shape[axis % len(shape) + 1 :]  # keras fails there (next test)
+    peer, ours = pair(rng, shape, axis=axis, momentum=momentum)
+    before = {name: getattr(ours, name).numpy() for name in ("moving_mean", "moving_variance")}
+    x = rng.normal(1.0, 2.0, shape).astype(np.float32)
+    mask = keras_mask(rng, shape) if masked else None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", jbn.OneValuePerFeatureWarning)  # keras computes silently
+        y_ours = np.asarray(ours(x, training=True, mask=mask))
+    y_peer = np.asarray(peer(x, training=True, mask=mask))
+    count = ref.moments(x, axis=axis, mask=None if mask is None else mask[..., None])[2]
+    seen = count > 0
+    features = [1] * len(shape)
+    features[axis] = shape[axis]
+    in_seen = np.broadcast_to(seen.reshape(features), shape)
+    np.testing.assert_allclose(y_ours[in_seen], y_peer[in_seen], atol=5e-5, rtol=5e-5)
+    for name in ("moving_mean", "moving_variance"):
+        ours_value, peer_value = getattr(ours, name).numpy(), getattr(peer, name).numpy()
+        np.testing.assert_allclose(ours_value[seen], peer_value[seen], atol=1e-5, rtol=1e-5)
+        np.testing.assert_array_equal(ours_value[~seen], before[name][~seen])
+
+
+def test_mask_with_one_feature_where_keras_fails():
+    """keras 3.15's masked statistics squeeze every axis of a one-feature mean, and its call
+    raises an IndexError; jbn normalizes as the float64 reference does."""
+    rng = np.random.default_rng(17)
+    x = rng.normal(size=(6, 1)).astype(np.float32)
+    mask = np.arange(6) < 4
+    with pytest.raises(IndexError):
+        keras.layers.BatchNormalization()(x, training=True, mask=mask)
+    layer = BatchNormalization(momentum=0.0)
+    y = layer(x, training=True, mask=mask)
+    mean, var, _ = ref.moments(x, mask=mask[:, None])
+    np.testing.assert_allclose(y, ref.normalize(x, mean, var, epsilon=1e-3), atol=1e-5)
+    np.testing.assert_allclose(layer.moving_variance.numpy(), var, atol=1e-6)
