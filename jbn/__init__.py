@@ -2,17 +2,18 @@
 
 Pure functions (`moments`, `normalize`, `update_running_stats`, `batch_norm`) over arrays,
 and framework modules that create variables and call them: `jbn.BatchNorm` (flax linen),
-`jbn.nnx.BatchNorm`, `jbn.equinox.BatchNorm`. Variants and tools: Batch Renormalization
-(`batch_renorm`, `BatchRenorm`), ghost batches (`virtual_batch_size=`), cumulative and
-debiased running averages, exact population statistics (`recompute_batch_stats`),
-inference folding (`fold_batch_norm`), PyTorch/Keras interop (`jbn.interop`), `optax_mask`.
+`jbn.nnx.BatchNorm`, `jbn.equinox.BatchNorm`, `jbn.keras.BatchNormalization` (Keras 3 on
+JAX). Variants and tools: Batch Renormalization (`batch_renorm`, `BatchRenorm`), ghost
+batches (`virtual_batch_size=`), cumulative and debiased running averages, exact population
+statistics (`recompute_batch_stats`), inference folding (`fold_batch_norm`), PyTorch/Keras
+interop (`jbn.interop`), `optax_mask`.
 
-`import jbn` and the pure functions load no framework: the linen, NNX, equinox, haiku and
+`import jbn` and the pure functions load no framework: the linen, NNX, equinox, keras, haiku and
 interop modules load on first use.
 
 Where things live (imports only point down this list):
 
-    jbn/linen.py, nnx.py, equinox.py   framework wrappers: variables/state, then one pure call
+    jbn/linen.py, nnx.py, equinox.py, keras.py   framework wrappers: variables/state, then one pure call
     jbn/haiku.py                       haiku's BatchNorm: its parameters and state, jbn's statistics
     jbn/_module_options.py             the option names the wrappers forward, read one way
     jbn/renorm.py, precise.py, fold.py, interop.py, weight_decay.py   variants and tools
@@ -55,8 +56,8 @@ from jbn.precise import recompute_batch_stats
 from jbn.renorm import batch_renorm, paper_renorm_schedules, renorm_schedule
 from jbn.weight_decay import optax_mask
 
-# Loaded on first use (PEP 562): they import flax, equinox, haiku or torch.
-_LAZY_MODULES = ("linen", "nnx", "equinox", "interop", "haiku")
+# Loaded on first use (PEP 562): they import flax, equinox, keras, haiku or torch.
+_LAZY_MODULES = ("linen", "nnx", "equinox", "interop", "keras", "haiku")
 _LAZY_NAMES = {"BatchNorm": "linen", "BatchRenorm": "linen"}
 
 

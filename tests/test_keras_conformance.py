@@ -1,0 +1,74 @@
+"""keras's own BatchNormalization tests, run with jbn.keras.BatchNormalization in keras's place.
+
+What runs: `keras/src/layers/normalization/batch_normalization_test.py` from the source
+distribution of the *installed* keras version, downloaded with
+`pip download --no-binary :all: --no-deps keras==<installed>` into `.cache/keras-sdist/`
+(gitignored; reused by later runs), with keras's own pytest settings (warnings are errors).
+
+Two passes run side by side in subprocesses: keras's class, then jbn's swapped in by the
+plugin tests/keras_conformance/jbn_keras_swap.py (keras.layers, keras.src.layers and
+keras.src.layers.normalization.batch_normalization, replaced before keras's test module is
+imported). A test that passes with keras and not with jbn is a regression.
+
+No network: the test fails with the reason when CI=true, and skips otherwise.
+Same from the command line: `.venv/bin/python -m tests.keras_conformance.runner`.
+"""
+
+import os
+
+import pytest
+
+from tests.keras_conformance import jbn_keras_swap, runner
+
+
+def _in_ci():
+    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def keras_tests_or_stop():
+    """The extracted keras test folder; without the download, a failure in CI and a skip elsewhere."""
+    version = runner.keras_version()
+    try:
+        sdist = runner.ensure_sdist(version)
+    except runner.DownloadError as e:
+        message = (
+            f"cannot get keras {version}'s source distribution, so keras's own tests cannot run against jbn. "
+            f"Put keras-{version}.tar.gz into {runner.CACHE} or allow pip to reach the package index. {e}"
+        )
+        if _in_ci():
+            pytest.fail(message)
+        pytest.skip(message)
+    return runner.extract_tests(sdist)
+
+
+@pytest.mark.parametrize("ci", ["true", ""])
+def test_no_download_fails_in_ci_and_skips_locally(ci, monkeypatch, tmp_path):
+    monkeypatch.setattr(runner, "CACHE", tmp_path / "empty-cache")
+    monkeypatch.setenv("PIP_NO_INDEX", "1")  # pip cannot reach any index: the offline case
+    monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)  # nor a find-links folder from a config file
+    monkeypatch.delenv("PIP_FIND_LINKS", raising=False)
+    monkeypatch.setenv("CI", ci)
+    expected = pytest.fail.Exception if ci else pytest.skip.Exception
+    with pytest.raises(expected, match="source distribution"):
+        keras_tests_or_stop()
+
+
+@pytest.mark.timeout(1200)
+def test_keras_batch_normalization_tests_pass_with_jbn():
+    root = keras_tests_or_stop()
+    keras_pass, jbn_pass = runner.run_passes(root)
+    for run in (keras_pass, jbn_pass):
+        name = "jbn" if run.swap else "keras"
+        # pytest exits 0 (all passed) or 1 (some failed); anything else is a broken run.
+        assert run.returncode in (0, 1) and run.results.get("outcomes"), (
+            f"the {name} pass did not run (exit {run.returncode}):\n{run.output[-4000:]}"
+        )
+    summary = runner.summarize(keras_pass, jbn_pass)
+    report = summary.text(keras_pass, jbn_pass)
+    print(report)
+    expected = {f"{m}.BatchNormalization": "jbn.keras.BatchNormalization" for m in jbn_keras_swap.SWAPPED_MODULES}
+    assert jbn_pass.results["swapped"] == expected
+    assert jbn_pass.results["swapped_at_end"] == expected
+    assert set(jbn_pass.results["outcomes"]) == set(keras_pass.results["outcomes"]), "the passes ran different tests"
+    assert summary.keras_passed, f"no test passes with keras itself:\n{report}\n{keras_pass.output[-4000:]}"
+    assert not summary.regressions, f"{len(summary.regressions)} keras tests fail with jbn:\n{report}"
