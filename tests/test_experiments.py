@@ -217,6 +217,36 @@ def test_mnist1d_is_generated_offline_and_leaves_global_random_state(monkeypatch
     assert data.mnist1d("sequence").x_train.shape == (4000, 40, 1)
 
 
+def test_mnist1d_splits_are_make_datasets_examples_disjoint_and_cached(tmp_path, monkeypatch):
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    monkeypatch.setattr(data, "CACHE_DIR", tmp_path)
+    np.random.seed(5)
+    np_before = np.random.get_state()[1].copy()
+    splits = data.mnist1d_splits(200, 50, 50, seed=3)
+    assert np.array_equal(np.random.get_state()[1], np_before)
+    args = get_dataset_args()
+    args.num_samples, args.seed = 300, 3
+    made = make_dataset(args)
+    x, y = np.concatenate([made["x"], made["x_test"]]), np.concatenate([made["y"], made["y_test"]])
+    tuning, final = splits
+    np.testing.assert_array_equal(tuning.x_train, x[:200].astype(np.float32))
+    np.testing.assert_array_equal(tuning.x_test, x[200:250].astype(np.float32))
+    np.testing.assert_array_equal(final.x_test, x[250:].astype(np.float32))
+    np.testing.assert_array_equal(final.y_test, y[250:])
+    np.testing.assert_array_equal(final.x_train, tuning.x_train)  # the test split trains on the same examples
+    # Disjoint: no validation or test example is a training example.
+    seen = {row.tobytes() for row in tuning.x_train}
+    assert not any(row.tobytes() in seen for row in np.concatenate([tuning.x_test, final.x_test]))
+    # The second call reads the cached file instead of generating again.
+    assert list(tmp_path.glob("*.npz"))
+    monkeypatch.setattr("mnist1d.data.make_dataset", lambda *a, **k: pytest.fail("generated twice"))
+    again = data.mnist1d_splits(200, 50, 50, seed=3, layout="sequence")
+    np.testing.assert_array_equal(again.final.x_test[..., 0], final.x_test)
+    with pytest.raises(ValueError, match="every split needs"):
+        data.mnist1d_splits(200, 0, 50)
+
+
 def test_digits_flat_and_image_layouts_hold_sklearns_pixels():
     from sklearn.datasets import load_digits
 
@@ -539,3 +569,10 @@ def test_at_least_sixteen_experiments_are_listed(capsys):
     assert cli.main(["list"]) == 0
     listed = [line for line in capsys.readouterr().out.splitlines()[1:] if "configs/" in line]
     assert len(listed) >= 16
+
+
+def test_bn_benefit_chooses_the_rate_with_the_best_mean_validation_accuracy():
+    from experiments.bn_benefit import choose_rate
+
+    assert choose_rate({0.01: np.array([0.5, 0.6]), 0.1: np.array([0.7, 0.6]), 1.0: np.array([0.9, np.nan])}) == 0.1
+    assert choose_rate({0.3: np.array([0.6]), 0.03: np.array([0.6])}) == 0.03  # a tie goes to the smaller rate
