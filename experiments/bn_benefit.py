@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import pathlib
 
-import jax
 import numpy as np
 
 from experiments import data as datasets
 from experiments import protocol, report
 from experiments.models import MLP, NormSpec
-from experiments.training import Run, first_step_reaching, fit, make_evaluate, make_optimizer
+from experiments.training import Run, first_step_reaching, fit, make_optimizer
+from experiments.tuning import choose_rate, test_once, validation_rows
 
 NAME = "bn_benefit"
 DEFAULTS = {
@@ -85,17 +85,6 @@ def _fit(config: dict, arm: str, lr: float, data: datasets.Dataset, seeds: list[
     )
 
 
-def _validation_rows(run: Run, **extra) -> list[dict]:
-    """metrics.csv rows; `fit` evaluates on the dataset's held-out part, here the validation split."""
-    return [{**r, "metric": r["metric"].replace("test_", "val_")} for r in run.rows(**extra)]
-
-
-def choose_rate(scores: dict[float, np.ndarray]) -> float:
-    """The rate with the highest mean final validation accuracy over the tuning seeds (a
-    diverged seed, NaN, counts as 0); ties go to the smaller rate."""
-    return max(sorted(scores), key=lambda lr: (float(np.mean(np.nan_to_num(scores[lr], nan=0.0))), -lr))
-
-
 def run(config: dict, out_dir: pathlib.Path) -> dict:
     out_dir = pathlib.Path(out_dir)
     splits = datasets.mnist1d_splits(
@@ -110,17 +99,15 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
         for lr in lrs:
             r = _fit(config, arm, lr, splits.tuning, config["tuning_seeds"], f"tune {arm} lr {lr:g}")
             scores[arm][lr] = r.final("test_accuracy")
-            rows += _validation_rows(r, phase="tuning", arm=arm, learning_rate=lr)
+            rows += validation_rows(r, phase="tuning", arm=arm, learning_rate=lr)
     chosen = {a: choose_rate(scores[a]) for a in ARMS}
 
     # 2. The judged seeds at the chosen rates; the test split once per run, after training.
     runs, test = {}, {}
     for arm in ARMS:
         r = _fit(config, arm, chosen[arm], splits.tuning, config["seeds"], f"{arm} lr {chosen[arm]:g}")
-        evaluate = jax.jit(jax.vmap(make_evaluate(_model(config, arm)), in_axes=(0, None, None)))
-        result = evaluate(r.state, splits.final.x_test, splits.final.y_test)
-        runs[arm], test[arm] = r, {k: np.asarray(v) for k, v in result.items()}
-        rows += _validation_rows(r, phase="judged", arm=arm, learning_rate=chosen[arm])
+        runs[arm], test[arm] = r, test_once(_model(config, arm), r, splits.final)
+        rows += validation_rows(r, phase="judged", arm=arm, learning_rate=chosen[arm])
         rows += [
             {
                 "phase": "judged",

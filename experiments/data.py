@@ -161,6 +161,19 @@ def mnist1d_splits(num_train: int, num_val: int, num_test: int, seed: int = 42, 
     )
 
 
+def validation_split(data: Dataset, num_val: int) -> Splits:
+    """A data set with a fixed train/test split, its last `num_val` training examples held out
+    for validation: `tuning` = (the rest of train, validation), `final` = (the rest of train, test)."""
+    if not 0 < num_val < len(data.y_train):
+        raise ValueError(f"`num_val`={num_val}: hold out between 1 and {len(data.y_train) - 1} training examples.")
+    cut = len(data.y_train) - num_val
+    x, y = data.x_train[:cut], data.y_train[:cut]
+    return Splits(
+        Dataset(x, y, data.x_train[cut:], data.y_train[cut:], data.num_classes, f"{data.name}, validation"),
+        Dataset(x, y, data.x_test, data.y_test, data.num_classes, f"{data.name}, test"),
+    )
+
+
 def synthetic(
     num_train: int = 2000,
     num_test: int = 1000,

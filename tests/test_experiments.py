@@ -571,8 +571,44 @@ def test_at_least_sixteen_experiments_are_listed(capsys):
     assert len(listed) >= 16
 
 
-def test_bn_benefit_chooses_the_rate_with_the_best_mean_validation_accuracy():
-    from experiments.bn_benefit import choose_rate
+def test_tuning_chooses_the_rate_with_the_best_mean_validation_accuracy():
+    from experiments.tuning import choose_rate
 
     assert choose_rate({0.01: np.array([0.5, 0.6]), 0.1: np.array([0.7, 0.6]), 1.0: np.array([0.9, np.nan])}) == 0.1
     assert choose_rate({0.3: np.array([0.6]), 0.03: np.array([0.6])}) == 0.03  # a tie goes to the smaller rate
+
+
+@pytest.mark.parametrize("placement, dropped_layers", [("before_last", [2]), ("last", []), ("each", [1, 2])])
+def test_mlp_dropout_placement_puts_dropout_on_the_inputs_it_names(placement, dropped_layers):
+    """Which hidden layers' inputs dropout changes: "before_last" only the last hidden layer's
+    (one dropout layer, as many as "last", which changes only the classifier's input)."""
+    import jax
+
+    from experiments.models import MLP
+
+    model = MLP((16, 16, 16), 10, dropout=0.5, dropout_placement=placement)
+    x = np.random.default_rng(0).normal(size=(32, 8)).astype(np.float32)
+    params = model.init(jax.random.PRNGKey(0), x)
+
+    def apply(dropout):
+        logits, inter = model.apply(
+            params, x, train=True, dropout=dropout, rngs={"dropout": jax.random.PRNGKey(1)}, mutable=["intermediates"]
+        )
+        return logits, inter["intermediates"]
+
+    with_dropout, plain = apply(True), apply(False)
+    for i in range(3):
+        same = np.allclose(with_dropout[1][f"norm_input_{i}"][0], plain[1][f"norm_input_{i}"][0])
+        assert same == (i not in dropped_layers), i
+    assert not np.allclose(with_dropout[0], plain[0])  # some dropout reaches the logits in every placement
+
+
+def test_validation_split_holds_out_the_last_training_examples():
+    d = data.digits("image")
+    tuning, final = data.validation_split(d, 288)
+    np.testing.assert_array_equal(tuning.x_test, d.x_train[-288:])
+    np.testing.assert_array_equal(tuning.x_train, d.x_train[:-288])
+    np.testing.assert_array_equal(final.x_train, tuning.x_train)
+    np.testing.assert_array_equal(final.x_test, d.x_test)
+    with pytest.raises(ValueError, match="num_val"):
+        data.validation_split(d, len(d.y_train))
