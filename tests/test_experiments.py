@@ -612,3 +612,28 @@ def test_validation_split_holds_out_the_last_training_examples():
     np.testing.assert_array_equal(final.x_test, d.x_test)
     with pytest.raises(ValueError, match="num_val"):
         data.validation_split(d, len(d.y_train))
+
+
+def test_experiment_zero_report_says_what_its_committed_per_seed_values_give():
+    """Experiment zero's committed criteria, decided afresh on its committed per-seed values,
+    give the marks and the verdict its summary and the report's section state, and the
+    report's paired interval is the one those values give."""
+    from experiments import reproducibility
+
+    folder = registry.ROOT / "experiments" / "results" / "bn_benefit"
+    quantities = reproducibility.read_quantities(folder / "quantities.csv")
+    config = cfg.load(registry.config_path("bn_benefit"), registry.load_module("bn_benefit").DEFAULTS)
+    outcomes = protocol.judge(config["criteria"], quantities)
+    verdict = protocol.verdict(outcomes)
+    summary = (folder / "summary.md").read_text()
+    readme = (registry.ROOT / "experiments" / "README.md").read_text()
+    section = readme[readme.index("## 0. ") : readme.index("## 1. ")]
+    assert f"## Verdict: {verdict}" in summary and f"**Verdict: {verdict}.**" in section
+    assert re.search(rf"^\| 0 \| \[bn_benefit\].*\| \*\*{verdict}\*\*", readme, re.M)
+    for o in outcomes:
+        assert re.search(rf"^\| {o.criterion['id']} \|.*\| {o.mark} \|$", summary, re.M), o.criterion["id"]
+        assert re.search(rf"^\| {o.criterion['id']} \|.*\| \*\*{o.mark}\*\* \|$", section, re.M), o.criterion["id"]
+    gain = protocol.summarize(quantities["test_acc/BN"] - quantities["test_acc/no_BN"])
+    assert f"mean {gain.mean:+.4f}, 95% CI [{gain.low:+.4f}, {gain.high:+.4f}]" in section
+    for arm, key in (("no BN", "no_BN"), ("BN", "BN")):
+        assert f"| {arm} | 0.01 | " in section and report.fmt_seeds(quantities[f"test_acc/{key}"]) in section
