@@ -8,6 +8,7 @@ fetch a pickle).
 from __future__ import annotations
 
 import functools
+import pathlib
 import random
 from typing import NamedTuple
 
@@ -94,6 +95,83 @@ def mnist1d(layout: str = "flat") -> Dataset:
     elif layout != "flat":
         raise ValueError(f"`layout`={layout!r}: use 'flat' (N, 40) or 'sequence' (N, 40, 1).")
     return Dataset(x_train, y_train, x_test, y_test, 10, f"MNIST-1D ({layout})")
+
+
+CACHE_DIR = pathlib.Path(__file__).resolve().parent.parent / ".cache" / "mnist1d"
+
+
+def _mnist1d_large_arrays(num_samples: int, seed: int) -> dict[str, np.ndarray]:
+    """MNIST-1D with `num_samples` examples (make_dataset's other arguments at their defaults),
+    cached as .cache/mnist1d/mnist1d_{num_samples}_{seed}.npz (generation takes a minute)."""
+    path = CACHE_DIR / f"mnist1d_{num_samples}_{seed}.npz"
+    if path.exists():
+        with np.load(path) as f:
+            return dict(f)
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    args = get_dataset_args()
+    args.num_samples, args.seed = num_samples, seed
+    np_state, py_state = np.random.get_state(), random.getstate()
+    try:
+        made = make_dataset(args)
+    finally:
+        np.random.set_state(np_state)
+        random.setstate(py_state)
+    x = np.concatenate([made["x"], made["x_test"]]).astype(np.float32)
+    y = np.concatenate([made["y"], made["y_test"]]).astype(np.int32)
+    CACHE_DIR.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez_compressed(tmp, x=x, y=y)
+    tmp.replace(path)
+    return {"x": x, "y": y}
+
+
+class Splits(NamedTuple):
+    """Train, validation and test splits. `tuning` (train, validation) is the Dataset every
+    choice is made on; `final` (train, test) is touched once per run, after training."""
+
+    tuning: Dataset
+    final: Dataset
+
+
+def mnist1d_splits(num_train: int, num_val: int, num_test: int, seed: int = 42, layout: str = "flat") -> Splits:
+    """A larger MNIST-1D (make_dataset with num_train + num_val + num_test examples and seed
+    `seed`), split into disjoint train / validation / test parts in that order of its
+    (already shuffled) examples.
+
+    Args:
+      num_train, num_val, num_test: examples in each split.
+      seed: make_dataset's seed.
+      layout: "flat" (N, 40) or "sequence" (N, 40, 1).
+    """
+    if min(num_train, num_val, num_test) <= 0:
+        raise ValueError(f"splits of {num_train}/{num_val}/{num_test} examples: every split needs at least one.")
+    total = num_train + num_val + num_test
+    arrays = _mnist1d_large_arrays(total, seed)
+    x, y = arrays["x"][:total], arrays["y"][:total]
+    if layout == "sequence":
+        x = x[..., None]
+    elif layout != "flat":
+        raise ValueError(f"`layout`={layout!r}: use 'flat' (N, 40) or 'sequence' (N, 40, 1).")
+    a, b = num_train, num_train + num_val
+    name = f"MNIST-1D {num_train}/{num_val}/{num_test} ({layout})"
+    return Splits(
+        Dataset(x[:a], y[:a], x[a:b], y[a:b], 10, name + ", validation"),
+        Dataset(x[:a], y[:a], x[b:], y[b:], 10, name + ", test"),
+    )
+
+
+def validation_split(data: Dataset, num_val: int) -> Splits:
+    """A data set with a fixed train/test split, its last `num_val` training examples held out
+    for validation: `tuning` = (the rest of train, validation), `final` = (the rest of train, test)."""
+    if not 0 < num_val < len(data.y_train):
+        raise ValueError(f"`num_val`={num_val}: hold out between 1 and {len(data.y_train) - 1} training examples.")
+    cut = len(data.y_train) - num_val
+    x, y = data.x_train[:cut], data.y_train[:cut]
+    return Splits(
+        Dataset(x, y, data.x_train[cut:], data.y_train[cut:], data.num_classes, f"{data.name}, validation"),
+        Dataset(x, y, data.x_test, data.y_test, data.num_classes, f"{data.name}, test"),
+    )
 
 
 def synthetic(

@@ -9,6 +9,12 @@ dropout, is not tested here). Re-estimating the BN statistics on the training se
 dropout off is the "precise BN" remedy (Wu & Johnson 2021, "Rethinking 'Batch' in
 BatchNorm"), tested here against the same shift. A no-BN control with the same dropout
 separates the cost of the variance shift from the cost of the dropout itself.
+
+Both placements have the same amount of dropout: ONE dropout layer of the same rate on a
+hidden layer of the same width, either on the input of the last hidden Dense (so it feeds
+the last BN: "before BN") or on the last hidden layer's output (after the last BN, before
+the classifier). (Until 2026-12-04 the "before" arm had a dropout on every hidden layer, four
+layers against one, so the amount of dropout was confounded with its place.)
 """
 
 from __future__ import annotations
@@ -48,11 +54,11 @@ CLAIM = (
 )
 # arm -> (dropout placement or None, with BN)
 ARMS = {
-    "dropout before BN": ("each", True),
+    "dropout before BN": ("before_last", True),
     "dropout after last BN": ("last", True),
     "no dropout": (None, True),
-    # the no-BN control: the same dropout without BN
-    "no BN, dropout every layer": ("each", False),
+    # the no-BN control: the same dropout layer in the same two places, without BN
+    "no BN, dropout before last hidden layer": ("before_last", False),
     "no BN, dropout before classifier": ("last", False),
 }
 
@@ -158,16 +164,16 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
     quantities = {
         "shift/before": shift(before),
         "shift/after": shift(after),
-        # largest, over the BN layers that follow a dropout, of (ratio - no-dropout ratio)
-        "ratio_minus_control_max/before": np.max(ratios[before][:, 1:] - control[:, 1:], axis=1),
+        # the BN layer that follows the dropout (the last one), ratio - no-dropout ratio
+        "ratio_minus_control_max/before": np.max(ratios[before][:, -1:] - control[:, -1:], axis=1),
         "test_acc/before": acc[before],
         "test_acc/after": acc[after],
         "test_acc/none": acc["no dropout"],
-        "test_acc/noBN_each": acc["no BN, dropout every layer"],
+        "test_acc/noBN_before": acc["no BN, dropout before last hidden layer"],
         "test_acc/noBN_last": acc["no BN, dropout before classifier"],
-        # what dropout on every layer costs with BN beyond what it costs without BN
+        # what moving the dropout before the last BN costs, with BN and (same move) without BN
         "dropout_cost/BN": acc[after] - acc[before],
-        "dropout_cost/noBN": acc["no BN, dropout before classifier"] - acc["no BN, dropout every layer"],
+        "dropout_cost/noBN": acc["no BN, dropout before classifier"] - acc["no BN, dropout before last hidden layer"],
     }
     if not waiting:
         quantities["test_acc/before_recomputed"] = recomputed_acc[before]
@@ -195,15 +201,15 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
     figures = [report.save_figure(fig, out_dir, "dropout_variance.png")]
     setup = (
         f"{data.name}; MLP {config['widths']} ReLU with jbn.BatchNorm (momentum {config['bn_momentum']}) before each ReLU; "
-        f"dropout {config['dropout']} either on every hidden layer's output (so it feeds the next Dense -> BN: 'before BN') "
-        f"or only before the classifier ('after last BN'); batch {config['batch_size']}, {config['optimizer']} lr "
+        f"one dropout layer of rate {config['dropout']} in both placements: on the input of the last hidden Dense (so it "
+        f"feeds the last BN: 'before BN') or on the last hidden layer's output, before the classifier ('after last BN'); batch {config['batch_size']}, {config['optimizer']} lr "
         f"{config['learning_rate']}, {config['steps']} steps, seeds {config['seeds']}. Var_test = variance of each BN "
         f"layer's input over the training set in test mode (no dropout, running statistics), divided by that layer's "
         f"running variance (accumulated in training, with dropout); the no-dropout arm's ratio is the control for the "
-        f"mismatch running averages have without dropout. BN layer 0 sees the raw input, never a dropout. Recomputed = jbn.recompute_batch_stats over the "
+        f"mismatch running averages have without dropout. Only the last BN layer follows a dropout. Recomputed = jbn.recompute_batch_stats over the "
         f"training set with BN in training mode and dropout off. No-BN control: the same MLP without BN (Dense with "
-        f"bias), dropout {config['dropout']} on every hidden layer or only before the classifier; dropout cost = test "
-        f"accuracy with dropout before the classifier minus with dropout on every layer, per seed."
+        f"bias), the same dropout layer in the same two places; dropout cost = test accuracy with the dropout before "
+        f"the classifier minus with it before the last hidden layer, per seed."
     )
     return report.finish(
         NAME,

@@ -167,7 +167,9 @@ class MLP(nn.Module):
         directly follows them (a bias before a norm's mean subtraction is redundant).
       dropout: dropout rate, 0 for none.
       dropout_placement: "each" puts dropout on every hidden layer's output (so it feeds
-        the next layer's norm); "last" only before the classifier, after the last norm.
+        the next layer's norm); "last" only before the classifier, after the last norm;
+        "before_last" only on the input of the last hidden Dense (one dropout layer that
+        feeds the last norm: as much dropout as "last" when the widths are equal).
       weight_init: kernel initializer, a key of INITS.
       init_scale: multiplies the standard deviation of the hidden kernels' initializer.
     """
@@ -199,7 +201,10 @@ class MLP(nn.Module):
             bias = not (self.norm.normalizes and self.placement == "before")
         x = x.reshape(x.shape[0], -1)
         for i, width in enumerate(self.widths):
-            if self.dropout > 0 and self.dropout_placement == "each" and i > 0:
+            before_this = self.dropout_placement == "each" or (
+                self.dropout_placement == "before_last" and i == len(self.widths) - 1
+            )
+            if self.dropout > 0 and before_this and i > 0:
                 x = nn.Dropout(self.dropout, deterministic=deterministic)(x)
             h = nn.Dense(
                 width, use_bias=bias, kernel_init=_scaled(INITS[self.weight_init], self.init_scale), name=f"dense_{i}"

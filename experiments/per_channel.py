@@ -5,6 +5,10 @@ keeps one mean and variance per channel (feature map), computed over the batch A
 spatial positions, so that normalization obeys the convolutional property and each
 statistic sees batch x height x width values; normalizing each activation (each position
 of each channel) on its own over the batch only is worse.
+
+Each arm's learning rate is chosen on a validation split (the last `num_val` training
+images) by the same procedure, at each batch size (until 2026-12-04 both arms ran at the
+per-channel arm's rate); the test split is evaluated once per run, after training.
 """
 
 from __future__ import annotations
@@ -16,22 +20,33 @@ import numpy as np
 from experiments import data as datasets
 from experiments import report
 from experiments.models import ConvNet, NormSpec
-from experiments.training import fit_from_config
+from experiments.training import fit, make_optimizer
+from experiments.tuning import test_once, tune, validation_rows
 
 NAME = "per_channel"
 DEFAULTS = {
     "data": "digits_image",
+    "num_val": 288,  # the last 288 of the 1438 training images: validation, for the rates
     "channels": [16, 32, 32],
     "pool_after": [0],
     "batch_sizes": [8, 32],
     "steps": 400,
     "eval_every": 20,
     "optimizer": "momentum",
-    "learning_rate": 0.03,
+    "learning_rates": [0.01, 0.03, 0.1, 0.3],  # each arm tunes over the whole grid
     "bn_momentum": 0.9,
+    "tuning_seeds": [100, 101, 102],  # choose each arm's rate; never judged
     "seeds": [0, 1, 2, 3, 4, 5, 6, 7, 8, 9],
 }
-TINY = {"channels": [4], "batch_sizes": [8], "steps": 4, "eval_every": 2, "seeds": [0, 1]}
+TINY = {
+    "channels": [4],
+    "batch_sizes": [8],
+    "steps": 4,
+    "eval_every": 2,
+    "learning_rates": [0.03],
+    "tuning_seeds": [100],
+    "seeds": [0, 1],
+}
 
 CLAIM = (
     "In conv nets BN normalizes per channel over the batch and all spatial positions; normalizing every activation on "
@@ -44,7 +59,8 @@ KEYS = {"bn": "channel", "bn_per_activation": "activation"}
 def run(config: dict, out_dir: pathlib.Path) -> dict:
     out_dir = pathlib.Path(out_dir)
     data = datasets.load(config["data"])
-    runs, rows = {}, []
+    splits = datasets.validation_split(data, config["num_val"])
+    runs, test, chosen, rows = {}, {}, {}, []
     for b in config["batch_sizes"]:
         for arm, kind in ARMS.items():
             model = ConvNet(
@@ -53,27 +69,52 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
                 norm=NormSpec(kind, momentum=config["bn_momentum"]),
                 pool_after=tuple(config["pool_after"]),
             )
-            r = fit_from_config(
-                model,
-                data,
-                config,
-                batch_size=b,
-                desc=f"{arm} b={b}",
-                vmap_seeds=False,
-                scan_steps=False,
+
+            def train(lr, seeds, desc, model=model, b=b):
+                return fit(
+                    model,
+                    make_optimizer(config["optimizer"], lr),
+                    splits.tuning,
+                    seeds=seeds,
+                    steps=config["steps"],
+                    batch_size=b,
+                    eval_every=config["eval_every"],
+                    desc=desc,
+                    vmap_seeds=False,
+                    scan_steps=False,
+                )
+
+            chosen[kind, b], tuning = tune(
+                lambda lr, train=train, arm=arm, b=b: train(lr, config["tuning_seeds"], f"tune {arm} b={b} lr {lr:g}"),
+                config["learning_rates"],
             )
-            runs[kind, b] = r
-            rows += r.rows(arm=kind, batch_size=b)
+            for lr, t in tuning.items():
+                rows += validation_rows(t, phase="tuning", arm=kind, batch_size=b, learning_rate=lr)
+            r = train(chosen[kind, b], config["seeds"], f"{arm} b={b} lr {chosen[kind, b]:g}")
+            runs[kind, b], test[kind, b] = r, test_once(model, r, splits.final)
+            rows += validation_rows(r, phase="judged", arm=kind, batch_size=b, learning_rate=chosen[kind, b])
+            rows += [
+                {"phase": "judged", "arm": kind, "batch_size": b, "seed": s, "metric": "test_accuracy", "value": v}
+                for s, v in zip(r.seeds, test[kind, b]["accuracy"].tolist())
+            ]
     report.write_metrics(out_dir, rows)
 
     sizes = config["batch_sizes"]
     table = report.markdown_table(
-        ["batch", "statistics", "final test acc", "mean test acc over the run", "final train loss"],
+        [
+            "batch",
+            "statistics",
+            "rate (chosen on validation)",
+            "test acc",
+            "mean val acc over the run",
+            "final train loss",
+        ],
         [
             (
                 b,
                 arm,
-                report.fmt_seeds(runs[k, b].final("test_accuracy")),
+                f"{chosen[k, b]:g}",
+                report.fmt_seeds(test[k, b]["accuracy"]),
                 report.fmt_seeds(np.nanmean(runs[k, b].series["test_accuracy"][1:], 0)),
                 report.fmt_seeds(runs[k, b].final("train_loss")),
             )
@@ -84,24 +125,27 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
     quantities = {}
     for b in sizes:
         for k in ARMS.values():
-            quantities[f"test_acc/{KEYS[k]}/b{b}"] = runs[k, b].final("test_accuracy")
-            # area under the test-accuracy curve: speed and level together
-            quantities[f"mean_test_acc/{KEYS[k]}/b{b}"] = np.nanmean(runs[k, b].series["test_accuracy"][1:], 0)
+            quantities[f"test_acc/{KEYS[k]}/b{b}"] = test[k, b]["accuracy"]
+            # area under the validation-accuracy curve: speed and level together
+            quantities[f"mean_val_acc/{KEYS[k]}/b{b}"] = np.nanmean(runs[k, b].series["test_accuracy"][1:], 0)
 
     fig, axes = report.figure(len(sizes), 1)
     for j, b in enumerate(sizes):
         for arm, k in ARMS.items():
-            report.band(axes[0, j], runs[k, b].steps, runs[k, b].series["test_accuracy"], arm)
-        axes[0, j].set(xlabel="step", ylabel="test accuracy", title=f"batch {b}", ylim=(0, 1))
+            report.band(axes[0, j], runs[k, b].steps, runs[k, b].series["test_accuracy"], f"{arm}, lr {chosen[k, b]:g}")
+        axes[0, j].set(xlabel="step", ylabel="validation accuracy", title=f"batch {b}", ylim=(0, 1))
         axes[0, j].legend(fontsize=7)
     figures = [report.save_figure(fig, out_dir, "per_channel.png")]
     setup = (
         f"{data.name}; conv net {config['channels']} (3x3, BN before each ReLU, max-pool after block(s) "
         f"{config['pool_after']}, global average pool); per channel = jbn.BatchNorm(axis=-1): one mean/variance per channel "
         f"over N, H, W; per activation = jbn.BatchNorm(axis=(1, 2, 3)): one per (h, w, c) over N only, with its own gamma "
-        f"and beta per activation. Batch {sizes}, {config['optimizer']} lr {config['learning_rate']}, {config['steps']} "
-        f"steps, seeds {config['seeds']} (paired: both arms share each seed's init seed and data order). Test accuracy "
-        f"with the running statistics every {config['eval_every']} steps."
+        f"and beta per activation. Batch {sizes}, {config['optimizer']}, {config['steps']} steps. Rates: at each batch size "
+        f"each arm trains every rate of {config['learning_rates']} on tuning seeds {config['tuning_seeds']} and takes the "
+        f"one with the best mean final accuracy on the validation split (the last {config['num_val']} training images, "
+        f"not trained on). Judged: seeds {config['seeds']} at the chosen rates (paired: both arms share each seed's init "
+        f"seed and data order), validation accuracy (running statistics) every {config['eval_every']} steps, the test "
+        f"split once after the last step."
     )
     return report.finish(
         NAME,

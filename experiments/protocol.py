@@ -12,7 +12,8 @@ a second one), a comparison, a threshold (the minimum effect) and a test:
       op: difference                # difference (a - b), ratio (a / b), log10_ratio
       compare: greater              # greater, less, within (|value| <= threshold)
       threshold: 0.0                # the minimum effect (the margin for `within`)
-      test: t95                     # t95, every_seed, mean
+      test: t95                     # t95, every_seed, mean; or a Holm-corrected test: t, sign, permutation
+      reason: "..."                 # why this threshold (the effect size); required for t, sign, permutation
       fixed: "2026-12-01"           # when this criterion was fixed
       history:                      # earlier versions, kept visible in the report
         - {until: "2026-11-23", was: "...", verdict: confirmed, reason: "..."}
@@ -22,6 +23,15 @@ seeds, sample SD with ddof=1) lies entirely beyond the threshold (for `within`: 
 inside [-threshold, threshold]); it needs n >= 2 seeds, else the criterion is undecided.
 `every_seed`: every seed's value is beyond the threshold. `mean`: the mean is (for a
 deterministic quantity or a single measurement).
+
+Tests with a p-value (`experiments/significance.py`): `t` (one-sided Student t-test of the
+mean), `sign` (exact sign test, for discrete or heavy-tailed values), `permutation` (exact
+paired sign-flip test of the mean). Their null hypothesis is "the effect is not beyond the
+threshold" (for `within`: two one-sided tests). The family is every criterion of the
+experiment's config with such a test: their p-values are adjusted by Holm's step-down
+method and a criterion holds when its adjusted p-value is at most FAMILY_ALPHA, so the
+chance that any criterion of the experiment holds by luck alone is at most 5%. Their
+threshold is an effect size, and `reason` says why that size.
 
 The verdict of a set of criteria: *confirmed* when every decided one holds, *not
 confirmed* when none does, *mixed* otherwise; undecided criteria are listed and left out.
@@ -38,11 +48,14 @@ from typing import Any
 
 import numpy as np
 
+from experiments import significance
+
 OPS = ("difference", "ratio", "log10_ratio")
 COMPARES = ("greater", "less", "within")
-TESTS = ("t95", "every_seed", "mean")
+TESTS = ("t95", "every_seed", "mean", *significance.P_TESTS)
 REQUIRED = ("id", "says", "quantity", "compare", "threshold", "test", "fixed")
-OPTIONAL = ("part", "versus", "op", "history")
+OPTIONAL = ("part", "versus", "op", "history", "reason")
+FAMILY_ALPHA = 0.05  # familywise error rate of an experiment's Holm-corrected criteria
 HISTORY_KEYS = ("until", "was", "verdict", "reason")
 
 
@@ -105,6 +118,12 @@ def validate(criteria: Any, where: str) -> list[dict]:
         ):
             raise CriteriaError(f"{at} ({c['id']}): `threshold` must be a finite number, got {c['threshold']!r}.")
         c["threshold"] = float(c["threshold"])
+        c.setdefault("reason", "")
+        if c["test"] in significance.P_TESTS and not (isinstance(c["reason"], str) and c["reason"].strip()):
+            raise CriteriaError(
+                f"{at} ({c['id']}): a `{c['test']}` criterion states `reason`: why its threshold is the effect "
+                "size that matters (e.g. several times the seed-to-seed SD, or the test set's sampling error)."
+            )
         if c["compare"] == "within" and c["threshold"] < 0:
             raise CriteriaError(f"{at} ({c['id']}): a `within` margin must be >= 0, got {c['threshold']}.")
         c["fixed"] = _date(c["fixed"], f"{at} ({c['id']}).fixed")
@@ -212,6 +231,9 @@ class Outcome:
     passed: bool | None
     values: np.ndarray
     summary: Summary
+    p: float = math.nan  # the test's p-value (p-value tests only)
+    p_holm: float = math.nan  # Holm-adjusted over the experiment's family
+    family: int = 0  # number of criteria in that family
 
     @property
     def mark(self) -> str:
@@ -229,11 +251,21 @@ class Outcome:
                 "log10_ratio": f"log10({c['quantity']} / {c['versus']})",
             }[c["op"]]
         )
-        what = {"t95": "95% t-CI of the mean of", "every_seed": "every seed's", "mean": "the mean of"}[c["test"]]
+        what = {
+            "t95": "95% t-CI of the mean of",
+            "every_seed": "every seed's",
+            "mean": "the mean of",
+            "t": "one-sided t-test: mean of",
+            "sign": "exact sign test: median of",
+            "permutation": "exact sign-flip permutation test: mean of",
+        }[c["test"]]
         paired_word = " (paired by seed)" if c["versus"] is not None else ""
         t = c["threshold"]
         cmp = {"greater": f"> {t:g}", "less": f"< {t:g}", "within": f"within ±{t:g}"}[c["compare"]]
-        return f"{what} {x}{paired_word} {cmp}"
+        holm = ""
+        if c["test"] in significance.P_TESTS:
+            holm = f", Holm-adjusted p <= {FAMILY_ALPHA:g} over the experiment's {self.family} tested criteria"
+        return f"{what} {x}{paired_word} {cmp}{holm}"
 
     @property
     def measured(self) -> str:
@@ -244,7 +276,17 @@ class Outcome:
         lost = f", {left} non-finite seed(s) left out" if left else ""
         if s.n == 1:
             return f"{s.mean:+.4g} (n=1{lost})"
-        return f"mean {s.mean:+.4g}, sd {s.sd:.3g}, 95% CI [{s.low:+.4g}, {s.high:+.4g}], n={s.n}{lost}"
+        text = f"mean {s.mean:+.4g}, sd {s.sd:.3g}, 95% CI [{s.low:+.4g}, {s.high:+.4g}], n={s.n}{lost}"
+        c = self.criterion
+        if c["test"] == "sign":
+            v = np.asarray(self.values, dtype=float)
+            beyond = {"greater": v > c["threshold"], "less": v < c["threshold"]}.get(
+                c["compare"], np.abs(v) < c["threshold"]
+            )
+            text = f"median {float(np.nanmedian(v)):+.4g}, {int(beyond.sum())} of {v.size} seeds beyond; " + text
+        if c["test"] in significance.P_TESTS:
+            text += f"; p = {self.p:.3g}, Holm p = {self.p_holm:.3g}"
+        return text
 
 
 def judge(criteria: Sequence[Mapping], quantities: Mapping[str, Sequence[float]]) -> list[Outcome]:
@@ -260,8 +302,29 @@ def judge(criteria: Sequence[Mapping], quantities: Mapping[str, Sequence[float]]
             out.append(Outcome(dict(c), None, np.asarray([]), summarize([])))
             continue
         values = paired(quantities[c["quantity"]], quantities.get(c["versus"]) if c["versus"] else None, c["op"])
-        out.append(Outcome(dict(c), decide(values, c["compare"], c["threshold"], c["test"]), values, summarize(values)))
-    return out
+        if c["test"] in significance.P_TESTS:
+            p = significance.p_value(values, c["compare"], c["threshold"], c["test"])
+            out.append(Outcome(dict(c), None, values, summarize(values), p=p))
+        else:
+            out.append(
+                Outcome(dict(c), decide(values, c["compare"], c["threshold"], c["test"]), values, summarize(values))
+            )
+    return _holm_decisions(out)
+
+
+def _holm_decisions(outcomes: list[Outcome]) -> list[Outcome]:
+    """The p-value criteria decided together: Holm-adjusted over the experiment's family.
+
+    The family is every criterion with a p-value test, measured or not; a criterion whose
+    quantity is missing or whose p-value cannot be computed counts with p = 1 (it can only
+    make the others harder to pass) and is itself undecided."""
+    family = [o for o in outcomes if o.criterion["test"] in significance.P_TESTS]
+    p = [o.p if np.isfinite(o.p) else 1.0 for o in family]
+    adjusted = significance.holm(p) if family else []
+    for o, q in zip(family, adjusted):
+        o.p_holm, o.family = float(q), len(family)
+        o.passed = bool(q <= FAMILY_ALPHA) if np.isfinite(o.p) else None
+    return outcomes
 
 
 CONFIRMED, NOT_CONFIRMED, MIXED = "confirmed", "not confirmed", "mixed"

@@ -23,6 +23,7 @@ class Entry(NamedTuple):
 
 
 EXPERIMENTS = (
+    Entry(0, "bn_benefit", "Experiment zero: does BN help a deep plain net on MNIST-1D? Rates tuned on validation"),
     Entry(1, "ioffe_fig1", "Ioffe & Szegedy 2015 Fig. 1: accuracy and sigmoid-input percentiles, BN vs none"),
     Entry(2, "learning_rates", "BN allows higher learning rates: both arms sweep the same grid"),
     Entry(3, "conv_speed", "Steps to a target accuracy on a conv net, BN vs none, over seeds"),

@@ -165,6 +165,23 @@ def _history_lines(outcomes) -> str:
     return "\n\n### Criteria changed after results existed\n\n" + "\n".join(lines)
 
 
+def _family_note(outcomes) -> str:
+    """How the Holm-corrected criteria were decided, when the experiment has any."""
+    from experiments import protocol
+
+    family = [o for o in outcomes if o.family]
+    if not family:
+        return ""
+    reasons = "\n".join(f"- **{o.criterion['id']}**: {o.criterion['reason']}" for o in family)
+    return (
+        f"\n\nThe {len(family)} criteria tested with a p-value (t, sign or permutation) are one family: "
+        "each p-value is one-sided, against the null hypothesis that the effect is not beyond the threshold "
+        f"(two one-sided tests for `within`), adjusted by Holm's step-down method over the family, and a "
+        f"criterion holds when its adjusted p-value is at most {protocol.FAMILY_ALPHA:g} (familywise error "
+        f"rate {protocol.FAMILY_ALPHA:g}). Why each threshold is the effect size it is:\n\n{reasons}"
+    )
+
+
 def write_summary(
     out_dir: pathlib.Path,
     *,
@@ -224,7 +241,7 @@ The verdict is computed only from the criteria below, written in the config befo
 none holds, *mixed* otherwise; *undecided* criteria (too few seeds, an arm not run) are left
 out. "95% CI" is the two-sided Student-t interval of the mean over the seeds (sample SD,
 ddof=1); "paired" means the difference is taken seed by seed between arms that share the
-seed's initialization and data order. Per-seed values: quantities.csv.
+seed's initialization and data order. Per-seed values: quantities.csv.{_family_note(outcomes)}
 
 {crit}{_history_lines(outcomes)}
 {notes and chr(10) + notes + chr(10)}

@@ -30,7 +30,9 @@ DEFAULTS = {
     "pool_after": [0],
     "norms": ["bn", "renorm", "group"],
     "statistics_batch_sizes": [2, 4, 32],
-    "epochs": 3.0,  # every arm sees the same number of examples
+    # Every arm takes the same number of updates (until 2026-12-04: the same 3 epochs, so batch 2
+    # took 16x the updates of batch 32); 2157 steps are 3 epochs at batch 2, 48 at batch 32.
+    "steps": 2157,
     "evaluations": 5,  # per run
     "optimizer": "momentum",
     "learning_rate": 0.2,  # at batch `reference_batch_size`; scaled linearly with the batch
@@ -40,7 +42,7 @@ DEFAULTS = {
     "renorm_r_max": 3.0,
     "renorm_d_max": 5.0,
     "renorm_ramp": [0.05, 0.4],  # plain BN for the first 5% of steps, limits reached at 40%; [] = fixed limits
-    "seeds": [0, 1, 2, 3, 4],
+    "seeds": [0, 1, 2, 3, 4, 5, 6, 7, 8, 9],
     # (B) ghost BN for large batches (Hoffer et al. 2017), MLP on MNIST-1D
     "ghost_data": "mnist1d",
     "ghost_widths": [128, 128, 128],
@@ -52,7 +54,7 @@ DEFAULTS = {
 }
 TINY = {
     "statistics_batch_sizes": [2],
-    "epochs": 0.02,
+    "steps": 2,
     "seeds": [0, 1],
     "evaluations": 1,
     "channels": [4],
@@ -82,7 +84,6 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
     out_dir = pathlib.Path(out_dir)
     data = datasets.load(config["data"])
     sizes = config["statistics_batch_sizes"]
-    n_train = len(data.y_train)
     acc, status, rows = {}, {}, []
     for kind in config["norms"]:
         status[kind] = features.waiting_for_norm(kind)
@@ -91,7 +92,7 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
                 rows += report.waiting_rows(status[kind], norm=kind, statistics_batch=b)
             continue
         for b in sizes:
-            steps = max(1, int(config["epochs"] * n_train) // b)
+            steps = config["steps"]
             spec = NormSpec(
                 kind,
                 momentum=config["bn_momentum"],
@@ -202,7 +203,9 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
     figures = [report.save_figure(fig, out_dir, "small_batches.png")]
     setup = (
         f"(A) {data.name}; conv net {config['channels']} channels (3x3, the norm before each ReLU, max-pool after block(s) "
-        f"{config['pool_after']}, global average pool); {config['epochs']} epochs for every arm; {config['optimizer']} with "
+        f"{config['pool_after']}, global average pool); {config['steps']} updates for every arm (so "
+        f"{config['steps'] * min(sizes) / len(data.y_train):.1f} epochs at batch {min(sizes)}, "
+        f"{config['steps'] * max(sizes) / len(data.y_train):.1f} at batch {max(sizes)}); {config['optimizer']} with "
         f"lr {config['learning_rate']} x batch/{config['reference_batch_size']} (linear scaling); seeds {config['seeds']} "
         f"(paired across batch sizes: the drop is taken per seed). BN = jbn.BatchNorm (per channel over N, H, W), Batch "
         f"Renorm = jbn.BatchRenorm (r_max {config['renorm_r_max']}, d_max {config['renorm_d_max']}, "

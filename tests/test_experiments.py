@@ -217,6 +217,36 @@ def test_mnist1d_is_generated_offline_and_leaves_global_random_state(monkeypatch
     assert data.mnist1d("sequence").x_train.shape == (4000, 40, 1)
 
 
+def test_mnist1d_splits_are_make_datasets_examples_disjoint_and_cached(tmp_path, monkeypatch):
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    monkeypatch.setattr(data, "CACHE_DIR", tmp_path)
+    np.random.seed(5)
+    np_before = np.random.get_state()[1].copy()
+    splits = data.mnist1d_splits(200, 50, 50, seed=3)
+    assert np.array_equal(np.random.get_state()[1], np_before)
+    args = get_dataset_args()
+    args.num_samples, args.seed = 300, 3
+    made = make_dataset(args)
+    x, y = np.concatenate([made["x"], made["x_test"]]), np.concatenate([made["y"], made["y_test"]])
+    tuning, final = splits
+    np.testing.assert_array_equal(tuning.x_train, x[:200].astype(np.float32))
+    np.testing.assert_array_equal(tuning.x_test, x[200:250].astype(np.float32))
+    np.testing.assert_array_equal(final.x_test, x[250:].astype(np.float32))
+    np.testing.assert_array_equal(final.y_test, y[250:])
+    np.testing.assert_array_equal(final.x_train, tuning.x_train)  # the test split trains on the same examples
+    # Disjoint: no validation or test example is a training example.
+    seen = {row.tobytes() for row in tuning.x_train}
+    assert not any(row.tobytes() in seen for row in np.concatenate([tuning.x_test, final.x_test]))
+    # The second call reads the cached file instead of generating again.
+    assert list(tmp_path.glob("*.npz"))
+    monkeypatch.setattr("mnist1d.data.make_dataset", lambda *a, **k: pytest.fail("generated twice"))
+    again = data.mnist1d_splits(200, 50, 50, seed=3, layout="sequence")
+    np.testing.assert_array_equal(again.final.x_test[..., 0], final.x_test)
+    with pytest.raises(ValueError, match="every split needs"):
+        data.mnist1d_splits(200, 0, 50)
+
+
 def test_digits_flat_and_image_layouts_hold_sklearns_pixels():
     from sklearn.datasets import load_digits
 
@@ -539,3 +569,71 @@ def test_at_least_sixteen_experiments_are_listed(capsys):
     assert cli.main(["list"]) == 0
     listed = [line for line in capsys.readouterr().out.splitlines()[1:] if "configs/" in line]
     assert len(listed) >= 16
+
+
+def test_tuning_chooses_the_rate_with_the_best_mean_validation_accuracy():
+    from experiments.tuning import choose_rate
+
+    assert choose_rate({0.01: np.array([0.5, 0.6]), 0.1: np.array([0.7, 0.6]), 1.0: np.array([0.9, np.nan])}) == 0.1
+    assert choose_rate({0.3: np.array([0.6]), 0.03: np.array([0.6])}) == 0.03  # a tie goes to the smaller rate
+
+
+@pytest.mark.parametrize("placement, dropped_layers", [("before_last", [2]), ("last", []), ("each", [1, 2])])
+def test_mlp_dropout_placement_puts_dropout_on_the_inputs_it_names(placement, dropped_layers):
+    """Which hidden layers' inputs dropout changes: "before_last" only the last hidden layer's
+    (one dropout layer, as many as "last", which changes only the classifier's input)."""
+    import jax
+
+    from experiments.models import MLP
+
+    model = MLP((16, 16, 16), 10, dropout=0.5, dropout_placement=placement)
+    x = np.random.default_rng(0).normal(size=(32, 8)).astype(np.float32)
+    params = model.init(jax.random.PRNGKey(0), x)
+
+    def apply(dropout):
+        logits, inter = model.apply(
+            params, x, train=True, dropout=dropout, rngs={"dropout": jax.random.PRNGKey(1)}, mutable=["intermediates"]
+        )
+        return logits, inter["intermediates"]
+
+    with_dropout, plain = apply(True), apply(False)
+    for i in range(3):
+        same = np.allclose(with_dropout[1][f"norm_input_{i}"][0], plain[1][f"norm_input_{i}"][0])
+        assert same == (i not in dropped_layers), i
+    assert not np.allclose(with_dropout[0], plain[0])  # some dropout reaches the logits in every placement
+
+
+def test_validation_split_holds_out_the_last_training_examples():
+    d = data.digits("image")
+    tuning, final = data.validation_split(d, 288)
+    np.testing.assert_array_equal(tuning.x_test, d.x_train[-288:])
+    np.testing.assert_array_equal(tuning.x_train, d.x_train[:-288])
+    np.testing.assert_array_equal(final.x_train, tuning.x_train)
+    np.testing.assert_array_equal(final.x_test, d.x_test)
+    with pytest.raises(ValueError, match="num_val"):
+        data.validation_split(d, len(d.y_train))
+
+
+def test_experiment_zero_report_says_what_its_committed_per_seed_values_give():
+    """Experiment zero's committed criteria, decided afresh on its committed per-seed values,
+    give the marks and the verdict its summary and the report's section state, and the
+    report's paired interval is the one those values give."""
+    from experiments import reproducibility
+
+    folder = registry.ROOT / "experiments" / "results" / "bn_benefit"
+    quantities = reproducibility.read_quantities(folder / "quantities.csv")
+    config = cfg.load(registry.config_path("bn_benefit"), registry.load_module("bn_benefit").DEFAULTS)
+    outcomes = protocol.judge(config["criteria"], quantities)
+    verdict = protocol.verdict(outcomes)
+    summary = (folder / "summary.md").read_text()
+    readme = (registry.ROOT / "experiments" / "README.md").read_text()
+    section = readme[readme.index("## 0. ") : readme.index("## 1. ")]
+    assert f"## Verdict: {verdict}" in summary and f"**Verdict: {verdict}.**" in section
+    assert re.search(rf"^\| 0 \| \[bn_benefit\].*\| \*\*{verdict}\*\*", readme, re.M)
+    for o in outcomes:
+        assert re.search(rf"^\| {o.criterion['id']} \|.*\| {o.mark} \|$", summary, re.M), o.criterion["id"]
+        assert re.search(rf"^\| {o.criterion['id']} \|.*\| \*\*{o.mark}\*\* \|$", section, re.M), o.criterion["id"]
+    gain = protocol.summarize(quantities["test_acc/BN"] - quantities["test_acc/no_BN"])
+    assert f"mean {gain.mean:+.4f}, 95% CI [{gain.low:+.4f}, {gain.high:+.4f}]" in section
+    for arm, key in (("no BN", "no_BN"), ("BN", "BN")):
+        assert f"| {arm} | 0.01 | " in section and report.fmt_seeds(quantities[f"test_acc/{key}"]) in section
