@@ -708,7 +708,14 @@ def gradient_of(path, axis, activation, has_mask):
             )
         return jnp.sum(jnp.where(full, y, 0) * cot)
 
-    return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+
+    def quiet(*args):  # one value per feature is a drawn case: its warning is expected
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", jbn.OneValuePerFeatureWarning)
+            return grad(*args)
+
+    return quiet
 
 
 @fuzz(100)
@@ -724,12 +731,14 @@ def test_gradients_match_the_reference(draw):
     rng = np.random.default_rng(draw.draw(st.integers(0, 2**32 - 1)))
     nd = len(shape)
     fshape = tuple(shape[a] for a in features)
-    # well-conditioned data (|mean| <= 10 std): gradients, not statistics, are under test here
+    # moderate data (|mean| <= 10, unit noise): gradients, not extreme statistics, are under test here
     x = flat_features(rng.uniform(-10, 10, fshape), features, nd) + rng.standard_normal(shape)
-    note(f"shape={shape} axis={axis} path={path} activation={activation} dtype={dtype}")
     scale, bias = parameters(rng, fshape, False)
     cot = rng.standard_normal(shape)
-    mean0, var0 = rng.standard_normal(fshape).astype(np.float32), rng.uniform(0.5, 2, fshape).astype(np.float32)
+    # the running state's dtype: a narrow one takes a one-ulp step in training, with no derivative
+    state = DTYPES[draw.draw(st.sampled_from(STATE_DTYPES))]
+    mean0, var0 = rng.standard_normal(fshape).astype(state), rng.uniform(0.5, 2, fshape).astype(state)
+    note(f"shape={shape} axis={axis} path={path} activation={activation} dtype={dtype} state={state.__name__}")
     with x64(dtype):
         xd, xv = hostile(x, full, padding, dtype)
         f = gradient_of(path, axis, activation, given_mask is not None)
