@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test bench clean lint docs dist
+.PHONY: demo test bench clean lint docs dist fuzz
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,11 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.model
 	$(PY) -m benchmarks.statistics_strategies
 	$(PY) -m benchmarks.floor
+
+# The differential fuzz's long profile (tests/test_differential_fuzz.py): 20 times the CI run's examples (23,000),
+# each path of jbn against the float64 reference; `make test` runs the CI profile (1,150 examples, fixed seed).
+fuzz: $(STAMP)
+	JBN_FUZZ_PROFILE=long $(PY) -m pytest -q tests/test_differential_fuzz.py
 
 # The lint and type gate (.ci/run): ruff's rules and formatting over the repository, mypy over jbn/ (pyproject.toml).
 lint: $(STAMP)

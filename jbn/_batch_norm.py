@@ -85,6 +85,26 @@ def train_with_layout(
     return y, stats
 
 
+def evaluate_with_layout(
+    x: Array, scale, bias, layout: Layout, running: RunningStats, *, epsilon, out_dtype, activation, negative_slope, **_
+) -> Array:
+    """Normalize with the running statistics, on checked arguments (`**_`: the training
+    options). Padding is treated as in training: whatever it holds reaches no gradient."""
+    x = without_nonfinite_padding(x, layout.valid)
+    return _normalize.normalized(
+        x,
+        layout,
+        running.mean,
+        running.var,
+        scale,
+        bias,
+        epsilon=epsilon,
+        out_dtype=out_dtype,
+        activation=activation,
+        negative_slope=negative_slope,
+    )
+
+
 SHARED_OPTIONS = (
     "axis",
     "mask",
@@ -277,19 +297,7 @@ def batch_norm(
     x, scale, bias, layout, options = canonical_arguments(x, scale, bias, training=training, **shared_options(locals()))
     running = _running.check_running(running, layout.fshape, axis)
     if not training:
-        y = _normalize.normalized(
-            x,
-            layout,
-            running.mean,
-            running.var,
-            scale,
-            bias,
-            epsilon=options["epsilon"],
-            out_dtype=options["out_dtype"],
-            activation=options["activation"],
-            negative_slope=options["negative_slope"],
-        )
-        return y, running
+        return evaluate_with_layout(x, scale, bias, layout, running, **options), running
     train = partial(train_with_layout, **options)
     if virtual_batch_size is None:
         warn_if_one_value_per_feature(layout)

@@ -73,6 +73,22 @@ def sample_mean(x: Array, layout: Layout, dtype) -> Array | None:
     return None
 
 
+def rounded_base(base: Array) -> Array:
+    """`base` rounded to one bit fewer than its dtype holds, by an explicit rounding step.
+
+    XLA copies a cheap producer into each fusion that uses it and contracts a product
+    feeding a sum into one fused multiply-add: `x - s * (1/k)` in one fusion and
+    `base_i - base_0` in another would then see different bases (the rounded product in
+    one, the exact one in the other), and the merge would lose up to an ulp of the mean
+    (a relative variance error of 1e-5 at |mean|/std = 1e4). A `reduce_precision` is a
+    rounding of its own that nothing contracts or folds away, so every use sees the same
+    number; one bit less costs nothing (the base need only be near the mean)."""
+    if jnp.iscomplexobj(base):
+        return lax.complex(rounded_base(lax.real(base)), rounded_base(lax.imag(base)))
+    info = jnp.finfo(base.dtype)
+    return lax.reduce_precision(base, exponent_bits=info.nexp, mantissa_bits=info.nmant - 1)
+
+
 def local_moments(x: Array, layout: Layout, dtype) -> Local:
     """This participant's count, variance and mean (as base + delta) over `layout.reduce`
     (see the module doc). Padding takes no part, whatever it holds."""
@@ -100,12 +116,16 @@ def local_moments(x: Array, layout: Layout, dtype) -> Local:
     if base is None:
         (((xa, (ia, _)),),) = separate_uses(1, (x, scales))
         base = jnp.sum(keep(xa.astype(dtype)) * per_feature(ia), axis=layout.reduce)
-    base = lax.stop_gradient(base)  # the result does not depend on it (up to rounding)
+    base = rounded_base(lax.stop_gradient(base))  # the result does not depend on it (up to rounding)
     ((xb, _, bb),), ((xc, (_, rc), bc),) = separate_uses(2, (x, scales, base))
     # Only the squares need the 1/sqrt(n) against overflow: with the base within a few
     # standard deviations of the mean, sum(x - base) stays finite wherever the variance is.
     d_sum = jnp.sum(keep(xb.astype(dtype) - per_feature(bb)), axis=layout.reduce)
     d_sq = jnp.sum(abs_square(keep((xc.astype(dtype) - per_feature(bc)) * per_feature(rc))), axis=layout.reduce)
+    # d_sum and 1/n pass a barrier together: XLA would otherwise rewrite the square of
+    # `d_sum * (1/n)` (1/n a constant) as `d_sum^2 * (1/n)^2`, whose first factor overflows
+    # for large values (a variance of 0 instead of 1e36).
+    d_sum, inv_n = lax.optimization_barrier((d_sum, inv_n))
     correction = d_sum * inv_n
     var = jnp.maximum(d_sq - abs_square(correction), 0)
     has = count > 0

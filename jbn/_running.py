@@ -71,6 +71,13 @@ def state_dtype(old, new) -> jnp.dtype:
     return wide if wide != jnp.promote_types(old, jnp.float32) else jnp.dtype(old)
 
 
+def coefficient_dtype(running: RunningStats, batch: Moments) -> jnp.dtype:
+    """The dtype of every coefficient of the running update: the (real) dtype the update is
+    computed in, float32 or wider, so that a float64 state is float64-accurate."""
+    dtypes = (running.mean.dtype, running.var.dtype, batch.mean.dtype, batch.var.dtype)
+    return _axes.real_dtype(_axes.stats_dtype(*dtypes))
+
+
 def mix(old: Array, new: Array, keep: Any, ok: Array) -> Array:
     """`keep * old + (1 - keep) * new` where `ok`, else `old`, computed in float32 or wider.
 
@@ -85,7 +92,10 @@ def mix(old: Array, new: Array, keep: Any, ok: Array) -> Array:
     out = mixed.astype(out_dtype)
     if jnp.issubdtype(out_dtype, jnp.floating) and jnp.finfo(out_dtype).bits < 32:
         stalled = (out == old) & (mixed != o)
-        out = jnp.where(stalled, jnp.nextafter(old, n.astype(out_dtype)), out)
+        # The step is outside the differentiated path (`nextafter` has no derivative rule; a
+        # one-ulp move carries none): gradients flow through the mix as they would unrounded.
+        step = jnp.nextafter(*jax.lax.stop_gradient((old, n.astype(out_dtype))))
+        out = jnp.where(stalled, step, out)
     return jnp.where(ok, out, old.astype(out_dtype))
 
 
@@ -161,5 +171,5 @@ def apply_update(running: RunningStats, batch: Moments, momentum, debias: bool, 
         count = jnp.where(ok & (count < limit), count + 1, count).astype(count.dtype)
     keep = momentum
     if counted:
-        keep = counted_momentum(momentum, jnp.maximum(count, 1).astype(_axes.stats_dtype(jnp.float32)))  # type: ignore[arg-type]
+        keep = counted_momentum(momentum, jnp.maximum(count, 1).astype(coefficient_dtype(running, batch)))  # type: ignore[arg-type]
     return RunningStats(mix(running.mean, batch.mean, keep, ok), mix(running.var, batch.var, keep, ok), count)

@@ -23,6 +23,7 @@ from jbn._axes import Axes, AxisName
 from jbn._batch_norm import (
     canonical_arguments,
     check_running_options,
+    evaluate_with_layout,
     shared_options,
     warn_if_one_value_per_feature,
     without_nonfinite_padding,
@@ -152,8 +153,7 @@ def batch_renorm(
     r_max = resolve_limit(r_max, step, "r_max")  # type: ignore[assignment]
     d_max = resolve_limit(d_max, step, "d_max")  # type: ignore[assignment]
     if not training:
-        y = normalized(x, layout, running.mean, running.var, scale, bias, epsilon=epsilon, out_dtype=out_dtype)
-        return y, running
+        return evaluate_with_layout(x, scale, bias, layout, running, **options), running
 
     warn_if_one_value_per_feature(layout)
     x = without_nonfinite_padding(x, layout.valid)

@@ -15,18 +15,23 @@ def canonical_axes(ndim, axis):
 
 
 def full_mask(mask, shape, features):
-    """The mask broadcast to `shape` as float64 weights (1 = counts)."""
+    """The mask broadcast to `shape` as float64 weights (1 = counts): by NumPy's rules, or
+    where those cannot apply, a mask of rank len(shape) - len(features) covers the
+    non-feature axes."""
     if mask is None:
         return np.ones(shape)
     mask = np.asarray(mask)
-    if mask.ndim == len(shape) - len(features):
-        mask = np.expand_dims(mask, features)
-    return np.broadcast_to(mask, shape).astype(np.float64)
+    try:
+        return np.broadcast_to(mask, shape).astype(np.float64)
+    except ValueError:
+        if mask.ndim != len(shape) - len(features):
+            raise
+    return np.broadcast_to(np.expand_dims(mask, features), shape).astype(np.float64)
 
 
 def moments(x, axis=-1, mask=None):
     """Per-feature (mean, biased var, count) of the valid elements; zeros when none is valid."""
-    x = np.asarray(x, np.float64)
+    x = np.asarray(x, np.complex128 if np.iscomplexobj(x) else np.float64)
     features = canonical_axes(x.ndim, axis)
     reduce = tuple(a for a in range(x.ndim) if a not in features)
     w = full_mask(mask, x.shape, features)
@@ -35,7 +40,7 @@ def moments(x, axis=-1, mask=None):
     safe = np.maximum(count, 1)
     mean = np.where(count > 0, xs.sum(reduce) / safe, 0.0)
     centered = np.where(w > 0, x - np.expand_dims(mean, reduce), 0.0)
-    var = np.where(count > 0, (centered**2).sum(reduce) / safe, 0.0)
+    var = np.where(count > 0, (np.abs(centered) ** 2).sum(reduce) / safe, 0.0)  # complex: |x - mean|^2
     return mean, var, count
 
 
@@ -47,7 +52,7 @@ def expand(v, ndim, features):
 
 
 def normalize(x, mean, var, scale=None, bias=None, axis=-1, epsilon=1e-5):
-    x = np.asarray(x, np.float64)
+    x = np.asarray(x, np.complex128 if np.iscomplexobj(x) else np.float64)
     f = canonical_axes(x.ndim, axis)
     y = (x - expand(mean, x.ndim, f)) / np.sqrt(expand(np.asarray(var, np.float64), x.ndim, f) + epsilon)
     if scale is not None:
@@ -101,7 +106,7 @@ def mask_is_ambiguous(mask_shape, x_shape, features):
     """True when a mask of rank x.ndim - len(features) broadcasts against x by NumPy's
     rules AND that reading differs from the non-feature-axes reading."""
     mask_shape, x_shape = tuple(mask_shape), tuple(x_shape)
-    if len(mask_shape) >= len(x_shape):
+    if len(mask_shape) != len(x_shape) - len(features):
         return False
     try:
         np.broadcast_shapes(mask_shape, x_shape)
@@ -112,4 +117,43 @@ def mask_is_ambiguous(mask_shape, x_shape, features):
     numpy_reading = (1,) * (len(x_shape) - len(mask_shape)) + mask_shape
     sizes = iter(mask_shape)
     feature_reading = tuple(1 if a in features else next(sizes) for a in range(len(x_shape)))
-    return numpy_reading != feature_reading
+    feature_reading_applies = all(m in (1, s) for m, s in zip(feature_reading, x_shape))
+    return feature_reading_applies and numpy_reading != feature_reading
+
+
+def activation(y, kind=None, negative_slope=0.01):
+    """The activation applied after the normalization: None/"identity", "relu", "leaky_relu"."""
+    if kind in (None, "identity"):
+        return y
+    return np.where(y >= 0, y, 0.0 if kind == "relu" else negative_slope * y)
+
+
+def old_weight(momentum, t, debias):
+    """The weight of the old running value at the t-th counted update (t >= 1): the EMA's
+    `momentum`; `(t - 1) / t` for the cumulative average (momentum None); for the debiased
+    EMA, the weight that keeps `ema_t / (1 - momentum^t)` (ema started at 0)."""
+    if momentum is None:
+        return (t - 1) / t
+    if not debias:
+        return momentum * np.ones_like(t)
+    if momentum >= 1:
+        return np.ones_like(t)
+    if momentum <= 0:
+        return np.zeros_like(t)
+    return momentum * (1 - momentum ** (t - 1)) / (1 - momentum**t)
+
+
+def running_update(old_mean, old_var, old_count, mean, var, ok, *, momentum, debias=False):
+    """One update of the running statistics, feature-wise, where `ok` (the batch had valid
+    elements and finite statistics); elsewhere the old values (and count) stay.
+    Returns (mean, var, count); count is None when not kept."""
+    counted = momentum is None or debias
+    count = None
+    keep = momentum
+    if old_count is not None:
+        count = np.where(ok & (old_count < 2**31 - 1), old_count + 1, old_count)
+    if counted:
+        keep = old_weight(momentum, np.maximum(count, 1).astype(np.float64), debias)
+    new_mean = np.where(ok, keep * old_mean + (1 - keep) * mean, old_mean)
+    new_var = np.where(ok, keep * old_var + (1 - keep) * var, old_var)
+    return new_mean, new_var, count

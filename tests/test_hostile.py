@@ -256,6 +256,48 @@ def test_padding_never_reaches_outputs_statistics_or_gradients(path, parallel):
     check()
 
 
+@functools.cache
+def compiled_evaluation(path):
+    """grad of sum(where(mask, y, 0) * cot) of an evaluation call, jitted once per path:
+    ((dx, dscale, dbias), y)."""
+
+    def loss(x, scale, bias, mean, var, mask, full, cot):
+        running = jbn.RunningStats(mean, var)
+        if path == "renorm":
+            y, _ = jbn.batch_renorm(x, scale, bias, running, training=False, mask=mask)
+        else:
+            y, _ = jbn.batch_norm(x, scale, bias, running, training=False, mask=mask)
+        return jnp.sum(jnp.where(full, y, 0) * cot), y
+
+    return jax.jit(jax.grad(loss, argnums=(0, 1, 2), has_aux=True))
+
+
+@pytest.mark.parametrize("path", ["bn", "renorm"])
+@pytest.mark.parametrize("padding", PADDING)
+def test_padding_never_reaches_gradients_in_evaluation(path, padding):
+    """Evaluation treats padding as training does: whatever the padding holds, the gradients
+    (fine-tuning with frozen statistics on padded batches) are bit-identical to those of the
+    same batch padded with zeros, which match the float64 reference."""
+    scale, bias = params(2)
+    mean, var = np.array([0.3, -1.0, 2.0], np.float32), np.array([0.01, 1.7, 40.0], np.float32)
+    for per_example in (True, False):
+        hostile, zeros, mask, given, cot = make_padded((8, C), 11, padding, per_example, False)
+        grad = compiled_evaluation(path)
+        args = (jnp.asarray(mean), jnp.asarray(var), jnp.asarray(given), jnp.asarray(mask), jnp.asarray(cot))
+        (dx, dscale, dbias), y = grad(jnp.asarray(hostile), scale, bias, *args)
+        (dx0, dscale0, dbias0), y0 = grad(jnp.asarray(zeros), scale, bias, *args)
+        cot_valid = np.where(mask, cot, 0).astype(np.float64)
+        inv = 1 / np.sqrt(var.astype(np.float64) + EPS)
+        x_hat = (zeros - mean.astype(np.float64)) * inv
+        np.testing.assert_allclose(np.asarray(y0)[mask], (x_hat * href.f64(scale) + href.f64(bias))[mask], rtol=1e-5)
+        np.testing.assert_allclose(dx0, cot_valid * inv * href.f64(scale), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(dscale0, (cot_valid * x_hat).sum(0), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(dbias0, cot_valid.sum(0), rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(np.asarray(y)[mask], np.asarray(y0)[mask])
+        for got_g, base_g, name in ((dx, dx0, "dx"), (dscale, dscale0, "dscale"), (dbias, dbias0, "dbias")):
+            np.testing.assert_array_equal(got_g, base_g, err_msg=name)
+
+
 @pytest.mark.parametrize("path", ["bn-fused", "bn-unfused", "renorm"])
 def test_padding_under_shard_map_on_eight_devices(path):
     """shard_map (check_vma on) over the 8 fake devices, device 0 all padding and NaN

@@ -135,3 +135,53 @@ def test_merge_moments_is_exact():
     empty = jbn.Moments(jnp.zeros(C), jnp.zeros(C), jnp.zeros(C))
     same = jbn.merge_moments(empty, jbn.moments(jnp.asarray(b, jnp.float32)))
     np.testing.assert_allclose(same.var, b.var(0), rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("path", ["fused", "unfused", "renorm"])
+def test_gradients_with_a_narrow_running_state_are_those_of_batch_norm(dtype, path):
+    """The one-ulp anti-stall step of a bfloat16 or float16 running state (`nextafter`, which
+    has no derivative rule) is outside the differentiated path: `grad` of a training call
+    works and gives the float64 reference's gradients."""
+    from tests import reference as ref
+
+    x = _batches(1, seed=3)[0]
+    scale = jnp.asarray([0.5, 1.0, 2.0], jnp.float32)
+    cot = jnp.asarray(np.random.default_rng(4).normal(size=x.shape).astype(np.float32))
+    running = jbn.RunningStats(jnp.zeros(C, dtype), jnp.ones(C, dtype))
+
+    def loss(x, scale):
+        if path == "renorm":  # r = 1, d = 0: batch norm's gradients
+            y, new = jbn.batch_renorm(x, scale, None, running, training=True, r_max=1.0, d_max=0.0)
+        else:
+            y, new = jbn.batch_norm(x, scale, None, running, training=True, fused=path == "fused")
+        return jnp.sum(y * cot)  # the running statistics are computed (and differentiated) but not used
+
+    dx, dscale = jax.jit(jax.grad(loss, argnums=(0, 1)))(x, scale)
+    dx_ref, dscale_ref, _ = ref.batch_norm_grads(x, scale, cot)
+    np.testing.assert_allclose(dx, dx_ref, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(dscale, dscale_ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("rule", [dict(momentum=None), dict(momentum=0.9, debias=True)], ids=["cumulative", "debias"])
+def test_float64_state_with_a_count_based_rule_is_float64_accurate(rule):
+    """The count-based coefficients (cumulative average, debiased EMA) are computed in the
+    state's dtype: a float64 state follows the float64 formula to float64's accuracy."""
+    batches = [f64(x) for x in _batches(seed=5)]
+    with jax.enable_x64(True):
+        running = jbn.RunningStats(jnp.zeros(C, jnp.float64), jnp.ones(C, jnp.float64), jnp.zeros(C, jnp.int32))
+        history = []
+        for x in batches:
+            _, running = jbn.batch_norm(jnp.asarray(x), None, None, running, training=True, **rule)
+            history.append(running)
+    m = rule["momentum"]
+    raw_mean, raw_var, weight = np.zeros(C), np.zeros(C), 0.0
+    for t, (x, running) in enumerate(zip(batches, history), start=1):
+        mean, var = x.mean(0), x.var(0)
+        if m is None:  # the average of the t batches' statistics
+            raw_mean, raw_var, weight = raw_mean + mean, raw_var + var, float(t)
+        else:  # the zero-started EMA divided by 1 - m^t
+            raw_mean, raw_var, weight = m * raw_mean + (1 - m) * mean, m * raw_var + (1 - m) * var, 1 - m**t
+        assert running.mean.dtype == jnp.float64
+        np.testing.assert_allclose(running.mean, raw_mean / weight, rtol=1e-13, atol=1e-13)
+        np.testing.assert_allclose(running.var, raw_var / weight, rtol=1e-13)
