@@ -80,7 +80,7 @@ class BatchNorm(eqx.nn.StatefulLayer):
         debias: bool | None = None,
         unbiased_running_var: bool = False,
         axis_index_groups: Sequence[Sequence[int]] | None = None,
-        fused: bool = False,
+        fused: bool = True,
     ):
         """Arguments as in `equinox.nn.BatchNorm`, plus jbn's options.
 
@@ -109,11 +109,9 @@ class BatchNorm(eqx.nn.StatefulLayer):
             statistics are global within each group. With several names the indices count
             every participant together (example b of n on device d is d * n + b).
           fused: in mode "batch", train with jbn's fused custom derivative (less memory
-            and a faster backward pass). Off by default: under `vmap(axis_name=...)`, as
-            this layer is always called, its rule is linearized outside the vmap when the
-            gradient is taken through `lax.scan` or through a jitted function from outside
-            (grad of jit), and jax then reports the axis name as unbound. Turn it on
-            where gradients are taken inside jit with no scan around the layer.
+            and a faster backward pass; the same gradients). False: plain autodiff of the
+            jnp computation. Both work under every transform, including a gradient taken
+            through `lax.scan` or through a jitted call from outside the vmap.
         """
         if mode == "legacy":
             mode = "ema"

@@ -453,14 +453,7 @@ def test_replicated_model_under_filter_jit_and_shard_map():
     np.testing.assert_array_equal(state_inf.get(bn.state_index).count, 1)
 
 
-FUSED_UNDER_VMAP = pytest.mark.xfail(
-    strict=True,
-    reason="jbn's fused custom derivative, batched under vmap(axis_name=...), is linearized outside the vmap "
-    "when the gradient goes through lax.scan or a jitted function from outside: 'axis name is not bound'",
-)
-
-
-@pytest.mark.parametrize("fused", [False, pytest.param(True, marks=FUSED_UNDER_VMAP)])
+@pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("where", ["grad of jit", "scan"])
 def test_gradient_through_jit_and_scan(where, fused):
     """Two patterns that equinox's layer survives: differentiating a jitted call from
