@@ -16,8 +16,9 @@ Where the numbers differ from equinox 0.13 (see docs/guides/equinox.md):
   (99 after one step at momentum 0.99). jbn keeps the debiased EMA of the variance itself.
 - `mode="ema"` at inference before any training step: equinox's running variance starts
   at 0 (x / sqrt(eps)), jbn's at 1.
-- The state is one `RunningStats(mean, var, count)` (count: batches seen per feature),
-  not equinox's layout, so serialised states do not load across the two.
+- The state holds (mean, var) under equinox's `ema_state_index` / `batch_state_index`
+  and a per-feature count of batches under `count_index` (equinox keeps a flag or a
+  scalar counter instead), so serialised states do not load across the two.
 """
 
 from __future__ import annotations
@@ -52,7 +53,12 @@ class BatchNorm(eqx.nn.StatefulLayer):
 
     weight: jax.Array | None
     bias: jax.Array | None
-    state_index: eqx.nn.StateIndex
+    # The running (mean, var), under equinox's names: `ema_state_index` in mode "ema",
+    # `batch_state_index` in mode "batch" (the other is None); `count_index`: batches seen
+    # per feature. `running_stats(state)` reads the three as one `RunningStats`.
+    ema_state_index: eqx.nn.StateIndex | None
+    batch_state_index: eqx.nn.StateIndex | None
+    count_index: eqx.nn.StateIndex
     inference: bool
     # Static: a replicated model (jax.device_put, pmap, jit) has no string leaf (equinox #1074).
     axis_name: Hashable | tuple[Hashable, ...] | None = eqx.field(static=True)
@@ -141,11 +147,10 @@ class BatchNorm(eqx.nn.StatefulLayer):
             self.bias = None
         # count: batches seen per feature. It starts the EMA in each mode and is kept
         # whatever the options, so that switching them later needs no new state.
-        self.state_index = eqx.nn.StateIndex(
-            F.RunningStats(
-                jnp.zeros((input_size,), dtype), jnp.ones((input_size,), dtype), jnp.zeros((input_size,), jnp.int32)
-            )
-        )
+        stats_index = eqx.nn.StateIndex((jnp.zeros((input_size,), dtype), jnp.ones((input_size,), dtype)))
+        self.ema_state_index = stats_index if mode == "ema" else None
+        self.batch_state_index = stats_index if mode == "batch" else None
+        self.count_index = eqx.nn.StateIndex(jnp.zeros((input_size,), jnp.int32))
         self.inference = inference
         self.axis_name = axis_name
         self.input_size = input_size
@@ -193,7 +198,7 @@ class BatchNorm(eqx.nn.StatefulLayer):
             )
         if mask is not None and jnp.ndim(mask) == 0:
             mask = jnp.reshape(mask, (1,) * x.ndim)  # one flag for the whole example
-        running = state.get(self.state_index)
+        running = self.running_stats(state)
         if isinstance(inference, jax.core.Tracer):
             # jax.device_put(model) turns the Python bool into an array, which jit traces:
             # choose at run time (both branches compile; the flag is the same on every example).
@@ -204,10 +209,29 @@ class BatchNorm(eqx.nn.StatefulLayer):
             return self._infer(x, running)[0], state
         else:
             y, new = self._train(x, running, mask)
-        return y, state.set(self.state_index, jax.lax.stop_gradient(new))
+        return y, self._with_running_stats(state, jax.lax.stop_gradient(new))
+
+    def _stats_index(self) -> eqx.nn.StateIndex:
+        index = self.ema_state_index if self.mode == "ema" else self.batch_state_index
+        assert index is not None  # __init__ sets the one of `mode`
+        return index
+
+    def running_stats(self, state: eqx.nn.State) -> F.RunningStats:
+        """This layer's running statistics in `state`: `RunningStats(mean, var, count)`,
+        `count` the batches seen per feature. (mean, var) is also `state.get(index)` for
+        `index` = `ema_state_index` (mode "ema") or `batch_state_index` (mode "batch"):
+        the statistics that inference normalizes with (in mode "batch" equinox keeps there
+        the EMA before its bias correction; jbn keeps the corrected one)."""
+        mean, var = state.get(self._stats_index())
+        return F.RunningStats(mean, var, state.get(self.count_index))
+
+    def _with_running_stats(self, state: eqx.nn.State, running: F.RunningStats) -> eqx.nn.State:
+        state = state.set(self._stats_index(), (running.mean, running.var))
+        return state.set(self.count_index, running.count)
 
     def _out_dtype(self, x: jax.Array, running: F.RunningStats) -> Any:
-        return jnp.promote_types(x.dtype, running.mean.dtype)  # as equinox: the wider of x and the state
+        with jax.numpy_dtype_promotion("standard"):  # a choice of dtype, not an implicit promotion
+            return jnp.promote_types(x.dtype, running.mean.dtype)  # as equinox: the wider of x and the state
 
     def _infer(self, x: jax.Array, running: F.RunningStats) -> tuple[jax.Array, F.RunningStats]:
         return F.batch_norm(
