@@ -242,6 +242,7 @@ def test_inference_switches_and_call_override():
     assert not np.allclose(before.mean, running.mean)
 
 
+@pytest.mark.peer_not_strict("equinox's BatchNorm mixes a bfloat16 input with its float32 state")
 def test_in_sequential_and_dtype_follows_equinox():
     key = jax.random.key(0)
     model, state = make(
