@@ -16,7 +16,8 @@ layer called in training mode while they exist merges into them instead of updat
 
 - Pure: `empty_accumulator`, `accumulate`, `apply_accumulated`.
 - flax linen (a `batch_stats` collection): `start_accumulation`, `apply_accumulation`,
-  `stop_accumulation` (the NNX versions, in place on a model, are in `jbn.nnx`).
+  `stop_accumulation` (the NNX versions, in place on a model, are in `jbn.nnx`; equinox:
+  `jbn.equinox.BatchNorm(..., accumulation=True)` and `jbn.equinox.apply_accumulation`).
 """
 
 from __future__ import annotations

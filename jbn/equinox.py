@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from jbn import functional as F
+from jbn.accumulation import accumulate, apply_accumulated, empty_accumulator
 
 _MODES = ("ema", "batch")
 
@@ -59,6 +60,9 @@ class BatchNorm(eqx.nn.StatefulLayer):
     ema_state_index: eqx.nn.StateIndex | None
     batch_state_index: eqx.nn.StateIndex | None
     count_index: eqx.nn.StateIndex
+    # With accumulation=True: the merged statistics of the micro-batches since the last
+    # `apply_accumulation` (jbn.accumulation); None otherwise.
+    accumulator_index: eqx.nn.StateIndex | None
     inference: bool
     # Static: a replicated model (jax.device_put, pmap, jit) has no string leaf (equinox #1074).
     axis_name: Hashable | tuple[Hashable, ...] | None = eqx.field(static=True)
@@ -87,6 +91,7 @@ class BatchNorm(eqx.nn.StatefulLayer):
         unbiased_running_var: bool = False,
         axis_index_groups: Sequence[Sequence[int]] | None = None,
         fused: bool = True,
+        accumulation: bool = False,
     ):
         """Arguments as in `equinox.nn.BatchNorm`, plus jbn's options.
 
@@ -118,6 +123,10 @@ class BatchNorm(eqx.nn.StatefulLayer):
             and a faster backward pass; the same gradients). False: plain autodiff of the
             jnp computation. Both work under every transform, including a gradient taken
             through `lax.scan` or through a jitted call from outside the vmap.
+          accumulation: gradient accumulation (mode "batch"; see `jbn.accumulation`):
+            training calls normalize with their batch's statistics and merge them exactly
+            into an accumulator in the state, leaving the running statistics alone;
+            `jbn.equinox.apply_accumulation(model, state)` then updates them ONCE.
         """
         if mode == "legacy":
             mode = "ema"
@@ -151,6 +160,10 @@ class BatchNorm(eqx.nn.StatefulLayer):
         self.ema_state_index = stats_index if mode == "ema" else None
         self.batch_state_index = stats_index if mode == "batch" else None
         self.count_index = eqx.nn.StateIndex(jnp.zeros((input_size,), jnp.int32))
+        if accumulation and mode != "batch":
+            raise ValueError(f"`accumulation=True` needs mode='batch' (got mode={mode!r}): set mode='batch'.")
+        empty = empty_accumulator(jnp.zeros((input_size,), dtype)) if accumulation else None
+        self.accumulator_index = None if empty is None else eqx.nn.StateIndex(tuple(empty))
         self.inference = inference
         self.axis_name = axis_name
         self.input_size = input_size
@@ -199,6 +212,8 @@ class BatchNorm(eqx.nn.StatefulLayer):
         if mask is not None and jnp.ndim(mask) == 0:
             mask = jnp.reshape(mask, (1,) * x.ndim)  # one flag for the whole example
         running = self.running_stats(state)
+        if isinstance(inference, jax.core.Tracer) and self.accumulator_index is not None:
+            raise TypeError("`inference` must be a Python bool for a layer built with accumulation=True.")
         if isinstance(inference, jax.core.Tracer):
             # jax.device_put(model) turns the Python bool into an array, which jit traces:
             # choose at run time (both branches compile; the flag is the same on every example).
@@ -209,6 +224,10 @@ class BatchNorm(eqx.nn.StatefulLayer):
             return self._infer(x, running)[0], state
         else:
             y, new = self._train(x, running, mask)
+        if self.accumulator_index is not None:
+            batch = F.moments(x, axis=0, mask=mask, axis_name=self.axis_name, axis_index_groups=self.axis_index_groups)
+            held = F.Moments(*state.get(self.accumulator_index))
+            return y, state.set(self.accumulator_index, tuple(accumulate(held, batch)))
         return y, self._with_running_stats(state, jax.lax.stop_gradient(new))
 
     def _stats_index(self) -> eqx.nn.StateIndex:
@@ -286,3 +305,25 @@ class BatchNorm(eqx.nn.StatefulLayer):
         return F.RunningStats(
             jnp.where(first, filled.mean, moved.mean), jnp.where(first, filled.var, moved.var), moved.count
         )
+
+
+def apply_accumulation(model: Any, state: eqx.nn.State) -> eqx.nn.State:
+    """`state` with the running statistics of every jbn layer of `model` built with
+    `accumulation=True` updated ONCE with what it accumulated (its own momentum and
+    options, as a training step on the whole batch would), and its accumulator emptied."""
+    layers = [m for m in jax.tree.leaves(model, is_leaf=lambda m: isinstance(m, BatchNorm)) if isinstance(m, BatchNorm)]
+    for layer in layers:
+        index = layer.accumulator_index
+        if index is None:
+            continue
+        held = F.Moments(*state.get(index))
+        new = apply_accumulated(
+            layer.running_stats(state),
+            held,
+            layer.momentum,
+            debias=layer.debias is None or layer.debias,
+            unbiased_running_var=layer.unbiased_running_var,
+        )
+        state = layer._with_running_stats(state, new)
+        state = state.set(index, tuple(empty_accumulator(new.mean)))
+    return state

@@ -143,3 +143,34 @@ def test_nnx_accumulation_in_place():
     np.testing.assert_allclose(bn.mean[...], ref_mean, **TOL)
     np.testing.assert_allclose(bn.var[...], ref_var, **TOL)
     assert not hasattr(bn, "population_count")
+
+
+def test_equinox_accumulation_with_a_scan_over_micro_batches():
+    import equinox as eqx
+
+    import jbn.equinox as je
+
+    x, mask = micro_batches(seed=5)
+    bn, state = eqx.nn.make_with_state(je.BatchNorm)(C, "batch", mode="batch", momentum=MOMENTUM, accumulation=True)
+    per_example = jax.vmap(
+        lambda x, state, m: bn(x, state, mask=m), axis_name="batch", in_axes=(0, None, 0), out_axes=(0, None)
+    )
+
+    @jax.jit
+    def accumulate_step(state, x, mask):
+        def body(state, xm):
+            y, state = per_example(xm[0], state, xm[1])
+            return state, y
+
+        state, ys = jax.lax.scan(body, state, (x, mask))
+        return je.apply_accumulation(bn, state), ys
+
+    state, ys = accumulate_step(state, x, mask)
+    for k in range(K):
+        np.testing.assert_allclose(np.asarray(ys[k])[mask[k]], own_statistics_output(x[k], mask[k])[mask[k]], **TOL)
+    # mode "batch" debiases by default: after ONE update the running statistics are the batch's.
+    flat = np.asarray(x, np.float64).reshape(-1, C)[mask.reshape(-1)]
+    running = bn.running_stats(state)
+    np.testing.assert_allclose(running.mean, flat.mean(0), **TOL)
+    np.testing.assert_allclose(running.var, flat.var(0), **TOL)
+    np.testing.assert_array_equal(running.count, 1)
