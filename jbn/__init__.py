@@ -17,6 +17,7 @@ Where things live (imports only point down this list):
     jbn/haiku.py                       haiku's BatchNorm: its parameters and state, jbn's statistics
     jbn/_module_options.py             the option names the wrappers forward, read one way
     jbn/renorm.py, precise.py, fold.py, interop.py, weight_decay.py   variants and tools
+    jbn/accumulation.py                gradient accumulation: one running update per K micro-batches
     jbn/functional.py                  the public pure API, gathered from the floors below
     jbn/_batch_norm.py                 batch_norm, normalize_with_batch_stats, ghost batches
     jbn/_fused.py                      the fused training path (custom JVP, lean backward)
@@ -38,6 +39,14 @@ import importlib
 from typing import Any
 
 from jbn._version import __version__
+from jbn.accumulation import (
+    accumulate,
+    apply_accumulated,
+    apply_accumulation,
+    empty_accumulator,
+    start_accumulation,
+    stop_accumulation,
+)
 from jbn.fold import fold_batch_norm
 from jbn.functional import (
     Moments,
@@ -80,8 +89,12 @@ __all__ = [
     "OneValuePerFeatureWarning",
     "RunningStats",
     "__version__",
+    "accumulate",
+    "apply_accumulated",
+    "apply_accumulation",
     "batch_norm",
     "batch_renorm",
+    "empty_accumulator",
     "fold_batch_norm",
     "interop",
     "merge_moments",
@@ -94,6 +107,8 @@ __all__ = [
     "paper_renorm_schedules",
     "recompute_batch_stats",
     "renorm_schedule",
+    "start_accumulation",
+    "stop_accumulation",
     "unbiased_moments",
     "update_running_stats",
 ]

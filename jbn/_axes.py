@@ -117,9 +117,17 @@ def expand_features(v: jax.Array, ndim: int, features: tuple[int, ...]) -> jax.A
     return v.reshape(shape)
 
 
+def promoted(*dtypes) -> jnp.dtype:
+    """The dtype JAX's standard promotion gives `dtypes`: jbn's documented rule for the
+    dtypes it chooses (statistics, output), applied whatever `jax_numpy_dtype_promotion`
+    says, since jbn then casts explicitly (its arithmetic never promotes implicitly)."""
+    with jax.numpy_dtype_promotion("standard"):
+        return jnp.dtype(jnp.result_type(*dtypes))
+
+
 def stats_dtype(*dtypes) -> jnp.dtype:
     """float32 (complex64 for complex inputs), or wider when an input is wider (x64)."""
-    return jnp.promote_types(jnp.result_type(*dtypes), jnp.float32)
+    return promoted(promoted(*dtypes), jnp.float32)
 
 
 def real_dtype(dtype) -> jnp.dtype:
@@ -187,12 +195,17 @@ def axis_name_arg(names: tuple[Hashable, ...]) -> Any:
     return names if len(names) > 1 else names[0]
 
 
+class UnboundAxisNameError(ValueError, NameError):
+    """An `axis_name` that no enclosing transform binds: a ValueError (jbn's errors for bad
+    arguments) and a NameError (what JAX and equinox raise for it)."""
+
+
 def bound_axis_size(names: tuple[Hashable, ...]) -> int:
     """Number of participants along `names`; a clear error when a name is not bound."""
     try:
         return int(jax.lax.axis_size(axis_name_arg(names)))
     except NameError as e:
-        raise ValueError(
+        raise UnboundAxisNameError(
             f"`axis_name`={axis_name_arg(names)!r} is not bound here ({e}). "
             "Call the function inside the transform that binds it: jax.pmap(..., axis_name=NAME), "
             "jax.shard_map over a mesh with that axis, or jax.vmap(..., axis_name=NAME). "

@@ -31,6 +31,7 @@ pass by transposition: gradients are those of the unfused layer in every setting
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Hashable
 from functools import partial
 from typing import Any, NamedTuple
@@ -38,6 +39,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax._src import core as jax_core  # extend_axis_env_nd: no public equivalent (see _names_bound)
 
 from jbn import _activations, _axes, _collectives, _normalize
 from jbn._axes import Layout
@@ -53,6 +55,7 @@ class FusedConfig(NamedTuple):
 
     features: tuple[int, ...]
     names: tuple[Hashable, ...] | None
+    sizes: tuple[int, ...] | None  # each name's size where the call is traced (see _names_bound)
     groups: tuple[tuple[int, ...], ...] | None
     epsilon: float
     out_dtype: Any
@@ -95,6 +98,7 @@ def fused_batch_norm(
     cfg = FusedConfig(
         layout.features,
         layout.names,
+        None if layout.names is None else tuple(_axes.bound_axis_size((n,)) for n in layout.names),
         layout.groups,
         float(epsilon),
         jnp.dtype(out_dtype),
@@ -144,6 +148,37 @@ def _fused(cfg: FusedConfig, x, scale, bias, valid):
 
 @_fused.defjvp
 def _fused_jvp(cfg: FusedConfig, primals, tangents):
+    with _names_bound(cfg):
+        return _jvp_body(cfg, primals, tangents)
+
+
+def _names_bound(cfg: FusedConfig) -> Any:
+    """A context in which `cfg.names` are bound with the sizes seen by the primal call.
+
+    Why: under `vmap(axis_name=...)`, JAX batches this rule lazily and may trace it after
+    the vmap has returned (a gradient through `lax.scan`, `jit` or `remat` from outside
+    the vmap; `linearize`; second order). The batching of the rule's collectives is still
+    right then (they are routed by the vmap's own trace), but the axis name is no longer in
+    JAX's table of bound names, which `lax.axis_size`, `lax.axis_index` and the
+    collectives' checks consult. The names are bound again here, with the same sizes;
+    names that are still bound (pmap, shard_map, a vmap in progress) are left alone."""
+    if cfg.names is None or cfg.sizes is None:
+        return contextlib.nullcontext()
+    unbound = [(n, s) for n, s in zip(cfg.names, cfg.sizes) if not _is_bound(n)]
+    if not unbound:
+        return contextlib.nullcontext()
+    return jax_core.extend_axis_env_nd(unbound)
+
+
+def _is_bound(name: Hashable) -> bool:
+    try:
+        lax.axis_size(name)
+    except NameError:
+        return False
+    return True
+
+
+def _jvp_body(cfg: FusedConfig, primals, tangents):
     x, scale, bias, valid = primals
     dx, dscale, dbias, _ = tangents  # the mask is boolean: no tangent
     y, stats = _primal(cfg, x, scale, bias, valid)

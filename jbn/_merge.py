@@ -160,12 +160,12 @@ def chan_merge(local: Local) -> Moments:
     elsewhere cannot make 0 * inf)."""
     count, var, base, delta = local
     total = jnp.sum(count, axis=0)
-    weight = count / jnp.maximum(total, 1)
+    weight = count / jnp.maximum(total, 1)[None]
     has = count > 0
     reference = jnp.take_along_axis(base, jnp.argmax(has, axis=0)[None], axis=0)[0]
-    offset = jnp.where(has, (base - reference) + delta, 0)
+    offset = jnp.where(has, (base - reference[None]) + delta, 0)
     merged = jnp.sum(weight * offset, axis=0)
-    spread = jnp.where(has, weight * (var + abs_square(offset - merged)), 0)
+    spread = jnp.where(has, weight * (var + abs_square(offset - merged[None])), 0)
     has_any = total > 0
     return Moments(jnp.where(has_any, reference + merged, 0), jnp.where(has_any, jnp.sum(spread, axis=0), 0), total)
 

@@ -20,7 +20,7 @@ def output_dtype(dtype: Any, x: Array, scale: Array | None, bias: Array | None) 
     bfloat16 input with float32 parameters gives float32)."""
     if dtype is not None:
         return jnp.dtype(dtype)
-    return jnp.result_type(x.dtype, *(p.dtype for p in (scale, bias) if p is not None))
+    return _axes.promoted(x.dtype, *(p.dtype for p in (scale, bias) if p is not None))
 
 
 def compute_dtype(x: Array, *arrays: Array | None) -> jnp.dtype:

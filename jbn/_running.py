@@ -67,8 +67,8 @@ def counted_momentum(momentum: Any, t: Array) -> Array:
 def state_dtype(old, new) -> jnp.dtype:
     """The dtype of an updated running statistic: a narrow state (bfloat16, float16)
     keeps its dtype; a float64 (x64) or complex batch widens a float32 state, as flax."""
-    wide = jnp.promote_types(old, new)
-    return wide if wide != jnp.promote_types(old, jnp.float32) else jnp.dtype(old)
+    wide = _axes.promoted(old, new)
+    return wide if wide != _axes.promoted(old, jnp.float32) else jnp.dtype(old)
 
 
 def coefficient_dtype(running: RunningStats, batch: Moments) -> jnp.dtype:
@@ -87,7 +87,7 @@ def mix(old: Array, new: Array, keep: Any, ok: Array) -> Array:
     place toward the batch instead, so the state keeps converging."""
     out_dtype = state_dtype(old.dtype, new.dtype)
     compute = _axes.stats_dtype(old.dtype, new.dtype)
-    o, n = old.astype(compute), new.astype(compute)
+    o, n, keep = old.astype(compute), new.astype(compute), jnp.asarray(keep, compute)
     mixed = keep * o + (1 - keep) * n
     out = mixed.astype(out_dtype)
     if jnp.issubdtype(out_dtype, jnp.floating) and jnp.finfo(out_dtype).bits < 32:

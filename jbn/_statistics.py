@@ -20,6 +20,7 @@ def batch_moments(x: Array, layout: Layout, shift: Array | None = None) -> Momen
     """`moments` on a resolved layout (`x` checked, `shift` checked and feature-shaped)."""
     dtype = _axes.stats_dtype(x.dtype)
     if shift is not None:
+        dtype = _axes.stats_dtype(x.dtype, shift.dtype)  # moments() widened the shift to this
         count, s1, s2 = _merge.shifted_sums(x, layout, shift, dtype)
         if layout.names is not None:
             count = jnp.broadcast_to(count, layout.fshape)

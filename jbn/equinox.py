@@ -16,8 +16,9 @@ Where the numbers differ from equinox 0.13 (see docs/guides/equinox.md):
   (99 after one step at momentum 0.99). jbn keeps the debiased EMA of the variance itself.
 - `mode="ema"` at inference before any training step: equinox's running variance starts
   at 0 (x / sqrt(eps)), jbn's at 1.
-- The state is one `RunningStats(mean, var, count)` (count: batches seen per feature),
-  not equinox's layout, so serialised states do not load across the two.
+- The state holds (mean, var) under equinox's `ema_state_index` / `batch_state_index`
+  and a per-feature count of batches under `count_index` (equinox keeps a flag or a
+  scalar counter instead), so serialised states do not load across the two.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from jbn import functional as F
+from jbn.accumulation import accumulate, apply_accumulated, empty_accumulator
 
 _MODES = ("ema", "batch")
 
@@ -52,7 +54,15 @@ class BatchNorm(eqx.nn.StatefulLayer):
 
     weight: jax.Array | None
     bias: jax.Array | None
-    state_index: eqx.nn.StateIndex
+    # The running (mean, var), under equinox's names: `ema_state_index` in mode "ema",
+    # `batch_state_index` in mode "batch" (the other is None); `count_index`: batches seen
+    # per feature. `running_stats(state)` reads the three as one `RunningStats`.
+    ema_state_index: eqx.nn.StateIndex | None
+    batch_state_index: eqx.nn.StateIndex | None
+    count_index: eqx.nn.StateIndex
+    # With accumulation=True: the merged statistics of the micro-batches since the last
+    # `apply_accumulation` (jbn.accumulation); None otherwise.
+    accumulator_index: eqx.nn.StateIndex | None
     inference: bool
     # Static: a replicated model (jax.device_put, pmap, jit) has no string leaf (equinox #1074).
     axis_name: Hashable | tuple[Hashable, ...] | None = eqx.field(static=True)
@@ -80,7 +90,8 @@ class BatchNorm(eqx.nn.StatefulLayer):
         debias: bool | None = None,
         unbiased_running_var: bool = False,
         axis_index_groups: Sequence[Sequence[int]] | None = None,
-        fused: bool = False,
+        fused: bool = True,
+        accumulation: bool = False,
     ):
         """Arguments as in `equinox.nn.BatchNorm`, plus jbn's options.
 
@@ -109,11 +120,13 @@ class BatchNorm(eqx.nn.StatefulLayer):
             statistics are global within each group. With several names the indices count
             every participant together (example b of n on device d is d * n + b).
           fused: in mode "batch", train with jbn's fused custom derivative (less memory
-            and a faster backward pass). Off by default: under `vmap(axis_name=...)`, as
-            this layer is always called, its rule is linearized outside the vmap when the
-            gradient is taken through `lax.scan` or through a jitted function from outside
-            (grad of jit), and jax then reports the axis name as unbound. Turn it on
-            where gradients are taken inside jit with no scan around the layer.
+            and a faster backward pass; the same gradients). False: plain autodiff of the
+            jnp computation. Both work under every transform, including a gradient taken
+            through `lax.scan` or through a jitted call from outside the vmap.
+          accumulation: gradient accumulation (mode "batch"; see `jbn.accumulation`):
+            training calls normalize with their batch's statistics and merge them exactly
+            into an accumulator in the state, leaving the running statistics alone;
+            `jbn.equinox.apply_accumulation(model, state)` then updates them ONCE.
         """
         if mode == "legacy":
             mode = "ema"
@@ -143,11 +156,14 @@ class BatchNorm(eqx.nn.StatefulLayer):
             self.bias = None
         # count: batches seen per feature. It starts the EMA in each mode and is kept
         # whatever the options, so that switching them later needs no new state.
-        self.state_index = eqx.nn.StateIndex(
-            F.RunningStats(
-                jnp.zeros((input_size,), dtype), jnp.ones((input_size,), dtype), jnp.zeros((input_size,), jnp.int32)
-            )
-        )
+        stats_index = eqx.nn.StateIndex((jnp.zeros((input_size,), dtype), jnp.ones((input_size,), dtype)))
+        self.ema_state_index = stats_index if mode == "ema" else None
+        self.batch_state_index = stats_index if mode == "batch" else None
+        self.count_index = eqx.nn.StateIndex(jnp.zeros((input_size,), jnp.int32))
+        if accumulation and mode != "batch":
+            raise ValueError(f"`accumulation=True` needs mode='batch' (got mode={mode!r}): set mode='batch'.")
+        empty = empty_accumulator(jnp.zeros((input_size,), dtype)) if accumulation else None
+        self.accumulator_index = None if empty is None else eqx.nn.StateIndex(tuple(empty))
         self.inference = inference
         self.axis_name = axis_name
         self.input_size = input_size
@@ -195,7 +211,9 @@ class BatchNorm(eqx.nn.StatefulLayer):
             )
         if mask is not None and jnp.ndim(mask) == 0:
             mask = jnp.reshape(mask, (1,) * x.ndim)  # one flag for the whole example
-        running = state.get(self.state_index)
+        running = self.running_stats(state)
+        if isinstance(inference, jax.core.Tracer) and self.accumulator_index is not None:
+            raise TypeError("`inference` must be a Python bool for a layer built with accumulation=True.")
         if isinstance(inference, jax.core.Tracer):
             # jax.device_put(model) turns the Python bool into an array, which jit traces:
             # choose at run time (both branches compile; the flag is the same on every example).
@@ -206,10 +224,33 @@ class BatchNorm(eqx.nn.StatefulLayer):
             return self._infer(x, running)[0], state
         else:
             y, new = self._train(x, running, mask)
-        return y, state.set(self.state_index, jax.lax.stop_gradient(new))
+        if self.accumulator_index is not None:
+            batch = F.moments(x, axis=0, mask=mask, axis_name=self.axis_name, axis_index_groups=self.axis_index_groups)
+            held = F.Moments(*state.get(self.accumulator_index))
+            return y, state.set(self.accumulator_index, tuple(accumulate(held, batch)))
+        return y, self._with_running_stats(state, jax.lax.stop_gradient(new))
+
+    def _stats_index(self) -> eqx.nn.StateIndex:
+        index = self.ema_state_index if self.mode == "ema" else self.batch_state_index
+        assert index is not None  # __init__ sets the one of `mode`
+        return index
+
+    def running_stats(self, state: eqx.nn.State) -> F.RunningStats:
+        """This layer's running statistics in `state`: `RunningStats(mean, var, count)`,
+        `count` the batches seen per feature. (mean, var) is also `state.get(index)` for
+        `index` = `ema_state_index` (mode "ema") or `batch_state_index` (mode "batch"):
+        the statistics that inference normalizes with (in mode "batch" equinox keeps there
+        the EMA before its bias correction; jbn keeps the corrected one)."""
+        mean, var = state.get(self._stats_index())
+        return F.RunningStats(mean, var, state.get(self.count_index))
+
+    def _with_running_stats(self, state: eqx.nn.State, running: F.RunningStats) -> eqx.nn.State:
+        state = state.set(self._stats_index(), (running.mean, running.var))
+        return state.set(self.count_index, running.count)
 
     def _out_dtype(self, x: jax.Array, running: F.RunningStats) -> Any:
-        return jnp.promote_types(x.dtype, running.mean.dtype)  # as equinox: the wider of x and the state
+        with jax.numpy_dtype_promotion("standard"):  # a choice of dtype, not an implicit promotion
+            return jnp.promote_types(x.dtype, running.mean.dtype)  # as equinox: the wider of x and the state
 
     def _infer(self, x: jax.Array, running: F.RunningStats) -> tuple[jax.Array, F.RunningStats]:
         return F.batch_norm(
@@ -264,3 +305,25 @@ class BatchNorm(eqx.nn.StatefulLayer):
         return F.RunningStats(
             jnp.where(first, filled.mean, moved.mean), jnp.where(first, filled.var, moved.var), moved.count
         )
+
+
+def apply_accumulation(model: Any, state: eqx.nn.State) -> eqx.nn.State:
+    """`state` with the running statistics of every jbn layer of `model` built with
+    `accumulation=True` updated ONCE with what it accumulated (its own momentum and
+    options, as a training step on the whole batch would), and its accumulator emptied."""
+    layers = [m for m in jax.tree.leaves(model, is_leaf=lambda m: isinstance(m, BatchNorm)) if isinstance(m, BatchNorm)]
+    for layer in layers:
+        index = layer.accumulator_index
+        if index is None:
+            continue
+        held = F.Moments(*state.get(index))
+        new = apply_accumulated(
+            layer.running_stats(state),
+            held,
+            layer.momentum,
+            debias=layer.debias is None or layer.debias,
+            unbiased_running_var=layer.unbiased_running_var,
+        )
+        state = layer._with_running_stats(state, new)
+        state = state.set(index, tuple(empty_accumulator(new.mean)))
+    return state

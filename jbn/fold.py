@@ -64,7 +64,7 @@ def fold_batch_norm(
     new_bias = shifted * multiplier
     if beta is not None:
         new_bias = new_bias + beta.astype(compute)
-    new_kernel = kernel.astype(compute) * multiplier
+    new_kernel = kernel.astype(compute) * multiplier.reshape((1,) * (kernel.ndim - 1) + (-1,))  # per output channel
     bias_dtype = kernel.dtype if bias is None else bias.dtype
     return {"kernel": new_kernel.astype(kernel.dtype), "bias": new_bias.astype(bias_dtype)}
 

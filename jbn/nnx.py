@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.nnx.nn import initializers
 
-from jbn import _module_options, _validate, precise
+from jbn import _module_options, _validate, accumulation, precise
 from jbn._batch_norm import batch_norm
 from jbn._running import needs_batch_count
 from jbn._state import Moments, RunningStats
@@ -313,4 +313,50 @@ def recompute_batch_stats(
         for module, attributes in modes:
             for name, value in attributes.items():
                 setattr(module, name, value)
+    return model
+
+
+def _layers(model: nnx.Module) -> list:
+    layers = [m for _, m in nnx.iter_modules(model) if isinstance(m, _Normalization)]
+    if not layers:
+        raise ValueError("`model` contains no jbn.nnx.BatchNorm / BatchRenorm layer: nothing to accumulate.")
+    return layers
+
+
+def start_accumulation(model: nnx.Module) -> nnx.Module:
+    """Gradient accumulation (see `jbn.accumulation`), in place: from now on each jbn layer
+    of `model` called in training mode normalizes the micro-batch with its own statistics
+    and merges them exactly into an accumulator, leaving its running statistics alone."""
+    for layer in _layers(model):
+        for name, value in zip(accumulation.ACCUMULATOR_VARIABLES, accumulation.empty_accumulator(layer.mean[...])):
+            setattr(layer, name, nnx.BatchStat(value))
+    return model
+
+
+def apply_accumulation(model: nnx.Module) -> nnx.Module:
+    """In place: each layer's running statistics updated ONCE with what it accumulated (its
+    own `momentum`, `debias`, `unbiased_running_var`), and its accumulator emptied."""
+    for layer in _layers(model):
+        held = [getattr(layer, name) for name in accumulation.ACCUMULATOR_VARIABLES]
+        count = None if layer.count is None else layer.count[...]
+        new = accumulation.apply_accumulated(
+            RunningStats(layer.mean[...], layer.var[...], count),
+            Moments(*(v[...] for v in held)),
+            layer.momentum,
+            debias=layer.debias,
+            unbiased_running_var=layer.unbiased_running_var,
+        )
+        layer.mean[...], layer.var[...] = new.mean, new.var
+        if layer.count is not None:
+            layer.count[...] = new.count
+        for v, value in zip(held, accumulation.empty_accumulator(new.mean)):
+            v[...] = value
+    return model
+
+
+def stop_accumulation(model: nnx.Module) -> nnx.Module:
+    """In place: the accumulators removed (apply them first: what they hold is dropped)."""
+    for layer in _layers(model):
+        for name in accumulation.ACCUMULATOR_VARIABLES:
+            delattr(layer, name)
     return model

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jbn import _validate
-from jbn._axes import Axes, AxisName
+from jbn._axes import Axes, AxisName, promoted
 from jbn._batch_norm import (
     canonical_arguments,
     check_running_options,
@@ -165,9 +165,11 @@ def batch_renorm(
     d = lax.stop_gradient(jnp.clip((stats.mean - running.mean.astype(compute)) / sigma, -d_max, d_max))  # type: ignore[arg-type,operator]
     # scale * (xhat * r + d) + bias == xhat * (scale * r) + (scale * d + bias): batch norm's
     # normalize with a corrected affine map; r = 1, d = 0 leave scale and bias exactly as they are.
-    r_scale = r if scale is None else scale * r
-    d_bias = d if scale is None else scale * d
-    d_bias = d_bias if bias is None else bias + d_bias
+    wide = promoted(compute, *(p.dtype for p in (scale, bias) if p is not None))  # explicit: strict promotion
+    r, d = r.astype(wide), d.astype(wide)
+    r_scale = r if scale is None else scale.astype(wide) * r
+    d_bias = d if scale is None else scale.astype(wide) * d
+    d_bias = d_bias if bias is None else bias.astype(wide) + d_bias
     y = normalized(x, layout, stats.mean, stats.var, r_scale, d_bias, epsilon=epsilon, out_dtype=out_dtype)
     new = apply_update(running, stats, momentum, debias, unbiased_running_var)
     return y, new

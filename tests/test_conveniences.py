@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 import jbn
 from tests.variants_reference import bn_eval, f64
@@ -48,6 +49,7 @@ def test_optax_mask_on_nnx_state():
     assert mask == {"bn": {"bias": False, "scale": False}, "linear": {"bias": True, "kernel": True}}
 
 
+@pytest.mark.peer_not_strict("optax.adamw multiplies a Python float by its int32 step count")
 def test_optax_mask_in_adamw_decays_only_the_kernels():
     _, variables = _init()
     params = jax.tree.map(lambda p: p + 1.0, variables["params"])  # non-zero everywhere

@@ -178,6 +178,7 @@ def test_replaces_flax_in_a_model_with_its_checkpoint():
     )
 
 
+@pytest.mark.peer_not_strict("optax multiplies a Python float by its int32 step count")
 def test_training_step_under_jit():
     import optax
 
@@ -224,6 +225,7 @@ def test_bfloat16_input_promotes_like_flax_and_keeps_float32_stats():
     assert y32.dtype == jnp.float32
 
 
+@pytest.mark.peer_not_strict("flax.linen.BatchNorm mixes a bfloat16 input with float32 parameters")
 def test_bfloat16_input_with_float32_output_matches_flaxs_default():
     """flax promotes a bfloat16 input with float32 parameters to a float32 output; so does
     jbn, by default and with dtype=float32."""

@@ -510,6 +510,7 @@ def test_unbound_axis_name_is_a_clear_error():
 # ---------------------------------------------------------------------- example script
 
 
+@pytest.mark.peer_not_strict("the experiment's optax optimizer multiplies a Python float by its int32 step count")
 def test_sync_bn_example_runs_at_tiny_size(tmp_path):
     import yaml
 

@@ -1,0 +1,286 @@
+"""Every module (pure, linen, NNX, equinox) under every JAX transform users put it in,
+against a reference written from the formulas in plain jnp (batch mean, biased variance,
+normalize, one EMA step from mean 0 and var 1), plus the batch-norm reports of flax and
+equinox users, each in its own words, showing jbn's modules handle them."""
+
+import equinox as eqx
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax import export
+
+import jbn
+import jbn.equinox as je
+
+C, N, MOMENTUM, EPS = 3, 8, 0.9, 1e-5
+TOL = dict(rtol=2e-4, atol=2e-4)
+RNG = np.random.default_rng(0)
+X = jnp.asarray(RNG.normal(1.0, 2.0, (N, C)), jnp.float32)
+W = jnp.asarray(RNG.normal(size=(N, C)), jnp.float32)  # weights of the loss
+PARAMS = (jnp.asarray(RNG.uniform(0.5, 2.0, C), jnp.float32), jnp.asarray(RNG.normal(size=C), jnp.float32))
+
+
+def reference(params, x):
+    """The training step from the formulas: output, new running mean and variance."""
+    scale, bias = params
+    mean = jnp.mean(x, axis=0)
+    var = jnp.mean((x - mean[None]) ** 2, axis=0)
+    y = (x - mean[None]) / jnp.sqrt(var[None] + EPS) * scale[None] + bias[None]
+    return y, (1 - MOMENTUM) * mean, MOMENTUM + (1 - MOMENTUM) * var
+
+
+# Each builder: axis_name -> f(params, x) -> (y, new mean, new var), one training step.
+
+
+def pure(axis_name=None):
+    def f(params, x):
+        running = jbn.RunningStats(jnp.zeros(C), jnp.ones(C))
+        y, new = jbn.batch_norm(x, *params, running, training=True, momentum=MOMENTUM, axis_name=axis_name)
+        return y, new.mean, new.var
+
+    return f
+
+
+def linen(axis_name=None):
+    model = jbn.BatchNorm(use_running_average=False, momentum=MOMENTUM, axis_name=axis_name)
+    stats = {"mean": jnp.zeros(C), "var": jnp.ones(C)}
+
+    def f(params, x):
+        variables = {"params": {"scale": params[0], "bias": params[1]}, "batch_stats": stats}
+        y, mutated = model.apply(variables, x, mutable=["batch_stats"])
+        return y, mutated["batch_stats"]["mean"], mutated["batch_stats"]["var"]
+
+    return f
+
+
+def nnx_module(axis_name=None):
+    def f(params, x):
+        bn = jbn.nnx.BatchNorm(C, momentum=MOMENTUM, axis_name=axis_name, rngs=nnx.Rngs(0))
+        bn.scale[...], bn.bias[...] = params
+        y = bn(x)
+        return y, bn.mean[...], bn.var[...]
+
+    return f
+
+
+def equinox(axis_name=None):
+    names = ("batch",) if axis_name is None else (axis_name, "batch")
+    bn, state = eqx.nn.make_with_state(je.BatchNorm)(C, names, mode="batch", momentum=MOMENTUM, debias=False)
+
+    def f(params, x):
+        layer = eqx.tree_at(lambda m: (m.weight, m.bias), bn, params)
+        traced = jax.tree.map(lambda a: a + 0, state)  # as a state passed in: a value of this trace
+        y, new = jax.vmap(layer, axis_name="batch", in_axes=(0, None), out_axes=(0, None))(x, traced)
+        running = layer.running_stats(new)
+        return y, running.mean, running.var
+
+    return f
+
+
+MODULES = {"pure": pure, "linen": linen, "nnx": nnx_module, "equinox": equinox}
+module = pytest.mark.parametrize("build", list(MODULES.values()), ids=list(MODULES))
+
+
+def loss(f):
+    return lambda params, x: jnp.sum(jnp.sin(f(params, x)[0]) * W)
+
+
+def assert_close(got, want):
+    jax.tree.map(lambda g, w: np.testing.assert_allclose(np.asarray(g), np.asarray(w), **TOL), got, want)
+
+
+@module
+def test_jit_and_donation(build):
+    f = build()
+    assert_close(jax.jit(f)(PARAMS, X), reference(PARAMS, X))
+    x = jnp.array(X)  # a buffer of its own to give away
+    assert_close(jax.jit(f, donate_argnums=1)(PARAMS, x), reference(PARAMS, X))
+
+
+@module
+def test_grad_hessian_and_linearize(build):
+    f = build()
+    assert_close(jax.grad(loss(f), argnums=(0, 1))(PARAMS, X), jax.grad(loss(reference), argnums=(0, 1))(PARAMS, X))
+    assert_close(jax.hessian(loss(f))(PARAMS, X), jax.hessian(loss(reference))(PARAMS, X))
+    _, lin = jax.linearize(lambda x: f(PARAMS, x)[0], X)
+    _, lin_ref = jax.linearize(lambda x: reference(PARAMS, x)[0], X)
+    assert_close(lin(W), lin_ref(W))
+
+
+@module
+def test_ensembles_and_nested_vmap(build):
+    f = build()
+    params2 = jax.tree.map(lambda p: jnp.stack([p, 2 * p]), PARAMS)
+    xs = jnp.stack([X, X[::-1] * 3])
+    assert_close(jax.vmap(f)(params2, xs), jax.vmap(reference)(params2, xs))
+    params4 = jax.tree.map(lambda p: jnp.stack([p, p + 1]), params2)
+    xs4 = jnp.stack([xs, xs + 1])
+    assert_close(jax.vmap(jax.vmap(f))(params4, xs4), jax.vmap(jax.vmap(reference))(params4, xs4))
+
+
+@module
+def test_scan_remat_cond_and_eval_shape(build):
+    f = build()
+    steps = jnp.stack([X, 2 * X + 1, X**2])
+
+    def through_scan(g):
+        def run(params):
+            def body(total, x):
+                return total + loss(g)(params, x), None
+
+            return jax.lax.scan(body, 0.0, steps)[0]
+
+        return jax.grad(run)(PARAMS)
+
+    assert_close(through_scan(f), through_scan(reference))
+    assert_close(jax.grad(loss(jax.checkpoint(f)))(PARAMS, X), jax.grad(loss(reference))(PARAMS, X))
+    for flag in (True, False):
+        got = jax.jit(lambda p, x, flag: jax.lax.cond(flag, f, lambda p, x: reference(p, 2 * x), p, x))(PARAMS, X, flag)
+        assert_close(got, reference(PARAMS, X if flag else 2 * X))
+    shapes = jax.eval_shape(f, PARAMS, X)
+    assert [s.shape for s in shapes] == [(N, C), (C,), (C,)]
+
+
+@module
+def test_pmap_and_shard_map_give_the_whole_batch_statistics(build):
+    f = build("device")
+    per_device = X.reshape(4, N // 4, C)
+    y, mean, var = jax.pmap(f, axis_name="device", in_axes=(None, 0))(PARAMS, per_device)
+    y_ref, mean_ref, var_ref = reference(PARAMS, X)
+    assert_close((y.reshape(N, C), mean[0], var[0]), (y_ref, mean_ref, var_ref))
+    mesh = jax.make_mesh((4,), ("device",), axis_types=(jax.sharding.AxisType.Explicit,))
+    sharded = jax.shard_map(
+        f,
+        mesh=mesh,
+        in_specs=(jax.P(), jax.P("device")),
+        out_specs=(jax.P("device"), jax.P(), jax.P()),
+        check_vma=build is not equinox,  # a psum over a checked mesh axis and a vmap axis together is rejected
+    )
+    x = jax.device_put(X, jax.NamedSharding(mesh, jax.P("device")))
+    assert_close(jax.jit(sharded)(PARAMS, x), (y_ref, mean_ref, var_ref))
+
+
+@pytest.mark.parametrize("build", [pure, linen, nnx_module], ids=["pure", "linen", "nnx"])
+def test_export_with_a_symbolic_batch(build):
+    """(equinox's per-example layer under a vmap over a symbolic batch is not covered:
+    `lax.axis_size` of the vmapped name needs a constant there.)"""
+    f = build()
+    (batch,) = export.symbolic_shape("b")
+    exported = export.export(jax.jit(f))(PARAMS, jax.ShapeDtypeStruct((batch, C), jnp.float32))
+    assert_close(exported.call(PARAMS, X), reference(PARAMS, X))
+    assert_close(exported.call(PARAMS, X[:5]), reference(PARAMS, X[:5]))
+
+
+@module
+@pytest.mark.parametrize("x64", [False, True], ids=["x32", "x64"])
+def test_strict_settings(build, x64):
+    with jax.enable_x64(x64), jax.numpy_rank_promotion("raise"), jax.numpy_dtype_promotion("strict"):
+        f = build()
+        x = jnp.asarray(X, jnp.bfloat16)
+        y, mean, var = jax.jit(f)(PARAMS, x)
+        assert_close((y.astype(jnp.float32), mean, var), reference(PARAMS, jnp.asarray(x, jnp.float32)))
+        jax.grad(lambda p: jnp.sum(f(p, x)[0].astype(jnp.float32)))(PARAMS)
+
+
+# ------------------------------------------------------------- reports of flax and equinox users
+
+
+def test_nested_linen_vmap_with_statistics_over_both_axes():
+    """flax #3319: a per-example linen module under two nested `nn.vmap`s, each with an
+    axis name, the statistics over both, one shared `batch_stats`."""
+
+    class PerExample(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return jbn.BatchNorm(use_running_average=False, momentum=MOMENTUM, axis_name=("outer", "inner"))(x)
+
+    def vmapped(name, target):
+        return nn.vmap(
+            target,
+            variable_axes={"params": None, "batch_stats": None},
+            split_rngs={"params": False},
+            in_axes=0,
+            axis_name=name,
+        )
+
+    model = vmapped("outer", vmapped("inner", PerExample))()
+    x = X.reshape(2, 4, C)
+    variables = model.init(jax.random.key(0), x)
+    y, mutated = model.apply(variables, x, mutable=["batch_stats"])
+    y_ref, mean_ref, var_ref = reference((jnp.ones(C), jnp.zeros(C)), X)
+    assert_close((y.reshape(N, C), mutated["batch_stats"]["BatchNorm_0"]["mean"]), (y_ref, mean_ref))
+    assert_close(mutated["batch_stats"]["BatchNorm_0"]["var"], var_ref)
+
+
+def test_nnx_eval_shape_builds_the_layer_abstractly():
+    """flax #4734: `nnx.eval_shape` of a constructor with a BatchNorm inside, then real
+    weights loaded into the abstract model."""
+    abstract = nnx.eval_shape(lambda: jbn.nnx.BatchNorm(C, rngs=nnx.Rngs(0)))
+    assert abstract.mean.shape == (C,) and isinstance(abstract.mean.get_value(), jax.ShapeDtypeStruct)
+    graphdef, abstract_state = nnx.split(abstract)
+    real_state = nnx.state(jbn.nnx.BatchNorm(C, rngs=nnx.Rngs(0)))
+    bn = nnx.merge(graphdef, real_state)
+    bn.momentum = MOMENTUM
+    assert_close(bn(X), reference((jnp.ones(C), jnp.zeros(C)), X)[0])
+
+
+def test_linen_scan_carries_batch_stats_across_layers():
+    """flax #3602 and #2052: BatchNorm inside `nn.scan` over stacked layers, each layer's
+    statistics its own (batch_stats scanned along the layer axis)."""
+
+    class Block(nn.Module):
+        @nn.compact
+        def __call__(self, x, _):
+            return 2.0 * jbn.BatchNorm(use_running_average=False, momentum=MOMENTUM)(x) + 1.0, None
+
+    stack = nn.scan(
+        Block,
+        variable_axes={"params": 0, "batch_stats": 0},
+        split_rngs={"params": True},
+        length=3,
+    )()
+    variables = stack.init(jax.random.key(0), X, None)
+    (y, _), mutated = stack.apply(variables, X, None, mutable=["batch_stats"])
+    ones = (jnp.ones(C), jnp.zeros(C))
+    h, means = X, []
+    for _ in range(3):
+        out, mean, _ = reference(ones, h)
+        means.append(mean)
+        h = 2.0 * out + 1.0
+    assert_close((y, mutated["batch_stats"]["BatchNorm_0"]["mean"]), (h, jnp.stack(means)))
+
+
+def test_nnx_vmap_of_a_model_with_batch_norm_called_twice():
+    """flax #4760: `nnx.vmap` of BatchNorm over a leading ensemble axis, called twice: the
+    statistics stay per member, the second call works and moves them again."""
+    state_axes = nnx.StateAxes({nnx.BatchStat: 0, ...: None})
+    members = nnx.vmap(lambda _: jbn.nnx.BatchNorm(C, momentum=MOMENTUM, rngs=nnx.Rngs(0)), out_axes=state_axes)(
+        jnp.arange(2)
+    )
+    run = nnx.vmap(lambda bn, x: bn(x), in_axes=(state_axes, 0))
+    xs = jnp.stack([X, 3 * X])
+    first, second = run(members, xs), run(members, xs)
+    ones = (jnp.ones(C), jnp.zeros(C))
+    assert_close(first, jax.vmap(lambda x: reference(ones, x)[0])(xs))
+    assert_close(second, first)
+    batch_mean = jnp.mean(xs, axis=1)
+    assert_close(members.mean[...], (1 - MOMENTUM**2) * batch_mean)  # two EMA steps from 0
+
+
+def test_equinox_twice_vmapped_with_samples_and_higher_rank():
+    """equinox #707 and #592: a per-example layer under an inner named vmap and an outer
+    unnamed one over samples ([samples, batch, channels, ...], any rank): per-sample
+    statistics and one running state per sample."""
+    bn, state = eqx.nn.make_with_state(je.BatchNorm)(C, "batch", mode="batch", momentum=MOMENTUM, debias=False)
+    x = jnp.stack([X, 2 * X - 1])[..., None, None] * jnp.ones((1, 1, 1, 2, 2))  # (samples, batch, C, 2, 2)
+    inner = jax.vmap(bn, axis_name="batch", in_axes=(0, None), out_axes=(0, None))
+    y, new = jax.vmap(inner, in_axes=(0, None))(x, state)
+    ones = (jnp.ones(C), jnp.zeros(C))
+    for s in range(2):
+        y_ref, mean_ref, var_ref = reference(ones, x[s, :, :, 0, 0])
+        assert_close(y[s, :, :, 1, 1], y_ref)
+        running = bn.running_stats(jax.tree.map(lambda a, s=s: a[s], new))
+        assert_close((running.mean, running.var), (mean_ref, var_ref))
