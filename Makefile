@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test bench clean lint docs dist
+.PHONY: demo test bench bench-accelerators accel-env clean lint docs dist
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,28 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.statistics_strategies
 	$(PY) -m benchmarks.floor
 
+# The accelerator plans (benchmarks/accelerators.py): jbn and its peers compiled deviceless for TPU v5e
+# (libtpu, jax's tpu extra) and for NVIDIA H100 and H200 (the CUDA 12 plugin, no CUDA runtime needed), in an
+# environment of their own so the test environment keeps plain jaxlib. Rewrites benchmarks/RESULTS-accelerators.md.
+ACCEL_VENV  ?= .venv-accel
+ACCEL_PY    := $(ACCEL_VENV)/bin/python
+ACCEL_STAMP := $(ACCEL_VENV)/.installed
+JAX_VERSION := 0.10.2
+
+$(ACCEL_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(ACCEL_VENV)
+	$(ACCEL_PY) -m pip install -q "jax[tpu]==$(JAX_VERSION)" "jaxlib==$(JAX_VERSION)" \
+		"jax-cuda12-plugin==$(JAX_VERSION)" "jax-cuda12-pjrt==$(JAX_VERSION)" \
+		"flax==0.12.8" "equinox==0.13.8" "dm-haiku==0.0.17" "optax==0.2.8" matplotlib tqdm pytest pytest-timeout
+	$(ACCEL_PY) -m pip install -q --no-deps -e .
+	$(ACCEL_PY) -c "import jax, libtpu, flax; print('jax', jax.__version__, 'libtpu', libtpu.__version__, 'flax', flax.__version__)"
+	touch $(ACCEL_STAMP)
+
+accel-env: $(ACCEL_STAMP)
+
+bench-accelerators: $(ACCEL_STAMP)
+	$(ACCEL_PY) -m benchmarks.accelerators
+
 # The lint and type gate (.ci/run): ruff's rules and formatting over the repository, mypy over jbn/ (pyproject.toml).
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
@@ -53,4 +75,4 @@ dist: $(STAMP)
 	cd build && wheel-venv/bin/python ../.ci/check_dist.py --installed
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache site dist
+	rm -rf $(VENV) $(ACCEL_VENV) runs .pytest_cache site dist
