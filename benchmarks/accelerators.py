@@ -128,16 +128,17 @@ def resnet_plan(variant: str, dtype: str, target_name: str) -> dict:
 
 def jobs(targets, shapes, dtypes, cases, libraries, resnet_variants, resnet_dtypes, tpu_resnet) -> list[dict]:
     """Every (target, case, library) to compile, as the keys of its row; `tpu_resnet`:
-    (variants, dtypes) of the ResNet-18 step on TPU."""
-    out = []
-    for target_name in targets:
-        out += [
-            dict(target=target_name, shape=list(shape), dtype=dtype, case=case, library=library)
-            for shape in shapes
-            for dtype in dtypes
-            for case in cases
-            for library in libraries
-        ]
+    (variants, dtypes) of the ResNet-18 step on TPU. The op-level cases first, the TPU's
+    ResNet-18 steps (minutes each) last."""
+    out = [
+        dict(target=target_name, shape=list(shape), dtype=dtype, case=case, library=library)
+        for target_name in targets
+        for shape in shapes
+        for dtype in dtypes
+        for case in cases
+        for library in libraries
+    ]
+    for target_name in sorted(targets, key=lambda t: t.startswith("TPU")):
         variants, step_dtypes = resnet_variants, resnet_dtypes
         if target_name.startswith("TPU"):
             variants, step_dtypes = [v for v in resnet_variants if v in tpu_resnet[0]], tpu_resnet[1]

@@ -72,6 +72,7 @@ def environment() -> None:
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # libtpu otherwise locks /tmp for one process
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    jax.config.update("jax_platforms", "cpu")  # where jax was imported first (e.g. by a conftest)
 
 
 def available() -> str | None:
@@ -85,8 +86,8 @@ def available() -> str | None:
     if not missing:
         return None
     return (
-        f"{' and '.join(missing)} not installed: the accelerator plans compile in their own environment, "
-        "`make accel-env` (.venv-accel), e.g. `.venv-accel/bin/python -m pytest tests/test_accelerator_plans.py`"
+        f"{' and '.join(missing)} not installed: the accelerator plans compile in their own environment "
+        "(.venv-accel): `make test-accelerators` runs these tests there, `make bench-accelerators` the benchmark"
     )
 
 
