@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test bench bench-accelerators accel-env clean lint docs dist
+.PHONY: demo test bench bench-accelerators accel-env test-accelerators clean lint docs dist
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -51,6 +51,10 @@ accel-env: $(ACCEL_STAMP)
 
 bench-accelerators: $(ACCEL_STAMP)
 	$(ACCEL_PY) -m benchmarks.accelerators
+
+# jbn's accelerator plans against flax's (tests/test_accelerator_plans.py; compile properties, not timings).
+test-accelerators: $(ACCEL_STAMP)
+	JAX_PLATFORMS=cpu $(ACCEL_PY) -m pytest -q tests/test_accelerator_plans.py
 
 # The lint and type gate (.ci/run): ruff's rules and formatting over the repository, mypy over jbn/ (pyproject.toml).
 lint: $(STAMP)
