@@ -153,13 +153,13 @@ def cases(prop: str):
                     yield pytest.param(target, case, shape, dtype, marks=marks, id="-".join(key[:4]))
 
 
-@pytest.mark.parametrize("target, case, shape, dtype", cases("bytes"))
+@pytest.mark.parametrize("target, case, shape, dtype", list(cases("bytes")))
 def test_jbn_moves_no_more_hbm_bytes_than_flax(target, case, shape, dtype):
     jbn, flax = op_plan("jbn", target, case, shape, dtype), op_plan(FLAX, target, case, shape, dtype)
     assert jbn["hbm_bytes"] <= flax["hbm_bytes"], (jbn["hbm_bytes"] / flax["hbm_bytes"], jbn, flax)
 
 
-@pytest.mark.parametrize("target, case, shape, dtype", cases("kernels"))
+@pytest.mark.parametrize("target, case, shape, dtype", list(cases("kernels")))
 def test_jbn_launches_at_most_one_kernel_more_than_flax(target, case, shape, dtype):
     jbn, flax = op_plan("jbn", target, case, shape, dtype), op_plan(FLAX, target, case, shape, dtype)
     assert jbn["kernels"] <= flax["kernels"] + 1, (jbn["kernels"], flax["kernels"])
