@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test bench clean lint docs dist fuzz
+.PHONY: demo test bench bench-accelerators accel-env test-accelerators clean lint docs dist fuzz
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,36 @@ bench: $(STAMP)
 fuzz: $(STAMP)
 	JBN_FUZZ_PROFILE=long $(PY) -m pytest -q tests/test_differential_fuzz.py
 
+# The accelerator plans (benchmarks/accelerators.py): jbn and its peers compiled deviceless for TPU v5e
+# (libtpu, jax's tpu extra) and for NVIDIA H100 and H200 (the CUDA 12 plugin, no CUDA runtime needed), in an
+# environment of their own so the test environment keeps plain jaxlib. Rewrites benchmarks/RESULTS-accelerators.md.
+ACCEL_VENV  ?= .venv-accel
+ACCEL_PY    := $(ACCEL_VENV)/bin/python
+ACCEL_STAMP := $(ACCEL_VENV)/.installed
+# The same versions as the test environment (nothing pinned by hand): jax's tpu extra and the CUDA plugin at its jax
+# version, every other package constrained to what .venv resolved.
+ACCEL_CONSTRAINTS := $(ACCEL_VENV)/constraints.txt
+
+$(ACCEL_STAMP): $(STAMP)
+	$(PYTHON) -m venv $(ACCEL_VENV)
+	$(PY) -m pip freeze --exclude-editable | grep -v '^torch' > $(ACCEL_CONSTRAINTS)
+	jax_version=$$($(PY) -c "import jax; print(jax.__version__)") && \
+	$(ACCEL_PY) -m pip install -q -c $(ACCEL_CONSTRAINTS) "jax[tpu]==$$jax_version" \
+		"jax-cuda12-plugin==$$jax_version" "jax-cuda12-pjrt==$$jax_version" \
+		flax equinox dm-haiku optax matplotlib tqdm pytest pytest-timeout
+	$(ACCEL_PY) -m pip install -q --no-deps -e .
+	$(ACCEL_PY) -c "import jax, libtpu, flax; print('jax', jax.__version__, 'libtpu', libtpu.__version__, 'flax', flax.__version__)"
+	touch $(ACCEL_STAMP)
+
+accel-env: $(ACCEL_STAMP)
+
+bench-accelerators: $(ACCEL_STAMP)
+	$(ACCEL_PY) -m benchmarks.accelerators
+
+# jbn's accelerator plans against flax's (tests/test_accelerator_plans.py; compile properties, not timings).
+test-accelerators: $(ACCEL_STAMP)
+	JAX_PLATFORMS=cpu $(ACCEL_PY) -m pytest -q tests/test_accelerator_plans.py
+
 # The lint and type gate (.ci/run): ruff's rules and formatting over the repository, mypy over jbn/ (pyproject.toml).
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
@@ -68,4 +98,4 @@ dist: $(STAMP)
 	cd build && wheel-venv/bin/python ../.ci/check_dist.py --installed
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache site dist
+	rm -rf $(VENV) $(ACCEL_VENV) runs .pytest_cache site dist

@@ -76,9 +76,11 @@ def parse_size(text: str) -> Size:
     return Size(batch, height, width, int(parts[1]), stem)
 
 
-def make_model(variant: str, size: Size, dtype=jnp.float32, blocks: int = 2):
+def make_model(variant: str, size: Size, dtype=jnp.float32, blocks: int = 2, classes: int = CLASSES, **fields):
     """The ResNet linen module for one variant: ResNet-18 with the default 2 blocks per
-    stage (1 makes a ResNet-10, for quick smoke runs). flax is imported here, lazily."""
+    stage (1 makes a ResNet-10, for quick smoke runs). `fields` go to every batch-norm
+    layer (e.g. use_fast_variance=False for flax, fused=False for jbn). flax is imported
+    here, lazily."""
     from flax import linen as nn
 
     import jbn
@@ -93,7 +95,7 @@ def make_model(variant: str, size: Size, dtype=jnp.float32, blocks: int = 2):
 
         @nn.compact
         def __call__(self, x, train: bool):
-            common = dict(use_running_average=not train, momentum=MOMENTUM, epsilon=EPSILON, dtype=dtype)
+            common = dict(use_running_average=not train, momentum=MOMENTUM, epsilon=EPSILON, dtype=dtype, **fields)
             if variant == FLAX:
                 y = nn.BatchNorm(**common)(x)
             elif variant == "jbn (drop-in)":
@@ -134,7 +136,7 @@ def make_model(variant: str, size: Size, dtype=jnp.float32, blocks: int = 2):
                 for i in range(blocks):
                     x = Block(size.base * mult, 2 if (stage > 0 and i == 0) else 1)(x, train)
             x = jnp.mean(x, axis=(1, 2))
-            return nn.Dense(CLASSES, dtype=dtype)(x)
+            return nn.Dense(classes, dtype=dtype)(x)
 
     return ResNet18()
 

@@ -10,7 +10,7 @@ import itertools
 import jax
 import jax.numpy as jnp
 
-from jbn import _axes, _merge
+from jbn import _accelerator_moments, _axes, _merge
 from jbn._axes import Layout
 from jbn._state import Moments
 
@@ -61,7 +61,7 @@ def moments_by_shard(x: Array, layout: Layout, dtype) -> Moments | None:
         vshape, vspec = split_layout(layout.valid.shape, sharding.spec, shards)
         valid = jax.sharding.reshard(layout.valid, named(like_x)).reshape(vshape, out_sharding=named(vspec))
     grouped = Layout(layout.axis, kept, _axes.reduction_axes(len(shape), kept), tuple(shape), valid)
-    own = _merge.local_moments(xg, grouped, dtype)
+    own = _accelerator_moments.local_moments(xg, grouped, dtype)  # the formulation of the target platform
     local = _merge.stack_participant(own)
     # Shard axes first (in kept order they sit among the feature axes), flattened.
     positions = [kept.index(g) + 1 for g in group_axes]

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jbn import _axes, _collectives, _merge, _sharded, _validate
+from jbn import _accelerator_moments, _axes, _collectives, _merge, _sharded, _validate
 from jbn._axes import Axes, AxisName, Layout
 from jbn._state import Moments
 
@@ -33,7 +33,7 @@ def batch_moments(x: Array, layout: Layout, shift: Array | None = None) -> Momen
         by_shard = _sharded.moments_by_shard(x, layout, dtype)
         if by_shard is not None:
             return by_shard
-    local = _merge.local_moments(x, layout, dtype)
+    local = _accelerator_moments.local_moments(x, layout, dtype)  # the formulation of the target platform
     if layout.names is None:
         return local.moments()
     gathered = _collectives.gather(_merge.stack_participant(local), layout.names, layout.groups)

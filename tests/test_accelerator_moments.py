@@ -1,0 +1,148 @@
+"""The per-backend formulations of one participant's statistics (jbn/_accelerator_moments.py),
+each run here on CPU and checked against float64 NumPy: called directly, and as the formulation
+that `jbn.moments` dispatches to (the CPU entry of FORMULATIONS replaced by it) under jit, vmap,
+shard_map, pmap and sharded jit, in forward and reverse mode. The accuracy promise is the
+library's: relative variance error <= 1e-6 whatever the order of the elements (an outlier
+first), with |mean| / std = 1e4, and under masks (padding holding NaN and inf)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import jbn
+from jbn import _accelerator_moments, _axes
+
+FORMULATIONS = {name: f for name, f in _accelerator_moments.FORMULATIONS.items() if name != "cpu"}
+DEVICES = 8
+VAR_RTOL = 1e-6
+
+
+def hard_batches():
+    """(name, float64 data (n, C), mask or None): the cases the promise names."""
+    rng = np.random.default_rng(7)
+    n, c = 4096, 8
+    shifted = rng.normal(size=(n, c)) * 0.5 + 1e4 * 0.5  # |mean| / std = 1e4
+    outlier = rng.normal(size=(n, c))
+    outlier[0] = 1e3  # an outlier first: a running formulation would start far from the mean
+    masked = rng.normal(size=(n, c)) * 3 - 2
+    mask = rng.random((n, 1)) < 0.6
+    masked[~mask[:, 0]] = np.nan
+    masked[~mask[:, 0] & (np.arange(n) % 2 == 0)] = np.inf
+    return [
+        ("mean 1e4 std", shifted, None),
+        ("outlier first", outlier, None),
+        ("masked, NaN/inf padding", masked, mask),
+    ]
+
+
+def reference(x, mask):
+    """float64 mean and biased variance of the valid rows (x already rounded to float32)."""
+    keep = np.ones(x.shape[0], bool) if mask is None else mask[:, 0]
+    rows = np.asarray(x, np.float64)[keep]
+    return rows.mean(0), rows.var(0)
+
+
+def check(mean, var, x32, mask):
+    ref_mean, ref_var = reference(np.asarray(x32), mask)
+    np.testing.assert_array_less(np.abs(np.asarray(var, np.float64) / ref_var - 1), VAR_RTOL)
+    np.testing.assert_array_less(np.abs(np.asarray(mean, np.float64) - ref_mean), 1e-6 * np.abs(ref_mean) + 1e-6)
+
+
+@pytest.mark.parametrize("formulation", FORMULATIONS)
+@pytest.mark.parametrize("case", [0, 1, 2], ids=[c[0] for c in hard_batches()])
+def test_formulation_called_directly_matches_float64(formulation, case):
+    _, x, mask = hard_batches()[case]
+    x32 = jnp.asarray(x, jnp.float32)
+    layout = _axes.resolve(x32, -1, None if mask is None else jnp.asarray(mask))
+    local = jax.jit(lambda v: FORMULATIONS[formulation](v, layout, jnp.float32).moments())(x32)
+    check(local.mean, local.var, x32, mask)
+
+
+@pytest.fixture(params=list(FORMULATIONS))
+def on_cpu(request, monkeypatch):
+    """`jbn.moments` on CPU computing each participant's statistics with one accelerator formulation."""
+    monkeypatch.setitem(_accelerator_moments.FORMULATIONS, "cpu", FORMULATIONS[request.param])
+    return request.param
+
+
+def test_moments_under_jit_and_vmap(on_cpu):
+    for _, x, mask in hard_batches():
+        x32 = jnp.asarray(x, jnp.float32)
+        m = None if mask is None else jnp.asarray(mask)
+        stats = jax.jit(lambda v, m=m: jbn.moments(v, mask=m))(x32)
+        check(stats.mean, stats.var, x32, mask)
+    # vmap: eight independent batches, each with its own statistics.
+    _, x, _ = hard_batches()[0]
+    x32 = jnp.asarray(x, jnp.float32).reshape(8, -1, x.shape[-1])
+    stats = jax.jit(jax.vmap(jbn.moments))(x32)
+    for i in range(8):
+        check(stats.mean[i], stats.var[i], x32[i], None)
+
+
+def test_moments_across_participants(on_cpu):
+    """The global statistics of 8 participants: pmap, vmap and shard_map with axis_name,
+    and plain jit of an input split along the batch (Auto mesh axes)."""
+    _, x, _ = hard_batches()[1]  # the outlier lands on the first participant
+    x32 = jnp.asarray(x, jnp.float32)
+    split = x32.reshape(DEVICES, -1, x.shape[-1])
+    for transform in (jax.pmap, jax.vmap):
+        stats = transform(lambda v: jbn.moments(v, axis_name="i"), axis_name="i")(split)
+        check(stats.mean[0], stats.var[0], x32, None)
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:DEVICES]), ("d",))
+    inside = jax.shard_map(lambda v: jbn.moments(v, axis_name="d"), mesh=mesh, in_specs=P("d"), out_specs=P())
+    stats = jax.jit(inside)(x32)
+    check(stats.mean, stats.var, x32, None)
+    # Sharded jit: the input split along the batch over an Auto mesh (XLA partitions the reduction).
+    placed = jax.device_put(x32, NamedSharding(mesh, P("d")))
+    stats = jax.jit(jbn.moments)(placed)
+    check(stats.mean, stats.var, x32, None)
+
+
+def derivative_reference(x, mask, a, b):
+    """d/dx of sum(a * mean + b * var) over the valid rows, in float64."""
+    keep = np.ones(x.shape[0], bool) if mask is None else mask[:, 0]
+    x64 = np.asarray(x, np.float64)
+    rows = x64[keep]
+    n, mean = rows.shape[0], rows.mean(0)
+    grad = (a + 2 * b * (x64 - mean)) / n
+    return np.where(keep[:, None], grad, 0)
+
+
+def test_moments_forward_and_reverse_mode(on_cpu):
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(512, 4)) * 2 + 5
+    mask = rng.random((512, 1)) < 0.7
+    x32, m = jnp.asarray(x, jnp.float32), jnp.asarray(mask)
+    a, b = jnp.asarray([1.0, -2.0, 0.5, 3.0]), jnp.asarray([0.25, 1.0, -1.0, 2.0])
+
+    def objective(v):
+        stats = jbn.moments(v, mask=m)
+        return jnp.sum(a * stats.mean + b * stats.var)
+
+    expected = derivative_reference(np.asarray(x32), mask, np.asarray(a), np.asarray(b))
+    grad = jax.jit(jax.grad(objective))(x32)
+    np.testing.assert_allclose(np.asarray(grad), expected, rtol=1e-4, atol=1e-7)
+    direction = jnp.asarray(rng.normal(size=x.shape), jnp.float32)
+    _, tangent = jax.jit(lambda v, t: jax.jvp(objective, (v,), (t,)))(x32, direction)
+    np.testing.assert_allclose(float(tangent), float(np.sum(expected * np.asarray(direction))), rtol=1e-4)
+    # Through the pmap collective too: reverse mode of the gathered, merged statistics.
+    split = x32.reshape(DEVICES, -1, 4)
+    pgrad = jax.pmap(
+        jax.grad(lambda v: jnp.sum(a * jbn.moments(v, axis_name="i").mean + b * jbn.moments(v, axis_name="i").var)),
+        axis_name="i",
+    )(split)
+    # Every participant's objective is the same global value, and the transpose of the gather
+    # sums the cotangents of all of them: the gradient of DEVICES copies of the objective.
+    full = DEVICES * derivative_reference(np.asarray(x32), None, np.asarray(a), np.asarray(b))
+    np.testing.assert_allclose(np.asarray(pgrad).reshape(x.shape), full, rtol=1e-4, atol=1e-6)
+
+
+def test_bfloat16_input_statistics_in_float32(on_cpu):
+    _, x, _ = hard_batches()[1]
+    x16 = jnp.asarray(x, jnp.bfloat16)
+    stats = jax.jit(jbn.moments)(x16)
+    assert stats.mean.dtype == jnp.float32
+    check(stats.mean, stats.var, x16.astype(jnp.float32), None)
