@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 from flax import linen as nn
 from flax import nnx
 
@@ -96,6 +97,7 @@ def test_linen_across_devices_under_pmap():
     np.testing.assert_allclose(stats["BatchNorm_0"]["var"][0], ref_var, **TOL)
 
 
+@pytest.mark.peer_not_strict("optax.MultiSteps mixes its int32 step counter with float32")
 def test_linen_with_optax_multisteps():
     """optax.MultiSteps updates the parameters every K steps; the running statistics get
     their one update at the same step (`jnp.where` on MultiSteps' own step counter)."""
