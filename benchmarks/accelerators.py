@@ -61,23 +61,6 @@ TPU_RESNET_DTYPES = ("float32",)
 DEFAULT_OUT = Path(__file__).resolve().parent
 
 
-def op_steps(apply):
-    """The three steps of benchmarks/peers.py over `apply(params, state, x, train)`."""
-
-    def train_fwd(params, state, x):
-        return apply(params, state, x, True)
-
-    def eval_fwd(params, state, x):
-        return apply(params, state, x, False)[0]
-
-    def train_fwd_bwd(params, state, x, ct):
-        y, vjp, new_state = jax.vjp(lambda x, p: apply(p, state, x, True), x, params, has_aux=True)
-        dx, dparams = vjp(ct)
-        return y, new_state, dx, dparams
-
-    return {"train_fwd": train_fwd, "eval_fwd": eval_fwd, "train_fwd_bwd": train_fwd_bwd}
-
-
 def op_plan(library: str, shape, dtype: str, case: str, target_name: str) -> dict:
     """Figures of one library's layer, one case, compiled for one target."""
     mesh = plans.target(target_name).mesh
@@ -87,7 +70,7 @@ def op_plan(library: str, shape, dtype: str, case: str, target_name: str) -> dic
     x = jax.ShapeDtypeStruct(tuple(shape), dt)
     data = plans.abstract((x, x) if case == "train_fwd_bwd" else (x,), mesh, batch_sharded=True)
     weights = plans.abstract((params, state), mesh, batch_sharded=False)
-    return plans.compile_plan(op_steps(apply)[case], (*weights, *data), target_name)
+    return plans.compile_plan(peers.layer_steps(apply)[case], (*weights, *data), target_name)
 
 
 def resnet_step(variant: str, dtype: str):
@@ -101,22 +84,7 @@ def resnet_step(variant: str, dtype: str):
     variables = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(images.shape, images.dtype), True))
     optimizer = optax.sgd(resnet.LEARNING_RATE, momentum=resnet.SGD_MOMENTUM)
     state = (variables["params"], variables["batch_stats"], jax.eval_shape(optimizer.init, variables["params"]))
-
-    def step(state, images, labels):
-        params, stats, opt_state = state
-
-        def loss_fn(params):
-            logits, updates = model.apply(
-                {"params": params, "batch_stats": stats}, images, train=True, mutable=["batch_stats"]
-            )
-            loss = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels).mean()
-            return loss, updates["batch_stats"]
-
-        (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        return (optax.apply_updates(params, updates), stats, opt_state), loss
-
-    return step, state, images, labels
+    return resnet.training_step(model, optimizer), state, images, labels
 
 
 def resnet_plan(variant: str, dtype: str, target_name: str) -> dict:

@@ -179,6 +179,13 @@ def make_step(variant: str, size: Size, blocks: int = 2):
     variables = init_variables(model, images)
     optimizer = optax.sgd(LEARNING_RATE, momentum=SGD_MOMENTUM)
     state = (variables["params"], variables["batch_stats"], optimizer.init(variables["params"]))
+    return jax.jit(training_step(model, optimizer)), state, images, labels
+
+
+def training_step(model, optimizer):
+    """step(state, images, labels) -> (new state, loss): one SGD step of `model` on the softmax
+    cross-entropy, state = (params, batch_stats, optimizer state). Not jitted (the caller chooses how)."""
+    import optax
 
     def step(state, images, labels):
         params, stats, opt_state = state
@@ -194,7 +201,7 @@ def make_step(variant: str, size: Size, blocks: int = 2):
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return (optax.apply_updates(params, updates), stats, opt_state), loss
 
-    return jax.jit(step), state, images, labels
+    return step
 
 
 def memory_of(compiled) -> dict:

@@ -55,8 +55,10 @@ def _ready(fn, *args):
     return lambda: jax.block_until_ready(fn(*args))
 
 
-def _jax_layer(apply, params, state, x, ct) -> Layer:
-    """`apply(params, state, x, train) -> (y, new_state)`; jit the three steps."""
+def layer_steps(apply):
+    """The three benchmarked steps over `apply(params, state, x, train) -> (y, new_state)`:
+    {"train_fwd", "eval_fwd", "train_fwd_bwd"}, not jitted (timed here, compiled deviceless in
+    benchmarks/accelerators.py)."""
 
     def train_fwd(params, state, x):
         return apply(params, state, x, True)
@@ -69,10 +71,16 @@ def _jax_layer(apply, params, state, x, ct) -> Layer:
         dx, dparams = vjp(ct)
         return y, new_state, dx, dparams
 
+    return {"train_fwd": train_fwd, "eval_fwd": eval_fwd, "train_fwd_bwd": train_fwd_bwd}
+
+
+def _jax_layer(apply, params, state, x, ct) -> Layer:
+    """`apply(params, state, x, train) -> (y, new_state)`; jit the three steps."""
+    steps = layer_steps(apply)
     return Layer(
-        _ready(jax.jit(train_fwd), params, state, x),
-        _ready(jax.jit(eval_fwd), params, state, x),
-        _ready(jax.jit(train_fwd_bwd), params, state, x, ct),
+        _ready(jax.jit(steps["train_fwd"]), params, state, x),
+        _ready(jax.jit(steps["eval_fwd"]), params, state, x),
+        _ready(jax.jit(steps["train_fwd_bwd"]), params, state, x, ct),
     )
 
 
