@@ -39,7 +39,8 @@ def unbiased_moments(batch: Moments) -> Moments:
     tracks in `running_var`. A feature with a count of 1 or less gets a NaN variance,
     so that `update_running_stats` leaves it unchanged."""
     count = batch.count.astype(batch.var.dtype)
-    var = jnp.where(count > 1, batch.var * count / jnp.maximum(count - 1, 1), jnp.nan)
+    # the factor first: var * count may overflow where the corrected variance does not
+    var = jnp.where(count > 1, batch.var * (count / jnp.maximum(count - 1, 1)), jnp.nan)
     return Moments(batch.mean, var, batch.count)
 
 

@@ -39,6 +39,9 @@ def moments(x, axis=-1, mask=None):
     count = w.sum(reduce)
     safe = np.maximum(count, 1)
     mean = np.where(count > 0, xs.sum(reduce) / safe, 0.0)
+    # one refinement step: the mean of the deviations from the rounded mean corrects it,
+    # so that the reference's mean of float64 data is right to its last bits
+    mean = mean + np.where(count > 0, np.where(w > 0, x - np.expand_dims(mean, reduce), 0.0).sum(reduce) / safe, 0.0)
     centered = np.where(w > 0, x - np.expand_dims(mean, reduce), 0.0)
     var = np.where(count > 0, (np.abs(centered) ** 2).sum(reduce) / safe, 0.0)  # complex: |x - mean|^2
     return mean, var, count

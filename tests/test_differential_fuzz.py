@@ -211,8 +211,12 @@ def data(draw, shape, features, dtype):
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
     real = np.finfo(np.dtype(dtype)).dtype if dtype != "complex64" else np.float32
     top = math.log10(float(np.finfo(real).max))
-    mean_exp = draw(st.floats(-3, min(22.0, top - 1.5)))
-    std_exp = draw(st.floats(-3, min(18.0, top - 2.5, mean_exp + 6)))
+    # log10 of the std, then of |mean| / std: the ends of each range and |mean| / std = 1e4
+    # (where a rounded mean costs a merge its accuracy) are drawn as often as the inside
+    high = min(18.0, top - 2.5)
+    std_exp = draw(st.one_of(st.sampled_from([-3.0, 0.0, high]), st.floats(-3, high)))
+    ratio_exp = draw(st.one_of(st.sampled_from([-6.0, 0.0, 4.0, 7.0]), st.floats(-6, 25)))
+    mean_exp = min(std_exp + ratio_exp, 22.0, top - 1.5)
     kind = draw(st.sampled_from(["normal", "normal", "outlier-first", "heavy-tailed", "constant-feature"]))
     fshape = [shape[a] for a in features]
     expand = lambda v: ref.expand(v, len(shape), features)  # noqa: E731

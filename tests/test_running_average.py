@@ -185,3 +185,30 @@ def test_float64_state_with_a_count_based_rule_is_float64_accurate(rule):
         assert running.mean.dtype == jnp.float64
         np.testing.assert_allclose(running.mean, raw_mean / weight, rtol=1e-13, atol=1e-13)
         np.testing.assert_allclose(running.var, raw_var / weight, rtol=1e-13)
+
+
+@pytest.mark.parametrize("virtual_batch_size", [None, 6])
+def test_representable_variances_near_the_float32_limit_update_the_running_statistics(virtual_batch_size):
+    """A batch (or sub-batch) variance near float32's largest value: the unbiased variance
+    (times n / (n - 1)) and the mean over sub-batches are representable, so the running
+    statistics take them (intermediate products and sums must not overflow to inf, which
+    would leave the statistics unchanged as after a bad batch)."""
+    rng = np.random.default_rng(8)
+    x = (rng.choice([-1.0, 1.0], size=(12, C)) * 1.2e19 + rng.normal(size=(12, C)) * 1e17).astype(np.float32)
+    running = jbn.RunningStats(jnp.zeros(C), jnp.ones(C))
+    _, new = jbn.batch_norm(
+        jnp.asarray(x),
+        None,
+        None,
+        running,
+        training=True,
+        momentum=0.5,
+        unbiased_running_var=True,
+        virtual_batch_size=virtual_batch_size,
+    )
+    groups = [f64(x)] if virtual_batch_size is None else [f64(x[:6]), f64(x[6:])]
+    mean = np.mean([g.mean(0) for g in groups], 0)
+    var = np.mean([g.var(0, ddof=1) for g in groups], 0)
+    assert np.all(var < np.finfo(np.float32).max)  # the case: representable, near the limit
+    np.testing.assert_allclose(new.mean, 0.5 * mean, rtol=1e-5, atol=1e12)
+    np.testing.assert_allclose(new.var, 0.5 + 0.5 * var, rtol=1e-5)

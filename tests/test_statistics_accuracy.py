@@ -89,3 +89,18 @@ def test_synchronized_statistics_are_as_accurate_as_on_one_device(transform, see
         # the mean: within an ulp of |mean| plus the statistical rounding of the deviations
         tol = 2 * EPS32 * np.abs(mean_ref) + VAR_RTOL * np.sqrt(var_ref)
         assert_within(stats.mean[p], mean_ref, tol, f"mean of participant {p}")
+
+
+@pytest.mark.parametrize("value", [3.3e7, 4e13, 1e22, 4e13 + 2e13j])
+@pytest.mark.parametrize("n", [6, 24, 96, 1000])
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "jit"])
+def test_a_constant_feature_has_variance_zero_whatever_its_magnitude(value, n, compiled):
+    """Every element equal: the variance is exactly 0 and the mean is the value (the
+    statistics are taken around a base that is a value of the data; a base one rounding
+    away from it gave a variance of its ulp squared, 2e6 at 4e13)."""
+    dtype = np.complex64 if isinstance(value, complex) else np.float32
+    x = np.full((n, 2), value, dtype)
+    stats = (jax.jit(jbn.moments) if compiled else jbn.moments)(jnp.asarray(x))
+    mean_ref, var_ref, _ = ref.moments(x)
+    np.testing.assert_array_equal(stats.var, var_ref)  # 0: the float32 value's own mean and variance
+    np.testing.assert_array_equal(stats.mean, mean_ref)
