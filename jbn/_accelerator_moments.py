@@ -121,8 +121,11 @@ FORMULATIONS: dict[str, Callable[[Array, Layout, object], Local]] = {
 
 def local_moments(x: Array, layout: Layout, dtype) -> Local:
     """This participant's statistics, in the formulation of the platform the program is
-    lowered for (`FORMULATIONS`; complex data: the cpu one everywhere)."""
-    if jnp.iscomplexobj(x) or jnp.issubdtype(dtype, jnp.complexfloating):
+    lowered for (`FORMULATIONS`; complex data, and symbolic sizes under `jax.export`: the cpu
+    one everywhere, since every branch is traced and a reduction computation cannot close over a
+    symbolic size)."""
+    symbolic = not all(isinstance(d, int) for d in x.shape)
+    if symbolic or jnp.iscomplexobj(x) or jnp.issubdtype(dtype, jnp.complexfloating):
         return _merge.local_moments(x, layout, dtype)
     branches = {platform: partial(_call, formulation, layout, dtype) for platform, formulation in FORMULATIONS.items()}
     default = branches.pop("cpu")
