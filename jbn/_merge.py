@@ -59,7 +59,10 @@ SAMPLE_STRIDE = 8
 
 
 def first_element(x: Array, layout: Layout, dtype) -> Array:
-    """The per-feature first element of `x` (at index 0 of every reduced axis)."""
+    """The per-feature first element of `x` (at index 0 of every reduced axis); 0 where a
+    reduced axis is empty (there is no element, and no statistic depends on it)."""
+    if any(layout.shape[a] == 0 for a in layout.reduce):
+        return jnp.zeros(layout.fshape, dtype)
     limit = [1 if a in layout.reduce else size for a, size in enumerate(layout.shape)]
     return lax.slice(x, [0] * layout.ndim, limit).astype(dtype).reshape(layout.fshape)
 
