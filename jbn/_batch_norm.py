@@ -360,6 +360,6 @@ def combine_sub_batches(stats: Moments, *, min_count: int = 1) -> Moments:
     used = count >= min_count
     n = jnp.maximum(jnp.sum(used, axis=0), 1).astype(stats.var.dtype)
     # each term divided before the sum: a sum of representable variances may overflow
-    mean = jnp.sum(jnp.where(used, stats.mean / n, 0), axis=0)
-    var = jnp.sum(jnp.where(used, stats.var / n, 0), axis=0)
+    mean = jnp.sum(jnp.where(used, stats.mean / n[None], 0), axis=0)
+    var = jnp.sum(jnp.where(used, stats.var / n[None], 0), axis=0)
     return Moments(mean, var, jnp.sum(jnp.where(used, count, 0), axis=0))

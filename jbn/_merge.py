@@ -58,28 +58,18 @@ def valid_count(layout: Layout, dtype) -> Array:
 SAMPLE_STRIDE = 8
 
 
-def first_element(x: Array, layout: Layout, dtype) -> Array:
-    """The per-feature first element of `x` (at index 0 of every reduced axis); 0 where a
-    reduced axis is empty (there is no element, and no statistic depends on it)."""
-    if any(layout.shape[a] == 0 for a in layout.reduce):
-        return jnp.zeros(layout.fshape, dtype)
-    limit = [1 if a in layout.reduce else size for a, size in enumerate(layout.shape)]
-    return lax.slice(x, [0] * layout.ndim, limit).astype(dtype).reshape(layout.fshape)
-
-
-def sample_mean(x: Array, layout: Layout, dtype, anchor: Array) -> Array | None:
-    """The per-feature mean of every 8th slice of `x` along one reduced axis, as an offset
-    from `anchor`: a base within sqrt(7) standard deviations of the mean whatever the data
-    and its order (a subset holding a fraction f of the elements has its mean within
-    std * sqrt((1-f)/f) of the mean), for an eighth of a pass over x. None where no
-    reduced axis has 8 or more slices (known statically, and not split over devices)."""
+def sample_mean(x: Array, layout: Layout, dtype) -> Array | None:
+    """The per-feature mean of every 8th slice of `x` along one reduced axis: a base
+    within sqrt(7) standard deviations of the mean whatever the data and its order (a
+    subset holding a fraction f of the elements has its mean within std * sqrt((1-f)/f)
+    of the mean), for an eighth of a pass over x. None where no reduced axis has 8 or more
+    slices (known statically, and not split over devices)."""
     for a in layout.reduce:
         n = layout.shape[a]
         if isinstance(n, int) and n >= SAMPLE_STRIDE and not _axes.split_axes(x, (a,)):
             strides = [SAMPLE_STRIDE if i == a else 1 for i in range(layout.ndim)]
             sample = lax.slice(x, [0] * layout.ndim, list(layout.shape), strides)
-            centred = sample.astype(dtype) - _axes.expand_features(anchor, layout.ndim, layout.features)
-            return jnp.mean(centred, axis=layout.reduce)
+            return jnp.mean(sample.astype(dtype), axis=layout.reduce)
     return None
 
 
@@ -122,14 +112,11 @@ def local_moments(x: Array, layout: Layout, dtype) -> Local:
     # over x, needed where a sample might hold only padding). Then the sums of the scaled deviations
     # d = (x - base) / sqrt(n): sum(d) corrects the mean and the variance for the base's
     # distance from the mean, so |mean| >> std costs nothing (the corrected two-pass algorithm).
-    # Without a mask the base is the first element plus the (rounded) mean offset from it:
-    # a feature whose elements are all equal gets that value exactly, and a variance of 0.
-    anchor = lax.stop_gradient(first_element(x, layout, dtype)) if valid is None else jnp.zeros(layout.fshape, dtype)
-    offset = sample_mean(x, layout, dtype, anchor) if valid is None else None
-    if offset is None:
-        (((xa, (ia, _), aa),),) = separate_uses(1, (x, scales, anchor))
-        offset = jnp.sum(keep(xa.astype(dtype) - per_feature(aa)) * per_feature(ia), axis=layout.reduce)
-    base = anchor + rounded_base(lax.stop_gradient(offset))  # the result does not depend on it (up to rounding)
+    base = sample_mean(x, layout, dtype) if valid is None else None
+    if base is None:
+        (((xa, (ia, _)),),) = separate_uses(1, (x, scales))
+        base = jnp.sum(keep(xa.astype(dtype)) * per_feature(ia), axis=layout.reduce)
+    base = rounded_base(lax.stop_gradient(base))  # the result does not depend on it (up to rounding)
     ((xb, _, bb),), ((xc, (_, rc), bc),) = separate_uses(2, (x, scales, base))
     # Only the squares need the 1/sqrt(n) against overflow: with the base within a few
     # standard deviations of the mean, sum(x - base) stays finite wherever the variance is.
