@@ -701,3 +701,14 @@ def test_report_tables_state_what_the_committed_summaries_say(entry):
                 assert "| " + " | ".join(row) + " |" in summary, (entry.name, row)
                 checked += 1
     assert checked, f"{entry.name}: no table of its section was checked against its summary"
+
+
+def test_criteria_figure_is_drawn_only_for_a_summary_judged_on_the_configs_criteria():
+    """A figure never pairs the config's criteria with a run judged on other criteria (other ids or dates)."""
+    from experiments import criteria_figures
+
+    criteria = [{"id": "gain", "fixed": "2026-12-04"}, {"id": "faster", "fixed": "2026-12-04"}]
+    judged = "| gain | a | b | 2026-12-04 | m | yes |\n| A: faster | a | b | 2026-12-04 | m | no |\n"
+    assert criteria_figures.judged_on_config(judged, criteria)
+    assert not criteria_figures.judged_on_config(judged.replace("2026-12-04", "2026-12-01", 1), criteria)
+    assert not criteria_figures.judged_on_config(judged.splitlines()[0], criteria)
