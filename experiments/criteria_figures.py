@@ -19,6 +19,7 @@ import pathlib
 import re
 
 import numpy as np
+from matplotlib import ticker
 
 from experiments import config as cfg
 from experiments import protocol, registry, report, reproducibility
@@ -78,6 +79,8 @@ def draw(name: str, results_dir: pathlib.Path) -> pathlib.Path | None:
         shown = [*finite, c["threshold"], *([] if reference is None else [reference])]
         if c["op"] == "ratio" and min(shown) > 0:
             ax.set_xscale("log")
+            ax.xaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
+            ax.xaxis.set_minor_formatter(ticker.NullFormatter())
         low, high = min(shown), max(shown)
         pad = 0.08 * (high - low or abs(high) or 1.0)
         ax.set_xlim(
@@ -86,7 +89,7 @@ def draw(name: str, results_dir: pathlib.Path) -> pathlib.Path | None:
         )
         ax.set_ylim(-0.6, 0.6)
         ax.set_yticks([])
-        ax.set_ylabel("seeds", fontsize=7)
+        ax.set_ylabel("seeds\n(or rounds)", fontsize=7)
         ax.set_xlabel(axis_label(c), fontsize=7)
         ax.set_title(c["id"], fontsize=8)
         ax.tick_params(labelsize=7)
