@@ -712,3 +712,28 @@ def test_criteria_figure_is_drawn_only_for_a_summary_judged_on_the_configs_crite
     assert criteria_figures.judged_on_config(judged, criteria)
     assert not criteria_figures.judged_on_config(judged.replace("2026-12-04", "2026-12-01", 1), criteria)
     assert not criteria_figures.judged_on_config(judged.splitlines()[0], criteria)
+
+
+def test_matched_loss_reads_the_crossing_interpolated_in_log_loss():
+    """Experiment 12 reads each seed where its training loss crosses the target, between the
+    evaluations around the crossing (worked by hand here), not at the first one below it."""
+    from types import SimpleNamespace
+
+    from experiments import regularization
+
+    loss = np.array([[1.0, 1.0], [0.4, 0.2], [0.1, 0.1]])  # seed 0 crosses 0.2 between steps 50 and 100
+    run = SimpleNamespace(
+        steps=np.array([0, 50, 100]),
+        series={
+            "train_eval_loss": loss,
+            "train_eval_accuracy": np.array([[0.5, 0.5], [0.7, 0.8], [0.9, 0.9]]),
+            "test_accuracy": np.array([[0.4, 0.4], [0.6, 0.7], [0.7, 0.8]]),
+        },
+    )
+    out = regularization.at_matched_loss(run, 0.2)
+    w = np.log(0.4 / 0.2) / np.log(0.4 / 0.1)  # 0.5: the target is halfway in log loss
+    assert out["step"] == pytest.approx([50 + w * 50, 50])
+    assert out["train_accuracy"] == pytest.approx([0.7 + w * 0.2, 0.8])
+    assert out["gap"] == pytest.approx([(0.7 + w * 0.2) - (0.6 + w * 0.1), 0.1])
+    never = regularization.at_matched_loss(run, 0.01)
+    assert np.isnan(never["gap"]).all()
