@@ -1,10 +1,17 @@
-"""Experiment 13: is a BN net less sensitive to the scale of its weight initialization?
+"""Experiment 13: is a BN net less sensitive to its weight initialization, in scale and in draw?
 
 Claim (seed articles 002 and 004: BN "reduces sensitivity to network initialization", "removes
 the dependence of optimization on the initialization of weights"): the same net trained
 from kernels initialized at very different scales ends about the same with BN, and very
 differently without it. With BN each hidden layer's output is invariant to its kernel's
 scale, so only the classifier and the effective learning rate (lr / ||W||^2) feel it.
+
+The seed articles name two directions of "initialization": its scale (002: "the dependence
+of optimization on the initialization of weights") and its random draw (003: deep nets are
+"sensitive to ... underlying initial random weights"). Part "scale" varies the scale over
+100x; part "draw" keeps He's scale and one data order for every seed (`draw_order_seed`),
+so the seeds differ only in their initial weights, and measures each seed's distance from
+its arm's median final test accuracy (a paired, Levene-style dispersion measure).
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ DEFAULTS = {
     "learning_rate": 0.02,
     "bn_momentum": 0.99,
     "seeds": [0, 1, 2, 3, 4, 5, 6, 7, 8, 9],
+    "draw_order_seed": 0,  # part "draw": every seed trains on this one data order
 }
 TINY = {"widths": [8], "init_scales": [0.1, 10.0], "steps": 4, "eval_every": 2, "seeds": [0, 1]}
 
@@ -73,8 +81,18 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
             for sc in scales
         ],
     )
+    draw_acc = {}
+    for arm, spec in arms.items():  # part "draw": He's scale, one data order, the seeds vary the weights only
+        model = MLP(tuple(config["widths"]), data.num_classes, norm=spec, weight_init="he", init_scale=1.0)
+        r = fit_from_config(
+            model, data, config, order_seeds=[config["draw_order_seed"]] * len(config["seeds"]), desc=f"{arm} draw"
+        )
+        draw_acc[arm] = np.where(np.isfinite(r.final("train_loss")), r.final("test_accuracy"), chance)
+        rows += r.rows(arm=arm, init_scale=1.0, part="draw")
     quantities = {}
     for a, key in (("no BN", "noBN"), ("BN", "BN")):
+        quantities[f"draw_final_test_acc/{key}"] = draw_acc[a]
+        quantities[f"draw_distance_from_median/{key}"] = np.abs(draw_acc[a] - np.median(draw_acc[a]))
         grid = np.stack([acc[a, sc] for sc in scales])  # (scales, seeds)
         quantities[f"range_over_scales/{key}"] = grid.max(0) - grid.min(0)
         quantities[f"worst_scale_acc/{key}"] = grid.min(0)
@@ -108,7 +126,9 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
         f"jbn.BatchNorm before each ReLU; batch {config['batch_size']}, {config['optimizer']} lr {config['learning_rate']}, "
         f"{config['steps']} steps, seeds {config['seeds']} (paired: each seed's data order is shared by every arm and "
         f"scale). A seed whose final training loss is not finite counts at chance. Per seed: the range (max - min) of the "
-        f"final test accuracy over the scales, and its worst scale."
+        f'final test accuracy over the scales, and its worst scale. Part "draw": He\'s scale, every seed on data '
+        f"order {config['draw_order_seed']}, so the seeds differ only in their initial weights; per seed, "
+        f"|final test accuracy - its arm's median|."
     )
     return report.finish(
         NAME,

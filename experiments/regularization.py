@@ -4,8 +4,9 @@ Claim (seed articles 002-004: "BN regularizes the model ... in some cases you mi
 even need dropout"; Ioffe & Szegedy 2015, Sec. 3.4): the noise of batch statistics acts as
 a regularizer, so a BN net generalizes better than the same net without it, as dropout
 does. A fair test compares nets that fit the training data equally well: the train-test
-gap is read at the first evaluation where each net's training-set loss (eval mode, no
-dropout) falls to the same value, over several training-set sizes.
+gap is read where each net's training-set loss (eval mode, no
+dropout) crosses the same value (interpolated between the two evaluations around the
+crossing), over several training-set sizes.
 """
 
 from __future__ import annotations
@@ -56,18 +57,31 @@ def train_set_probe(model, x, y):
 
 
 def at_matched_loss(run, target: float) -> dict[str, np.ndarray]:
-    """Per seed, the numbers at the first evaluation where the eval-mode training loss <= target
-    (NaN for a seed that never gets there)."""
+    """Per seed, the numbers where the eval-mode training loss crosses `target`, interpolated
+    linearly in log(loss) between the last evaluation above it and the first at or below it
+    (NaN for a seed that never gets there). Reading the first evaluation at or below the
+    target instead compared nets at different losses: one evaluation interval can take the
+    loss well below it, more for one arm than another."""
     loss = run.series["train_eval_loss"]  # (T, S)
-    out = {k: np.full(loss.shape[1], np.nan) for k in ("step", "gap", "test_accuracy", "train_accuracy")}
+    keys = ("step", "gap", "test_accuracy", "train_accuracy", "loss")
+    out = {k: np.full(loss.shape[1], np.nan) for k in keys}
+    series = {
+        "step": np.broadcast_to(np.asarray(run.steps, float)[:, None], loss.shape),
+        "train_accuracy": run.series["train_eval_accuracy"],
+        "test_accuracy": run.series["test_accuracy"],
+        "loss": loss,
+    }
     for s in range(loss.shape[1]):
         hits = np.flatnonzero(loss[:, s] <= target)
-        if hits.size:
-            t = hits[0]
-            out["step"][s] = run.steps[t]
-            out["train_accuracy"][s] = run.series["train_eval_accuracy"][t, s]
-            out["test_accuracy"][s] = run.series["test_accuracy"][t, s]
-            out["gap"][s] = out["train_accuracy"][s] - out["test_accuracy"][s]
+        if not hits.size:
+            continue
+        t = hits[0]
+        w = 1.0  # no usable evaluation before the crossing: read the first one at or below it
+        if t > 0 and np.isfinite(loss[t - 1, s]) and loss[t - 1, s] > loss[t, s] > 0:
+            w = (np.log(loss[t - 1, s]) - np.log(target)) / (np.log(loss[t - 1, s]) - np.log(loss[t, s]))
+        for k, v in series.items():
+            out[k][s] = v[t, s] if t == 0 else v[t - 1, s] + w * (v[t, s] - v[t - 1, s])
+        out["gap"][s] = out["train_accuracy"][s] - out["test_accuracy"][s]
     return out
 
 
@@ -105,7 +119,7 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
         [
             "train size",
             "arm",
-            f"step where train loss <= {target:g}",
+            f"step where train loss = {target:g}",
             "train acc there",
             "test acc there",
             "gap (train - test)",
@@ -155,8 +169,8 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
         f"{config['batch_size']}, {config['optimizer']} lr {config['learning_rate']}, {config['steps']} steps, seeds "
         f"{config['seeds']} (paired: the arms share each seed's data order). Every {config['eval_every']} steps the "
         f"training-set loss and accuracy in eval mode (running statistics, no dropout) and the test accuracy; the gap is "
-        f"read at the first evaluation where that loss is <= {target:g} (a seed that never gets there is left out, and "
-        f"n says so)."
+        f"read where that loss crosses {target:g}, interpolated linearly in log(loss) between the evaluations before and "
+        f"after the crossing (a seed that never gets there is left out, and n says so)."
     )
     return report.finish(
         NAME,

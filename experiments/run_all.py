@@ -2,7 +2,8 @@
 
     python -m experiments.run_all [--runs-dir runs] [--order-seed-offset K] [NAME ...]
 
-Writes runs/NAME/ for each experiment (as `python -m experiments run configs/NAME.yaml`)
+Writes runs/NAME/ for each experiment (as `python -m experiments run configs/NAME.yaml`, plus
+criteria.png from experiments/criteria_figures.py)
 and runs/timings.csv (experiment, seconds, verdict). With --order-seed-offset K the same
 initializations train on other batch orders: the reproducibility reruns (see
 experiments/reproducibility.py for the drift between two such sets of runs).
@@ -15,7 +16,7 @@ import csv
 import pathlib
 import time
 
-from experiments import cli, registry
+from experiments import cli, criteria_figures, registry
 
 
 def main(argv=None) -> int:
@@ -52,6 +53,10 @@ def main(argv=None) -> int:
             )
             f.flush()
             print(f"{name}: {seconds:.0f} s, {result['verdict']}", flush=True)
+            try:  # the judged quantities as a figure; a failure here must not cost the run's results
+                criteria_figures.draw(name, runs_dir)
+            except Exception as error:
+                print(f"{name}: criteria figure not drawn ({type(error).__name__}: {error})", flush=True)
     return 0
 
 

@@ -637,3 +637,103 @@ def test_experiment_zero_report_says_what_its_committed_per_seed_values_give():
     assert f"mean {gain.mean:+.4f}, 95% CI [{gain.low:+.4f}, {gain.high:+.4f}]" in section
     for arm, key in (("no BN", "no_BN"), ("BN", "BN")):
         assert f"| {arm} | 0.01 | " in section and report.fmt_seeds(quantities[f"test_acc/{key}"]) in section
+
+
+# ------------------------------------------------------------------ the report against the summaries
+
+
+def _markdown_tables(text: str) -> list[list[list[str]]]:
+    """Every markdown table of `text` (a header line followed by a |---| line), as rows of cells."""
+    lines = text.splitlines()
+    tables, i = [], 0
+    while i + 1 < len(lines):
+        if lines[i].startswith("|") and re.fullmatch(r"\|[-|: ]+\|", lines[i + 1].strip()):
+            block = [lines[i]]
+            i += 2
+            while i < len(lines) and lines[i].startswith("|"):
+                block.append(lines[i])
+                i += 1
+            # a cell may hold an escaped pipe (\|), which does not end it
+            tables.append([[c.strip() for c in re.split(r"(?<!\\)\|", row.strip()[1:-1])] for row in block])
+        else:
+            i += 1
+    return tables
+
+
+def _report_section(readme: str, number: int) -> str:
+    return re.search(rf"^## {number}\. .*?(?=^## )", readme, re.M | re.S).group(0)
+
+
+@pytest.mark.parametrize("entry", registry.EXPERIMENTS, ids=NAMES)
+def test_report_tables_state_what_the_committed_summaries_say(entry):
+    """experiments/README.md against results/NAME/summary.md: the overview row and the section's
+    verdict line give the summary's verdict and part verdicts; every criterion row gives the
+    summary's measured text and mark; every table whose header is the summary's has the
+    summary's numbers. Reads text only (no training)."""
+    readme = (registry.ROOT / "experiments" / "README.md").read_text()
+    summary = (registry.ROOT / "experiments" / "results" / entry.name / "summary.md").read_text()
+    verdict = re.search(r"^## Verdict: (.*)$", summary, re.M).group(1)
+    parts = re.findall(r"^- Part (.*?): \*\*(.*?)\*\*$", summary, re.M)
+    overview = re.search(
+        rf"^\| {entry.number} \| \[{entry.name}\]\(results/{entry.name}/summary\.md\).*$", readme, re.M
+    )
+    assert overview and f"| **{verdict}" in overview.group(0), (entry.name, verdict)
+    section = _report_section(readme, entry.number)
+    line = f"**Verdict: {verdict}**" + "".join(f"; {p}: {v}" for p, v in parts) + "."
+    assert line in section or line.replace("**.", ".**") in section, (entry.name, line)
+
+    summary_tables = _markdown_tables(summary)
+    summary_headers = {tuple(t[0]) for t in summary_tables}
+    criteria = {row[0].split(": ")[-1]: row for t in summary_tables if t[0][0] == "id" for row in t[1:]}
+    checked = 0
+    for table in _markdown_tables(section):
+        if table[0][0] == "criterion":
+            for row in table[1:]:
+                cid = row[0].split(": ")[-1]
+                if entry.name == "bn_benefit":  # its section words the measured column itself: tested above
+                    assert cid in criteria and f"**{criteria[cid][-1]}**" == row[-1], cid
+                else:
+                    assert cid in criteria, (entry.name, cid)
+                    assert (row[-2], row[-1]) == (criteria[cid][-2], f"**{criteria[cid][-1]}**"), (entry.name, cid)
+                checked += 1
+        elif tuple(table[0]) in summary_headers:
+            for row in table[1:]:
+                assert "| " + " | ".join(row) + " |" in summary, (entry.name, row)
+                checked += 1
+    assert checked, f"{entry.name}: no table of its section was checked against its summary"
+
+
+def test_criteria_figure_is_drawn_only_for_a_summary_judged_on_the_configs_criteria():
+    """A figure never pairs the config's criteria with a run judged on other criteria (other ids or dates)."""
+    from experiments import criteria_figures
+
+    criteria = [{"id": "gain", "fixed": "2026-12-04"}, {"id": "faster", "fixed": "2026-12-04"}]
+    judged = "| gain | a | b | 2026-12-04 | m | yes |\n| A: faster | a | b | 2026-12-04 | m | no |\n"
+    assert criteria_figures.judged_on_config(judged, criteria)
+    assert not criteria_figures.judged_on_config(judged.replace("2026-12-04", "2026-12-01", 1), criteria)
+    assert not criteria_figures.judged_on_config(judged.splitlines()[0], criteria)
+
+
+def test_matched_loss_reads_the_crossing_interpolated_in_log_loss():
+    """Experiment 12 reads each seed where its training loss crosses the target, between the
+    evaluations around the crossing (worked by hand here), not at the first one below it."""
+    from types import SimpleNamespace
+
+    from experiments import regularization
+
+    loss = np.array([[1.0, 1.0], [0.4, 0.2], [0.1, 0.1]])  # seed 0 crosses 0.2 between steps 50 and 100
+    run = SimpleNamespace(
+        steps=np.array([0, 50, 100]),
+        series={
+            "train_eval_loss": loss,
+            "train_eval_accuracy": np.array([[0.5, 0.5], [0.7, 0.8], [0.9, 0.9]]),
+            "test_accuracy": np.array([[0.4, 0.4], [0.6, 0.7], [0.7, 0.8]]),
+        },
+    )
+    out = regularization.at_matched_loss(run, 0.2)
+    w = np.log(0.4 / 0.2) / np.log(0.4 / 0.1)  # 0.5: the target is halfway in log loss
+    assert out["step"] == pytest.approx([50 + w * 50, 50])
+    assert out["train_accuracy"] == pytest.approx([0.7 + w * 0.2, 0.8])
+    assert out["gap"] == pytest.approx([(0.7 + w * 0.2) - (0.6 + w * 0.1), 0.1])
+    never = regularization.at_matched_loss(run, 0.01)
+    assert np.isnan(never["gap"]).all()
