@@ -23,7 +23,7 @@ demo: $(STAMP)
 # under JAX's default rules. Then a few files again under JAX's default settings (JBN_STRICT=0), and the files
 # that exercise dtype rules with x64 on (JBN_STRICT=x64).
 DEFAULT_TESTS := tests/test_functional.py tests/test_linen.py tests/test_nnx.py tests/test_chex_variants.py
-X64_TESTS := tests/test_functional.py tests/test_fused.py tests/test_running_average.py tests/test_transforms.py
+X64_TESTS := tests/test_functional.py tests/test_running_average.py
 
 test: $(STAMP)
 	$(PY) -m pytest -q
