@@ -24,7 +24,7 @@ demo: $(STAMP)
 # still to sort into jbn fixes and peer markers); they run once, under JAX's defaults, so that every file runs once.
 # Then the files that exercise dtype rules again with x64 on (JBN_STRICT=x64).
 NOT_YET_STRICT := tests/test_differential_fuzz.py tests/test_flax_dropin.py tests/test_haiku.py tests/test_keras.py \
-	tests/test_interop.py tests/test_hostile.py tests/test_hostile_errors.py tests/test_layout.py \
+	tests/test_hostile.py tests/test_hostile_errors.py tests/test_layout.py \
 	tests/test_statistics_accuracy.py tests/test_multiprocess.py
 X64_TESTS := tests/test_functional.py tests/test_running_average.py
 
