@@ -20,7 +20,17 @@ NAMES = [e.name for e in registry.EXPERIMENTS]
 # ------------------------------------------------------------------ end to end, tiny
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param(
+            n, marks=pytest.mark.peer_not_strict("optax's optimizer multiplies a Python float by its int32 step")
+        )
+        if n == "sync_bn"
+        else n
+        for n in NAMES
+    ],
+)
 def test_experiment_runs_end_to_end_at_tiny_size(name, tmp_path):
     result = cli.run_experiment(registry.config_path(name), tiny=True, runs_dir=tmp_path)
     out = tmp_path / name

@@ -5,6 +5,7 @@ equinox users, each in its own words, showing jbn's modules handle them."""
 
 import equinox as eqx
 import flax.linen as nn
+import haiku as hk
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -44,8 +45,8 @@ def pure(axis_name=None):
     return f
 
 
-def linen(axis_name=None):
-    model = jbn.BatchNorm(use_running_average=False, momentum=MOMENTUM, axis_name=axis_name)
+def linen(axis_name=None, cls=jbn.BatchNorm):
+    model = cls(use_running_average=False, momentum=MOMENTUM, epsilon=EPS, axis_name=axis_name)
     stats = {"mean": jnp.zeros(C), "var": jnp.ones(C)}
 
     def f(params, x):
@@ -56,9 +57,9 @@ def linen(axis_name=None):
     return f
 
 
-def nnx_module(axis_name=None):
+def nnx_module(axis_name=None, cls=jbn.nnx.BatchNorm):
     def f(params, x):
-        bn = jbn.nnx.BatchNorm(C, momentum=MOMENTUM, axis_name=axis_name, rngs=nnx.Rngs(0))
+        bn = cls(C, momentum=MOMENTUM, epsilon=EPS, axis_name=axis_name, rngs=nnx.Rngs(0))
         bn.scale[...], bn.bias[...] = params
         y = bn(x)
         return y, bn.mean[...], bn.var[...]
@@ -66,22 +67,56 @@ def nnx_module(axis_name=None):
     return f
 
 
-def equinox(axis_name=None):
+def equinox(axis_name=None, cls=je.BatchNorm):
     names = ("batch",) if axis_name is None else (axis_name, "batch")
-    bn, state = eqx.nn.make_with_state(je.BatchNorm)(C, names, mode="batch", momentum=MOMENTUM, debias=False)
+    # equinox's mode "batch" keeps the plain EMA from mean 0, var 1 in its state (and
+    # divides by 1 - momentum**t when it reads it): jbn's debias=False keeps the same.
+    options = dict(debias=False) if cls is je.BatchNorm else {}
+    bn, state = eqx.nn.make_with_state(cls)(C, names, eps=EPS, mode="batch", momentum=MOMENTUM, **options)
 
     def f(params, x):
         layer = eqx.tree_at(lambda m: (m.weight, m.bias), bn, params)
         traced = jax.tree.map(lambda a: a + 0, state)  # as a state passed in: a value of this trace
         y, new = jax.vmap(layer, axis_name="batch", in_axes=(0, None), out_axes=(0, None))(x, traced)
-        running = layer.running_stats(new)
-        return y, running.mean, running.var
+        mean, var = new.get(layer.batch_state_index)
+        return y, mean, var
 
     return f
 
 
-MODULES = {"pure": pure, "linen": linen, "nnx": nnx_module, "equinox": equinox}
-module = pytest.mark.parametrize("build", list(MODULES.values()), ids=list(MODULES))
+def flax_linen(axis_name=None):
+    return linen(axis_name, nn.BatchNorm)
+
+
+def flax_nnx(axis_name=None):
+    return nnx_module(axis_name, nnx.BatchNorm)
+
+
+def equinox_peer(axis_name=None):
+    return equinox(axis_name, eqx.nn.BatchNorm)
+
+
+def no_peer(axis_name=None):
+    return reference
+
+
+# Each of jbn's modules and its peer with the same variables: the peer's outputs, gradients and updated
+# statistics are what jbn's must equal. The pure layer has no peer of its call: the formulas' reference.
+MODULES = {"pure": (pure, no_peer), "linen": (linen, flax_linen), "nnx": (nnx_module, flax_nnx)}
+MODULES["equinox"] = (equinox, equinox_peer)
+module = pytest.mark.parametrize("build, peer", list(MODULES.values()), ids=list(MODULES))
+
+
+def as_peer(g):
+    """`g` run under JAX's default promotion rules: the peers mix dtypes (flax and equinox
+    an int32 counter or a bfloat16 input with float32 state), and only jbn's side must pass
+    under the strict settings that tests/conftest.py sets."""
+
+    def run(*args):
+        with jax.numpy_rank_promotion("allow"), jax.numpy_dtype_promotion("standard"):
+            return g(*args)
+
+    return run
 
 
 def loss(f):
@@ -93,64 +128,71 @@ def assert_close(got, want):
 
 
 @module
-def test_jit_and_donation(build):
-    f = build()
-    assert_close(jax.jit(f)(PARAMS, X), reference(PARAMS, X))
+def test_jit_and_donation(build, peer):
+    f, want = build(), as_peer(peer())(PARAMS, X)
+    assert_close(jax.jit(f)(PARAMS, X), want)
     x = jnp.array(X)  # a buffer of its own to give away
-    assert_close(jax.jit(f, donate_argnums=1)(PARAMS, x), reference(PARAMS, X))
+    assert_close(jax.jit(f, donate_argnums=1)(PARAMS, x), want)
 
 
 @module
-def test_grad_hessian_and_linearize(build):
-    f = build()
-    assert_close(jax.grad(loss(f), argnums=(0, 1))(PARAMS, X), jax.grad(loss(reference), argnums=(0, 1))(PARAMS, X))
-    assert_close(jax.hessian(loss(f))(PARAMS, X), jax.hessian(loss(reference))(PARAMS, X))
+def test_grad_hessian_and_linearize(build, peer):
+    f, g = build(), peer()
+    want = as_peer(lambda p, x: jax.grad(loss(g), argnums=(0, 1))(p, x))(PARAMS, X)
+    assert_close(jax.grad(loss(f), argnums=(0, 1))(PARAMS, X), want)
+    assert_close(jax.hessian(loss(f))(PARAMS, X), as_peer(jax.hessian(loss(g)))(PARAMS, X))
     _, lin = jax.linearize(lambda x: f(PARAMS, x)[0], X)
-    _, lin_ref = jax.linearize(lambda x: reference(PARAMS, x)[0], X)
-    assert_close(lin(W), lin_ref(W))
+    _, lin_peer = as_peer(lambda x: jax.linearize(lambda x: g(PARAMS, x)[0], x))(X)
+    assert_close(lin(W), as_peer(lin_peer)(W))
 
 
 @module
-def test_ensembles_and_nested_vmap(build):
-    f = build()
+def test_ensembles_and_nested_vmap(build, peer):
+    f, g = build(), peer()
     params2 = jax.tree.map(lambda p: jnp.stack([p, 2 * p]), PARAMS)
     xs = jnp.stack([X, X[::-1] * 3])
-    assert_close(jax.vmap(f)(params2, xs), jax.vmap(reference)(params2, xs))
+    assert_close(jax.vmap(f)(params2, xs), as_peer(jax.vmap(g))(params2, xs))
     params4 = jax.tree.map(lambda p: jnp.stack([p, p + 1]), params2)
     xs4 = jnp.stack([xs, xs + 1])
-    assert_close(jax.vmap(jax.vmap(f))(params4, xs4), jax.vmap(jax.vmap(reference))(params4, xs4))
+    assert_close(jax.vmap(jax.vmap(f))(params4, xs4), as_peer(jax.vmap(jax.vmap(g)))(params4, xs4))
 
 
 @module
-def test_scan_remat_cond_and_eval_shape(build):
-    f = build()
+def test_scan_remat_cond_and_eval_shape(build, peer):
+    f, g = build(), peer()
     steps = jnp.stack([X, 2 * X + 1, X**2])
 
-    def through_scan(g):
+    def through_scan(h):
         def run(params):
             def body(total, x):
-                return total + loss(g)(params, x), None
+                return total + loss(h)(params, x), None
 
             return jax.lax.scan(body, 0.0, steps)[0]
 
         return jax.grad(run)(PARAMS)
 
-    assert_close(through_scan(f), through_scan(reference))
-    assert_close(jax.grad(loss(jax.checkpoint(f)))(PARAMS, X), jax.grad(loss(reference))(PARAMS, X))
+    assert_close(through_scan(f), as_peer(through_scan)(g))
+    assert_close(jax.grad(loss(jax.checkpoint(f)))(PARAMS, X), as_peer(jax.grad(loss(jax.checkpoint(g))))(PARAMS, X))
     for flag in (True, False):
         got = jax.jit(lambda p, x, flag: jax.lax.cond(flag, f, lambda p, x: reference(p, 2 * x), p, x))(PARAMS, X, flag)
-        assert_close(got, reference(PARAMS, X if flag else 2 * X))
+        assert_close(got, as_peer(g)(PARAMS, X if flag else 2 * X))
     shapes = jax.eval_shape(f, PARAMS, X)
-    assert [s.shape for s in shapes] == [(N, C), (C,), (C,)]
+    assert [(s.shape, s.dtype) for s in shapes] == [(s.shape, s.dtype) for s in as_peer(jax.eval_shape)(g, PARAMS, X)]
 
 
 @module
-def test_pmap_and_shard_map_give_the_whole_batch_statistics(build):
+def test_pmap_and_shard_map_give_the_whole_batch_statistics(build, peer):
     f = build("device")
     per_device = X.reshape(4, N // 4, C)
     y, mean, var = jax.pmap(f, axis_name="device", in_axes=(None, 0))(PARAMS, per_device)
-    y_ref, mean_ref, var_ref = reference(PARAMS, X)
-    assert_close((y.reshape(N, C), mean[0], var[0]), (y_ref, mean_ref, var_ref))
+    if peer is no_peer:  # the formulas over the whole batch
+        y_peer, mean_peer, var_peer = jax.tree.map(lambda a: jnp.stack([a] * 4), reference(PARAMS, X))
+        y_peer = y_peer[0].reshape(per_device.shape)
+    else:
+        pmapped = jax.pmap(peer("device"), axis_name="device", in_axes=(None, 0))
+        y_peer, mean_peer, var_peer = as_peer(pmapped)(PARAMS, per_device)
+    assert_close((y, mean, var), (y_peer, mean_peer, var_peer))
+    # The peers' shard_map arm is not compared: the same whole-batch numbers are the pmap's above.
     mesh = jax.make_mesh((4,), ("device",), axis_types=(jax.sharding.AxisType.Explicit,))
     sharded = jax.shard_map(
         f,
@@ -160,23 +202,25 @@ def test_pmap_and_shard_map_give_the_whole_batch_statistics(build):
         check_vma=build is not equinox,  # a psum over a checked mesh axis and a vmap axis together is rejected
     )
     x = jax.device_put(X, jax.NamedSharding(mesh, jax.P("device")))
-    assert_close(jax.jit(sharded)(PARAMS, x), (y_ref, mean_ref, var_ref))
+    assert_close(jax.jit(sharded)(PARAMS, x), (y_peer.reshape(N, C), mean_peer[0], var_peer[0]))
 
 
-@pytest.mark.parametrize("build", [pure, linen, nnx_module], ids=["pure", "linen", "nnx"])
-def test_export_with_a_symbolic_batch(build):
+@pytest.mark.parametrize("build, peer", [MODULES[k] for k in ("pure", "linen", "nnx")], ids=["pure", "linen", "nnx"])
+def test_export_with_a_symbolic_batch(build, peer):
     """(equinox's per-example layer under a vmap over a symbolic batch is not covered:
-    `lax.axis_size` of the vmapped name needs a constant there.)"""
-    f = build()
+    jax's `lax.axis_size` and `lax.all_gather` of the vmapped name need a constant size.)"""
+    f, g = build(), as_peer(peer())
     (batch,) = export.symbolic_shape("b")
     exported = export.export(jax.jit(f))(PARAMS, jax.ShapeDtypeStruct((batch, C), jnp.float32))
-    assert_close(exported.call(PARAMS, X), reference(PARAMS, X))
-    assert_close(exported.call(PARAMS, X[:5]), reference(PARAMS, X[:5]))
+    assert_close(exported.call(PARAMS, X), g(PARAMS, X))
+    assert_close(exported.call(PARAMS, X[:5]), g(PARAMS, X[:5]))
 
 
 @module
 @pytest.mark.parametrize("x64", [False, True], ids=["x32", "x64"])
-def test_strict_settings(build, x64):
+def test_strict_settings(build, peer, x64):
+    """A bfloat16 batch under the strict settings, x64 off and on. The peers mix the bfloat16
+    input with their float32 state there, so the reference is the formulas' in float32."""
     with jax.enable_x64(x64), jax.numpy_rank_promotion("raise"), jax.numpy_dtype_promotion("strict"):
         f = build()
         x = jnp.asarray(X, jnp.bfloat16)
@@ -284,3 +328,43 @@ def test_equinox_twice_vmapped_with_samples_and_higher_rank():
         assert_close(y[s, :, :, 1, 1], y_ref)
         running = bn.running_stats(jax.tree.map(lambda a, s=s: a[s], new))
         assert_close((running.mean, running.var), (mean_ref, var_ref))
+
+
+@pytest.mark.parametrize(
+    "cls",
+    [
+        pytest.param(jbn.haiku.BatchNorm, id="jbn"),
+        pytest.param(
+            hk.BatchNorm,
+            id="haiku",
+            marks=pytest.mark.peer_not_strict(
+                "haiku's zero-debiased moving average raises a float32 to an int32 power"
+            ),
+        ),
+    ],
+)
+def test_haiku_model_under_jax_vmap_per_example_and_per_member(cls):
+    """haiku #786: a transformed haiku model with a BatchNorm, put under `jax.vmap` (not
+    `hk.vmap`) by the user. Per example, with `cross_replica_axis` naming the vmapped axis:
+    the whole batch's statistics and one shared state. Per ensemble member (an unnamed vmap
+    over params, state and data): each member its own statistics and state. haiku's own
+    class does the same here, and jbn's matches it."""
+
+    def forward(x):
+        return cls(True, True, MOMENTUM, cross_replica_axis="batch", eps=EPS)(x, is_training=True)
+
+    model = hk.transform_with_state(forward)
+    params, state = jax.vmap(model.init, in_axes=(None, 0), axis_name="batch", out_axes=None)(jax.random.key(0), X)
+    params = {k: {"scale": PARAMS[0], "offset": PARAMS[1]} for k in params}
+    per_example = jax.vmap(model.apply, in_axes=(None, None, None, 0), axis_name="batch", out_axes=(0, None))
+    y, new = jax.jit(per_example)(params, state, None, X)
+    y_ref, mean_ref, var_ref = reference(PARAMS, X)
+    (mean_state,) = (v["average"] for k, v in new.items() if k.endswith("mean_ema"))
+    (var_state,) = (v["average"] for k, v in new.items() if k.endswith("var_ema"))
+    # haiku's moving averages are zero-debiased: after one step they hold the batch's statistics.
+    batch_mean, batch_var = mean_ref / (1 - MOMENTUM), (var_ref - MOMENTUM) / (1 - MOMENTUM)
+    assert_close((y, mean_state.reshape(C), var_state.reshape(C)), (y_ref, batch_mean, batch_var))
+    members = jax.tree.map(lambda a: jnp.stack([a, a]), (params, state))
+    xs = jnp.stack([X, 3 * X - 1])
+    ys, _ = jax.vmap(lambda p, s, x: per_example(p, s, None, x))(*members, xs)
+    assert_close(ys, jax.vmap(lambda x: reference(PARAMS, x)[0])(xs))
