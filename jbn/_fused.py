@@ -125,7 +125,7 @@ def _layout(cfg: FusedConfig, x: Array, valid: Array | None) -> Layout:
 def _primal(cfg: FusedConfig, x, scale, bias, valid):
     layout = _layout(cfg, x, valid)
     stats = batch_moments(x, layout)
-    y = _normalize.normalized(
+    y = _normalize.normalize_on_layout(
         x,
         layout,
         stats.mean,
