@@ -21,14 +21,13 @@ Where things live (imports only point down this list):
     jbn/renorm.py, precise.py, fold.py, interop.py, weight_decay.py   variants and tools
     jbn/accumulation.py                gradient accumulation: one running update per K micro-batches
     jbn/functional.py                  the public pure API, gathered from the floors below
-    jbn/_batch_norm.py                 batch_norm, normalize_with_batch_stats, ghost batches
+    jbn/_batch_norm.py                 batch_norm, normalize_with_batch_stats, ghost batches; the Normalization record
     jbn/_fused.py                      the fused training path (custom JVP, lean backward)
     jbn/_running.py                    running-average rules as values: EMA, cumulative, debiased, unbiased
     jbn/_normalize.py                  normalize, the output dtype rule
-    jbn/_statistics.py                 moments: one device, axis names, sharded jit
-    jbn/_sharded.py                    per-shard statistics under plain jit (Explicit axes)
-    jbn/_collectives.py                one-psum sum and all-gather, with groups
-    jbn/_merge.py                      one participant's two-pass moments; Chan's merge
+    jbn/_statistics.py                 moments: the collectives, Chan's merge, shifted sums, the sharded path
+    jbn/_accelerator_moments.py        one participant's moments, formulated per backend (the dispatch)
+    jbn/_local_moments.py              one participant's moments: the Local record, the cpu formulation
     jbn/_state.py                      Moments, RunningStats
     jbn/_activations.py, _fusion.py    fused activations; XLA:CPU fusion helper
     jbn/_axes.py                       axis bookkeeping, masks, Layout (arguments resolved once)

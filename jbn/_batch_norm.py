@@ -323,17 +323,8 @@ def ghost_batches(
     output and the sub-batch statistics combined for the running update."""
     n_groups = _validate.check_virtual_batch_size(size, layout.shape, layout.features)
     size = layout.shape[0] // n_groups
-    grouped_shape = (n_groups, size) + layout.shape[1:]
-    grouped_features = (0,) + tuple(a + 1 for a in layout.features)
-    grouped_layout = Layout(
-        layout.axis,
-        grouped_features,
-        _axes.reduction_axes(len(grouped_shape), grouped_features),
-        grouped_shape,
-        None,
-        layout.names,
-        layout.groups,
-    )
+    grouped_layout = layout.split_leading(n_groups)
+    grouped_shape = grouped_layout.shape
     warn_if_one_value_per_feature(grouped_layout, size)
     gshape = (n_groups,) + layout.fshape
     expand = lambda p: None if p is None else jnp.broadcast_to(p, gshape)  # noqa: E731  (gradients sum back)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import warnings
 
 from jbn._batch_norm import batch_norm, normalize_with_batch_stats
-from jbn._merge import merge_moments
 from jbn._normalize import normalize
 from jbn._running import (
     EMA,
@@ -26,7 +25,7 @@ from jbn._running import (
     update_running_stats,
 )
 from jbn._state import Moments, RunningStats
-from jbn._statistics import moments
+from jbn._statistics import merge_moments, moments
 from jbn._validate import OneValuePerFeatureWarning
 
 

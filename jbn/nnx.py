@@ -1,4 +1,4 @@
-"""Flax NNX wrappers: `jbn.nnx.BatchNorm` and `jbn.nnx.BatchRenorm`.
+"""Flax NNX wrappers: `jbn.nnx.BatchNorm` and `jbn.nnx.BatchRenorm` (past 400 lines: one concept).
 
 They mirror `flax.nnx.BatchNorm`: the same constructor arguments and defaults, the same
 state (`scale`, `bias` as `nnx.Param`; `mean`, `var` as `nnx.BatchStat`), `train()` /
