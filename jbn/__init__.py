@@ -27,6 +27,7 @@ Where things live (imports only point down this list):
     jbn/_normalize.py                  normalize, the output dtype rule
     jbn/_statistics.py                 moments: the collectives, Chan's merge, shifted sums, the sharded path
     jbn/_accelerator_moments.py        one participant's moments, formulated per backend (the dispatch)
+    jbn/_triton_moments.py             the cuda formulation (a Pallas kernel)
     jbn/_local_moments.py              one participant's moments: the Local record, the cpu formulation
     jbn/_state.py                      Moments, RunningStats
     jbn/_activations.py, _fusion.py    fused activations; XLA:CPU fusion helper

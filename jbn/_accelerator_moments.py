@@ -12,6 +12,10 @@ lowered for (`jax.lax.platform_dependent`):
   as an unevaluated sum `hi + lo` (the rounding error of each update kept in `lo`, Knuth's
   TwoSum), so that merging two means near 1e4 standard deviations away from zero keeps their
   difference exact: the variance is accurate whatever |mean| / std, and whatever the order.
+- cuda: `jbn._triton_moments.triton_moments`, a Pallas (Triton) kernel that reads `x` once
+  (XLA:GPU fuses neither formulation above into one read); masks and feature axes that are
+  not trailing use the cpu formulation. Only lowered for GPU programs: `platform_dependent`
+  lowers the branches of the platforms a program is compiled for.
 
 Every formulation returns the same `Local` within rounding (tests/test_accelerator_moments.py
 checks each on CPU against float64). `FORMULATIONS` maps platform to formulation; the
@@ -27,7 +31,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jbn import _axes
+from jbn import _axes, _triton_moments
 from jbn import _local_moments as _merge  # the cpu formulation, and what every formulation returns
 from jbn._axes import Layout
 from jbn._local_moments import Local
@@ -117,6 +121,7 @@ def chan_reduce_moments(x: Array, layout: Layout, dtype) -> Local:
 FORMULATIONS: dict[str, Callable[[Array, Layout, object], Local]] = {
     "cpu": _merge.local_moments,
     "tpu": chan_reduce_moments,
+    "cuda": _triton_moments.triton_moments,
 }
 
 

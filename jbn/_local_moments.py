@@ -117,18 +117,21 @@ def local_moments(x: Array, layout: Layout, dtype) -> Local:
     base = sample_mean(x, layout, dtype) if valid is None else None
     if base is None:
         (((xa, (ia, _)),),) = separate_uses(1, (x, scales))
-        base = jnp.sum(keep(xa.astype(dtype)) * per_feature(ia), axis=layout.reduce)
+        base = jnp.sum(keep(xa.astype(dtype)) * per_feature(ia).astype(dtype), axis=layout.reduce)  # complex x
     base = rounded_base(lax.stop_gradient(base))  # the result does not depend on it (up to rounding)
     ((xb, _, bb),), ((xc, (_, rc), bc),) = separate_uses(2, (x, scales, base))
     # Only the squares need the 1/sqrt(n) against overflow: with the base within a few
     # standard deviations of the mean, sum(x - base) stays finite wherever the variance is.
     d_sum = jnp.sum(keep(xb.astype(dtype) - per_feature(bb)), axis=layout.reduce)
-    d_sq = jnp.sum(abs_square(keep((xc.astype(dtype) - per_feature(bc)) * per_feature(rc))), axis=layout.reduce)
+    # (the real scale cast to a complex x's dtype, as promotion would: an explicit cast under strict promotion)
+    d_sq = jnp.sum(
+        abs_square(keep((xc.astype(dtype) - per_feature(bc)) * per_feature(rc).astype(dtype))), axis=layout.reduce
+    )
     # d_sum and 1/n pass a barrier together: XLA would otherwise rewrite the square of
     # `d_sum * (1/n)` (1/n a constant) as `d_sum^2 * (1/n)^2`, whose first factor overflows
     # for large values (a variance of 0 instead of 1e36).
     d_sum, inv_n = lax.optimization_barrier((d_sum, inv_n))
-    correction = d_sum * inv_n
+    correction = d_sum * inv_n.astype(d_sum.dtype)
     var = jnp.maximum(d_sq - abs_square(correction), 0)
     has = count > 0
     return Local(count, var, jnp.where(has, base, 0), jnp.where(has, correction, 0))

@@ -106,7 +106,7 @@ def chan_merge(local: Local) -> Moments:
     has = count > 0
     reference = jnp.take_along_axis(base, jnp.argmax(has, axis=0)[None], axis=0)[0]
     offset = jnp.where(has, (base - reference[None]) + delta, 0)
-    merged = jnp.sum(weight * offset, axis=0)
+    merged = jnp.sum(weight.astype(offset.dtype) * offset, axis=0)  # a complex mean's offsets: weight cast explicitly
     spread = jnp.where(has, weight * (var + abs_square(offset - merged[None])), 0)
     has_any = total > 0
     return Moments(jnp.where(has_any, reference + merged, 0), jnp.where(has_any, jnp.sum(spread, axis=0), 0), total)

@@ -1,0 +1,201 @@
+"""One participant's statistics on NVIDIA GPUs: a Pallas (Triton) kernel that reads `x` once.
+
+XLA:GPU cannot fuse an exact formulation into one read of `x` (sums shifted by a sampled base
+cost a second read; a variadic (count, mean, M2) reduction writes its per-element operands
+out). This kernel reads `x`, viewed as (rows, features), once: each program of a grid over
+(row chunks, feature blocks) walks its chunk a tile of rows at a time, takes each tile's
+exact two-pass statistics in registers (the tile's mean, then the corrected sum of squared
+deviations from it), and merges tiles with Chan's formula, the mean carried as an unevaluated
+sum `hi + lo` (Knuth's TwoSum) so that |mean| / std = 1e4 costs no accuracy. It writes one
+(hi, lo, M2) per chunk and feature; a small XLA merge of those partials (Chan's formula again,
+around the first chunk's mean) gives the `Local` statistics.
+
+The squared deviations are scaled by 1 / (elements per feature) before they are summed, so a
+representable variance comes out finite. Masks, and feature axes that are not the trailing
+contiguous ones, use the cpu formulation (`jbn._merge.local_moments`). Derivatives: a custom
+JVP written in XLA operations (mean' = mean of x', var' = 2 mean((x - mean) x')), so any order
+works. `interpret=True` runs the same kernel through Pallas' interpreter (how it is tested on
+CPU); the GPU entry of the dispatch compiles it with Triton.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from jbn import _local_moments as _merge  # the cpu formulation, and what every formulation returns
+from jbn._axes import Layout
+from jbn._local_moments import Local
+
+Array = jax.Array
+
+TILE_ROWS = 32  # rows per tile held in registers (a power of 2, as Triton blocks must be)
+FEATURE_BLOCK = 64  # features per program (a power of 2)
+MAX_CHUNK_ROWS = 4096  # rows per program at most: the partials stay < 0.1% of x's bytes
+MIN_PROGRAMS = 264  # two waves of an H100's 132 multiprocessors, where the data allows
+
+
+def _two_sum(a: Array, b: Array) -> tuple[Array, Array]:
+    """Knuth's TwoSum: s = fl(a + b) and its rounding error e, s + e == a + b exactly."""
+    s = a + b
+    back = s - a
+    return s, (a - (s - back)) + (b - back)
+
+
+def _pow2_at_most(n: int) -> int:
+    return 1 << max(int(n).bit_length() - 1, 0)
+
+
+def chunk_rows(rows: int, features: int) -> int:
+    """Rows per program: as many as keep MIN_PROGRAMS programs busy, between one tile and
+    MAX_CHUNK_ROWS (a power of 2, a multiple of TILE_ROWS)."""
+    feature_blocks = -(-features // FEATURE_BLOCK)
+    wanted_chunks = max(1, -(-MIN_PROGRAMS // feature_blocks))
+    chunk = _pow2_at_most(max(rows // wanted_chunks, 1))
+    return min(max(chunk, TILE_ROWS), MAX_CHUNK_ROWS)
+
+
+def _kernel(
+    x_ref, base_ref, offset_ref, m2_ref, *, rows: int, features: int, chunk: int, scale: float, interpreted: bool
+):
+    """One (row chunk, feature block): the chunk's mean as base + offset (base: its first
+    tile's mean; offset: the compensated sum of x - base over the chunk, divided by its
+    rows) and its M2 / rows (Chan's merge of the tiles' corrected two-pass M2)."""
+    first_row = pl.program_id(0) * chunk
+    cols = pl.program_id(1) * FEATURE_BLOCK + jnp.arange(FEATURE_BLOCK)
+    col_ok = cols < features
+    zeros = jnp.zeros((FEATURE_BLOCK,), jnp.float32)
+
+    def tile(k, carry):
+        n_a, base_a, s_hi, s_lo, m2_a, r_a = carry
+        local = k * TILE_ROWS + jnp.arange(TILE_ROWS)
+        row_ok = (first_row + local) < rows
+        ok = row_ok[:, None] & col_ok[None, :]
+        window = x_ref.at[pl.ds(k * TILE_ROWS, TILE_ROWS), :]
+        # Interpreted, the block is padded in memory (and a masked load trips shard_map's
+        # varying-axes checks); compiled, a masked load never touches memory past the array.
+        x = window[...] if interpreted else plgpu.load(window, mask=ok)
+        x = jnp.where(ok, x.astype(jnp.float32), 0)
+        n_b = jnp.sum(row_ok.astype(jnp.float32))
+        inv_b = 1 / jnp.maximum(n_b, 1)
+        rough_b = jnp.sum(x, axis=0) * inv_b
+        base = jnp.where(n_a > 0, base_a, rough_b)
+        d = jnp.where(ok, x - rough_b[None, :], 0)
+        s1 = jnp.sum(d, axis=0)
+        m2_b = jnp.sum((d * scale) * (d * scale), axis=0) - (s1 * scale) * (s1 * scale) * inv_b
+        n = n_a + n_b
+        w_b = n_b / jnp.maximum(n, 1)
+        mean_a = (s_hi + s_lo) / jnp.maximum(n_a, 1)  # the chunk's mean so far, less base
+        delta = ((rough_b - base) + s1 * inv_b) - mean_a
+        m2, m2_err = _two_sum(m2_a, m2_b + (delta * (n_a * w_b * scale)) * (delta * scale))
+        # x - base: exact where they are close (|mean| >> std); elsewhere (an outlier first)
+        # its rounding is unbiased, where a mean updated by weighted steps keeps each step's error.
+        s_hi, s_err = _two_sum(s_hi, jnp.sum(jnp.where(ok, x - base[None, :], 0), axis=0))
+        return n, base, s_hi, s_lo + s_err, m2, r_a + m2_err  # M2 as m2 + r, compensated
+
+    tiles = chunk // TILE_ROWS
+    carry = (jnp.float32(0), zeros, zeros, zeros, zeros, zeros)
+    if interpreted:
+        # Pallas' interpreter cannot discharge a loop reading a ref under shard_map's
+        # varying-axes checks (jax 0.10.2): interpreted, the same tiles run in a Python loop.
+        for k in range(tiles):
+            carry = tile(k, carry)
+        _, base, s_hi, s_lo, m2, r = carry
+    else:
+        _, base, s_hi, s_lo, m2, r = lax.fori_loop(0, tiles, tile, carry)
+    n_chunk = jnp.minimum(rows - first_row, chunk).astype(jnp.float32)
+    base_ref[...] = base[None, :]
+    offset_ref[...] = ((s_hi + s_lo) / n_chunk)[None, :]
+    m2_ref[...] = (m2 + r)[None, :]
+
+
+def chunk_partials(x2d: Array, *, interpret: bool) -> tuple[Array, Array, Array, int]:
+    """Per (row chunk, feature): the mean as base + offset, and M2 / rows; with the rows per chunk."""
+    rows, features = x2d.shape
+    chunk = chunk_rows(rows, features)
+    grid = (-(-rows // chunk), -(-features // FEATURE_BLOCK))
+    kernel = partial(
+        _kernel, rows=rows, features=features, chunk=chunk, scale=1 / math.sqrt(max(rows, 1)), interpreted=interpret
+    )
+    # Under shard_map the partials vary over the mesh axes that x varies over.
+    part = jax.ShapeDtypeStruct((grid[0], features), jnp.float32, manual_axis_type=jax.typeof(x2d).mat)
+    out_spec = pl.BlockSpec((1, FEATURE_BLOCK), lambda i, j: (i, j))
+    base, offset, m2 = pl.pallas_call(
+        kernel,
+        out_shape=(part, part, part),
+        grid=grid,
+        in_specs=[pl.BlockSpec((chunk, FEATURE_BLOCK), lambda i, j: (i, j))],
+        out_specs=(out_spec, out_spec, out_spec),
+        compiler_params=plgpu.CompilerParams(num_warps=4),
+        interpret=interpret,
+        name="jbn_moments",
+    )(x2d)
+    return base, offset, m2, chunk
+
+
+def _merged(x2d: Array, interpret: bool) -> tuple[Array, Array, Array]:
+    """(mean hi, mean lo, var) of the columns of x2d: Chan's merge of the chunk partials
+    around their rounded weighted mean (each chunk's base less it is exact where they are
+    close, and weighted by the chunk's share where not)."""
+    rows = x2d.shape[0]
+    base, offset, m2, chunk = chunk_partials(x2d, interpret=interpret)
+    starts = np.arange(base.shape[0]) * chunk
+    share = jnp.asarray(np.minimum(chunk, rows - starts) / rows, jnp.float32)[:, None]
+    hi = jnp.sum(base * share, axis=0)
+    d = (base - hi) + offset
+    lo = jnp.sum(d * share, axis=0)
+    spread = d - lo
+    var = jnp.sum(m2, axis=0) + jnp.sum(spread * spread * share, axis=0)
+    return hi, lo, var
+
+
+@partial(jax.custom_jvp, nondiff_argnums=(1,))
+def _moments(x2d: Array, interpret: bool) -> tuple[Array, Array, Array]:
+    return _merged(x2d, interpret)
+
+
+@_moments.defjvp
+def _moments_jvp(interpret, primals, tangents):
+    (x2d,), (dx,) = primals, tangents
+    hi, lo, var = _moments(x2d, interpret)
+    inv_n = 1 / max(x2d.shape[0], 1)
+    dx = dx.astype(jnp.float32)
+    d_mean = jnp.sum(dx, axis=0) * inv_n
+    centred = (x2d.astype(jnp.float32) - hi) - lo
+    d_var = 2 * jnp.sum(centred * dx, axis=0) * inv_n
+    return (hi, lo, var), (d_mean, jnp.zeros_like(lo), d_var)
+
+
+def applies(x: Array, layout: Layout, dtype) -> bool:
+    """Whether the kernel computes these statistics: no mask, float32 statistics of a real
+    floating input whose feature axes are the trailing ones, at least one element per feature."""
+    n = x.ndim
+    trailing = layout.features == tuple(range(n - len(layout.features), n))
+    rows = math.prod(x.shape[a] for a in layout.reduce)
+    return (
+        layout.valid is None
+        and trailing
+        and rows > 0
+        and jnp.dtype(dtype) == jnp.float32
+        and jnp.issubdtype(x.dtype, jnp.floating)
+        and jnp.dtype(x.dtype).itemsize <= 4
+    )
+
+
+def triton_moments(x: Array, layout: Layout, dtype, *, interpret: bool = False) -> Local:
+    """`Local` statistics from the one-read kernel (see the module doc); other cases: the
+    cpu formulation."""
+    if not applies(x, layout, dtype):
+        return _merge.local_moments(x, layout, dtype)
+    feature_shape = tuple(x.shape[a] for a in layout.features)
+    features = math.prod(feature_shape)
+    hi, lo, var = _moments(x.reshape(-1, features), interpret)
+    count = _merge.valid_count(layout, dtype)
+    return Local(count, var.reshape(feature_shape), hi.reshape(feature_shape), lo.reshape(feature_shape))
