@@ -19,7 +19,7 @@ from tests import reference
 
 JBN = pathlib.Path(jbn.__file__).parent
 
-# The bounds the module layout is held to (issue "a house a newcomer can change"):
+# The bounds the module layout is held to, so that one call reads in a few files:
 # following one training call of the linen module visits at most this many jbn modules,
 # and comes back to a module it had already left at most this many times.
 MAX_MODULES = 6
