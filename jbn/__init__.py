@@ -17,7 +17,6 @@ Where things live (imports only point down this list):
 
     jbn/linen.py, nnx.py, equinox.py, keras.py   framework wrappers: variables/state, then one pure call
     jbn/haiku.py                       haiku's BatchNorm: its parameters and state, jbn's statistics
-    jbn/_module_options.py             what the wrappers share around the pure call
     jbn/renorm.py, precise.py, fold.py, interop.py, weight_decay.py   variants and tools
     jbn/accumulation.py                gradient accumulation: one running update per K micro-batches
     jbn/functional.py                  the public pure API, gathered from the floors below

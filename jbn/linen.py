@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 from flax.linen import initializers
 
-from jbn import _axes, _module_options, _validate, precise
+from jbn import _axes, _validate, precise
 from jbn._batch_norm import batch_norm, running_rule
 from jbn._state import Moments, RunningStats
 from jbn.renorm import Limit, batch_renorm, next_step
@@ -84,7 +84,7 @@ class _Normalization(nn.Module):
         running = RunningStats(mean.value, var.value, None if count is None else count.value)
         initializing = self.is_initializing()
         names = (None, None) if initializing else (self.axis_name, self.axis_index_groups)
-        with _module_options.quiet_one_value(initializing):
+        with _validate.quiet_one_value(initializing):
             return function(
                 x,
                 scale,
