@@ -132,6 +132,8 @@ def local_moments(x: Array, layout: Layout, dtype) -> Local:
     # for large values (a variance of 0 instead of 1e36).
     d_sum, inv_n = lax.optimization_barrier((d_sum, inv_n))
     correction = d_sum * inv_n.astype(d_sum.dtype)
-    var = jnp.maximum(d_sq - abs_square(correction), 0)
+    # d_sq overflows only where the variance is beyond the dtype (the base is near the mean):
+    # the variance is then inf, not inf - inf = NaN (which would reach every output)
+    var = jnp.where(jnp.isposinf(d_sq), d_sq, jnp.maximum(d_sq - abs_square(correction), 0))
     has = count > 0
     return Local(count, var, jnp.where(has, base, 0), jnp.where(has, correction, 0))

@@ -77,7 +77,9 @@ def psum_in_groups(v: Array, names: Names, groups: Groups) -> Array:
 def stack_participant(local: Local) -> Array:
     """(count, var, base, delta) of one participant stacked on axis 0, feature-shaped, as
     `chan_merge` takes them after a gather (complex parts kept apart)."""
-    count = jnp.broadcast_to(local.count, local.base.shape).astype(local.var.dtype)
+    # var's shape AND sharding (a scalar count broadcast on its own is replicated, and jnp.stack
+    # of it with split statistics is a ShardingTypeError under an Explicit mesh)
+    count = local.count.astype(local.var.dtype) + jnp.zeros_like(local.var)
     parts = [count, local.var]
     for v in (local.base, local.delta):
         parts += [v.real, v.imag] if jnp.iscomplexobj(v) else [v]

@@ -25,7 +25,6 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
@@ -39,7 +38,7 @@ Array = jax.Array
 TILE_ROWS = 32  # rows per tile held in registers (a power of 2, as Triton blocks must be)
 FEATURE_BLOCK = 64  # features per program (a power of 2)
 MAX_CHUNK_ROWS = 4096  # rows per program at most: the partials stay < 0.1% of x's bytes
-MIN_PROGRAMS = 264  # two waves of an H100's 132 multiprocessors, where the data allows
+MIN_PROGRAMS = 132  # one per multiprocessor of an H100 (132), where the data allows
 
 
 def _two_sum(a: Array, b: Array) -> tuple[Array, Array]:
@@ -54,8 +53,11 @@ def _pow2_at_most(n: int) -> int:
 
 
 def chunk_rows(rows: int, features: int) -> int:
-    """Rows per program: as many as keep MIN_PROGRAMS programs busy, between one tile and
-    MAX_CHUNK_ROWS (a power of 2, a multiple of TILE_ROWS)."""
+    """Rows per program (a power of 2, a multiple of TILE_ROWS): all of them up to
+    MAX_CHUNK_ROWS (one chunk: no partials to merge); beyond, as many as keep MIN_PROGRAMS
+    programs busy, at most MAX_CHUNK_ROWS."""
+    if rows <= MAX_CHUNK_ROWS:
+        return max(TILE_ROWS, 1 << max(rows - 1, 0).bit_length())
     feature_blocks = -(-features // FEATURE_BLOCK)
     wanted_chunks = max(1, -(-MIN_PROGRAMS // feature_blocks))
     chunk = _pow2_at_most(max(rows // wanted_chunks, 1))
@@ -63,7 +65,17 @@ def chunk_rows(rows: int, features: int) -> int:
 
 
 def _kernel(
-    x_ref, base_ref, offset_ref, m2_ref, *, rows: int, features: int, chunk: int, scale: float, interpreted: bool
+    x_ref,
+    base_ref,
+    offset_ref,
+    m2_ref,
+    *,
+    rows: int,
+    features: int,
+    chunk: int,
+    scale: float,
+    interpreted: bool,
+    unrolled: bool,
 ):
     """One (row chunk, feature block): the chunk's mean as base + offset (base: its first
     tile's mean; offset: the compensated sum of x - base over the chunk, divided by its
@@ -102,17 +114,13 @@ def _kernel(
 
     tiles = chunk // TILE_ROWS
     carry = (jnp.float32(0), zeros, zeros, zeros, zeros, zeros)
-    if interpreted:
-        # Pallas' interpreter cannot discharge a loop reading a ref under shard_map's
-        # varying-axes checks (jax 0.10.2): interpreted, the same tiles run in a Python loop.
-        for k in range(tiles):
-            carry = tile(k, carry)
-        _, base, s_hi, s_lo, m2, r = carry
-    else:
-        _, base, s_hi, s_lo, m2, r = lax.fori_loop(0, tiles, tile, carry)
+    _, base, s_hi, s_lo, m2, r = _loop(tiles, tile, carry, unrolled)
     n_chunk = jnp.minimum(rows - first_row, chunk).astype(jnp.float32)
-    base_ref[...] = base[None, :]
-    offset_ref[...] = ((s_hi + s_lo) / n_chunk)[None, :]
+    # The mean as its rounded value plus the rest, exactly (TwoSum): base + offset with base
+    # rounded to the mean, whatever the first tile held (an outlier first).
+    mean, rest = _two_sum(base, (s_hi + s_lo) / n_chunk)
+    base_ref[...] = mean[None, :]
+    offset_ref[...] = rest[None, :]
     m2_ref[...] = (m2 + r)[None, :]
 
 
@@ -122,7 +130,13 @@ def chunk_partials(x2d: Array, *, interpret: bool) -> tuple[Array, Array, Array,
     chunk = chunk_rows(rows, features)
     grid = (-(-rows // chunk), -(-features // FEATURE_BLOCK))
     kernel = partial(
-        _kernel, rows=rows, features=features, chunk=chunk, scale=1 / math.sqrt(max(rows, 1)), interpreted=interpret
+        _kernel,
+        rows=rows,
+        features=features,
+        chunk=chunk,
+        scale=1 / math.sqrt(max(rows, 1)),
+        interpreted=interpret,
+        unrolled=_unrolled(x2d, interpret),
     )
     # Under shard_map the partials vary over the mesh axes that x varies over.
     part = jax.ShapeDtypeStruct((grid[0], features), jnp.float32, manual_axis_type=jax.typeof(x2d).mat)
@@ -140,20 +154,102 @@ def chunk_partials(x2d: Array, *, interpret: bool) -> tuple[Array, Array, Array,
     return base, offset, m2, chunk
 
 
+def _merge_kernel(
+    base_ref, offset_ref, m2_ref, hi_ref, lo_ref, var_ref, *, rows, features, chunk, chunks, interpreted, unrolled
+):
+    """One feature block: Chan's merge of the chunk partials, in three passes over them (they
+    are < 0.1% of x): the rounded weighted mean hi of the chunk bases, each chunk's mean less
+    hi as d (base - hi is exact where they are close, and weighted by the chunk's share where
+    not), their weighted mean lo, and the spread of the d around lo added to the chunks' M2."""
+    cols = pl.program_id(0) * FEATURE_BLOCK + jnp.arange(FEATURE_BLOCK)
+    col_ok = cols < features
+    zeros = jnp.zeros((FEATURE_BLOCK,), jnp.float32)
+
+    def rows_of(k):
+        index = k * TILE_ROWS + jnp.arange(TILE_ROWS)
+        ok = (index < chunks)[:, None] & col_ok[None, :]
+        share = (jnp.minimum(rows - index * chunk, chunk).astype(jnp.float32) / rows)[:, None]
+        return ok, jnp.where(ok, share, 0)
+
+    def read(ref, k, ok):
+        window = ref.at[pl.ds(k * TILE_ROWS, TILE_ROWS), :]
+        return jnp.where(ok, window[...] if interpreted else plgpu.load(window, mask=ok), 0)
+
+    def mean_of_bases(k, acc):
+        ok, share = rows_of(k)
+        return acc + jnp.sum(read(base_ref, k, ok) * share, axis=0)
+
+    tiles = -(-chunks // TILE_ROWS)
+    hi = _loop(tiles, mean_of_bases, zeros, unrolled)
+
+    def deviation(k, ok):
+        return (read(base_ref, k, ok) - hi[None, :]) + read(offset_ref, k, ok)
+
+    def mean_of_deviations(k, acc):
+        ok, share = rows_of(k)
+        return acc + jnp.sum(deviation(k, ok) * share, axis=0)
+
+    lo = _loop(tiles, mean_of_deviations, zeros, unrolled)
+
+    def spread(k, acc):
+        ok, share = rows_of(k)
+        e = jnp.where(ok, deviation(k, ok) - lo[None, :], 0)
+        return acc + jnp.sum(read(m2_ref, k, ok) + e * e * share, axis=0)
+
+    var = _loop(tiles, spread, zeros, unrolled)
+    hi_ref[...] = hi[None, :]
+    lo_ref[...] = lo[None, :]
+    var_ref[...] = var[None, :]
+
+
+def _unrolled(x: Array, interpret: bool) -> bool:
+    """Whether the kernels' loops run as Python loops: interpreted under shard_map's
+    varying-axes checks, where Pallas' interpreter cannot discharge a loop reading a ref (jax
+    0.10.2). Elsewhere `lax.fori_loop` (an unrolled loop of 128 tiles is slow to compile)."""
+    return interpret and not jax.typeof(x).mat.empty
+
+
+def _loop(steps: int, body, init, unrolled: bool):
+    """`lax.fori_loop`, or the same steps in a Python loop (`_unrolled`)."""
+    if not unrolled:
+        return lax.fori_loop(0, steps, body, init)
+    for k in range(steps):
+        init = body(k, init)
+    return init
+
+
 def _merged(x2d: Array, interpret: bool) -> tuple[Array, Array, Array]:
-    """(mean hi, mean lo, var) of the columns of x2d: Chan's merge of the chunk partials
-    around their rounded weighted mean (each chunk's base less it is exact where they are
-    close, and weighted by the chunk's share where not)."""
-    rows = x2d.shape[0]
+    """(mean hi, mean lo, var) of the columns of x2d: the one-read kernel's chunk partials,
+    merged by a second, small kernel (one kernel where XLA makes several of the merge); one
+    chunk needs no merge."""
+    rows, features = x2d.shape
     base, offset, m2, chunk = chunk_partials(x2d, interpret=interpret)
-    starts = np.arange(base.shape[0]) * chunk
-    share = jnp.asarray(np.minimum(chunk, rows - starts) / rows, jnp.float32)[:, None]
-    hi = jnp.sum(base * share, axis=0)
-    d = (base - hi) + offset
-    lo = jnp.sum(d * share, axis=0)
-    spread = d - lo
-    var = jnp.sum(m2, axis=0) + jnp.sum(spread * spread * share, axis=0)
-    return hi, lo, var
+    if base.shape[0] == 1:
+        return base[0], offset[0], m2[0]
+    kernel = partial(
+        _merge_kernel,
+        rows=rows,
+        features=features,
+        chunk=chunk,
+        chunks=base.shape[0],
+        interpreted=interpret,
+        unrolled=_unrolled(x2d, interpret),
+    )
+    out = jax.ShapeDtypeStruct((1, features), jnp.float32, manual_axis_type=jax.typeof(x2d).mat)
+    # All the chunks, in whole tiles (interpreted, padded in memory; compiled, masked loads).
+    whole = pl.BlockSpec((-(-base.shape[0] // TILE_ROWS) * TILE_ROWS, FEATURE_BLOCK), lambda j: (0, j))
+    one = pl.BlockSpec((1, FEATURE_BLOCK), lambda j: (0, j))
+    hi, lo, var = pl.pallas_call(
+        kernel,
+        out_shape=(out, out, out),
+        grid=(-(-features // FEATURE_BLOCK),),
+        in_specs=[whole, whole, whole],
+        out_specs=(one, one, one),
+        compiler_params=plgpu.CompilerParams(num_warps=4),
+        interpret=interpret,
+        name="jbn_moments_merge",
+    )(base, offset, m2)
+    return hi[0], lo[0], var[0]
 
 
 @partial(jax.custom_jvp, nondiff_argnums=(1,))

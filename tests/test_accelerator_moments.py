@@ -153,3 +153,52 @@ def test_bfloat16_input_statistics_in_float32(on_cpu):
     stats = jax.jit(jbn.moments)(x16)
     assert stats.mean.dtype == jnp.float32
     check(stats.mean, stats.var, x16.astype(jnp.float32), None)
+
+
+def test_gpu_kernel_merges_many_chunks_exactly():
+    """The GPU kernel with its second, merging kernel (more rows than one chunk holds), rows
+    and features not multiples of its tiles and blocks: |mean| / std = 1e4, an outlier first,
+    a constant feature (variance exactly 0), and an input with feature axes after three batch axes."""
+    rng = np.random.default_rng(11)
+    rows, c = _triton_moments.MAX_CHUNK_ROWS + 1000 + 3, 70
+    x = rng.normal(size=(rows, c))
+    x[:, :20] = x[:, :20] * 0.5 + 5e3  # |mean| / std = 1e4
+    x[0, 20:40] = 1e3  # an outlier first
+    x[:, 40] = 3.25  # a constant feature
+    x32 = jnp.asarray(x, jnp.float32)
+    assert _triton_moments.chunk_partials(x32, interpret=True)[0].shape[0] > 1
+    layout = _axes.resolve(x32, -1, None)
+    local = jax.jit(lambda v: FORMULATIONS["cuda"](v, layout, jnp.float32).moments())(x32)
+    ref_mean, ref_var = reference(np.asarray(x32), None)
+    constant = np.arange(c) == 40
+    np.testing.assert_array_less(
+        np.abs(np.asarray(local.var, np.float64)[~constant] / ref_var[~constant] - 1), VAR_RTOL
+    )
+    assert float(local.var[40]) == 0.0 and float(local.mean[40]) == 3.25
+    np.testing.assert_array_less(np.abs(np.asarray(local.mean, np.float64) - ref_mean), 1e-6 * np.abs(ref_mean) + 1e-6)
+    # Conv layout (N, H, W, C): the same statistics through the free reshape to (rows, C).
+    x4 = x32[: 7 * 6 * 100].reshape(7, 6, 100, c)
+    layout4 = _axes.resolve(x4, -1, None)
+    local4 = jax.jit(lambda v: FORMULATIONS["cuda"](v, layout4, jnp.float32).moments())(x4)
+    ref_mean4, ref_var4 = reference(np.asarray(x4).reshape(-1, c), None)
+    np.testing.assert_array_less(
+        np.abs(np.asarray(local4.var, np.float64)[~constant] / ref_var4[~constant] - 1), VAR_RTOL
+    )
+
+
+def test_gpu_kernel_second_order_derivative():
+    """Hessian-vector product of sum(b * var) through the kernel's custom JVP, against the
+    closed form: d2/dx2 of b * var applied to t is 2 b (t - mean(t)) / n."""
+    rng = np.random.default_rng(5)
+    x = jnp.asarray(rng.normal(size=(300, 3)) * 2 + 1, jnp.float32)
+    t = jnp.asarray(rng.normal(size=(300, 3)), jnp.float32)
+    b = jnp.asarray([1.0, -0.5, 2.0], jnp.float32)
+    layout = _axes.resolve(x, -1, None)
+
+    def objective(v):
+        return jnp.sum(b * FORMULATIONS["cuda"](v, layout, jnp.float32).moments().var)
+
+    hvp = jax.jit(lambda v, u: jax.jvp(jax.grad(objective), (v,), (u,))[1])(x, t)
+    t64 = np.asarray(t, np.float64)
+    expected = 2 * np.asarray(b) * (t64 - t64.mean(0)) / 300
+    np.testing.assert_allclose(np.asarray(hvp), expected, rtol=1e-4, atol=1e-7)

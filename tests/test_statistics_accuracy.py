@@ -109,3 +109,25 @@ def test_a_constant_feature_has_variance_zero_whatever_its_magnitude(value, n, c
     mean_ref, var_ref, _ = ref.moments(x)
     np.testing.assert_array_equal(stats.var, var_ref)  # 0: the float32 value's own mean and variance
     np.testing.assert_array_equal(stats.mean, mean_ref)
+
+
+@pytest.mark.parametrize("mask_shape", [None, (64, 3), (64, 1)])
+@pytest.mark.parametrize("dtype", [np.float32, np.complex64])
+def test_moments_of_a_batch_sharded_input_inside_an_explicit_mesh_context(mask_shape, dtype):
+    """jit(moments) of an input split along the batch over a 1-D Explicit mesh, called
+    inside `jax.set_mesh` (the broadcast count was replicated and the statistics split: a
+    ShardingTypeError), against the float64 reference."""
+    mesh = jax.make_mesh((8,), ("b",), axis_types=(jax.sharding.AxisType.Explicit,))
+    rng = np.random.default_rng(0)
+    x = (rng.normal(size=(64, 3)) * 3 + 10).astype(dtype)
+    mask = None if mask_shape is None else rng.random(mask_shape) < 0.7
+    split = jax.sharding.NamedSharding(mesh, P("b"))
+    args = [jax.device_put(jnp.asarray(x), split)] + (
+        [] if mask is None else [jax.device_put(jnp.asarray(mask), split)]
+    )
+    with jax.set_mesh(mesh):
+        stats = jax.jit(lambda x, *m: jbn.moments(x, mask=m[0] if m else None))(*args)
+    mean_ref, var_ref, count_ref = ref.moments(x, -1, mask)
+    np.testing.assert_allclose(stats.mean, mean_ref, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(stats.var, var_ref, rtol=1e-5)
+    np.testing.assert_array_equal(np.broadcast_to(stats.count, (3,)), count_ref)
