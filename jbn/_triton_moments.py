@@ -38,6 +38,7 @@ Array = jax.Array
 TILE_ROWS = 32  # rows per tile held in registers (a power of 2, as Triton blocks must be)
 FEATURE_BLOCK = 64  # features per program (a power of 2)
 MAX_CHUNK_ROWS = 4096  # rows per program at most: the partials stay < 0.1% of x's bytes
+MIN_CHUNK_ROWS = 1024  # rows per program at least, past one chunk: the partials stay < 0.3% of x
 MIN_PROGRAMS = 132  # one per multiprocessor of an H100 (132), where the data allows
 
 
@@ -55,13 +56,13 @@ def _pow2_at_most(n: int) -> int:
 def chunk_rows(rows: int, features: int) -> int:
     """Rows per program (a power of 2, a multiple of TILE_ROWS): all of them up to
     MAX_CHUNK_ROWS (one chunk: no partials to merge); beyond, as many as keep MIN_PROGRAMS
-    programs busy, at most MAX_CHUNK_ROWS."""
+    programs busy, between MIN_CHUNK_ROWS and MAX_CHUNK_ROWS."""
     if rows <= MAX_CHUNK_ROWS:
         return max(TILE_ROWS, 1 << max(rows - 1, 0).bit_length())
     feature_blocks = -(-features // FEATURE_BLOCK)
     wanted_chunks = max(1, -(-MIN_PROGRAMS // feature_blocks))
     chunk = _pow2_at_most(max(rows // wanted_chunks, 1))
-    return min(max(chunk, TILE_ROWS), MAX_CHUNK_ROWS)
+    return min(max(chunk, MIN_CHUNK_ROWS), MAX_CHUNK_ROWS)
 
 
 def _kernel(
