@@ -6,7 +6,9 @@ and framework modules that create variables and call them: `jbn.BatchNorm` (flax
 JAX). Variants and tools: Batch Renormalization (`batch_renorm`, `BatchRenorm`), ghost
 batches (`virtual_batch_size=`), cumulative and debiased running averages, exact population
 statistics (`recompute_batch_stats`), inference folding (`fold_batch_norm`), PyTorch/Keras
-interop (`jbn.interop`), `optax_mask`.
+interop (`jbn.interop`), `weight_decay_mask`. Running-average rules are values
+(`EMA`, `DebiasedEMA`, `CumulativeAverage`, `UnbiasedVariance`, or your own), passed as
+`running_average=`.
 
 `import jbn` and the pure functions load no framework: the linen, NNX, equinox, keras, haiku and
 interop modules load on first use.
@@ -15,18 +17,17 @@ Where things live (imports only point down this list):
 
     jbn/linen.py, nnx.py, equinox.py, keras.py   framework wrappers: variables/state, then one pure call
     jbn/haiku.py                       haiku's BatchNorm: its parameters and state, jbn's statistics
-    jbn/_module_options.py             the option names the wrappers forward, read one way
     jbn/renorm.py, precise.py, fold.py, interop.py, weight_decay.py   variants and tools
     jbn/accumulation.py                gradient accumulation: one running update per K micro-batches
     jbn/functional.py                  the public pure API, gathered from the floors below
-    jbn/_batch_norm.py                 batch_norm, normalize_with_batch_stats, ghost batches
+    jbn/_batch_norm.py                 batch_norm, normalize_with_batch_stats, ghost batches; the Normalization record
     jbn/_fused.py                      the fused training path (custom JVP, lean backward)
-    jbn/_running.py                    running statistics: EMA, cumulative, debiased, unbiased
+    jbn/_running.py                    running-average rules as values: EMA, cumulative, debiased, unbiased
     jbn/_normalize.py                  normalize, the output dtype rule
-    jbn/_statistics.py                 moments: one device, axis names, sharded jit
-    jbn/_sharded.py                    per-shard statistics under plain jit (Explicit axes)
-    jbn/_collectives.py                one-psum sum and all-gather, with groups
-    jbn/_merge.py                      one participant's two-pass moments; Chan's merge
+    jbn/_statistics.py                 moments: the collectives, Chan's merge, shifted sums, the sharded path
+    jbn/_accelerator_moments.py        one participant's moments, formulated per backend (the dispatch)
+    jbn/_triton_moments.py             the cuda formulation (a Pallas kernel)
+    jbn/_local_moments.py              one participant's moments: the Local record, the cpu formulation
     jbn/_state.py                      Moments, RunningStats
     jbn/_activations.py, _fusion.py    fused activations; XLA:CPU fusion helper
     jbn/_axes.py                       axis bookkeeping, masks, Layout (arguments resolved once)
@@ -38,6 +39,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from jbn import functional
 from jbn._version import __version__
 from jbn.accumulation import (
     accumulate,
@@ -49,21 +51,36 @@ from jbn.accumulation import (
 )
 from jbn.fold import fold_batch_norm
 from jbn.functional import (
+    EMA,
+    CumulativeAverage,
+    DebiasedEMA,
     Moments,
     OneValuePerFeatureWarning,
+    RunningAverage,
     RunningStats,
+    UnbiasedVariance,
     batch_norm,
+    bessel_corrected,
     merge_moments,
     moments,
-    needs_batch_count,
     normalize,
     normalize_with_batch_stats,
-    unbiased_moments,
+    running_average_rule,
     update_running_stats,
+)
+from jbn.functional import (
+    needs_batch_count as needs_batch_count,
+)
+from jbn.functional import (
+    unbiased_moments as unbiased_moments,
 )
 from jbn.precise import recompute_batch_stats
 from jbn.renorm import batch_renorm, paper_renorm_schedules, renorm_schedule
-from jbn.weight_decay import optax_mask
+from jbn.weight_decay import optax_mask as optax_mask
+from jbn.weight_decay import weight_decay_mask
+
+# Deprecated aliases (importable, out of __all__): unbiased_moments -> bessel_corrected,
+# needs_batch_count -> running_average_rule(...).needs_count, optax_mask -> weight_decay_mask.
 
 # Loaded on first use (PEP 562): they import flax, equinox, keras, haiku or torch.
 _LAZY_MODULES = ("linen", "nnx", "equinox", "interop", "keras", "haiku")
@@ -83,32 +100,40 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
+    "EMA",
     "BatchNorm",
     "BatchRenorm",
+    "CumulativeAverage",
+    "DebiasedEMA",
     "Moments",
     "OneValuePerFeatureWarning",
+    "RunningAverage",
     "RunningStats",
+    "UnbiasedVariance",
     "__version__",
     "accumulate",
     "apply_accumulated",
     "apply_accumulation",
     "batch_norm",
     "batch_renorm",
+    "bessel_corrected",
     "empty_accumulator",
+    "equinox",
     "fold_batch_norm",
+    "functional",
     "interop",
+    "linen",
     "merge_moments",
     "moments",
-    "needs_batch_count",
     "nnx",
     "normalize",
     "normalize_with_batch_stats",
-    "optax_mask",
     "paper_renorm_schedules",
     "recompute_batch_stats",
     "renorm_schedule",
+    "running_average_rule",
     "start_accumulation",
     "stop_accumulation",
-    "unbiased_moments",
     "update_running_stats",
+    "weight_decay_mask",
 ]

@@ -31,9 +31,10 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jbn import _axes, _merge, _triton_moments
+from jbn import _axes, _triton_moments
+from jbn import _local_moments as _merge  # the cpu formulation, and what every formulation returns
 from jbn._axes import Layout
-from jbn._merge import Local
+from jbn._local_moments import Local
 
 Array = jax.Array
 

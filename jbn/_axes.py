@@ -50,6 +50,32 @@ class Layout(NamedTuple):
     def fshape(self) -> tuple[int, ...]:
         return feature_shape(self.shape, self.features)
 
+    @classmethod
+    def of(
+        cls,
+        axis: Any,
+        features: tuple[int, ...],
+        shape: Sequence[Any],
+        valid: jax.Array | None = None,
+        names: tuple[Hashable, ...] | None = None,
+        groups: tuple[tuple[int, ...], ...] | None = None,
+    ) -> Layout:
+        """The layout that reduces every axis of `shape` but the (canonical) `features`;
+        `axis` is what the user wrote, kept for messages."""
+        return cls(axis, features, reduction_axes(len(shape), features), tuple(shape), valid, names, groups)
+
+    def split_leading(self, n_groups: int) -> Layout:
+        """Ghost batches: the leading axis split into (n_groups, size), the group axis one
+        more feature axis; same names and groups, no mask (the caller reshapes its own)."""
+        shape = (n_groups, self.shape[0] // n_groups) + tuple(self.shape[1:])
+        features = (0,) + tuple(a + 1 for a in self.features)
+        return Layout.of(self.axis, features, shape, None, self.names, self.groups)
+
+    def local(self, features: tuple[int, ...], shape: Sequence[Any], valid: jax.Array | None) -> Layout:
+        """This layout's statistics kept apart along more `features` of a reshaped input
+        `shape` (each shard's own rows), without synchronization."""
+        return Layout.of(self.axis, features, shape, valid)
+
 
 def resolve(
     x: jax.Array, axis: Axes, mask: Any = None, axis_name: AxisName = None, axis_index_groups: Any = None
@@ -60,7 +86,8 @@ def resolve(
     size = bound_axis_size(names) if names is not None else 0
     groups = check_axis_index_groups(axis_index_groups, names, size)
     valid = broadcast_mask(mask, x.shape, features)
-    return Layout(axis, features, reduction_axes(x.ndim, features), tuple(x.shape), valid, names, groups)
+    written = axis if isinstance(axis, Hashable) else tuple(axis)  # static in the fused rule: hashable
+    return Layout.of(written, features, x.shape, valid, names, groups)
 
 
 def feature_axes(ndim: int, axis: Axes, *, name: str = "axis") -> tuple[int, ...]:

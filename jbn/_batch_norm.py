@@ -3,8 +3,8 @@ ghost batches included. Each canonicalizes its arguments once, then calls the fl
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
-from functools import partial
 from typing import Any
 
 import jax
@@ -37,92 +37,65 @@ def without_nonfinite_padding(x: Array, valid: Array | None) -> Array:
     return jnp.where(valid | jnp.isfinite(x), x, jnp.zeros((), x.dtype))
 
 
-def train_with_layout(
-    x: Array,
-    scale,
-    bias,
-    layout: Layout,
-    *,
-    epsilon,
-    out_dtype,
-    activation,
-    negative_slope,
-    save_output_only: bool,
-    fused: bool,
-) -> tuple[Array, Moments]:
+@dataclasses.dataclass(frozen=True)
+class Normalization:
+    """How to normalize, checked once by `normalization` (a frozen, hashable record): the
+    epsilon (a Python float, or a traced value), the output dtype, the canonical
+    activation name and its slope, whether training keeps only the output for the
+    backward pass, and whether it uses the fused derivative rule."""
+
+    epsilon: Any
+    out_dtype: Any
+    activation: str = "identity"
+    negative_slope: float = 0.01
+    save_output_only: bool = False
+    fused: bool = True
+
+
+def train_with_layout(x: Array, scale, bias, layout: Layout, how: Normalization) -> tuple[Array, Moments]:
     """Normalize with the batch's own statistics, on checked arguments."""
-    if fused and _fused.can_fuse(x, epsilon):
+    if how.fused and _fused.can_fuse(x, how.epsilon):
         return _fused.fused_batch_norm(
             x,
             scale,
             bias,
             layout,
-            epsilon=epsilon,
-            out_dtype=out_dtype,
-            activation=activation,
-            negative_slope=negative_slope,
-            save_output_only=save_output_only,
+            epsilon=how.epsilon,
+            out_dtype=how.out_dtype,
+            activation=how.activation,
+            negative_slope=how.negative_slope,
+            save_output_only=how.save_output_only,
         )
-    if save_output_only:
+    if how.save_output_only:
         raise ValueError(
             "`save_output_only=True` needs the fused training path, which is off here: set fused=True, pass a "
             "Python float `epsilon`, and a real (not complex) input."
         )
     x = without_nonfinite_padding(x, layout.valid)
     stats = batch_moments(x, layout)
-    y = _normalize.normalized(
+    return normalized_with(x, layout, stats, scale, bias, how), stats
+
+
+def normalized_with(x: Array, layout: Layout, stats: Moments | RunningStats, scale, bias, how: Normalization) -> Array:
+    """`(x - mean) / sqrt(var + epsilon) * scale + bias`, then the activation, with `stats`."""
+    return _normalize.normalize_on_layout(
         x,
         layout,
         stats.mean,
         stats.var,
         scale,
         bias,
-        epsilon=epsilon,
-        out_dtype=out_dtype,
-        activation=activation,
-        negative_slope=negative_slope,
-    )
-    return y, stats
-
-
-def evaluate_with_layout(
-    x: Array, scale, bias, layout: Layout, running: RunningStats, *, epsilon, out_dtype, activation, negative_slope, **_
-) -> Array:
-    """Normalize with the running statistics, on checked arguments (`**_`: the training
-    options). Padding is treated as in training: whatever it holds reaches no gradient."""
-    x = without_nonfinite_padding(x, layout.valid)
-    return _normalize.normalized(
-        x,
-        layout,
-        running.mean,
-        running.var,
-        scale,
-        bias,
-        epsilon=epsilon,
-        out_dtype=out_dtype,
-        activation=activation,
-        negative_slope=negative_slope,
+        epsilon=how.epsilon,
+        out_dtype=how.out_dtype,
+        activation=how.activation,
+        negative_slope=how.negative_slope,
     )
 
 
-SHARED_OPTIONS = (
-    "axis",
-    "mask",
-    "axis_name",
-    "axis_index_groups",
-    "epsilon",
-    "dtype",
-    "activation",
-    "negative_slope",
-    "save_output_only",
-    "fused",
-)
-
-
-def shared_options(arguments: dict[str, Any]) -> dict[str, Any]:
-    """Those of an entry point's `arguments` (its `locals()`) that `canonical_arguments`
-    takes; an entry point without some of them (batch renorm) gets their defaults."""
-    return {name: arguments[name] for name in SHARED_OPTIONS if name in arguments}
+def evaluate_with_layout(x: Array, scale, bias, layout: Layout, running: RunningStats, how: Normalization) -> Array:
+    """Normalize with the running statistics, on checked arguments. Padding is treated as
+    in training: whatever it holds reaches no gradient."""
+    return normalized_with(without_nonfinite_padding(x, layout.valid), layout, running, scale, bias, how)
 
 
 def canonical_arguments(
@@ -141,10 +114,9 @@ def canonical_arguments(
     save_output_only=False,
     fused=True,
     training=True,
-):
+) -> tuple[Array, Any, Any, Layout, Normalization]:
     """The arguments shared by the entry points, checked once: (x, scale, bias, layout,
-    keyword arguments of `train_with_layout`). An entry point passes its own with
-    `**shared_options(locals())`."""
+    how to normalize)."""
     x = _validate.check_input(x)
     epsilon = _validate.check_epsilon(epsilon)
     save_output_only = _validate.check_flag(save_output_only, "save_output_only")
@@ -156,7 +128,7 @@ def canonical_arguments(
     act = _activations.check(activation, negative_slope, save_output_only and training)
     if act != "identity" and jnp.iscomplexobj(x):
         raise ValueError(f"`activation`={activation!r} needs a real input; `x` is {x.dtype}.")
-    options = dict(
+    how = Normalization(
         epsilon=epsilon,
         out_dtype=_normalize.output_dtype(_validate.check_output_dtype(dtype), x, scale, bias),
         activation=act,
@@ -164,18 +136,15 @@ def canonical_arguments(
         save_output_only=save_output_only,
         fused=fused,
     )
-    return x, scale, bias, layout, options
+    return x, scale, bias, layout, how
 
 
-def check_running_options(training: Any, momentum: Any, debias: Any, unbiased_running_var: Any) -> tuple:
-    """The options of a call that keeps running statistics, checked: (training, momentum,
-    debias, unbiased_running_var)."""
-    return (
-        _validate.check_flag(training, "training"),
-        _validate.check_momentum(momentum),
-        _validate.check_flag(debias, "debias"),
-        _validate.check_flag(unbiased_running_var, "unbiased_running_var"),
-    )
+def running_rule(running_average: Any, momentum: Any, debias: Any, unbiased_running_var: Any) -> Any:
+    """The running-average rule of a call: `running_average` when given, else the one
+    `momentum`, `debias` and `unbiased_running_var` name; checked once."""
+    if running_average is not None:
+        return _running.check_rule(running_average)
+    return _running.running_average_rule(momentum, debias, unbiased_running_var)
 
 
 def warn_if_one_value_per_feature(layout: Layout, virtual_batch_size: int | None = None) -> None:
@@ -209,9 +178,23 @@ def normalize_with_batch_stats(
       `scale` and `bias`); `stats` are the batch `Moments`, whose mean and var are
       differentiable (count is not).
     """
-    x, scale, bias, layout, options = canonical_arguments(x, scale, bias, **shared_options(locals()))
+    x, scale, bias, layout, how = canonical_arguments(
+        x,
+        scale,
+        bias,
+        axis=axis,
+        mask=mask,
+        axis_name=axis_name,
+        axis_index_groups=axis_index_groups,
+        epsilon=epsilon,
+        dtype=dtype,
+        activation=activation,
+        negative_slope=negative_slope,
+        save_output_only=save_output_only,
+        fused=fused,
+    )
     warn_if_one_value_per_feature(layout)
-    return train_with_layout(x, scale, bias, layout, **options)
+    return train_with_layout(x, scale, bias, layout, how)
 
 
 def batch_norm(
@@ -235,6 +218,7 @@ def batch_norm(
     negative_slope: float = 0.01,
     save_output_only: bool = False,
     fused: bool = True,
+    running_average: Any = None,
 ) -> tuple[Array, RunningStats]:
     """Batch normalization of `x` (optionally followed by an activation) and the next
     running statistics.
@@ -284,6 +268,10 @@ def batch_norm(
         bfloat16-accurate gradients). Worth it when the next layer saves `y` anyway.
       fused: use the fused derivative rule in training (default). False differentiates
         the plain jnp computation instead (more saved memory, same numbers).
+      running_average: a running-average rule (`jbn.EMA`, `jbn.DebiasedEMA`,
+        `jbn.CumulativeAverage`, `jbn.UnbiasedVariance`, or your own object with
+        `update(running, batch) -> RunningStats` and a `needs_count` bool); when given, it
+        replaces the rule of `momentum`, `debias` and `unbiased_running_var`.
 
     Returns:
       `(y, new_running)`: `y` has `x`'s shape; `new_running` is a `RunningStats`.
@@ -291,21 +279,39 @@ def batch_norm(
     Training on one value per feature (one example without spatial axes) computes as
     flax does (the output is the bias) and emits one `jbn.OneValuePerFeatureWarning`.
     """
-    training, momentum, debias, unbiased_running_var = check_running_options(
-        training, momentum, debias, unbiased_running_var
+    training = _validate.check_flag(training, "training")
+    rule = running_rule(running_average, momentum, debias, unbiased_running_var)
+    x, scale, bias, layout, how = canonical_arguments(
+        x,
+        scale,
+        bias,
+        axis=axis,
+        mask=mask,
+        axis_name=axis_name,
+        axis_index_groups=axis_index_groups,
+        epsilon=epsilon,
+        dtype=dtype,
+        activation=activation,
+        negative_slope=negative_slope,
+        save_output_only=save_output_only,
+        fused=fused,
+        training=training,
     )
-    x, scale, bias, layout, options = canonical_arguments(x, scale, bias, training=training, **shared_options(locals()))
     running = _running.check_running(running, layout.fshape, axis)
     if not training:
-        return evaluate_with_layout(x, scale, bias, layout, running, **options), running
-    train = partial(train_with_layout, **options)
+        return evaluate_with_layout(x, scale, bias, layout, running, how), running
+
+    def train(x, scale, bias, layout):
+        return train_with_layout(x, scale, bias, layout, how)
+
     if virtual_batch_size is None:
         warn_if_one_value_per_feature(layout)
-        y, stats = train(x, scale, bias, layout)  # type: ignore[call-arg]
+        y, stats = train(x, scale, bias, layout)
     else:
-        y, stats = ghost_batches(train, x, scale, bias, layout, virtual_batch_size, unbiased=unbiased_running_var)
-        unbiased_running_var = False  # already applied per sub-batch
-    return y, _running.apply_update(running, stats, momentum, debias, unbiased_running_var)
+        unbiased = isinstance(rule, _running.UnbiasedVariance)
+        y, stats = ghost_batches(train, x, scale, bias, layout, virtual_batch_size, unbiased=unbiased)
+        rule = rule.rule if unbiased else rule  # the correction is already applied per sub-batch
+    return y, _running.apply_rule(rule, running, stats)
 
 
 def ghost_batches(
@@ -317,17 +323,8 @@ def ghost_batches(
     output and the sub-batch statistics combined for the running update."""
     n_groups = _validate.check_virtual_batch_size(size, layout.shape, layout.features)
     size = layout.shape[0] // n_groups
-    grouped_shape = (n_groups, size) + layout.shape[1:]
-    grouped_features = (0,) + tuple(a + 1 for a in layout.features)
-    grouped_layout = Layout(
-        layout.axis,
-        grouped_features,
-        _axes.reduction_axes(len(grouped_shape), grouped_features),
-        grouped_shape,
-        None,
-        layout.names,
-        layout.groups,
-    )
+    grouped_layout = layout.split_leading(n_groups)
+    grouped_shape = grouped_layout.shape
     warn_if_one_value_per_feature(grouped_layout, size)
     gshape = (n_groups,) + layout.fshape
     expand = lambda p: None if p is None else jnp.broadcast_to(p, gshape)  # noqa: E731  (gradients sum back)
@@ -348,7 +345,7 @@ def ghost_batches(
         grouped = jax.sharding.auto_axes(grouped, out_sharding=(sharding, Moments(replicated, replicated, replicated)))  # type: ignore[arg-type]
     y, stats = grouped(x, scale, bias, layout.valid)
     if unbiased:
-        stats = _running.unbiased_moments(stats)
+        stats = _running.bessel_corrected(stats)
     return y, combine_sub_batches(stats, min_count=2 if unbiased else 1)
 
 

@@ -41,11 +41,10 @@ import jax.numpy as jnp
 from jax import lax
 from jax._src import core as jax_core  # extend_axis_env_nd: no public equivalent (see _names_bound)
 
-from jbn import _activations, _axes, _collectives, _normalize
+from jbn import _activations, _axes, _normalize, _statistics
 from jbn._axes import Layout
 from jbn._fusion import kept_apart, separate_uses
 from jbn._state import Moments
-from jbn._statistics import batch_moments
 
 Array = jax.Array
 
@@ -53,6 +52,7 @@ Array = jax.Array
 class FusedConfig(NamedTuple):
     """Static description of one fused call (hashable: a nondiff argument)."""
 
+    axis: Any  # as the user wrote it (hashable)
     features: tuple[int, ...]
     names: tuple[Hashable, ...] | None
     sizes: tuple[int, ...] | None  # each name's size where the call is traced (see _names_bound)
@@ -96,6 +96,7 @@ def fused_batch_norm(
                 "for this layer."
             )
     cfg = FusedConfig(
+        layout.axis,
         layout.features,
         layout.names,
         None if layout.names is None else tuple(_axes.bound_axis_size((n,)) for n in layout.names),
@@ -111,21 +112,13 @@ def fused_batch_norm(
 
 
 def _layout(cfg: FusedConfig, x: Array, valid: Array | None) -> Layout:
-    return Layout(
-        cfg.features,
-        cfg.features,
-        _axes.reduction_axes(x.ndim, cfg.features),
-        tuple(x.shape),
-        valid,
-        cfg.names,
-        cfg.groups,
-    )
+    return Layout.of(cfg.axis, cfg.features, x.shape, valid, cfg.names, cfg.groups)
 
 
 def _primal(cfg: FusedConfig, x, scale, bias, valid):
     layout = _layout(cfg, x, valid)
-    stats = batch_moments(x, layout)
-    y = _normalize.normalized(
+    stats = _statistics.batch_moments(x, layout)
+    y = _normalize.normalize_on_layout(
         x,
         layout,
         stats.mean,
@@ -262,7 +255,7 @@ def _tangent(cfg: FusedConfig, saved, mean, inv, scale, bias, valid, count, dx, 
     valid_dx = dx if valid is None else jnp.where(valid, dx, 0)
     s1, s2 = jnp.sum(valid_dx, axis=reduce) / one, jnp.sum(valid_dx * x_hat0, axis=reduce) / one
     if cfg.names is not None:  # both sums in one collective
-        s1, s2 = _collectives.psum_in_groups(jnp.stack([s1, s2]), cfg.names, cfg.groups)
+        s1, s2 = _statistics.psum_in_groups(jnp.stack([s1, s2]), cfg.names, cfg.groups)
     s1, s2 = s1 * per_element, s2 * per_element
     d_mean, d_var = s1, 2 * s2 / inv
     a, b = -k * s2, -k * s1

@@ -28,7 +28,7 @@ def compute_dtype(x: Array, *arrays: Array | None) -> jnp.dtype:
     return _axes.stats_dtype(x.dtype, *(a.dtype for a in arrays if a is not None))
 
 
-def normalized(
+def normalize_on_layout(
     x, layout: Layout, mean, var, scale, bias, *, epsilon, out_dtype, activation="identity", negative_slope=0.01
 ) -> Array:
     """`normalize` (then the activation, in the compute dtype) on checked arguments."""
@@ -77,4 +77,4 @@ def normalize(
     scale = _validate.check_feature_array(scale, fshape, "scale", axis)
     bias = _validate.check_feature_array(bias, fshape, "bias", axis)
     out = output_dtype(_validate.check_output_dtype(dtype), x, scale, bias)
-    return normalized(x, layout, mean, var, scale, bias, epsilon=epsilon, out_dtype=out)
+    return normalize_on_layout(x, layout, mean, var, scale, bias, epsilon=epsilon, out_dtype=out)

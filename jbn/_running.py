@@ -1,10 +1,17 @@
 """Running statistics: the rules that move `RunningStats` toward each batch's `Moments`
-(Flax/Keras EMA, PyTorch's cumulative average, the debiased EMA, the unbiased variance)."""
+(Flax/Keras EMA, PyTorch's cumulative average, the debiased EMA, the unbiased variance).
+
+Each rule is a frozen record with one method, `update(running, batch) -> RunningStats`,
+and a `needs_count` flag (whether it keeps `RunningStats.count`). `running_average` builds
+the rule of `batch_norm`'s options, checked once; a rule of your own (any object with
+`update` and `needs_count`) goes where they go: `batch_norm(..., running_average=rule)`,
+`jbn.BatchNorm(running_average=rule)`."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import jax
 import jax.numpy as jnp
@@ -15,9 +22,85 @@ from jbn._state import Moments, RunningStats
 Array = jax.Array
 
 
-def needs_batch_count(momentum: float | None, debias: bool) -> bool:
-    """Whether the running update with these options keeps `RunningStats.count`."""
-    return momentum is None or bool(debias)
+@runtime_checkable
+class RunningAverage(Protocol):
+    """A running-average rule: how `RunningStats` move toward one batch's `Moments`.
+
+    `needs_count`: whether the rule keeps `RunningStats.count` (the modules then create
+    `batch_stats/count`). `update` is called once per training step, with the batch
+    statistics after the mask and across devices."""
+
+    needs_count: bool
+
+    def update(self, running: RunningStats, batch: Moments) -> RunningStats: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class EMA:
+    """Flax's and Keras' rule: `momentum * running + (1 - momentum) * batch`."""
+
+    momentum: Any = 0.99
+    needs_count = False
+
+    def update(self, running: RunningStats, batch: Moments) -> RunningStats:
+        return advance(running, batch, self.momentum, counted=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class DebiasedEMA:
+    """The bias-corrected EMA (`ema_t / (1 - momentum**t)`, `ema` starting from zero),
+    kept in corrected form (see `update_running_stats`)."""
+
+    momentum: Any = 0.99
+    needs_count = True
+
+    def update(self, running: RunningStats, batch: Moments) -> RunningStats:
+        return advance(running, batch, self.momentum, counted=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class CumulativeAverage:
+    """PyTorch's `momentum=None`: the average of every batch seen, each weighted equally."""
+
+    needs_count = True
+
+    def update(self, running: RunningStats, batch: Moments) -> RunningStats:
+        return advance(running, batch, None, counted=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class UnbiasedVariance:
+    """`rule` fed the unbiased batch variance (Bessel's correction), as PyTorch tracks
+    `running_var`."""
+
+    rule: Any
+    # a class attribute would shadow the wrapped rule's
+    needs_count: bool = dataclasses.field(init=False, default=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "needs_count", bool(self.rule.needs_count))
+
+    def update(self, running: RunningStats, batch: Moments) -> RunningStats:
+        return self.rule.update(running, bessel_corrected(batch))
+
+
+def running_average_rule(momentum: Any = 0.99, debias: Any = False, unbiased_running_var: Any = False) -> Any:
+    """The rule of `batch_norm`'s running options, each checked here once."""
+    momentum = _validate.check_momentum(momentum)
+    debias = _validate.check_flag(debias, "debias")
+    unbiased_running_var = _validate.check_flag(unbiased_running_var, "unbiased_running_var")
+    rule: Any = CumulativeAverage() if momentum is None else DebiasedEMA(momentum) if debias else EMA(momentum)
+    return UnbiasedVariance(rule) if unbiased_running_var else rule
+
+
+def check_rule(rule: Any) -> Any:
+    """A rule passed as `running_average=`: it must have `update` and `needs_count`."""
+    if not isinstance(rule, RunningAverage):
+        raise TypeError(
+            f"`running_average` must be a rule with `update(running, batch) -> RunningStats` and a `needs_count` "
+            f"bool (e.g. jbn.EMA(0.9)), got {type(rule).__name__} {rule!r}."
+        )
+    return rule
 
 
 def check_running(running: Any, fshape: tuple[int, ...], axis: Any) -> RunningStats:
@@ -34,7 +117,7 @@ def check_running(running: Any, fshape: tuple[int, ...], axis: Any) -> RunningSt
     )
 
 
-def unbiased_moments(batch: Moments) -> Moments:
+def bessel_corrected(batch: Moments) -> Moments:
     """The batch variance times `count / (count - 1)` (Bessel's correction), as PyTorch
     tracks in `running_var`. A feature with a count of 1 or less gets a NaN variance,
     so that `update_running_stats` leaves it unchanged."""
@@ -145,26 +228,28 @@ def update_running_stats(
         PyTorch does in `running_var` (n = elements per feature in the batch); a feature
         with n <= 1 is left unchanged. Normalization in training still uses the biased one.
     """
-    momentum = _validate.check_momentum(momentum)
-    debias = _validate.check_flag(debias, "debias")
-    unbiased_running_var = _validate.check_flag(unbiased_running_var, "unbiased_running_var")
+    rule = running_average_rule(momentum, debias, unbiased_running_var)
     if not isinstance(running, RunningStats):
         raise TypeError(f"`running` must be a jbn.RunningStats(mean, var[, count]), got {type(running).__name__}.")
-    return apply_update(running, batch, momentum, debias, unbiased_running_var)
+    return apply_rule(rule, running, batch)
 
 
-def apply_update(running: RunningStats, batch: Moments, momentum, debias: bool, unbiased: bool) -> RunningStats:
-    """`update_running_stats` on checked arguments."""
-    counted = needs_batch_count(momentum, debias)
-    count = running.count
-    if counted and count is None:
+def apply_rule(rule: Any, running: RunningStats, batch: Moments) -> RunningStats:
+    """`rule.update` once the running state has the count the rule keeps."""
+    if rule.needs_count and running.count is None:
         raise ValueError(
-            f"`momentum`={momentum!r} with `debias`={debias!r} keeps a count of batches: pass "
+            f"the running average {rule!r} keeps a count of batches (`momentum=None` or `debias=True`): pass "
             "RunningStats(mean, var, count=jnp.zeros(mean.shape, jnp.int32)) (the modules create "
             "batch_stats/count for you)."
         )
-    if unbiased:
-        batch = unbiased_moments(batch)
+    return rule.update(running, batch)
+
+
+def advance(running: RunningStats, batch: Moments, momentum: Any, *, counted: bool) -> RunningStats:
+    """One step of the built-in rules: `keep * running + (1 - keep) * batch` where the
+    batch is usable (`keep` = `momentum`, or the counted weight of the cumulative and
+    debiased averages), the count advanced wherever it is kept."""
+    count = running.count
     ok = (batch.count > 0) & jnp.isfinite(batch.mean) & jnp.isfinite(batch.var)
     if count is not None:  # counts batches whenever it is kept, like PyTorch's num_batches_tracked
         ok = jnp.broadcast_to(ok, count.shape)

@@ -7,6 +7,7 @@ and the fix. Nothing here knows about axes beyond shapes (that is `jbn._axes`).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from typing import Any
@@ -25,6 +26,18 @@ class OneValuePerFeatureWarning(UserWarning):
     with `warnings.filterwarnings("ignore", category=jbn.OneValuePerFeatureWarning)` or
     make it an error with `"error"`.
     """
+
+
+@contextlib.contextmanager
+def quiet_one_value(quiet: bool):
+    """Silences `OneValuePerFeatureWarning` when `quiet` (initialization on a dummy
+    example trains nothing, so it has nothing to warn about)."""
+    if not quiet:
+        yield
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", OneValuePerFeatureWarning)
+        yield
 
 
 def is_index(a: Any) -> bool:

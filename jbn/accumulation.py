@@ -29,9 +29,9 @@ import jax
 import jax.numpy as jnp
 
 from jbn import precise
-from jbn._merge import merge_moments
 from jbn._running import update_running_stats
 from jbn._state import Moments, RunningStats
+from jbn._statistics import merge_moments
 
 __all__ = [
     "accumulate",

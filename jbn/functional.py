@@ -10,24 +10,62 @@ This module only gathers the public names; each lives in the module of its floor
 
 from __future__ import annotations
 
+import warnings
+
 from jbn._batch_norm import batch_norm, normalize_with_batch_stats
-from jbn._merge import merge_moments
 from jbn._normalize import normalize
-from jbn._running import needs_batch_count, unbiased_moments, update_running_stats
+from jbn._running import (
+    EMA,
+    CumulativeAverage,
+    DebiasedEMA,
+    RunningAverage,
+    UnbiasedVariance,
+    bessel_corrected,
+    running_average_rule,
+    update_running_stats,
+)
 from jbn._state import Moments, RunningStats
-from jbn._statistics import moments
+from jbn._statistics import merge_moments, moments
 from jbn._validate import OneValuePerFeatureWarning
 
+
+def unbiased_moments(batch: Moments) -> Moments:
+    """Deprecated alias of `bessel_corrected` (the mean was never changed, only the
+    variance); it will be removed in the next release."""
+    warnings.warn(
+        "jbn.unbiased_moments is deprecated: use jbn.bessel_corrected (same argument).",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return bessel_corrected(batch)
+
+
+def needs_batch_count(momentum: float | None, debias: bool) -> bool:
+    """Deprecated: `jbn.running_average_rule(momentum, debias).needs_count` says whether a
+    rule keeps `RunningStats.count`; it will be removed in the next release."""
+    warnings.warn(
+        "jbn.needs_batch_count is deprecated: use jbn.running_average_rule(momentum, debias).needs_count.",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return bool(running_average_rule(momentum, debias).needs_count)
+
+
 __all__ = [
+    "EMA",
+    "CumulativeAverage",
+    "DebiasedEMA",
     "Moments",
     "OneValuePerFeatureWarning",
+    "RunningAverage",
     "RunningStats",
+    "UnbiasedVariance",
     "batch_norm",
+    "bessel_corrected",
     "merge_moments",
     "moments",
-    "needs_batch_count",
     "normalize",
     "normalize_with_batch_stats",
-    "unbiased_moments",
+    "running_average_rule",
     "update_running_stats",
 ]

@@ -10,9 +10,8 @@ import jax.numpy as jnp
 from flax import linen as nn
 from flax.linen import initializers
 
-from jbn import _axes, _module_options, _validate, precise
-from jbn._batch_norm import batch_norm
-from jbn._running import needs_batch_count
+from jbn import _axes, _validate, precise
+from jbn._batch_norm import batch_norm, running_rule
 from jbn._state import Moments, RunningStats
 from jbn.renorm import Limit, batch_renorm, next_step
 
@@ -59,9 +58,10 @@ class _Normalization(nn.Module):
                 )
 
     @nn.nowrap
-    def _prepare(self, x, use_running_average: bool | None):
+    def _prepare(self, x, use_running_average: bool | None, rule: Any):
         """Settle the mode, check `x`, create (or fetch) the variables. Returns
-        (training, x, running variables, scale, bias)."""
+        (training, x, running variables, scale, bias). `rule`: the running-average
+        rule, which says whether `batch_stats/count` is kept."""
         use_running_average = nn.merge_param("use_running_average", self.use_running_average, use_running_average)
         x = _validate.check_input(x)
         fshape = _axes.feature_shape(x.shape, _axes.feature_axes(x.ndim, self.axis))
@@ -69,25 +69,36 @@ class _Normalization(nn.Module):
         mean = self.variable("batch_stats", "mean", lambda s: jnp.zeros(s, jnp.float32), fshape)
         var = self.variable("batch_stats", "var", lambda s: jnp.ones(s, jnp.float32), fshape)
         count = None  # batch_stats/count only when the update needs it or a checkpoint brought one
-        if needs_batch_count(self.momentum, getattr(self, "debias", False)) or self.has_variable(
-            "batch_stats", "count"
-        ):
+        if rule.needs_count or self.has_variable("batch_stats", "count"):
             count = self.variable("batch_stats", "count", lambda s: jnp.zeros(s, jnp.int32), fshape)
         scale = self.param("scale", self.scale_init, fshape, self.param_dtype) if self.use_scale else None
         bias = self.param("bias", self.bias_init, fshape, self.param_dtype) if self.use_bias else None
         return not use_running_average, x, (mean, var, count), scale, bias
 
     @nn.nowrap
-    def _call_pure(self, function, names, x, scale, bias, running_vars, training: bool, mask, **extra):
-        """The pure call. At init, as in flax: the axis names need not be bound, the batch
-        is one batch (a dummy example is no multiple of `virtual_batch_size`), and one value
-        per feature is not worth a warning (init trains nothing)."""
+    def _call_pure(self, function, x, scale, bias, running_vars, training: bool, mask, **options):
+        """The pure call with this module's `options`. At init, as in flax: the axis names
+        need not be bound, and one value per feature is not worth a warning (init trains
+        nothing)."""
         mean, var, count = running_vars
         running = RunningStats(mean.value, var.value, None if count is None else count.value)
         initializing = self.is_initializing()
-        options = _module_options.call_options(self, names, initializing=initializing)
-        with _module_options.quiet_one_value(initializing):
-            return function(x, scale, bias, running, training=training, mask=mask, **options, **extra)
+        names = (None, None) if initializing else (self.axis_name, self.axis_index_groups)
+        with _validate.quiet_one_value(initializing):
+            return function(
+                x,
+                scale,
+                bias,
+                running,
+                training=training,
+                mask=mask,
+                axis=self.axis,
+                epsilon=self.epsilon,
+                dtype=self.dtype,
+                axis_name=names[0],
+                axis_index_groups=names[1],
+                **options,
+            )
 
     @nn.nowrap
     def _record(self, x, mask, running_vars, new: RunningStats) -> bool:
@@ -155,6 +166,8 @@ class BatchNorm(_Normalization):
         scale without zeros; see `jbn.batch_norm`).
       fused: use the fused derivative rule in training (default); False uses plain
         autodiff (same numbers, more saved memory).
+      running_average: a running-average rule object (see `jbn.batch_norm`); when given,
+        it replaces `momentum`, `debias` and `unbiased_running_var`.
 
     `momentum=None` keeps the cumulative average of all batches seen (PyTorch's
     `momentum=None`) and creates `batch_stats/count`; without these options the variables
@@ -170,6 +183,11 @@ class BatchNorm(_Normalization):
     negative_slope: float = 0.01
     save_output_only: bool = False
     fused: bool = True
+    running_average: Any = None
+
+    @nn.nowrap
+    def _rule(self) -> Any:
+        return running_rule(self.running_average, self.momentum, self.debias, self.unbiased_running_var)
 
     @nn.compact
     def __call__(self, x, use_running_average: bool | None = None, *, mask: jax.Array | None = None):
@@ -184,8 +202,24 @@ class BatchNorm(_Normalization):
           The normalized input, same shape; `batch_stats` is updated in training
           (when mutable) and never during `init`.
         """
-        training, x, running_vars, scale, bias = self._prepare(x, use_running_average)
-        y, new = self._call_pure(batch_norm, _module_options.BATCH_NORM, x, scale, bias, running_vars, training, mask)
+        rule = self._rule()
+        training, x, running_vars, scale, bias = self._prepare(x, use_running_average, rule)
+        y, new = self._call_pure(
+            batch_norm,
+            x,
+            scale,
+            bias,
+            running_vars,
+            training,
+            mask,
+            running_average=rule,
+            # a dummy example at init is no multiple of the ghost batch size
+            virtual_batch_size=None if self.is_initializing() else self.virtual_batch_size,
+            activation=self.activation,
+            negative_slope=self.negative_slope,
+            save_output_only=self.save_output_only,
+            fused=self.fused,
+        )
         if training:
             self._record(x, mask, running_vars, new)
         return y
@@ -202,20 +236,37 @@ class BatchRenorm(_Normalization):
     Attributes: those of `BatchNorm` (without `virtual_batch_size` and the fused options), and
       r_max: >= 1, or a schedule `step -> r_max` (e.g. `jbn.paper_renorm_schedules()[0]`).
       d_max: >= 0, or a schedule `step -> d_max`.
+      running_average: a running-average rule object, as in `BatchNorm`.
     """
 
     r_max: Limit = 3.0
     d_max: Limit = 5.0
     debias: bool = False
     unbiased_running_var: bool = False
+    running_average: Any = None
+
+    @nn.nowrap
+    def _rule(self) -> Any:
+        return running_rule(self.running_average, self.momentum, self.debias, self.unbiased_running_var)
 
     @nn.compact
     def __call__(self, x, use_running_average: bool | None = None, *, mask: jax.Array | None = None):
         """Renormalize `x` (any rank, features on `axis`); arguments as in `BatchNorm`."""
-        training, x, running_vars, scale, bias = self._prepare(x, use_running_average)
+        rule = self._rule()
+        training, x, running_vars, scale, bias = self._prepare(x, use_running_average, rule)
         step = self.variable("batch_stats", "step", lambda: jnp.zeros((), jnp.int32))
         y, new = self._call_pure(
-            batch_renorm, _module_options.BATCH_RENORM, x, scale, bias, running_vars, training, mask, step=step.value
+            batch_renorm,
+            x,
+            scale,
+            bias,
+            running_vars,
+            training,
+            mask,
+            running_average=rule,
+            r_max=self.r_max,
+            d_max=self.d_max,
+            step=step.value,
         )
         if training and self._record(x, mask, running_vars, new):
             step.value = next_step(step.value)

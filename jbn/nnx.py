@@ -1,4 +1,4 @@
-"""Flax NNX wrappers: `jbn.nnx.BatchNorm` and `jbn.nnx.BatchRenorm`.
+"""Flax NNX wrappers: `jbn.nnx.BatchNorm` and `jbn.nnx.BatchRenorm` (past 400 lines: one concept).
 
 They mirror `flax.nnx.BatchNorm`: the same constructor arguments and defaults, the same
 state (`scale`, `bias` as `nnx.Param`; `mean`, `var` as `nnx.BatchStat`), `train()` /
@@ -16,9 +16,8 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.nnx.nn import initializers
 
-from jbn import _module_options, _validate, accumulation, precise
-from jbn._batch_norm import batch_norm
-from jbn._running import needs_batch_count
+from jbn import _validate, accumulation, precise
+from jbn._batch_norm import batch_norm, running_rule
 from jbn._state import Moments, RunningStats
 from jbn.renorm import Limit, batch_renorm, next_step
 
@@ -37,20 +36,8 @@ def _feature_shape(num_features: Any) -> tuple[int, ...]:
     return tuple(int(n) for n in sizes)
 
 
-def _arguments(scope: dict) -> dict:
-    """A constructor's own arguments (its `locals()` on entry), for the shared base."""
-    return {k: v for k, v in scope.items() if k not in ("self", "__class__")}
-
-
 class _Normalization(nnx.Module):
     """State, switching and the pure call shared by the two modules."""
-
-    _options: tuple[str, ...] = ()
-    # Set from the constructor's arguments (see `__init__`), read by the pure call.
-    axis: Any
-    axis_name: Any
-    axis_index_groups: Any
-    use_running_average: bool | None
 
     def __init__(
         self,
@@ -64,15 +51,33 @@ class _Normalization(nnx.Module):
         param_dtype: Any,
         scale_metadata: Mapping[str, Any],
         bias_metadata: Mapping[str, Any],
-        **attributes: Any,
+        use_running_average: bool | None,
+        axis: Any,
+        momentum: float | None,
+        epsilon: float,
+        dtype: Any,
+        axis_name: Any,
+        axis_index_groups: Any,
+        debias: bool,
+        unbiased_running_var: bool,
+        running_average: Any,
     ):
         fshape = _feature_shape(num_features)
-        attributes["momentum"] = _validate.check_momentum(attributes["momentum"])
-        attributes["epsilon"] = _validate.check_epsilon(attributes["epsilon"])
+        # checked here, once: a bad option fails when the layer is built
+        self.rule = running_rule(running_average, momentum, debias, unbiased_running_var)
+        self.epsilon = _validate.check_epsilon(epsilon)
+        self.momentum = _validate.check_momentum(momentum)
+        self.use_running_average = use_running_average
+        self.axis = axis
+        self.dtype = dtype
+        self.axis_name = axis_name
+        self.axis_index_groups = axis_index_groups
+        self.debias = debias
+        self.unbiased_running_var = unbiased_running_var
+        self.running_average = running_average
         self.mean = nnx.BatchStat(jnp.zeros(fshape, jnp.float32))
         self.var = nnx.BatchStat(jnp.ones(fshape, jnp.float32))
-        counted = needs_batch_count(attributes["momentum"], attributes["debias"])
-        self.count = nnx.BatchStat(jnp.zeros(fshape, jnp.int32)) if counted else nnx.data(None)
+        self.count = nnx.BatchStat(jnp.zeros(fshape, jnp.int32)) if self.rule.needs_count else nnx.data(None)
         self.scale: nnx.Param | None
         self.bias: nnx.Param | None
         self.scale = (
@@ -85,10 +90,9 @@ class _Normalization(nnx.Module):
         self.param_dtype = param_dtype
         self.use_scale = use_scale
         self.use_bias = use_bias
-        for name, value in attributes.items():
-            setattr(self, name, value)
 
-    def _call_pure(self, function, x, use_running_average: bool | None, mask, **extra):
+    def _call_pure(self, function, x, use_running_average: bool | None, mask, **options):
+        """The pure call with this layer's shared options and its own `options`."""
         value = use_running_average if use_running_average is not None else self.use_running_average
         if value is None:
             raise ValueError(
@@ -99,8 +103,21 @@ class _Normalization(nnx.Module):
         running = RunningStats(self.mean[...], self.var[...], None if self.count is None else self.count[...])
         scale = None if self.scale is None else self.scale[...]
         bias = None if self.bias is None else self.bias[...]
-        options = _module_options.call_options(self, self._options)
-        y, new = function(x, scale, bias, running, training=training, mask=mask, **options, **extra)
+        y, new = function(
+            x,
+            scale,
+            bias,
+            running,
+            training=training,
+            mask=mask,
+            axis=self.axis,
+            epsilon=self.epsilon,
+            dtype=self.dtype,
+            axis_name=self.axis_name,
+            axis_index_groups=self.axis_index_groups,
+            running_average=self.rule,
+            **options,
+        )
         stored = training and not self._capture(x, mask)
         if stored:
             # The running statistics are state, never differentiated.
@@ -167,9 +184,9 @@ class BatchNorm(_Normalization):
       unbiased_running_var: track the unbiased batch variance, as PyTorch does.
       activation, negative_slope, save_output_only, fused: the fused activation, the
         memory-saving mode and the choice of derivative rule (see `jbn.batch_norm`).
+      running_average: a running-average rule object (see `jbn.batch_norm`); when given,
+        it replaces `momentum`, `debias` and `unbiased_running_var`.
     """
-
-    _options = _module_options.BATCH_NORM
 
     def __init__(
         self,
@@ -199,13 +216,52 @@ class BatchNorm(_Normalization):
         negative_slope: float = 0.01,
         save_output_only: bool = False,
         fused: bool = True,
+        running_average: Any = None,
     ):
-        super().__init__(**_arguments(locals()))
+        super().__init__(
+            num_features,
+            rngs=rngs,
+            use_scale=use_scale,
+            use_bias=use_bias,
+            scale_init=scale_init,
+            bias_init=bias_init,
+            param_dtype=param_dtype,
+            scale_metadata=scale_metadata,
+            bias_metadata=bias_metadata,
+            use_running_average=use_running_average,
+            axis=axis,
+            momentum=momentum,
+            epsilon=epsilon,
+            dtype=dtype,
+            axis_name=axis_name,
+            axis_index_groups=axis_index_groups,
+            debias=debias,
+            unbiased_running_var=unbiased_running_var,
+            running_average=running_average,
+        )
+        self.use_fast_variance = use_fast_variance
+        self.promote_dtype = promote_dtype
+        self.virtual_batch_size = virtual_batch_size
+        self.activation = activation
+        self.negative_slope = negative_slope
+        self.save_output_only = save_output_only
+        self.fused = fused
 
     def __call__(self, x, use_running_average: bool | None = None, *, mask: jax.Array | None = None):
         """Normalize `x` (features on `axis`); `mask` as in `jbn.moments`. In training the
         running statistics are updated in place."""
-        return self._call_pure(batch_norm, x, use_running_average, mask)[0]
+        y, _ = self._call_pure(
+            batch_norm,
+            x,
+            use_running_average,
+            mask,
+            virtual_batch_size=self.virtual_batch_size,
+            activation=self.activation,
+            negative_slope=self.negative_slope,
+            save_output_only=self.save_output_only,
+            fused=self.fused,
+        )
+        return y
 
 
 class BatchRenorm(_Normalization):
@@ -216,8 +272,6 @@ class BatchRenorm(_Normalization):
     (`jbn.renorm_schedule`). The state adds `step` (an int32 `nnx.BatchStat`), the number
     of training calls so far (saturating at 2**31 - 1).
     """
-
-    _options = _module_options.BATCH_RENORM
 
     def __init__(
         self,
@@ -242,13 +296,38 @@ class BatchRenorm(_Normalization):
         scale_metadata: Mapping[str, Any] = MappingProxyType({}),
         debias: bool = False,
         unbiased_running_var: bool = False,
+        running_average: Any = None,
     ):
-        super().__init__(**_arguments(locals()))
+        super().__init__(
+            num_features,
+            rngs=rngs,
+            use_scale=use_scale,
+            use_bias=use_bias,
+            scale_init=scale_init,
+            bias_init=bias_init,
+            param_dtype=param_dtype,
+            scale_metadata=scale_metadata,
+            bias_metadata=bias_metadata,
+            use_running_average=use_running_average,
+            axis=axis,
+            momentum=momentum,
+            epsilon=epsilon,
+            dtype=dtype,
+            axis_name=axis_name,
+            axis_index_groups=axis_index_groups,
+            debias=debias,
+            unbiased_running_var=unbiased_running_var,
+            running_average=running_average,
+        )
+        self.r_max = r_max
+        self.d_max = d_max
         self.step = nnx.BatchStat(jnp.zeros((), jnp.int32))
 
     def __call__(self, x, use_running_average: bool | None = None, *, mask: jax.Array | None = None):
         """Renormalize `x`; in training the running statistics and `step` are updated."""
-        y, stored = self._call_pure(batch_renorm, x, use_running_average, mask, step=self.step[...])
+        y, stored = self._call_pure(
+            batch_renorm, x, use_running_average, mask, r_max=self.r_max, d_max=self.d_max, step=self.step[...]
+        )
         if stored:
             self.step[...] = next_step(self.step[...])
         return y

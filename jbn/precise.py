@@ -22,9 +22,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jbn._merge import merge_moments
 from jbn._state import Moments
-from jbn._statistics import moments
+from jbn._statistics import merge_moments, moments
 
 # The variables a jbn layer looks for (see jbn.linen): while they are in its batch_stats, a
 # training call merges its batch statistics into them and changes nothing else.

@@ -22,14 +22,13 @@ from jbn import _validate
 from jbn._axes import Axes, AxisName, promoted
 from jbn._batch_norm import (
     canonical_arguments,
-    check_running_options,
     evaluate_with_layout,
-    shared_options,
+    running_rule,
     warn_if_one_value_per_feature,
     without_nonfinite_padding,
 )
-from jbn._normalize import normalized
-from jbn._running import apply_update, check_running
+from jbn._normalize import normalize_on_layout
+from jbn._running import apply_rule, check_running
 from jbn._state import RunningStats
 from jbn._statistics import batch_moments
 
@@ -120,6 +119,7 @@ def batch_renorm(
     dtype: Any = None,
     debias: bool = False,
     unbiased_running_var: bool = False,
+    running_average: Any = None,
 ) -> tuple[Array, RunningStats]:
     """Batch renormalization of `x` and the next running statistics.
 
@@ -136,24 +136,34 @@ def batch_renorm(
       momentum, debias, unbiased_running_var: the running update, as in `batch_norm`
         (the running variance is averaged, not the standard deviation as in the paper, so
         that the state is exactly batch norm's).
+      running_average: a running-average rule object, as in `batch_norm`.
 
     Returns:
       `(y, new_running)`: `y` has `x`'s shape.
     """
-    training, momentum, debias, unbiased_running_var = check_running_options(
-        training, momentum, debias, unbiased_running_var
-    )
-    x, scale, bias, layout, options = canonical_arguments(
-        x, scale, bias, training=training, fused=False, **shared_options(locals())
+    training = _validate.check_flag(training, "training")
+    rule = running_rule(running_average, momentum, debias, unbiased_running_var)
+    x, scale, bias, layout, how = canonical_arguments(
+        x,
+        scale,
+        bias,
+        axis=axis,
+        mask=mask,
+        axis_name=axis_name,
+        axis_index_groups=axis_index_groups,
+        epsilon=epsilon,
+        dtype=dtype,
+        fused=False,
+        training=training,
     )
     if jnp.iscomplexobj(x):
         raise TypeError(f"`x` is complex ({x.dtype}): batch renormalization supports real inputs; use batch_norm.")
-    epsilon, out_dtype = options["epsilon"], options["out_dtype"]
+    epsilon, out_dtype = how.epsilon, how.out_dtype
     running = check_running(running, layout.fshape, axis)
     r_max = resolve_limit(r_max, step, "r_max")  # type: ignore[assignment]
     d_max = resolve_limit(d_max, step, "d_max")  # type: ignore[assignment]
     if not training:
-        return evaluate_with_layout(x, scale, bias, layout, running, **options), running
+        return evaluate_with_layout(x, scale, bias, layout, running, how), running
 
     warn_if_one_value_per_feature(layout)
     x = without_nonfinite_padding(x, layout.valid)
@@ -170,6 +180,6 @@ def batch_renorm(
     r_scale = r if scale is None else scale.astype(wide) * r
     d_bias = d if scale is None else scale.astype(wide) * d
     d_bias = d_bias if bias is None else bias.astype(wide) + d_bias
-    y = normalized(x, layout, stats.mean, stats.var, r_scale, d_bias, epsilon=epsilon, out_dtype=out_dtype)
-    new = apply_update(running, stats, momentum, debias, unbiased_running_var)
+    y = normalize_on_layout(x, layout, stats.mean, stats.var, r_scale, d_bias, epsilon=epsilon, out_dtype=out_dtype)
+    new = apply_rule(rule, running, stats)
     return y, new

@@ -7,6 +7,7 @@ scale of the weights before it, and the scale/bias of BN are few, so the usual p
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -47,7 +48,7 @@ def _has_running_stats(batch_stats: Any, path: tuple) -> bool:
     return isinstance(node, Mapping) and "mean" in node and "var" in node
 
 
-def optax_mask(params: Any, batch_stats: Any = None) -> Any:
+def weight_decay_mask(params: Any, batch_stats: Any = None) -> Any:
     """A tree of bools like `params`: True for the parameters to decay, False for the
     scale and bias of normalization layers.
 
@@ -60,8 +61,8 @@ def optax_mask(params: Any, batch_stats: Any = None) -> Any:
 
     Use it as optax's mask, directly (it is a callable of the params) or evaluated:
 
-        optax.adamw(1e-3, weight_decay=1e-4, mask=jbn.optax_mask)
-        optax.chain(optax.add_decayed_weights(1e-4, mask=jbn.optax_mask), optax.sgd(0.1, 0.9))
+        optax.adamw(1e-3, weight_decay=1e-4, mask=jbn.weight_decay_mask)
+        optax.chain(optax.add_decayed_weights(1e-4, mask=jbn.weight_decay_mask), optax.sgd(0.1, 0.9))
     """
     skip = _norm_layers(params, batch_stats)
 
@@ -71,3 +72,12 @@ def optax_mask(params: Any, batch_stats: Any = None) -> Any:
         return not any(keys[:i] in skip for i in range(len(keys)))
 
     return jax.tree_util.tree_map_with_path(decay, params)
+
+
+def optax_mask(params: Any, batch_stats: Any = None) -> Any:
+    """Deprecated alias of `weight_decay_mask` (the name said who reads the mask, not what
+    it holds); it will be removed in the next release."""
+    warnings.warn(
+        "jbn.optax_mask is deprecated: use jbn.weight_decay_mask (same arguments).", DeprecationWarning, stacklevel=2
+    )
+    return weight_decay_mask(params, batch_stats)

@@ -1,4 +1,4 @@
-"""Training conveniences: optax_mask, freezing BN for fine-tuning, zero-initialised residual scale."""
+"""Training conveniences: weight_decay_mask, freezing BN for fine-tuning, zero-initialised residual scale."""
 
 import flax.linen as nn
 import jax
@@ -25,19 +25,19 @@ def _init():
     return x, Net().init(jax.random.key(0), x, train=False)
 
 
-def test_optax_mask_leaves_out_norm_scale_and_bias():
+def test_weight_decay_mask_leaves_out_norm_scale_and_bias():
     _, variables = _init()
     params = variables["params"]
-    mask = jbn.optax_mask(params)
+    mask = jbn.weight_decay_mask(params)
     assert mask["Dense_0"] == {"kernel": True, "bias": True}
     assert mask["BatchNorm_0"] == {"scale": False, "bias": False}
     assert mask["LayerNorm_0"] == {"scale": False, "bias": False}
-    only_bn = jbn.optax_mask(params, variables["batch_stats"])
+    only_bn = jbn.weight_decay_mask(params, variables["batch_stats"])
     assert only_bn["BatchNorm_0"] == {"scale": False, "bias": False}
     assert only_bn["LayerNorm_0"] == {"scale": True, "bias": True}
 
 
-def test_optax_mask_on_nnx_state():
+def test_weight_decay_mask_on_nnx_state():
     from flax import nnx
 
     class Model(nnx.Module):
@@ -45,16 +45,16 @@ def test_optax_mask_on_nnx_state():
             self.linear = nnx.Linear(3, 4, rngs=rngs)
             self.bn = jbn.nnx.BatchNorm(4, rngs=rngs)
 
-    mask = nnx.to_pure_dict(jbn.optax_mask(nnx.state(Model(nnx.Rngs(0)), nnx.Param)))
+    mask = nnx.to_pure_dict(jbn.weight_decay_mask(nnx.state(Model(nnx.Rngs(0)), nnx.Param)))
     assert mask == {"bn": {"bias": False, "scale": False}, "linear": {"bias": True, "kernel": True}}
 
 
 @pytest.mark.peer_not_strict("optax.adamw multiplies a Python float by its int32 step count")
-def test_optax_mask_in_adamw_decays_only_the_kernels():
+def test_weight_decay_mask_in_adamw_decays_only_the_kernels():
     _, variables = _init()
     params = jax.tree.map(lambda p: p + 1.0, variables["params"])  # non-zero everywhere
     lr, wd = 0.1, 0.5
-    optimizer = optax.adamw(lr, weight_decay=wd, mask=jbn.optax_mask)  # the mask is a callable of the params
+    optimizer = optax.adamw(lr, weight_decay=wd, mask=jbn.weight_decay_mask)  # the mask is a callable of the params
     state = optimizer.init(params)
     zeros = jax.tree.map(jnp.zeros_like, params)
     updates, _ = optimizer.update(zeros, state, params)

@@ -484,7 +484,7 @@ def test_gradient_through_jit_and_scan(where, fused):
 
 
 def test_vmap_memory_grows_linearly_with_batch():
-    """Under vmap the all-gather of the statistics is a broadcast (jbn._collectives.gather),
+    """Under vmap the all-gather of the statistics is a broadcast (jbn._statistics.gather),
     not a psum of one-hot slots: memory grows linearly with the batch, as equinox's pmean."""
 
     def temp_bytes(n):

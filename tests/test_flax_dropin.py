@@ -1,4 +1,4 @@
-"""jbn as a drop-in for flax's BatchNorm, one section per item of issue 11.
+"""jbn as a drop-in for flax's BatchNorm, one section per behaviour of flax that jbn matches.
 
 Every number comes from real flax (flax.linen.BatchNorm / flax.nnx.BatchNorm run on the
 same variables and data: same numbers within float32 tolerance) or from the float64 NumPy

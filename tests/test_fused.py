@@ -1,4 +1,4 @@
-"""The fused training path (jbn._vjp): gradients against a float64 NumPy reference
+"""The fused training path (jbn._fused): gradients against a float64 NumPy reference
 written from the batch-norm backward formulas, against flax, numerical second
 derivatives, masks, activations, the memory-saving mode and its saved residuals."""
 

@@ -1,4 +1,4 @@
-"""Hostile inputs never give wrong numbers (issue 15): property tests over the classes of
+"""Hostile inputs never give wrong numbers: property tests over the classes of
 input an adversarial audit found defects in, on every training path.
 
 Paths: `batch_norm` (fused and fused=False), `batch_renorm`, linen `BatchNorm`/`BatchRenorm`

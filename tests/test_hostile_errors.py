@@ -1,4 +1,4 @@
-"""Silent acceptance and unclear errors (issue 15): every bad argument below fails at trace
+"""Silent acceptance and unclear errors: every bad argument below fails at trace
 time with a TypeError (wrong type) or ValueError (wrong value) whose message names the
 argument; the arguments that are fine (an empty batch to `moments`, a NumPy integer
 `virtual_batch_size`) give the float64 reference's numbers.

@@ -1,4 +1,6 @@
-"""One participant's statistics, and the exact merge of several (Chan et al. 1979).
+"""One participant's moments (one device, one shard, one sub-batch): the `Local` record a
+merge takes, and the cpu formulation of it; `jbn._accelerator_moments` picks a formulation
+per backend, `jbn._statistics` merges participants.
 
 A participant (one device, one shard, one sub-batch) reduces its own elements around a
 base close to their mean (the mean of every 8th slice, provably within sqrt(7) standard
@@ -135,97 +137,3 @@ def local_moments(x: Array, layout: Layout, dtype) -> Local:
     var = jnp.where(jnp.isposinf(d_sq), d_sq, jnp.maximum(d_sq - abs_square(correction), 0))
     has = count > 0
     return Local(count, var, jnp.where(has, base, 0), jnp.where(has, correction, 0))
-
-
-def stack_participant(local: Local) -> Array:
-    """(count, var, base, delta) of one participant stacked on axis 0, feature-shaped, as
-    `chan_merge` takes them after a gather (complex parts kept apart)."""
-    # var's shape AND sharding (a scalar count broadcast on its own is replicated, and jnp.stack
-    # of it with split statistics is a ShardingTypeError under an Explicit mesh)
-    count = local.count.astype(local.var.dtype) + jnp.zeros_like(local.var)
-    parts = [count, local.var]
-    for v in (local.base, local.delta):
-        parts += [v.real, v.imag] if jnp.iscomplexobj(v) else [v]
-    return jnp.stack(parts)
-
-
-def unstack_participants(stacked: Array, axis: int, complex_mean: bool) -> Local:
-    """`stack_participant`'s layout along `axis` of `stacked`, back as a `Local`."""
-    parts = [jnp.take(stacked, i, axis=axis) for i in range(stacked.shape[axis])]
-    if complex_mean:
-        return Local(parts[0], parts[1], lax.complex(parts[2], parts[3]), lax.complex(parts[4], parts[5]))
-    return Local(*parts)
-
-
-def chan_merge(local: Local) -> Moments:
-    """Merge participants' statistics stacked on axis 0 into those of all their elements:
-    `mean = sum(w_i mean_i)`, `var = sum(w_i (var_i + |mean_i - mean|^2))` with weights
-    `w_i = n_i / n`. The means are merged as offsets from the base of the first
-    participant that holds data (close values subtract exactly, and each delta is small
-    and precise), so that a mean near 1e4 loses nothing to rounding. A participant
-    without elements contributes nothing (its terms are selected away, so a huge mean
-    elsewhere cannot make 0 * inf)."""
-    count, var, base, delta = local
-    total = jnp.sum(count, axis=0)
-    weight = count / jnp.maximum(total, 1)[None]
-    has = count > 0
-    reference = jnp.take_along_axis(base, jnp.argmax(has, axis=0)[None], axis=0)[0]
-    offset = jnp.where(has, (base - reference[None]) + delta, 0)
-    merged = jnp.sum(weight.astype(offset.dtype) * offset, axis=0)  # a complex mean's offsets: weight cast explicitly
-    spread = jnp.where(has, weight * (var + abs_square(offset - merged[None])), 0)
-    has_any = total > 0
-    return Moments(jnp.where(has_any, reference + merged, 0), jnp.where(has_any, jnp.sum(spread, axis=0), 0), total)
-
-
-def shifted_sums(x: Array, layout: Layout, shift: Array, dtype) -> tuple[Array, Array, Array]:
-    """count, sum(x - shift), sum(|x - shift|^2) in one pass: what a psum can add up when
-    every participant shares the same `shift`."""
-    (xa, sa), (xb, sb) = separate_uses(2, x, shift)
-    da = xa.astype(dtype) - _axes.expand_features(sa, layout.ndim, layout.features)
-    db = xb.astype(dtype) - _axes.expand_features(sb, layout.ndim, layout.features)
-    if layout.valid is not None:
-        da, db = jnp.where(layout.valid, da, 0), jnp.where(layout.valid, db, 0)
-    return valid_count(layout, dtype), jnp.sum(da, axis=layout.reduce), jnp.sum(abs_square(db), axis=layout.reduce)
-
-
-def from_shifted_sums(count: Array, s1: Array, s2: Array, shift: Array) -> Moments:
-    safe = jnp.maximum(count, 1)  # keeps 0/0 out of both branches (and their gradients)
-    delta = s1 / safe
-    mean = jnp.where(count > 0, shift + delta, 0)
-    var = jnp.where(count > 0, jnp.maximum(s2 / safe - abs_square(delta), 0), 0)
-    return Moments(mean, var, count)
-
-
-def merge_moments(a: Moments, b: Moments) -> Moments:
-    """The exact statistics of the union of two sets of elements (Chan et al. 1979).
-
-    `mean = (n_a mean_a + n_b mean_b) / n`, `var = (n_a var_a + n_b var_b +
-    |mean_b - mean_a|^2 n_a n_b / n) / n`: the last term is the between-set variance of
-    the means, which a plain average of the variances misses. A side with count 0
-    contributes nothing. Counts broadcast to the mean's shape; the result has float
-    counts of the wider dtype of the two.
-    """
-    dtype = _axes.stats_dtype(a.mean.dtype, b.mean.dtype)
-    rdtype = _axes.real_dtype(dtype)
-    shape = jnp.broadcast_shapes(jnp.shape(a.mean), jnp.shape(b.mean))
-
-    def stacked(m: Moments) -> Moments:
-        return Moments(
-            jnp.broadcast_to(jnp.asarray(m.mean, dtype), shape),
-            jnp.broadcast_to(jnp.asarray(m.var, rdtype), shape),
-            jnp.broadcast_to(jnp.asarray(m.count, rdtype), shape),
-        )
-
-    a, b = stacked(a), stacked(b)
-    merged = chan_merge(
-        Local(
-            *(
-                jnp.stack([u, v])
-                for u, v in zip(
-                    (a.count, a.var, a.mean, jnp.zeros_like(a.mean)), (b.count, b.var, b.mean, jnp.zeros_like(b.mean))
-                )
-            )
-        )
-    )
-    empty = merged.count == 0  # nothing on either side: `a` as it was
-    return Moments(jnp.where(empty, a.mean, merged.mean), jnp.where(empty, a.var, merged.var), merged.count)
