@@ -3,7 +3,7 @@
 `local_moments` picks, when the program is lowered, the formulation of the platform it is
 lowered for (`jax.lax.platform_dependent`):
 
-- cpu (and any platform not listed): `jbn._merge.local_moments`, the corrected two-pass
+- cpu (and any platform not listed): `jbn._local_moments.local_moments`, the corrected two-pass
   sums around a sampled base, shaped for XLA:CPU's fusion rules.
 - tpu: `chan_reduce_moments`, ONE variadic reduction that carries (count, mean, variance)
   per partial result and merges partial results with Chan's formula. XLA:TPU fuses it into a
@@ -31,8 +31,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jbn import _axes, _triton_moments
-from jbn import _local_moments as _merge  # the cpu formulation, and what every formulation returns
+from jbn import _axes, _local_moments, _triton_moments  # _local_moments: the cpu formulation
 from jbn._axes import Layout
 from jbn._local_moments import Local
 
@@ -112,14 +111,14 @@ def _chan_moments_jvp(reduce, dtype, primals, tangents):
 
 def chan_reduce_moments(x: Array, layout: Layout, dtype) -> Local:
     """`Local` statistics from one variadic reduction with Chan's merge (see the module doc)."""
-    count = _merge.valid_count(layout, dtype)
+    count = _local_moments.valid_count(layout, dtype)
     hi, lo, var = _chan_moments(x, layout.valid, layout.reduce, dtype)
     has = count > 0
     return Local(count, jnp.where(has, var, 0), jnp.where(has, hi, 0), jnp.where(has, lo, 0))
 
 
 FORMULATIONS: dict[str, Callable[[Array, Layout, object], Local]] = {
-    "cpu": _merge.local_moments,
+    "cpu": _local_moments.local_moments,
     "tpu": chan_reduce_moments,
     "cuda": _triton_moments.triton_moments,
 }
@@ -132,7 +131,7 @@ def local_moments(x: Array, layout: Layout, dtype) -> Local:
     symbolic size)."""
     symbolic = not all(isinstance(d, int) for d in x.shape)
     if symbolic or jnp.iscomplexobj(x) or jnp.issubdtype(dtype, jnp.complexfloating):
-        return _merge.local_moments(x, layout, dtype)
+        return _local_moments.local_moments(x, layout, dtype)
     branches = {platform: partial(_call, formulation, layout, dtype) for platform, formulation in FORMULATIONS.items()}
     default = branches.pop("cpu")
     if all(f.args[0] is FORMULATIONS["cpu"] for f in branches.values()):

@@ -12,7 +12,7 @@ around the first chunk's mean) gives the `Local` statistics.
 
 The squared deviations are scaled by 1 / (elements per feature) before they are summed, so a
 representable variance comes out finite. Masks, and feature axes that are not the trailing
-contiguous ones, use the cpu formulation (`jbn._merge.local_moments`). Derivatives: a custom
+contiguous ones, use the cpu formulation (`jbn._local_moments.local_moments`). Derivatives: a custom
 JVP written in XLA operations (mean' = mean of x', var' = 2 mean((x - mean) x')), so any order
 works. `interpret=True` runs the same kernel through Pallas' interpreter (how it is tested on
 CPU); the GPU entry of the dispatch compiles it with Triton.
@@ -29,7 +29,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from jbn import _local_moments as _merge  # the cpu formulation, and what every formulation returns
+from jbn import _local_moments  # the cpu formulation, and what every formulation returns
 from jbn._axes import Layout
 from jbn._local_moments import Local
 
@@ -290,9 +290,9 @@ def triton_moments(x: Array, layout: Layout, dtype, *, interpret: bool = False) 
     """`Local` statistics from the one-read kernel (see the module doc); other cases: the
     cpu formulation."""
     if not applies(x, layout, dtype):
-        return _merge.local_moments(x, layout, dtype)
+        return _local_moments.local_moments(x, layout, dtype)
     feature_shape = tuple(x.shape[a] for a in layout.features)
     features = math.prod(feature_shape)
     hi, lo, var = _moments(x.reshape(-1, features), interpret)
-    count = _merge.valid_count(layout, dtype)
+    count = _local_moments.valid_count(layout, dtype)
     return Local(count, var.reshape(feature_shape), hi.reshape(feature_shape), lo.reshape(feature_shape))
