@@ -265,7 +265,7 @@ def _moments_jvp(interpret, primals, tangents):
     inv_n = 1 / max(x2d.shape[0], 1)
     dx = dx.astype(jnp.float32)
     d_mean = jnp.sum(dx, axis=0) * inv_n
-    centred = (x2d.astype(jnp.float32) - hi) - lo
+    centred = (x2d.astype(jnp.float32) - hi[None]) - lo[None]  # explicit broadcast (rank promotion "raise")
     d_var = 2 * jnp.sum(centred * dx, axis=0) * inv_n
     return (hi, lo, var), (d_mean, jnp.zeros_like(lo), d_var)
 
