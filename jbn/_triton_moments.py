@@ -82,13 +82,13 @@ def _kernel(
     tile's mean; offset: the compensated sum of x - base over the chunk, divided by its
     rows) and its M2 / rows (Chan's merge of the tiles' corrected two-pass M2)."""
     first_row = pl.program_id(0) * chunk
-    cols = pl.program_id(1) * FEATURE_BLOCK + jnp.arange(FEATURE_BLOCK)
+    cols = pl.program_id(1) * FEATURE_BLOCK + jnp.arange(FEATURE_BLOCK, dtype=jnp.int32)
     col_ok = cols < features
     zeros = jnp.zeros((FEATURE_BLOCK,), jnp.float32)
 
     def tile(k, carry):
         n_a, base_a, s_hi, s_lo, m2_a, r_a = carry
-        local = k * TILE_ROWS + jnp.arange(TILE_ROWS)
+        local = k * TILE_ROWS + jnp.arange(TILE_ROWS, dtype=jnp.int32)
         row_ok = (first_row + local) < rows
         ok = row_ok[:, None] & col_ok[None, :]
         window = x_ref.at[pl.ds(k * TILE_ROWS, TILE_ROWS), :]
@@ -162,12 +162,12 @@ def _merge_kernel(
     are < 0.1% of x): the rounded weighted mean hi of the chunk bases, each chunk's mean less
     hi as d (base - hi is exact where they are close, and weighted by the chunk's share where
     not), their weighted mean lo, and the spread of the d around lo added to the chunks' M2."""
-    cols = pl.program_id(0) * FEATURE_BLOCK + jnp.arange(FEATURE_BLOCK)
+    cols = pl.program_id(0) * FEATURE_BLOCK + jnp.arange(FEATURE_BLOCK, dtype=jnp.int32)
     col_ok = cols < features
     zeros = jnp.zeros((FEATURE_BLOCK,), jnp.float32)
 
     def rows_of(k):
-        index = k * TILE_ROWS + jnp.arange(TILE_ROWS)
+        index = k * TILE_ROWS + jnp.arange(TILE_ROWS, dtype=jnp.int32)
         ok = (index < chunks)[:, None] & col_ok[None, :]
         share = (jnp.minimum(rows - index * chunk, chunk).astype(jnp.float32) / rows)[:, None]
         return ok, jnp.where(ok, share, 0)
