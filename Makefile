@@ -28,10 +28,14 @@ NOT_YET_STRICT := tests/test_differential_fuzz.py tests/test_flax_dropin.py test
 	tests/test_statistics_accuracy.py tests/test_multiprocess.py
 X64_TESTS := tests/test_functional.py tests/test_running_average.py
 
+# Each invocation spreads its tests over TEST_WORKERS processes (pytest-xdist; the tests that share a downloaded
+# source distribution are one xdist_group, kept on one process). Two: the suite's budget is 20 minutes on 2 cores.
+TEST_WORKERS ?= 2
+PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
 test: $(STAMP)
-	$(PY) -m pytest -q $(addprefix --ignore=,$(NOT_YET_STRICT))
-	JBN_STRICT=0 $(PY) -m pytest -q $(NOT_YET_STRICT)
-	JBN_STRICT=x64 $(PY) -m pytest -q $(X64_TESTS)
+	$(PYTEST) $(addprefix --ignore=,$(NOT_YET_STRICT))
+	JBN_STRICT=0 $(PYTEST) $(NOT_YET_STRICT)
+	JBN_STRICT=x64 $(PYTEST) $(X64_TESTS)
 
 # The benchmark suite: the op-level suite (benchmarks/run.py), the ResNet-18 training step
 # (benchmarks/model.py), the statistics strategies (benchmarks/statistics_strategies.py) and

@@ -29,6 +29,9 @@ import pytest
 
 from tests.flax_conformance import runner
 
+# Under pytest-xdist these tests stay on one worker: they share the flax source distribution it downloads once.
+pytestmark = pytest.mark.xdist_group("flax-sdist")
+
 REQUIRED_SWAPS = (
     "flax.linen.BatchNorm",
     "flax.linen.normalization.BatchNorm",

@@ -20,6 +20,9 @@ import pytest
 
 from tests.keras_conformance import jbn_keras_swap, runner
 
+# Under pytest-xdist these tests stay on one worker: they share the keras source distribution it downloads once.
+pytestmark = pytest.mark.xdist_group("keras-sdist")
+
 
 def _in_ci():
     return os.environ.get("CI", "").lower() in ("1", "true", "yes")
