@@ -1,12 +1,23 @@
-"""Float64 NumPy batch norm, written from the textbook formulas (two-pass variance).
+"""Float64 NumPy batch norm, written from the textbook formulas (two-pass variance): the
+suite's one reference module.
 
 It shares no code with jbn: every number the tests check comes from here or from a
-real peer (flax, PyTorch), never from the code under test.
+real peer (flax, PyTorch), never from the code under test. Sections: moments and the
+normalization (any feature axes, masks, complex inputs); the running averages (EMA,
+cumulative, debiased; ghost sub-batches); Batch Renormalization; the spacing of narrow dtypes.
+Where a function says nothing else, features are the last axis.
 """
 
 from __future__ import annotations
 
 import numpy as np
+
+
+def f64(a):
+    return np.asarray(a, np.float64)
+
+
+# ------------------------------------------------------------ moments and the normalization
 
 
 def canonical_axes(ndim, axis):
@@ -65,14 +76,19 @@ def normalize(x, mean, var, scale=None, bias=None, axis=-1, epsilon=1e-5):
     return y
 
 
+def batch_norm_training(x, scale=None, bias=None, *, axis=-1, epsilon=1e-5, mask=None):
+    """The training output with the batch's own statistics: (y, mean, biased var, count)."""
+    mean, var, count = moments(x, axis, mask)
+    return normalize(x, mean, var, scale, bias, axis, epsilon), mean, var, count
+
+
 def batch_norm(x, scale, bias, running_mean, running_var, *, training, axis=-1, momentum=0.99, epsilon=1e-5, mask=None):
     """Returns (y, new_running_mean, new_running_var)."""
     running_mean = np.asarray(running_mean, np.float64)
     running_var = np.asarray(running_var, np.float64)
     if not training:
         return normalize(x, running_mean, running_var, scale, bias, axis, epsilon), running_mean, running_var
-    mean, var, count = moments(x, axis, mask)
-    y = normalize(x, mean, var, scale, bias, axis, epsilon)
+    y, mean, var, count = batch_norm_training(x, scale, bias, axis=axis, epsilon=epsilon, mask=mask)
     ok = (count > 0) & np.isfinite(mean) & np.isfinite(var)
     new_mean = np.where(ok, momentum * running_mean + (1 - momentum) * mean, running_mean)
     new_var = np.where(ok, momentum * running_var + (1 - momentum) * var, running_var)
@@ -131,6 +147,9 @@ def activation(y, kind=None, negative_slope=0.01):
     return np.where(y >= 0, y, 0.0 if kind == "relu" else negative_slope * y)
 
 
+# ------------------------------------------------------------ running averages
+
+
 def old_weight(momentum, t, debias):
     """The weight of the old running value at the t-th counted update (t >= 1): the EMA's
     `momentum`; `(t - 1) / t` for the cumulative average (momentum None); for the debiased
@@ -160,3 +179,67 @@ def running_update(old_mean, old_var, old_count, mean, var, ok, *, momentum, deb
     new_mean = np.where(ok, keep * old_mean + (1 - keep) * mean, old_mean)
     new_var = np.where(ok, keep * old_var + (1 - keep) * var, old_var)
     return new_mean, new_var, count
+
+
+def ema(old, batch, momentum, ok):
+    """One EMA step where `ok`, else the old value."""
+    return np.where(ok, momentum * f64(old) + (1 - momentum) * f64(batch), f64(old))
+
+
+def ghost_running(x, valid, size, running_mean, running_var, *, momentum, unbiased):
+    """Ghost batch norm's running update from the float64 formulas: sub-batch g is rows
+    [g*size, (g+1)*size) of axis 1 of `x` (shape (participants, n, C)) on every participant.
+    Per feature, a sub-batch counts when its variance is defined: at least one valid element
+    (biased), at least two (unbiased, Bessel's n / (n - 1)). The update uses the mean of
+    the counted sub-batches' means and of their variances; a feature with no counted
+    sub-batch keeps its running statistics."""
+    x, valid = f64(x), np.broadcast_to(valid, x.shape)
+    groups = x.shape[1] // size
+    means, variances, used = [], [], []
+    for g in range(groups):
+        rows = slice(g * size, (g + 1) * size)
+        sub = x[:, rows].reshape(-1, x.shape[-1])
+        mean, var, count = moments(sub, -1, valid[:, rows].reshape(sub.shape))
+        if unbiased:
+            var = np.where(count > 1, var * count / np.maximum(count - 1, 1), 0.0)
+        means.append(mean), variances.append(var), used.append(count >= (2 if unbiased else 1))
+    used = np.array(used)
+    n = np.maximum(used.sum(0), 1)
+    mean = np.where(used, means, 0).sum(0) / n
+    var = np.where(used, variances, 0).sum(0) / n
+    ok = used.any(0)
+    return ema(running_mean, mean, momentum, ok), ema(running_var, var, momentum, ok)
+
+
+# ------------------------------------------------------------ Batch Renormalization
+
+
+def renorm_train(x, scale, bias, running_mean, running_var, *, r_max, d_max, valid, epsilon=1e-5):
+    """Batch Renormalization's training output (Ioffe 2017) with r and d as constants:
+    y = scale * (xhat * r + d) + bias. Returns (y, r, d, batch mean, batch var)."""
+    mean, var, _ = moments(x, -1, np.broadcast_to(valid, np.shape(x)))
+    sigma_b = np.sqrt(var + epsilon)
+    sigma = np.sqrt(f64(running_var) + epsilon)
+    r = np.clip(sigma_b / sigma, 1 / r_max, r_max)
+    d = np.clip((mean - f64(running_mean)) / sigma, -d_max, d_max)
+    xhat = (f64(x) - mean) / sigma_b
+    return f64(scale) * (xhat * r + d) + f64(bias), r, d, mean, var
+
+
+def renorm_grads(x, scale, dy, *, r, d, valid, epsilon=1e-5):
+    """(dx, dscale, dbias) of sum(dy * y) for Batch Renorm: with r, d constant, y is batch norm
+    with scale * r and bias scale * d + bias, so dx is batch norm's with that scale."""
+    dx, _, dbias = batch_norm_grads(f64(x), f64(scale) * r, dy, axis=-1, epsilon=epsilon, mask=valid)
+    mean, var, _ = moments(x, -1, np.broadcast_to(valid, np.shape(x)))
+    xhat = (f64(x) - mean) / np.sqrt(var + epsilon)
+    reduce = tuple(range(np.ndim(x) - 1))
+    return dx, (f64(dy) * (xhat * r + d)).sum(reduce), dbias
+
+
+# ------------------------------------------------------------ narrow dtypes
+
+
+def spacing(value, dtype):
+    """The gap between `dtype` numbers at |value| (one ulp); `dtype` is ml_dtypes' bfloat16
+    or NumPy's float16."""
+    return float(np.spacing(np.abs(np.asarray(value, np.float64)).astype(dtype)).astype(np.float64))

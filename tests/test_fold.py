@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import jbn
-from tests.variants_reference import bn_eval, f64
+from tests import reference as ref
 
 EPS = 1e-5
 
@@ -68,8 +68,10 @@ def test_dense_without_bias_gets_one():
     assert "bias" not in variables["params"]["layer"]
     # and against a float64 reference of dense -> BN eval
     p, s = variables["params"], variables["batch_stats"]["bn"]
-    ref = bn_eval(f64(x) @ f64(p["layer"]["kernel"]), p["bn"]["scale"], p["bn"]["bias"], s["mean"], s["var"], EPS)
-    np.testing.assert_allclose(got, ref, rtol=2e-5, atol=2e-5)
+    expected = ref.normalize(
+        ref.f64(x) @ ref.f64(p["layer"]["kernel"]), s["mean"], s["var"], p["bn"]["scale"], p["bn"]["bias"], epsilon=EPS
+    )
+    np.testing.assert_allclose(got, expected, rtol=2e-5, atol=2e-5)
 
 
 def test_conv_nhwc_with_bias():

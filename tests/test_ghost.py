@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import jbn
-from tests.variants_reference import bn_train, f64
+from tests import reference as ref
 
 EPS = 1e-5
 M = 0.9
@@ -26,13 +26,13 @@ def test_equals_batch_norm_on_each_sub_batch():
     y, new = jbn.batch_norm(x, gamma, beta, running, training=True, momentum=M, virtual_batch_size=4)
     means, variances = [], []
     for g in range(3):
-        y_ref, mean, var, _ = bn_train(x[4 * g : 4 * g + 4], gamma, beta, EPS)
+        y_ref, mean, var, _ = ref.batch_norm_training(x[4 * g : 4 * g + 4], gamma, beta, epsilon=EPS)
         np.testing.assert_allclose(y[4 * g : 4 * g + 4], y_ref, rtol=1e-5, atol=1e-5)
         means.append(mean)
         variances.append(var)
     # running statistics: updated once, from the mean of sub-batch means and of sub-batch variances
-    np.testing.assert_allclose(new.mean, M * f64(running.mean) + (1 - M) * np.mean(means, 0), rtol=1e-6)
-    np.testing.assert_allclose(new.var, M * f64(running.var) + (1 - M) * np.mean(variances, 0), rtol=1e-6)
+    np.testing.assert_allclose(new.mean, M * ref.f64(running.mean) + (1 - M) * np.mean(means, 0), rtol=1e-6)
+    np.testing.assert_allclose(new.var, M * ref.f64(running.var) + (1 - M) * np.mean(variances, 0), rtol=1e-6)
 
 
 def test_gradients_equal_separate_sub_batches():
@@ -62,13 +62,13 @@ def test_composes_with_masks_and_leaves_out_empty_sub_batches():
     means, variances = [], []
     for g in range(2):
         sl = slice(4 * g, 4 * g + 4)
-        y_ref, mean, var, _ = bn_train(x[sl], gamma, beta, EPS, valid=valid[sl])
+        y_ref, mean, var, _ = ref.batch_norm_training(x[sl], gamma, beta, epsilon=EPS, mask=valid[sl])
         np.testing.assert_allclose(np.asarray(y[sl])[valid[sl]], y_ref[valid[sl]], rtol=1e-5, atol=1e-5)
         means.append(mean)
         variances.append(var)
     assert np.isfinite(np.asarray(y)).all()
-    np.testing.assert_allclose(new.mean, M * f64(running.mean) + (1 - M) * np.mean(means, 0), rtol=1e-6)
-    np.testing.assert_allclose(new.var, M * f64(running.var) + (1 - M) * np.mean(variances, 0), rtol=1e-6)
+    np.testing.assert_allclose(new.mean, M * ref.f64(running.mean) + (1 - M) * np.mean(means, 0), rtol=1e-6)
+    np.testing.assert_allclose(new.var, M * ref.f64(running.var) + (1 - M) * np.mean(variances, 0), rtol=1e-6)
 
 
 def test_unbiased_correction_per_sub_batch():
@@ -76,8 +76,8 @@ def test_unbiased_correction_per_sub_batch():
     _, new = jbn.batch_norm(
         x, gamma, beta, running, training=True, momentum=M, virtual_batch_size=6, unbiased_running_var=True
     )
-    per_sub = [f64(x[i : i + 6]).reshape(-1, 2).var(0, ddof=1) for i in (0, 6)]
-    np.testing.assert_allclose(new.var, M * f64(running.var) + (1 - M) * np.mean(per_sub, 0), rtol=1e-6)
+    per_sub = [ref.f64(x[i : i + 6]).reshape(-1, 2).var(0, ddof=1) for i in (0, 6)]
+    np.testing.assert_allclose(new.var, M * ref.f64(running.var) + (1 - M) * np.mean(per_sub, 0), rtol=1e-6)
 
 
 def test_with_axis_name_sub_batch_g_spans_participants():
@@ -89,7 +89,7 @@ def test_with_axis_name_sub_batch_g_spans_participants():
     y, new = jax.vmap(per_device, axis_name="d")(x)
     for g in range(2):
         sub = np.concatenate([x[0, 4 * g : 4 * g + 4], x[1, 4 * g : 4 * g + 4]])
-        y_ref, *_ = bn_train(sub, gamma, beta, EPS)
+        y_ref, *_ = ref.batch_norm_training(sub, gamma, beta, epsilon=EPS)
         got = np.concatenate([y[0, 4 * g : 4 * g + 4], y[1, 4 * g : 4 * g + 4]])
         np.testing.assert_allclose(got, y_ref, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(new.mean[0], new.mean[1])
@@ -103,7 +103,7 @@ def test_linen_module_and_variables_unchanged():
     y, updates = model.apply(variables, x, mutable=["batch_stats"])
     means = []
     for g in range(4):
-        y_ref, mean, _, _ = bn_train(x[2 * g : 2 * g + 2], None, None, EPS)
+        y_ref, mean, _, _ = ref.batch_norm_training(x[2 * g : 2 * g + 2], None, None, epsilon=EPS)
         np.testing.assert_allclose(y[2 * g : 2 * g + 2], y_ref, rtol=1e-4, atol=1e-4)
         means.append(mean)
     np.testing.assert_allclose(updates["batch_stats"]["mean"], (1 - M) * np.mean(means, 0), rtol=1e-5, atol=1e-7)
@@ -139,8 +139,6 @@ def test_plain_jit_over_an_explicitly_sharded_batch(size):
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    from tests.variants_reference import bn_backward
-
     x, gamma, beta, running = _data(shape=(64, 3, 2), seed=3)
     cot = np.random.default_rng(4).normal(size=x.shape).astype(np.float32)
     rows = NamedSharding(jax.make_mesh((8,), ("d",)), P("d"))
@@ -157,14 +155,16 @@ def test_plain_jit_over_an_explicitly_sharded_batch(size):
     means, variances, dgammas, dbetas = [], [], [], []
     for g in range(64 // size):
         part = slice(size * g, size * (g + 1))
-        y_ref, mean, var, _ = bn_train(x[part], gamma, beta, EPS)
+        y_ref, mean, var, _ = ref.batch_norm_training(x[part], gamma, beta, epsilon=EPS)
         np.testing.assert_allclose(y[part], y_ref, rtol=1e-5, atol=1e-5)
-        np.testing.assert_allclose(dx[part], bn_backward(x[part], gamma, cot[part], EPS), rtol=1e-4, atol=1e-4)
-        x_hat = (f64(x[part]) - mean) / np.sqrt(var + EPS)
-        dgammas.append(np.sum(f64(cot[part]) * x_hat, axis=(0, 1)))  # d/dgamma of sum(cot * y)
-        dbetas.append(np.sum(f64(cot[part]), axis=(0, 1)))
+        np.testing.assert_allclose(
+            dx[part], ref.batch_norm_grads(x[part], gamma, cot[part], epsilon=EPS)[0], rtol=1e-4, atol=1e-4
+        )
+        x_hat = (ref.f64(x[part]) - mean) / np.sqrt(var + EPS)
+        dgammas.append(np.sum(ref.f64(cot[part]) * x_hat, axis=(0, 1)))  # d/dgamma of sum(cot * y)
+        dbetas.append(np.sum(ref.f64(cot[part]), axis=(0, 1)))
         means.append(mean), variances.append(var)
     np.testing.assert_allclose(dgamma, np.sum(dgammas, 0), rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(dbeta, np.sum(dbetas, 0), rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(new.mean, M * f64(running.mean) + (1 - M) * np.mean(means, 0), rtol=1e-6)
-    np.testing.assert_allclose(new.var, M * f64(running.var) + (1 - M) * np.mean(variances, 0), rtol=1e-6)
+    np.testing.assert_allclose(new.mean, M * ref.f64(running.mean) + (1 - M) * np.mean(means, 0), rtol=1e-6)
+    np.testing.assert_allclose(new.var, M * ref.f64(running.var) + (1 - M) * np.mean(variances, 0), rtol=1e-6)

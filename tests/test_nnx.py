@@ -8,7 +8,7 @@ from flax import nnx
 
 import jbn
 import jbn.nnx as jnnx
-from tests.variants_reference import bn_train
+from tests import reference as ref
 
 C = 3
 
@@ -49,7 +49,7 @@ def test_same_outputs_and_state_as_flax_nnx(axis):
     # and the training output against the float64 formula
     ours.train()
     x = xs[1] if axis == -1 else jnp.moveaxis(xs[1], 1, -1)
-    y_ref, *_ = bn_train(x, ours.scale[...], ours.bias[...], 1e-5)
+    y_ref, *_ = ref.batch_norm_training(x, ours.scale[...], ours.bias[...], epsilon=1e-5)
     y = ours(xs[1])
     np.testing.assert_allclose(y if axis == -1 else jnp.moveaxis(y, 1, -1), y_ref, rtol=1e-4, atol=1e-4)
 

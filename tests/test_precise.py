@@ -12,7 +12,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 import jbn
-from tests.variants_reference import f64
+from tests import reference as ref
 
 EPS = 1e-5
 DEVICES = 8
@@ -76,14 +76,14 @@ def _reference_net(params, batches):
     inputs = {"BatchNorm_0": [], ("Inner_0", "BatchNorm_0"): [], "BatchNorm_1": []}
 
     def dense(p, x):
-        return x @ f64(p["kernel"]) + f64(p["bias"])
+        return x @ ref.f64(p["kernel"]) + ref.f64(p["bias"])
 
     def bn(p, key, x):
         inputs[key].append(x)
-        return (x - x.mean(0)) / np.sqrt(x.var(0) + EPS) * f64(p["scale"]) + f64(p["bias"])
+        return (x - x.mean(0)) / np.sqrt(x.var(0) + EPS) * ref.f64(p["scale"]) + ref.f64(p["bias"])
 
     for x in batches:
-        h = np.maximum(bn(params["BatchNorm_0"], "BatchNorm_0", dense(params["Dense_0"], f64(x))), 0)
+        h = np.maximum(bn(params["BatchNorm_0"], "BatchNorm_0", dense(params["Dense_0"], ref.f64(x))), 0)
         inner = params["Inner_0"]
         h = np.maximum(bn(inner["BatchNorm_0"], ("Inner_0", "BatchNorm_0"), dense(inner["Dense_0"], h)), 0)
         bn(params["BatchNorm_1"], "BatchNorm_1", dense(params["Dense_1"], h))
@@ -108,16 +108,16 @@ def test_single_layer_gives_mean_and_biased_variance_of_the_data():
     variables = _init(model, batches[0])
     apply = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]))
     result = jbn.recompute_batch_stats(apply, variables, iter(batches), progress=False)
-    data = f64(np.concatenate(batches))
+    data = ref.f64(np.concatenate(batches))
     np.testing.assert_allclose(result["batch_stats"]["BatchNorm_0"]["mean"], data.mean(0), rtol=1e-6)
     np.testing.assert_allclose(result["batch_stats"]["BatchNorm_0"]["var"], data.var(0), rtol=1e-4)
     np.testing.assert_array_equal(result["params"]["BatchNorm_0"]["scale"], variables["params"]["BatchNorm_0"]["scale"])
     # an average of per-batch variances (fvcore's PreciseBN) misses the spread of the batch means
     shifted = [b + 3.0 * i for i, b in enumerate(batches)]
     result = jbn.recompute_batch_stats(apply, variables, shifted, num_batches=3, progress=False)
-    data = f64(np.concatenate(shifted[:3]))
+    data = ref.f64(np.concatenate(shifted[:3]))
     np.testing.assert_allclose(result["batch_stats"]["BatchNorm_0"]["var"], data.var(0), rtol=1e-4)
-    assert (data.var(0) > 1.5 * np.mean([f64(b).var(0) for b in shifted[:3]], 0)).all()
+    assert (data.var(0) > 1.5 * np.mean([ref.f64(b).var(0) for b in shifted[:3]], 0)).all()
 
 
 def test_renorm_layer_records_without_moving_its_state():
@@ -137,7 +137,7 @@ def test_renorm_layer_records_without_moving_its_state():
     result = jbn.recompute_batch_stats(
         lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]), variables, batches, progress=False
     )
-    data = f64(np.concatenate(batches))
+    data = ref.f64(np.concatenate(batches))
     stats = result["batch_stats"]["BatchRenorm_0"]
     np.testing.assert_allclose(stats["mean"], data.mean(0), rtol=1e-5)
     np.testing.assert_allclose(stats["var"], data.var(0), rtol=1e-4)
@@ -177,7 +177,7 @@ def test_pmap_without_axis_name_merges_the_devices():
     result = jbn.recompute_batch_stats(
         apply, replicated, [b.reshape(DEVICES, -1, 2) for b in batches], device_axis=True, progress=False
     )
-    data = f64(np.concatenate(batches))
+    data = ref.f64(np.concatenate(batches))
     for d in range(DEVICES):
         np.testing.assert_allclose(result["batch_stats"]["BatchNorm_0"]["mean"][d], data.mean(0), rtol=1e-6)
         np.testing.assert_allclose(result["batch_stats"]["BatchNorm_0"]["var"][d], data.var(0), rtol=1e-4)
@@ -195,7 +195,7 @@ def test_shard_map_apply():
         return model.apply(v, x, train=True, mutable=["batch_stats"])
 
     result = jbn.recompute_batch_stats(apply, variables, batches, progress=True)
-    data = f64(np.concatenate(batches))
+    data = ref.f64(np.concatenate(batches))
     np.testing.assert_allclose(result["batch_stats"]["BatchNorm_0"]["mean"], data.mean(0), rtol=1e-6)
     np.testing.assert_allclose(result["batch_stats"]["BatchNorm_0"]["var"], data.var(0), rtol=1e-4)
 

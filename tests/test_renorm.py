@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import jbn
-from tests.variants_reference import batch_moments, bn_backward, bn_eval, f64
+from tests import reference as ref
 
 EPS = 1e-5
 
@@ -47,10 +47,13 @@ def test_limits_one_and_zero_are_batch_norm_exactly():
     np.testing.assert_array_equal(new_r.mean, new_b.mean)
     np.testing.assert_array_equal(new_r.var, new_b.var)
     # and batch norm itself against the textbook backward, on both training paths
-    np.testing.assert_allclose(grads_b[0], bn_backward(x, gamma, cot, EPS), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(grads_b[0], ref.batch_norm_grads(x, gamma, cot, epsilon=EPS)[0], rtol=1e-4, atol=1e-5)
     fused = lambda x, g, b: jbn.batch_norm(x, g, b, running, training=True, momentum=0.9)  # noqa: E731
     np.testing.assert_allclose(
-        _loss_and_grads(fused, x, gamma, beta, cot)[2][0], bn_backward(x, gamma, cot, EPS), rtol=1e-4, atol=1e-5
+        _loss_and_grads(fused, x, gamma, beta, cot)[2][0],
+        ref.batch_norm_grads(x, gamma, cot, epsilon=EPS)[0],
+        rtol=1e-4,
+        atol=1e-5,
     )
 
 
@@ -64,30 +67,34 @@ def test_clipped_renorm_matches_numpy_reference():
         beta,
         cot,
     )
-    xf = f64(x)
+    xf = ref.f64(x)
     mu_b, var_b = xf.mean(0), xf.var(0)
     sigma_b = np.sqrt(var_b + EPS)
-    sigma = np.sqrt(f64(running.var) + EPS)
+    sigma = np.sqrt(ref.f64(running.var) + EPS)
     r_raw = sigma_b / sigma
-    d_raw = (mu_b - f64(running.mean)) / sigma
+    d_raw = (mu_b - ref.f64(running.mean)) / sigma
     r = np.clip(r_raw, 1 / r_max, r_max)
     d = np.clip(d_raw, -d_max, d_max)
     # the data make both limits bite on some features and not on others
     assert ((r_raw > r_max) | (r_raw < 1 / r_max)).any() and ((r_raw <= r_max) & (r_raw >= 1 / r_max)).any()
     assert (np.abs(d_raw) > d_max).any() and (np.abs(d_raw) <= d_max).any()
     xhat = (xf - mu_b) / sigma_b
-    y_ref = f64(gamma) * (xhat * r + d) + f64(beta)
+    y_ref = ref.f64(gamma) * (xhat * r + d) + ref.f64(beta)
     np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
     # r and d are constants of the backward pass
-    np.testing.assert_allclose(dx, bn_backward(x, gamma, cot, EPS, r=r), rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(dgamma, (f64(cot) * (xhat * r + d)).sum(0), rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(dbeta, f64(cot).sum(0), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        dx, ref.batch_norm_grads(x, ref.f64(gamma) * r, cot, epsilon=EPS)[0], rtol=1e-4, atol=1e-5
+    )
+    np.testing.assert_allclose(dgamma, (ref.f64(cot) * (xhat * r + d)).sum(0), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(dbeta, ref.f64(cot).sum(0), rtol=1e-5, atol=1e-5)
     # the running statistics move like batch norm's (mean and biased variance)
-    np.testing.assert_allclose(new.mean, 0.9 * f64(running.mean) + 0.1 * mu_b, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(new.var, 0.9 * f64(running.var) + 0.1 * var_b, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(new.mean, 0.9 * ref.f64(running.mean) + 0.1 * mu_b, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(new.var, 0.9 * ref.f64(running.var) + 0.1 * var_b, rtol=1e-5, atol=1e-6)
     # evaluation is batch norm's evaluation
     y_eval, same = jbn.batch_renorm(x, gamma, beta, running, training=False, r_max=r_max, d_max=d_max)
-    np.testing.assert_allclose(y_eval, bn_eval(x, gamma, beta, running.mean, running.var, EPS), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        y_eval, ref.normalize(x, running.mean, running.var, gamma, beta, epsilon=EPS), rtol=1e-5, atol=1e-5
+    )
     assert same is not None and np.array_equal(same.mean, running.mean)
 
 
@@ -162,14 +169,14 @@ def test_bad_limits_fail_with_a_clear_message():
 def _renorm_reference(x, gamma, beta, running, r_max, d_max, momentum, valid=None):
     """Float64 batch renorm from the paper's formulas, with the statistics of the elements
     `valid` selects (all by default): (y for every row, new running mean, new running var, r)."""
-    mu_b, var_b, _ = batch_moments(x, valid)
+    mu_b, var_b, _ = ref.moments(x, -1, None if valid is None else np.asarray(valid)[:, None])
     sigma_b = np.sqrt(var_b + EPS)
-    sigma = np.sqrt(f64(running.var) + EPS)
+    sigma = np.sqrt(ref.f64(running.var) + EPS)
     r = np.clip(sigma_b / sigma, 1 / r_max, r_max)
-    d = np.clip((mu_b - f64(running.mean)) / sigma, -d_max, d_max)
-    y = f64(gamma) * ((f64(x) - mu_b) / sigma_b * r + d) + f64(beta)
-    new_mean = momentum * f64(running.mean) + (1 - momentum) * mu_b
-    new_var = momentum * f64(running.var) + (1 - momentum) * var_b
+    d = np.clip((mu_b - ref.f64(running.mean)) / sigma, -d_max, d_max)
+    y = ref.f64(gamma) * ((ref.f64(x) - mu_b) / sigma_b * r + d) + ref.f64(beta)
+    new_mean = momentum * ref.f64(running.mean) + (1 - momentum) * mu_b
+    new_var = momentum * ref.f64(running.var) + (1 - momentum) * var_b
     return y, new_mean, new_var, r
 
 
@@ -200,9 +207,9 @@ def test_axis_name_is_renorm_of_the_concatenated_batch(transform):
     split = lambda a: a.reshape(devices, rows, -1)  # noqa: E731
     y, new, (dx, dgamma, dbeta) = _transformed(step, transform)(split(x), split(cot))
     y_ref, mean_ref, var_ref, r = _renorm_reference(x, gamma, beta, running, r_max, d_max, 0.9)
-    sigma = np.sqrt(f64(running.var) + EPS)
-    r_raw = np.sqrt(f64(x).var(0) + EPS) / sigma
-    d_raw = (f64(x).mean(0) - f64(running.mean)) / sigma
+    sigma = np.sqrt(ref.f64(running.var) + EPS)
+    r_raw = np.sqrt(ref.f64(x).var(0) + EPS) / sigma
+    d_raw = (ref.f64(x).mean(0) - ref.f64(running.mean)) / sigma
     assert ((r_raw > r_max) | (r_raw < 1 / r_max)).any() and (np.abs(d_raw) > d_max).any()  # the limits bite
     np.testing.assert_allclose(np.asarray(y).reshape(x.shape), y_ref, rtol=1e-5, atol=1e-5)
     for d in range(devices):  # every participant holds the same, global, running statistics
@@ -210,12 +217,15 @@ def test_axis_name_is_renorm_of_the_concatenated_batch(transform):
         np.testing.assert_allclose(new.var[d], var_ref, rtol=1e-5, atol=1e-6)
     # each participant's gradient of its own loss is its slice of the global batch's gradient
     np.testing.assert_allclose(
-        np.asarray(dx).reshape(x.shape), bn_backward(x, gamma, cot, EPS, r=r), rtol=1e-4, atol=1e-5
+        np.asarray(dx).reshape(x.shape),
+        ref.batch_norm_grads(x, ref.f64(gamma) * r, cot, epsilon=EPS)[0],
+        rtol=1e-4,
+        atol=1e-5,
     )
-    xhat = (f64(x) - f64(x).mean(0)) / np.sqrt(f64(x).var(0) + EPS)
+    xhat = (ref.f64(x) - ref.f64(x).mean(0)) / np.sqrt(ref.f64(x).var(0) + EPS)
     d_clip = np.clip(d_raw, -d_max, d_max)
-    np.testing.assert_allclose(np.sum(dgamma, 0), (f64(cot) * (xhat * r + d_clip)).sum(0), rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(np.sum(dbeta, 0), f64(cot).sum(0), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.sum(dgamma, 0), (ref.f64(cot) * (xhat * r + d_clip)).sum(0), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.sum(dbeta, 0), ref.f64(cot).sum(0), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("transform", [None, "pmap", "vmap"])
@@ -269,6 +279,9 @@ def test_mask_is_renorm_of_the_valid_rows(transform):
     np.testing.assert_allclose(new.mean, mean_ref, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(new.var, var_ref, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(
-        dx[valid], bn_backward(np.asarray(x)[valid], gamma, np.asarray(cot)[valid], EPS, r=r), rtol=1e-4, atol=1e-5
+        dx[valid],
+        ref.batch_norm_grads(np.asarray(x)[valid], ref.f64(gamma) * r, np.asarray(cot)[valid], epsilon=EPS)[0],
+        rtol=1e-4,
+        atol=1e-5,
     )
     np.testing.assert_array_equal(dx[~valid], 0.0)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import jbn
-from tests.variants_reference import batch_moments, f64
+from tests import reference as ref
 
 C = 3
 
@@ -34,7 +34,7 @@ def test_momentum_none_is_the_cumulative_average_of_batches():
     batches = _batches()
     history = _run(batches, None)
     for t, running in enumerate(history, start=1):
-        stats = [batch_moments(x) for x in batches[:t]]
+        stats = [ref.moments(x) for x in batches[:t]]
         np.testing.assert_allclose(running.mean, np.mean([s[0] for s in stats], 0), rtol=1e-6, atol=1e-6)
         np.testing.assert_allclose(running.var, np.mean([s[1] for s in stats], 0), rtol=1e-6)
         np.testing.assert_array_equal(running.count, np.full(C, t))
@@ -46,19 +46,19 @@ def test_debiased_ema_is_the_zero_started_ema_divided_by_one_minus_momentum_powe
     history = _run(batches, m, debias=True)
     raw_mean, raw_var = np.zeros(C), np.zeros(C)
     for t, (x, running) in enumerate(zip(batches, history), start=1):
-        mean, var, _ = batch_moments(x)
+        mean, var, _ = ref.moments(x)
         raw_mean = m * raw_mean + (1 - m) * mean
         raw_var = m * raw_var + (1 - m) * var
         np.testing.assert_allclose(running.mean, raw_mean / (1 - m**t), rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(running.var, raw_var / (1 - m**t), rtol=1e-5)
     # the first batch replaces the initial (0, 1) entirely
-    np.testing.assert_allclose(history[0].mean, batch_moments(batches[0])[0], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(history[0].mean, ref.moments(batches[0])[0], rtol=1e-6, atol=1e-6)
 
 
 def test_debias_stays_accurate_for_momentum_near_one():
     x = _batches(1)[0]
     (running,) = _run([x], 0.9999, debias=True)
-    np.testing.assert_allclose(running.var, batch_moments(x)[1], rtol=1e-5)
+    np.testing.assert_allclose(running.var, ref.moments(x)[1], rtol=1e-5)
 
 
 def test_unbiased_running_var_tracks_bessel_corrected_variance():
@@ -67,8 +67,8 @@ def test_unbiased_running_var_tracks_bessel_corrected_variance():
     history = _run(batches, m, unbiased_running_var=True)
     ref_mean, ref_var = np.zeros(C), np.ones(C)
     for x, running in zip(batches, history):
-        ref_mean = m * ref_mean + (1 - m) * f64(x).mean(0)
-        ref_var = m * ref_var + (1 - m) * f64(x).var(0, ddof=1)
+        ref_mean = m * ref_mean + (1 - m) * ref.f64(x).mean(0)
+        ref_var = m * ref_var + (1 - m) * ref.f64(x).var(0, ddof=1)
         np.testing.assert_allclose(running.mean, ref_mean, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(running.var, ref_var, rtol=1e-5)
 
@@ -81,7 +81,7 @@ def test_a_feature_without_valid_elements_keeps_its_statistics_and_count():
     _, new = jbn.batch_norm(x, None, None, running, training=True, momentum=None, mask=jnp.asarray(mask))
     np.testing.assert_array_equal(new.count, [4, 3, 4])
     assert float(new.mean[1]) == 0.5 and float(new.var[1]) == 2.0
-    mean, var, _ = batch_moments(x)
+    mean, var, _ = ref.moments(x)
     np.testing.assert_allclose(new.mean[0], (3 * 0.5 + mean[0]) / 4, rtol=1e-6)
 
 
@@ -113,14 +113,14 @@ def test_linen_variables_are_flax_names_plus_count_only_when_needed():
         _, updates = apply(variables, x)
         variables = {**variables, **updates}
     np.testing.assert_allclose(
-        variables["batch_stats"]["mean"], np.mean([batch_moments(b)[0] for b in batches], 0), rtol=1e-6, atol=1e-6
+        variables["batch_stats"]["mean"], np.mean([ref.moments(b)[0] for b in batches], 0), rtol=1e-6, atol=1e-6
     )
     np.testing.assert_array_equal(variables["batch_stats"]["count"], np.full(C, len(batches)))
     # debias through the module
     debiased = jbn.BatchNorm(use_running_average=False, momentum=0.95, debias=True)
     v = debiased.init(jax.random.key(0), batches[0])
     _, updates = debiased.apply(v, batches[0], mutable=["batch_stats"])
-    np.testing.assert_allclose(updates["batch_stats"]["var"], batch_moments(batches[0])[1], rtol=1e-5)
+    np.testing.assert_allclose(updates["batch_stats"]["var"], ref.moments(batches[0])[1], rtol=1e-5)
 
 
 def test_merge_moments_is_exact():
@@ -143,7 +143,6 @@ def test_gradients_with_a_narrow_running_state_are_those_of_batch_norm(dtype, pa
     """The one-ulp anti-stall step of a bfloat16 or float16 running state (`nextafter`, which
     has no derivative rule) is outside the differentiated path: `grad` of a training call
     works and gives the float64 reference's gradients."""
-    from tests import reference as ref
 
     x = _batches(1, seed=3)[0]
     scale = jnp.asarray([0.5, 1.0, 2.0], jnp.float32)
@@ -167,7 +166,7 @@ def test_gradients_with_a_narrow_running_state_are_those_of_batch_norm(dtype, pa
 def test_float64_state_with_a_count_based_rule_is_float64_accurate(rule):
     """The count-based coefficients (cumulative average, debiased EMA) are computed in the
     state's dtype: a float64 state follows the float64 formula to float64's accuracy."""
-    batches = [f64(x) for x in _batches(seed=5)]
+    batches = [ref.f64(x) for x in _batches(seed=5)]
     with jax.enable_x64(True):
         running = jbn.RunningStats(jnp.zeros(C, jnp.float64), jnp.ones(C, jnp.float64), jnp.zeros(C, jnp.int32))
         history = []
@@ -206,7 +205,7 @@ def test_representable_variances_near_the_float32_limit_update_the_running_stati
         unbiased_running_var=True,
         virtual_batch_size=virtual_batch_size,
     )
-    groups = [f64(x)] if virtual_batch_size is None else [f64(x[:6]), f64(x[6:])]
+    groups = [ref.f64(x)] if virtual_batch_size is None else [ref.f64(x[:6]), ref.f64(x[6:])]
     mean = np.mean([g.mean(0) for g in groups], 0)
     var = np.mean([g.var(0, ddof=1) for g in groups], 0)
     assert np.all(var < np.finfo(np.float32).max)  # the case: representable, near the limit
