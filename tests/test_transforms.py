@@ -242,6 +242,14 @@ def test_export_of_the_equinox_layer_with_a_symbolic_batch():
         assert_close((y.T, mean, var), float64_step(np.asarray(x)))
 
 
+def test_per_example_export_with_a_symbolic_batch_names_the_fix_at_trace_time():
+    """The per-example form over a symbolic batch (see above): a ValueError at trace time that
+    names `axis_name` and the two ways out, not JAX's message about a symbolic dimension."""
+    (batch,) = export.symbolic_shape("b")
+    with pytest.raises(ValueError, match=r"`axis_name`='batch' names a vmapped axis of symbolic size.*axis_name=None"):
+        export.export(jax.jit(equinox()))(PARAMS, jax.ShapeDtypeStruct((batch, C), jnp.float32))
+
+
 @module
 @pytest.mark.parametrize("x64", [False, True], ids=["x32", "x64"])
 def test_strict_settings(build, peer, x64):
