@@ -17,15 +17,10 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) -m experiments run configs/ioffe_fig1.yaml
 
-# The suite under JAX's strict settings (tests/conftest.py: rank promotion raises, dtype promotion strict), so
+# The whole suite under JAX's strict settings (tests/conftest.py: rank promotion raises, dtype promotion strict), so
 # that no implicit broadcast or promotion comes back into jbn; tests whose peer library (or a program outside the
 # library: benchmarks, the docs' examples) fails under them are marked peer_not_strict / script_not_strict and run
-# under JAX's default rules. NOT_YET_STRICT: the files not yet passing under the strict settings (their failures
-# still to sort into jbn fixes and peer markers); they run once, under JAX's defaults, so that every file runs once.
-# Then the files that exercise dtype rules again with x64 on (JBN_STRICT=x64).
-NOT_YET_STRICT := tests/test_differential_fuzz.py tests/test_flax_dropin.py tests/test_haiku.py tests/test_keras.py \
-	tests/test_hostile.py tests/test_hostile_errors.py tests/test_layout.py \
-	tests/test_statistics_accuracy.py tests/test_multiprocess.py
+# under JAX's default rules. Then the files that exercise dtype rules again with x64 on (JBN_STRICT=x64).
 X64_TESTS := tests/test_functional.py tests/test_running_average.py
 
 # Each invocation spreads its tests over TEST_WORKERS processes (pytest-xdist; the tests that share a downloaded
@@ -33,8 +28,7 @@ X64_TESTS := tests/test_functional.py tests/test_running_average.py
 TEST_WORKERS ?= 2
 PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
 test: $(STAMP)
-	$(PYTEST) $(addprefix --ignore=,$(NOT_YET_STRICT))
-	JBN_STRICT=0 $(PYTEST) $(NOT_YET_STRICT)
+	$(PYTEST)
 	JBN_STRICT=x64 $(PYTEST) $(X64_TESTS)
 
 # The benchmark suite: the op-level suite (benchmarks/run.py), the ResNet-18 training step

@@ -231,6 +231,13 @@ def bound_axis_size(names: tuple[Hashable, ...]) -> int:
     """Number of participants along `names`; a clear error when a name is not bound."""
     try:
         return int(jax.lax.axis_size(axis_name_arg(names)))
+    except jax.errors.InconclusiveDimensionOperation:
+        raise ValueError(
+            f"`axis_name`={axis_name_arg(names)!r} names a vmapped axis of symbolic size (jax.export with a "
+            "symbolic batch): JAX cannot export a collective over it (lax.psum, lax.all_gather and lax.axis_size "
+            "need its size as a constant). Export with a concrete batch size, or call the layer once on the whole "
+            "batch with axis_name=None."
+        ) from None
     except NameError as e:
         raise UnboundAxisNameError(
             f"`axis_name`={axis_name_arg(names)!r} is not bound here ({e}). "

@@ -88,7 +88,8 @@ def _check_eps(value: Any) -> float:
 
 def _statistics_dtypes(dtype: Any) -> tuple[Any, Any]:
     """(mean, var) dtypes of a new state for inputs of `dtype`: float32 or wider."""
-    mean = jnp.promote_types(dtype, jnp.float32)
+    with jax.numpy_dtype_promotion("standard"):  # a choice of dtype (strict mode refuses bfloat16 with float32)
+        mean = jnp.promote_types(dtype, jnp.float32)
     return mean, jnp.real(jnp.zeros((), mean)).dtype
 
 

@@ -220,6 +220,8 @@ class BatchNormalization(keras.layers.BatchNormalization):
         applied to jbn's batch-normalized output; `moving_variance` follows from
         `moving_stddev`. (jbn.batch_renorm measures r and d against the running variance
         with symmetric clipping, so it cannot hold keras's state.)"""
+        with jax.numpy_dtype_promotion("standard"):  # a choice of dtype (strict mode refuses bfloat16 with float32)
+            wide = jnp.promote_types(x.dtype, jnp.float32)
         x_hat, batch = F.normalize_with_batch_stats(  # float32 or wider until the corrected affine map
             x,
             None,
@@ -228,7 +230,7 @@ class BatchNormalization(keras.layers.BatchNormalization):
             epsilon=self.epsilon,
             mask=mask,
             axis_name=self.axis_name,
-            dtype=jnp.promote_types(x.dtype, jnp.float32),
+            dtype=wide,
         )
         stddev = jnp.sqrt(batch.var + self.epsilon)
         renorm_mean = self.renorm_mean.value.astype(stddev.dtype)

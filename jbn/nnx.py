@@ -36,6 +36,16 @@ def _feature_shape(num_features: Any) -> tuple[int, ...]:
     return tuple(int(n) for n in sizes)
 
 
+def _as_stored(value: jax.Array, variable: Any) -> jax.Array:
+    """`value` in the dtype that `variable` holds, cast explicitly: what an in-place write
+    casts to implicitly (for a complex batch's mean and a real `param_dtype` state, its real
+    part, as flax keeps it)."""
+    dtype = variable[...].dtype
+    if jnp.iscomplexobj(value) and not jnp.issubdtype(dtype, jnp.complexfloating):
+        value = jnp.real(value)
+    return value.astype(dtype)
+
+
 class _Normalization(nnx.Module):
     """State, switching and the pure call shared by the two modules."""
 
@@ -121,8 +131,8 @@ class _Normalization(nnx.Module):
         stored = training and not self._capture(x, mask)
         if stored:
             # The running statistics are state, never differentiated.
-            self.mean[...] = jax.lax.stop_gradient(new.mean)
-            self.var[...] = jax.lax.stop_gradient(new.var)
+            self.mean[...] = _as_stored(jax.lax.stop_gradient(new.mean), self.mean)
+            self.var[...] = _as_stored(jax.lax.stop_gradient(new.var), self.var)
             if self.count is not None:
                 self.count[...] = new.count
         return y, stored

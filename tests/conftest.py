@@ -8,13 +8,14 @@ neither (every one that passes here) traces to the same operations, dtypes and s
 
 `JBN_STRICT` picks the settings of a run:
 - unset or `1`: the strict settings (the default);
-- `0`: JAX's default settings (the `make test` second invocation runs a few files this way, in case a
-  library reads the settings themselves);
-- `x64`: the strict settings with `jax_enable_x64` on (the second invocation runs the files that exercise
-  dtype rules this way).
+- `0`: JAX's default settings (for a run by hand, e.g. to tell a strict-settings failure from another);
+- `x64`: the strict settings with `jax_enable_x64` on (`make test`'s second invocation runs the files that
+  exercise dtype rules this way).
 
 A test whose peer library (flax, keras, haiku, equinox, optax, torch) itself fails under the strict settings is
 marked `peer_not_strict(reason)`: it still runs, under JAX's default promotion rules, with the reason in its marker.
+Where the peer's side is one call of a test that also checks jbn, the test runs only that call under the default
+rules (`with jax.numpy_rank_promotion("allow"), jax.numpy_dtype_promotion("standard"):`), so jbn's side stays strict.
 A test of this repository's programs outside the library (the benchmark scripts, run by `make bench`, and the
 docs' examples, users' programs) that make an implicit promotion, or call a peer that does, is marked
 `script_not_strict(reason)` and runs under the default rules the same way, as their users run them.

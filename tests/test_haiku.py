@@ -5,6 +5,7 @@ pmap/shard_map/sharded jit on 8 fake CPU devices, masks."""
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 from pathlib import Path
@@ -35,6 +36,19 @@ def transformed(cls, *args, **kwargs):
         return layer(x, is_training, test_local_stats, scale, offset)
 
     return hk.transform_with_state(forward)
+
+
+@contextlib.contextmanager
+def promotion_rules_of(cls):
+    """JAX's default promotion rules around a call of haiku's own class, which promotes
+    implicitly (its moving average raises the float32 decay to the int32 counter's power;
+    it multiplies a (C, 1, 1) call-time scale by its (1, C, 1, 1) statistics, and an int32
+    input by float32 ones); jbn's class keeps the strict settings of tests/conftest.py."""
+    if cls is not hk.BatchNorm:
+        yield
+        return
+    with jax.numpy_rank_promotion("allow"), jax.numpy_dtype_promotion("standard"):
+        yield
 
 
 def ema_reference(batches, decay, axis):
@@ -94,7 +108,8 @@ def test_training_matches_haiku_outputs_state_and_gradients(layout):
     for step in range(3):
         x = random(shape, seed=step, mean=step - 1.0, std=1.0 + step)
         (g_ours, (y_ours, state_ours)) = grad[ours](params, state_ours, x)
-        (g_theirs, (y_theirs, state_theirs)) = grad[theirs](params, state_theirs, x)
+        with promotion_rules_of(hk.BatchNorm):
+            (g_theirs, (y_theirs, state_theirs)) = grad[theirs](params, state_theirs, x)
         np.testing.assert_allclose(y_ours, y_theirs, **F32)
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4), g_ours, g_theirs)
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, **F32), state_ours, state_theirs)
@@ -106,7 +121,8 @@ def test_training_matches_haiku_outputs_state_and_gradients(layout):
     x = random(shape, seed=5)
     for local in (False, True):
         y_ours, _ = ours.apply(params, state_ours, None, x, False, local)
-        y_theirs, _ = theirs.apply(params, state_theirs, None, x, False, local)
+        with promotion_rules_of(hk.BatchNorm):
+            y_theirs, _ = theirs.apply(params, state_theirs, None, x, False, local)
         np.testing.assert_allclose(y_ours, y_theirs, **F32)
 
 
@@ -139,7 +155,8 @@ def test_call_time_scale_and_offset_match_haiku(per_example):
         grad = jax.grad(
             lambda x, s, o, f=f, state=state: jnp.sum(f.apply({}, state, None, x, True, False, s, o)[0] ** 2), (0, 1, 2)
         )
-        outs.append((f.apply({}, state, None, x, True, False, scale, offset)[0], grad(x, scale, offset)))
+        with promotion_rules_of(cls):
+            outs.append((f.apply({}, state, None, x, True, False, scale, offset)[0], grad(x, scale, offset)))
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4), outs[0], outs[1])
 
 
@@ -215,7 +232,17 @@ def test_mask_counts_only_valid_elements():
     np.testing.assert_array_equal(np.asarray(dx)[~mask], 0.0)
 
 
-@pytest.mark.parametrize("cls", [jbn.haiku.BatchNorm, hk.BatchNorm], ids=["jbn", "haiku"])
+@pytest.mark.parametrize(
+    "cls",
+    [
+        pytest.param(jbn.haiku.BatchNorm, id="jbn"),
+        pytest.param(
+            hk.BatchNorm,
+            id="haiku",
+            marks=pytest.mark.peer_not_strict("haiku's moving average raises a float32 decay to an int32 power"),
+        ),
+    ],
+)
 def test_cross_replica_axis_over_an_hk_vmap_axis_normalizes_the_whole_batch(cls):
     """Per-example calls under hk.vmap(axis_name=...): statistics of the whole batch, one
     unbatched state. (haiku's docstring says it does not support this; with
@@ -320,8 +347,9 @@ def test_every_axis_reduced_and_integer_inputs_follow_haiku():
         outs = []
         for cls in (jbn.haiku.BatchNorm, hk.BatchNorm):
             f = transformed(cls, True, True, DECAY, **kwargs)
-            params, state = f.init(None, inputs, True)
-            y, state = f.apply(params, state, None, inputs, True)
+            with promotion_rules_of(cls):
+                params, state = f.init(None, inputs, True)
+                y, state = f.apply(params, state, None, inputs, True)
             outs.append((y, jax.tree.map(jnp.shape, (params, state))))
         np.testing.assert_allclose(outs[0][0], outs[1][0], **F32)
         assert outs[0][1] == outs[1][1]

@@ -15,6 +15,7 @@ from jax import export
 
 import jbn
 import jbn.equinox as je
+from tests import reference as reference_f64
 
 C, N, MOMENTUM, EPS = 3, 8, 0.9, 1e-5
 TOL = dict(rtol=2e-4, atol=2e-4)
@@ -205,15 +206,48 @@ def test_pmap_and_shard_map_give_the_whole_batch_statistics(build, peer):
     assert_close(jax.jit(sharded)(PARAMS, x), (y_peer.reshape(N, C), mean_peer[0], var_peer[0]))
 
 
+def float64_step(x):
+    """One training step from mean 0, var 1 in float64 (tests/reference.py): output, new mean, new var."""
+    return reference_f64.batch_norm(x, *PARAMS, np.zeros(C), np.ones(C), training=True, momentum=MOMENTUM, epsilon=EPS)
+
+
 @pytest.mark.parametrize("build, peer", [MODULES[k] for k in ("pure", "linen", "nnx")], ids=["pure", "linen", "nnx"])
 def test_export_with_a_symbolic_batch(build, peer):
-    """(equinox's per-example layer under a vmap over a symbolic batch is not covered:
-    jax's `lax.axis_size` and `lax.all_gather` of the vmapped name need a constant size.)"""
     f, g = build(), as_peer(peer())
     (batch,) = export.symbolic_shape("b")
     exported = export.export(jax.jit(f))(PARAMS, jax.ShapeDtypeStruct((batch, C), jnp.float32))
-    assert_close(exported.call(PARAMS, X), g(PARAMS, X))
-    assert_close(exported.call(PARAMS, X[:5]), g(PARAMS, X[:5]))
+    for x in (X, X[:5]):
+        assert_close(exported.call(PARAMS, x), g(PARAMS, x))
+        assert_close(exported.call(PARAMS, x), float64_step(np.asarray(x)))
+
+
+def test_export_of_the_equinox_layer_with_a_symbolic_batch():
+    """equinox's layer with `axis_name=None` takes the whole batch in one call, channels
+    first (C, batch): exported with a symbolic batch, against the float64 formulas.
+    (Its per-example form under `jax.vmap(..., axis_name=...)` does not export with a
+    symbolic batch in jax 0.10: every collective over a vmapped axis, `lax.psum`,
+    `lax.all_gather`, `lax.axis_size`, needs the axis size as a constant, for
+    `equinox.nn.BatchNorm`'s `lax.pmean` as for jbn's statistics.)"""
+    bn, state = eqx.nn.make_with_state(je.BatchNorm)(C, None, eps=EPS, mode="batch", momentum=MOMENTUM, debias=False)
+
+    def f(params, x):
+        layer = eqx.tree_at(lambda m: (m.weight, m.bias), bn, params)
+        y, new = layer(x, state)
+        return (y, *new.get(layer.batch_state_index))
+
+    (batch,) = export.symbolic_shape("b")
+    exported = export.export(jax.jit(f))(PARAMS, jax.ShapeDtypeStruct((C, batch), jnp.float32))
+    for x in (X, X[:5]):
+        y, mean, var = exported.call(PARAMS, x.T)
+        assert_close((y.T, mean, var), float64_step(np.asarray(x)))
+
+
+def test_per_example_export_with_a_symbolic_batch_names_the_fix_at_trace_time():
+    """The per-example form over a symbolic batch (see above): a ValueError at trace time that
+    names `axis_name` and the two ways out, not JAX's message about a symbolic dimension."""
+    (batch,) = export.symbolic_shape("b")
+    with pytest.raises(ValueError, match=r"`axis_name`='batch' names a vmapped axis of symbolic size.*axis_name=None"):
+        export.export(jax.jit(equinox()))(PARAMS, jax.ShapeDtypeStruct((batch, C), jnp.float32))
 
 
 @module
