@@ -41,7 +41,7 @@ def make_inputs(shape, axis, dtype, mask_kind, seed):
         mask = rng.random(tuple(s for a, s in enumerate(shape) if a not in features)) < 0.7
         if ref.mask_is_ambiguous(mask.shape, shape, features):
             # NumPy's broadcasting (flax's reading) also applies and means something else:
-            # jbn rejects that mask (tests/test_flax_dropin.py), so give it the input's rank.
+            # jbn rejects that mask (tests/test_flax_behaviours.py), so give it the input's rank.
             mask = np.expand_dims(mask, features)
     scale = rng.uniform(0.5, 2, fshape).astype(np.float32)
     bias = rng.normal(size=fshape).astype(np.float32)

@@ -1,5 +1,5 @@
-"""Hostile inputs never give wrong numbers: property tests over the classes of
-input an adversarial audit found defects in, on every training path.
+"""Numerical edge cases never give wrong numbers: property tests over the classes of input
+where batch norm's arithmetic is fragile, on every training path.
 
 Paths: `batch_norm` (fused and fused=False), `batch_renorm`, linen `BatchNorm`/`BatchRenorm`
 and NNX `BatchNorm`/`BatchRenorm`; each on one device and synchronized over `axis_name`
@@ -7,7 +7,7 @@ and NNX `BatchNorm`/`BatchRenorm`; each on one device and synchronized over `axi
 Classes: padding contents (NaN, inf, huge), ghost sub-batches with 0 or 1 valid element,
 low-precision running statistics, the order of elements and outliers, extremes of scale,
 counters near int32's limit. Every number is checked against a float64 NumPy reference
-(tests/reference.py, tests/hostile_reference.py), never against jbn itself.
+(tests/reference.py), never against jbn itself.
 """
 
 from __future__ import annotations
