@@ -27,6 +27,7 @@ import os
 
 import pytest
 
+from tests import peer_suites
 from tests.flax_conformance import runner
 
 # Under pytest-xdist these tests stay on one worker: they share the flax source distribution it downloads once.
@@ -40,25 +41,9 @@ REQUIRED_SWAPS = (
 )
 
 
-def _in_ci():
-    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
-
-
 def flax_tests_or_stop():
-    """The extracted flax tests; without them, a failure in CI and a skip elsewhere."""
-    version = runner.flax_version()
-    try:
-        sdist = runner.ensure_sdist(version)
-    except runner.DownloadError as e:
-        message = (
-            f"cannot get flax {version}'s source distribution, so flax's own tests cannot run "
-            f"against jbn. Put flax-{version}.tar.gz into {runner.CACHE} or allow pip to reach "
-            f"the package index. {e}"
-        )
-        if _in_ci():
-            pytest.fail(message)
-        pytest.skip(message)
-    return runner.extract_tests(sdist)
+    """The extracted flax tests; without the download, a failure in CI and a skip elsewhere."""
+    return runner.extract_tests(peer_suites.sdist_or_stop("flax", runner.flax_version(), runner.CACHE))
 
 
 @pytest.fixture(scope="module")

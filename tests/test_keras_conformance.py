@@ -18,30 +18,16 @@ import os
 
 import pytest
 
+from tests import peer_suites
 from tests.keras_conformance import jbn_keras_swap, runner
 
 # Under pytest-xdist these tests stay on one worker: they share the keras source distribution it downloads once.
 pytestmark = pytest.mark.xdist_group("keras-sdist")
 
 
-def _in_ci():
-    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
-
-
 def keras_tests_or_stop():
-    """The extracted keras test folder; without the download, a failure in CI and a skip elsewhere."""
-    version = runner.keras_version()
-    try:
-        sdist = runner.ensure_sdist(version)
-    except runner.DownloadError as e:
-        message = (
-            f"cannot get keras {version}'s source distribution, so keras's own tests cannot run against jbn. "
-            f"Put keras-{version}.tar.gz into {runner.CACHE} or allow pip to reach the package index. {e}"
-        )
-        if _in_ci():
-            pytest.fail(message)
-        pytest.skip(message)
-    return runner.extract_tests(sdist)
+    """The extracted keras tests; without the download, a failure in CI and a skip elsewhere."""
+    return runner.extract_tests(peer_suites.sdist_or_stop("keras", runner.keras_version(), runner.CACHE))
 
 
 @pytest.mark.parametrize("ci", ["true", ""])

@@ -24,6 +24,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from tests import peer_suites
+from tests.peer_suites import Pass
+
 REPO = Path(__file__).resolve().parents[2]
 CACHE = REPO / ".cache" / "flax-sdist"
 PLUGIN_DIR = Path(__file__).resolve().parent
@@ -32,48 +35,12 @@ TARGET = "BatchNorm"
 XLA_FLAGS = "--xla_force_host_platform_device_count=4"
 
 
-class DownloadError(RuntimeError):
-    pass
-
-
 def flax_version() -> str:
     return importlib.metadata.version("flax")
 
 
-def sdist_path(version: str) -> Path:
-    return CACHE / f"flax-{version}.tar.gz"
-
-
-def ensure_sdist(version: str, timeout: float = 300) -> Path:
-    """The cached sdist of flax==version, downloaded with pip on first use."""
-    path = sdist_path(version)
-    if path.exists():
-        return path
-    CACHE.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
-        cmd = [
-            sys.executable,
-            "-m",
-            "pip",
-            "download",
-            "--no-binary",
-            ":all:",
-            "--no-deps",
-            "-q",
-            "-d",
-            tmp,
-            f"flax=={version}",
-        ]
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-        except subprocess.TimeoutExpired as e:
-            raise DownloadError(f"`{' '.join(cmd)}` did not finish in {timeout:.0f} s") from e
-        found = sorted(Path(tmp).glob("flax-*.tar.gz"))
-        if proc.returncode != 0 or not found:
-            raise DownloadError(f"`{' '.join(cmd)}` failed (exit {proc.returncode}):\n{proc.stderr.strip()[-2000:]}")
-        # Rename into place last, so an interrupted download never leaves a partial file there.
-        os.replace(found[0], path)
-    return path
+def ensure_sdist(version: str) -> Path:
+    return peer_suites.ensure_sdist("flax", version, CACHE)
 
 
 def extract_tests(sdist: Path) -> Path:
@@ -89,7 +56,7 @@ def extract_tests(sdist: Path) -> Path:
         members = [m for m in tar.getmembers() if m.name.startswith(top + "tests/") or m.name == top + "pyproject.toml"]
         tar.extractall(CACHE, members=members, filter="data")
     if not (root / "tests").is_dir():
-        raise DownloadError(f"{sdist} holds no tests/ folder")
+        raise peer_suites.DownloadError(f"{sdist} holds no tests/ folder")
     stamp.touch()
     return root
 
@@ -98,15 +65,6 @@ def candidate_files(root: Path) -> list[str]:
     """Test files whose text mentions BatchNorm at all (the plugin then selects per test)."""
     paths = {*(root / "tests").rglob("*_test.py"), *(root / "tests").rglob("test_*.py")}
     return sorted(str(p.relative_to(root)) for p in paths if TARGET in p.read_text(encoding="utf-8"))
-
-
-@dataclasses.dataclass
-class Pass:
-    swap: bool
-    results: dict
-    returncode: int
-    seconds: float
-    output: str
 
 
 def _command(root: Path, files, swap: bool, results: Path, extra) -> list[str]:
@@ -237,14 +195,9 @@ def summarize(flax: Pass, jbn: Pass) -> Summary:
     selected = flax.results.get("selected", [])
     f_out = flax.results.get("outcomes", {})
     j_out = jbn.results.get("outcomes", {})
-    j_msg = jbn.results.get("messages", {})
     flax_passed = [n for n in selected if f_out.get(n) == "passed"]
     jbn_passed = [n for n in selected if j_out.get(n) == "passed"]
-    regressions = {
-        n: f"{j_out.get(n, 'not run')}: {j_msg.get(n, '')}".rstrip(": ")
-        for n in flax_passed
-        if j_out.get(n) != "passed"
-    }
+    regressions = peer_suites.regressions(flax, jbn, selected)
     out_of_scope = {n: f_out.get(n, "not run") for n in selected if f_out.get(n) != "passed"}
     missing = [n for n in flax_passed if n not in j_out]
     warned = jbn.results.get("warned", [])

@@ -25,38 +25,21 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from tests import peer_suites
+from tests.peer_suites import Pass
+
 REPO = Path(__file__).resolve().parents[2]
 CACHE = REPO / ".cache" / "keras-sdist"
 PLUGIN_DIR = Path(__file__).resolve().parent
 TEST_FILE = "keras/src/layers/normalization/batch_normalization_test.py"
 
 
-class DownloadError(RuntimeError):
-    pass
-
-
 def keras_version() -> str:
     return importlib.metadata.version("keras")
 
 
-def ensure_sdist(version: str, timeout: float = 300) -> Path:
-    """The cached sdist of keras==version, downloaded with pip on first use."""
-    path = CACHE / f"keras-{version}.tar.gz"
-    if path.exists():
-        return path
-    CACHE.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps", "-q", "-d", tmp]
-        cmd.append(f"keras=={version}")
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-        except subprocess.TimeoutExpired as e:
-            raise DownloadError(f"`{' '.join(cmd)}` did not finish in {timeout:.0f} s") from e
-        found = sorted(Path(tmp).glob("keras-*.tar.gz"))
-        if proc.returncode != 0 or not found:
-            raise DownloadError(f"`{' '.join(cmd)}` failed (exit {proc.returncode}):\n{proc.stderr.strip()[-2000:]}")
-        os.replace(found[0], path)  # renamed into place last: never a partial file there
-    return path
+def ensure_sdist(version: str) -> Path:
+    return peer_suites.ensure_sdist("keras", version, CACHE)
 
 
 def extract_tests(sdist: Path) -> Path:
@@ -70,19 +53,10 @@ def extract_tests(sdist: Path) -> Path:
         for name in (TEST_FILE, "pyproject.toml"):
             member = tar.extractfile(f"{top}/{name}")
             if member is None:
-                raise DownloadError(f"{sdist} holds no {name}")
+                raise peer_suites.DownloadError(f"{sdist} holds no {name}")
             (root / Path(name).name).write_bytes(member.read())
     (root / ".extracted").touch()
     return root
-
-
-@dataclasses.dataclass
-class Pass:
-    swap: bool
-    results: dict
-    returncode: int
-    seconds: float
-    output: str
 
 
 def _run(root: Path, swap: bool, timeout: float) -> Pass:
@@ -152,14 +126,9 @@ class Summary:
 def summarize(keras_pass: Pass, jbn_pass: Pass) -> Summary:
     k_out = keras_pass.results.get("outcomes", {})
     j_out = jbn_pass.results.get("outcomes", {})
-    j_msg = jbn_pass.results.get("messages", {})
     keras_passed = [n for n, o in k_out.items() if o == "passed"]
     jbn_passed = [n for n, o in j_out.items() if o == "passed"]
-    regressions = {
-        n: f"{j_out.get(n, 'not run')}: {j_msg.get(n, '')}".rstrip(": ")
-        for n in keras_passed
-        if j_out.get(n) != "passed"
-    }
+    regressions = peer_suites.regressions(keras_pass, jbn_pass, k_out)
     out_of_scope = {n: o for n, o in k_out.items() if o != "passed"}
     return Summary(keras_passed, jbn_passed, regressions, out_of_scope)
 
