@@ -16,8 +16,8 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.nnx.nn import initializers
 
-from jbn import _validate, accumulation, precise
-from jbn._batch_norm import batch_norm, running_rule
+from jbn import _options, _running, accumulation, precise
+from jbn._batch_norm import batch_norm
 from jbn._state import Moments, RunningStats
 from jbn.renorm import Limit, batch_renorm, next_step
 
@@ -26,9 +26,9 @@ Initializer = Callable[..., jax.Array]
 
 def _feature_shape(num_features: Any) -> tuple[int, ...]:
     sizes = (num_features,) if not isinstance(num_features, (tuple, list)) else tuple(num_features)
-    if sizes and all(_validate.is_index(n) for n in sizes) and not all(n > 0 for n in sizes):
+    if sizes and all(_options.is_index(n) for n in sizes) and not all(n > 0 for n in sizes):
         raise ValueError(f"`num_features`={num_features!r} must be positive: the size of the feature axis, e.g. 64.")
-    if not sizes or not all(_validate.is_index(n) for n in sizes):
+    if not sizes or not all(_options.is_index(n) for n in sizes):
         raise TypeError(
             f"`num_features` must be a positive int (or a tuple of them, one per feature axis), got {num_features!r}: "
             "e.g. nnx.BatchNorm(64, rngs=rngs) for 64 channels."
@@ -64,9 +64,10 @@ class _Normalization(nnx.Module):
     ):
         fshape = _feature_shape(num_features)
         # checked here, once: a bad option fails when the layer is built
-        self.rule = running_rule(running_average, momentum, debias, unbiased_running_var)
-        self.epsilon = _validate.check_epsilon(epsilon)
-        self.momentum = _validate.check_momentum(momentum)
+        running_options = _options.check_running_options(momentum, debias, unbiased_running_var, running_average)
+        self.rule = _running.rule_of(*running_options)
+        self.epsilon = _options.check_epsilon(epsilon)
+        self.momentum = running_options[0]
         self.use_running_average = use_running_average
         self.axis = axis
         self.dtype = dtype
