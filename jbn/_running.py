@@ -32,19 +32,16 @@ class EMA:
     needs_count = False
 
     def update(self, running: RunningStats, batch: Moments) -> RunningStats:
-        return advance(running, batch, self.momentum, counted=False)
+        # a rule that keeps the count weighs the batch by it (the debiased EMA)
+        return advance(running, batch, self.momentum, counted=self.needs_count)
 
 
 @dataclasses.dataclass(frozen=True)
-class DebiasedEMA:
+class DebiasedEMA(EMA):
     """The bias-corrected EMA (`ema_t / (1 - momentum**t)`, `ema` starting from zero),
     kept in corrected form (see `update_running_stats`)."""
 
-    momentum: Any = 0.99
     needs_count = True
-
-    def update(self, running: RunningStats, batch: Moments) -> RunningStats:
-        return advance(running, batch, self.momentum, counted=True)
 
 
 @dataclasses.dataclass(frozen=True)
