@@ -10,7 +10,7 @@ needs a base `s` near the mean, known before the sums, and the sums of `x - s` a
 `((x - s) r)^2` around it, with `r = 1/sqrt(n)` per feature so that the squares' sum
 stays finite wherever the variance is representable: each reduction then has
 per-feature operands, and the base is the mean of every 8th slice of `x`
-(jbn._local_moments.sample_mean). Timed here in the same interleaved, shuffled rounds
+(jbn._statistics.sample_mean). Timed here in the same interleaved, shuffled rounds
 (benchmarks/timing.py), per shape:
 
 - the reductions alone (`s` an input, so nothing else is measured with them), and the

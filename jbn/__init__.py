@@ -13,25 +13,27 @@ interop (`jbn.interop`), `weight_decay_mask`. Running-average rules are values
 `import jbn` and the pure functions load no framework: the linen, NNX, equinox, keras, haiku and
 interop modules load on first use.
 
-Where things live (imports only point down this list):
+Where things live, in the order a training call runs through them (`jbn.BatchNorm()(x)`:
+linen -> _options -> _running -> _batch_norm -> _fused -> _statistics):
 
-    jbn/linen.py, nnx.py, equinox.py, keras.py   framework wrappers: variables/state, then one pure call
+    jbn/linen.py, nnx.py, equinox.py, keras.py   framework wrappers: variables/state, then the core
     jbn/haiku.py                       haiku's BatchNorm: its parameters and state, jbn's statistics
     jbn/renorm.py, precise.py, fold.py, interop.py, weight_decay.py   variants and tools
     jbn/accumulation.py                gradient accumulation: one running update per K micro-batches
-    jbn/functional.py                  the public pure API, gathered from the floors below
-    jbn/_batch_norm.py                 batch_norm, normalize_with_batch_stats, ghost batches; the Normalization record
-    jbn/_fused.py                      the fused training path (custom JVP, lean backward)
+    jbn/functional.py                  the public pure API, gathered from the modules below
+    jbn/_options.py                    the arguments checked once: Layout, Normalization, every check
     jbn/_running.py                    running-average rules as values: EMA, cumulative, debiased, unbiased
-    jbn/_normalize.py                  normalize, the output dtype rule
-    jbn/_statistics.py                 moments: the collectives, Chan's merge, shifted sums, the sharded path
-    jbn/_accelerator_moments.py        one participant's moments, formulated per backend (the dispatch)
+    jbn/_batch_norm.py                 batch_norm, normalize_with_batch_stats, normalize; the trusting core
+    jbn/_fused.py                      normalize, the activations, the fused training path (custom JVP)
+    jbn/_statistics.py                 moments: one participant's (the cpu formulation and the per-backend
+                                       dispatch), Chan's merge, the collectives, the sharded path
+    jbn/_accelerator_moments.py        the tpu formulation of one participant's moments
     jbn/_triton_moments.py             the cuda formulation (a Pallas kernel)
-    jbn/_local_moments.py              one participant's moments: the Local record, the cpu formulation
-    jbn/_state.py                      Moments, RunningStats
-    jbn/_activations.py, _fusion.py    fused activations; XLA:CPU fusion helper
-    jbn/_axes.py                       axis bookkeeping, masks, Layout (arguments resolved once)
-    jbn/_validate.py                   argument checks, OneValuePerFeatureWarning
+    jbn/_state.py                      Moments, RunningStats, the RunningAverage interface
+
+Imports point down this list, except that every module may import the records and checks of
+`_options` and the state types of `_state` (the bottom of the imports); `_statistics` looks up
+the tpu and cuda formulations when a program for their platform is traced.
 """
 
 from __future__ import annotations

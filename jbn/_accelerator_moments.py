@@ -1,39 +1,27 @@
-"""One participant's statistics, formulated per backend: the one dispatch point.
+"""One participant's statistics on TPUs: `chan_reduce_moments`, the tpu entry of
+`jbn._statistics.FORMULATIONS` (the dispatch and the cpu formulation are in `jbn._statistics`,
+the cuda one in `jbn._triton_moments`).
 
-`local_moments` picks, when the program is lowered, the formulation of the platform it is
-lowered for (`jax.lax.platform_dependent`):
-
-- cpu (and any platform not listed): `jbn._local_moments.local_moments`, the corrected two-pass
-  sums around a sampled base, shaped for XLA:CPU's fusion rules.
-- tpu: `chan_reduce_moments`, ONE variadic reduction that carries (count, mean, variance)
-  per partial result and merges partial results with Chan's formula. XLA:TPU fuses it into a
-  single read of `x` (the sampled base of the cpu formulation is a strided read that XLA:TPU
-  lays out badly, and the two sums of deviations a second full read). The mean is carried
-  as an unevaluated sum `hi + lo` (the rounding error of each update kept in `lo`, Knuth's
-  TwoSum), so that merging two means near 1e4 standard deviations away from zero keeps their
-  difference exact: the variance is accurate whatever |mean| / std, and whatever the order.
-- cuda: `jbn._triton_moments.triton_moments`, a Pallas (Triton) kernel that reads `x` once
-  (XLA:GPU fuses neither formulation above into one read); masks and feature axes that are
-  not trailing use the cpu formulation. Only lowered for GPU programs: `platform_dependent`
-  lowers the branches of the platforms a program is compiled for.
-
-Every formulation returns the same `Local` within rounding (tests/test_accelerator_moments.py
-checks each on CPU against float64). `FORMULATIONS` maps platform to formulation; the
-dispatch reads it at trace time.
+ONE variadic reduction carries (count, mean, variance) per partial result and merges partial
+results with Chan's formula. XLA:TPU fuses it into a single read of `x` (the sampled base of
+the cpu formulation is a strided read that XLA:TPU lays out badly, and the two sums of
+deviations a second full read). The mean is carried as an unevaluated sum `hi + lo` (the
+rounding error of each update kept in `lo`, Knuth's TwoSum), so that merging two means near
+1e4 standard deviations away from zero keeps their difference exact: the variance is accurate
+whatever |mean| / std, and whatever the order. It returns the same `Local` as the cpu
+formulation within rounding (tests/test_accelerator_moments.py checks it on CPU against float64).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from functools import partial
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jbn import _axes, _local_moments, _triton_moments  # _local_moments: the cpu formulation
-from jbn._axes import Layout
-from jbn._local_moments import Local
+from jbn._options import Layout, element_count
+from jbn._statistics import Local, expand_features, valid_count
 
 Array = jax.Array
 
@@ -72,7 +60,7 @@ def _chan_reduce(x: Array, valid: Array | None, reduce: tuple[int, ...], dtype) 
         valid = jnp.broadcast_to(valid, xs.shape)
         counts = valid.astype(dtype)
         xs = jnp.where(valid, xs, 0)  # where, not multiply: padded NaN/inf stay out
-    total = _axes.element_count(x.shape, reduce)
+    total = element_count(x.shape, reduce)
     zero = jnp.zeros((), dtype)
     operands = (counts, xs, jnp.zeros_like(xs), jnp.zeros_like(xs), jnp.zeros_like(xs))
     count, hi, lo, q, r = lax.reduce(operands, (zero,) * 5, _merger(1 / max(total, 1)), reduce)
@@ -100,7 +88,7 @@ def _chan_moments_jvp(reduce, dtype, primals, tangents):
         return v if valid is None else jnp.where(valid, v, 0)
 
     def per_feature(v):
-        return _axes.expand_features(v, ndim, features)
+        return expand_features(v, ndim, features)
 
     dx = dx.astype(dtype)
     d_mean = jnp.sum(keep(dx), axis=reduce) * inv_n
@@ -111,33 +99,7 @@ def _chan_moments_jvp(reduce, dtype, primals, tangents):
 
 def chan_reduce_moments(x: Array, layout: Layout, dtype) -> Local:
     """`Local` statistics from one variadic reduction with Chan's merge (see the module doc)."""
-    count = _local_moments.valid_count(layout, dtype)
+    count = valid_count(layout, dtype)
     hi, lo, var = _chan_moments(x, layout.valid, layout.reduce, dtype)
     has = count > 0
     return Local(count, jnp.where(has, var, 0), jnp.where(has, hi, 0), jnp.where(has, lo, 0))
-
-
-FORMULATIONS: dict[str, Callable[[Array, Layout, object], Local]] = {
-    "cpu": _local_moments.local_moments,
-    "tpu": chan_reduce_moments,
-    "cuda": _triton_moments.triton_moments,
-}
-
-
-def local_moments(x: Array, layout: Layout, dtype) -> Local:
-    """This participant's statistics, in the formulation of the platform the program is
-    lowered for (`FORMULATIONS`; complex data, and symbolic sizes under `jax.export`: the cpu
-    one everywhere, since every branch is traced and a reduction computation cannot close over a
-    symbolic size)."""
-    symbolic = not all(isinstance(d, int) for d in x.shape)
-    if symbolic or jnp.iscomplexobj(x) or jnp.issubdtype(dtype, jnp.complexfloating):
-        return _local_moments.local_moments(x, layout, dtype)
-    branches = {platform: partial(_call, formulation, layout, dtype) for platform, formulation in FORMULATIONS.items()}
-    default = branches.pop("cpu")
-    if all(f.args[0] is FORMULATIONS["cpu"] for f in branches.values()):
-        return default(x)
-    return lax.platform_dependent(x, default=default, **branches)
-
-
-def _call(formulation, layout: Layout, dtype, x: Array) -> Local:
-    return formulation(x, layout, dtype)

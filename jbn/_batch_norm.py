@@ -1,200 +1,29 @@
-"""`batch_norm` and `normalize_with_batch_stats`: the training and evaluation entry points,
-ghost batches included. Each canonicalizes its arguments once, then calls the floors."""
+"""The entry points of batch norm and their core: `batch_norm` (training and evaluation, ghost
+batches included), `normalize_with_batch_stats` and `normalize`. Each public function checks its
+arguments once (`jbn._options.checked_arguments`, the running options, the running state), then
+calls the core, `batch_norm_core`, which trusts the records it is given: the framework wrappers
+build the same records from their fields and call the core directly.
+
+Read top-down: the public functions, the core, then its training and evaluation paths.
+"""
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from jbn import _activations, _axes, _fused, _normalize, _running, _validate
-from jbn._axes import Axes, AxisName, Layout
+from jbn import _fused, _options, _running
+from jbn._options import Axes, AxisName, Layout, Normalization
 from jbn._state import Moments, RunningStats
-from jbn._statistics import batch_moments
+from jbn._statistics import batch_moments, sharded_in_type
 
 Array = jax.Array
 
 
-def check_params(scale: Any, bias: Any, x: Array, fshape: tuple[int, ...], axis: Axes) -> tuple:
-    """scale and bias: feature-shaped, floating (complex only for a complex input)."""
-    out = []
-    for value, name in ((scale, "scale"), (bias, "bias")):
-        v = _validate.check_feature_array(value, fshape, name, axis)
-        if v is not None and jnp.iscomplexobj(v) and not jnp.iscomplexobj(x):
-            raise TypeError(f"`{name}` is complex ({v.dtype}) but `x` is real: pass a real `{name}`.")
-        out.append(v)
-    return tuple(out)
-
-
-def without_nonfinite_padding(x: Array, valid: Array | None) -> Array:
-    """`x` with NaN/inf padding replaced by 0: padding then reaches no statistic and no
-    gradient on any path, whatever it held (finite padding is kept as it is)."""
-    if valid is None:
-        return x
-    return jnp.where(valid | jnp.isfinite(x), x, jnp.zeros((), x.dtype))
-
-
-@dataclasses.dataclass(frozen=True)
-class Normalization:
-    """How to normalize, checked once by `normalization` (a frozen, hashable record): the
-    epsilon (a Python float, or a traced value), the output dtype, the canonical
-    activation name and its slope, whether training keeps only the output for the
-    backward pass, and whether it uses the fused derivative rule."""
-
-    epsilon: Any
-    out_dtype: Any
-    activation: str = "identity"
-    negative_slope: float = 0.01
-    save_output_only: bool = False
-    fused: bool = True
-
-
-def train_with_layout(x: Array, scale, bias, layout: Layout, how: Normalization) -> tuple[Array, Moments]:
-    """Normalize with the batch's own statistics, on checked arguments."""
-    if how.fused and _fused.can_fuse(x, how.epsilon):
-        return _fused.fused_batch_norm(
-            x,
-            scale,
-            bias,
-            layout,
-            epsilon=how.epsilon,
-            out_dtype=how.out_dtype,
-            activation=how.activation,
-            negative_slope=how.negative_slope,
-            save_output_only=how.save_output_only,
-        )
-    if how.save_output_only:
-        raise ValueError(
-            "`save_output_only=True` needs the fused training path, which is off here: set fused=True, pass a "
-            "Python float `epsilon`, and a real (not complex) input."
-        )
-    x = without_nonfinite_padding(x, layout.valid)
-    stats = batch_moments(x, layout)
-    return normalized_with(x, layout, stats, scale, bias, how), stats
-
-
-def normalized_with(x: Array, layout: Layout, stats: Moments | RunningStats, scale, bias, how: Normalization) -> Array:
-    """`(x - mean) / sqrt(var + epsilon) * scale + bias`, then the activation, with `stats`."""
-    return _normalize.normalize_on_layout(
-        x,
-        layout,
-        stats.mean,
-        stats.var,
-        scale,
-        bias,
-        epsilon=how.epsilon,
-        out_dtype=how.out_dtype,
-        activation=how.activation,
-        negative_slope=how.negative_slope,
-    )
-
-
-def evaluate_with_layout(x: Array, scale, bias, layout: Layout, running: RunningStats, how: Normalization) -> Array:
-    """Normalize with the running statistics, on checked arguments. Padding is treated as
-    in training: whatever it holds reaches no gradient."""
-    return normalized_with(without_nonfinite_padding(x, layout.valid), layout, running, scale, bias, how)
-
-
-def canonical_arguments(
-    x,
-    scale,
-    bias,
-    *,
-    axis,
-    mask,
-    axis_name,
-    axis_index_groups,
-    epsilon,
-    dtype,
-    activation=None,
-    negative_slope=0.01,
-    save_output_only=False,
-    fused=True,
-    training=True,
-) -> tuple[Array, Any, Any, Layout, Normalization]:
-    """The arguments shared by the entry points, checked once: (x, scale, bias, layout,
-    how to normalize)."""
-    x = _validate.check_input(x)
-    epsilon = _validate.check_epsilon(epsilon)
-    save_output_only = _validate.check_flag(save_output_only, "save_output_only")
-    fused = _validate.check_flag(fused, "fused")
-    negative_slope = _validate.check_negative_slope(negative_slope)
-    synced = training  # evaluation uses no statistics of the batch: its axis names need not be bound
-    layout = _axes.resolve(x, axis, mask, axis_name if synced else None, axis_index_groups if synced else None)
-    scale, bias = check_params(scale, bias, x, layout.fshape, axis)
-    act = _activations.check(activation, negative_slope, save_output_only and training)
-    if act != "identity" and jnp.iscomplexobj(x):
-        raise ValueError(f"`activation`={activation!r} needs a real input; `x` is {x.dtype}.")
-    how = Normalization(
-        epsilon=epsilon,
-        out_dtype=_normalize.output_dtype(_validate.check_output_dtype(dtype), x, scale, bias),
-        activation=act,
-        negative_slope=negative_slope,
-        save_output_only=save_output_only,
-        fused=fused,
-    )
-    return x, scale, bias, layout, how
-
-
-def running_rule(running_average: Any, momentum: Any, debias: Any, unbiased_running_var: Any) -> Any:
-    """The running-average rule of a call: `running_average` when given, else the one
-    `momentum`, `debias` and `unbiased_running_var` name; checked once."""
-    if running_average is not None:
-        return _running.check_rule(running_average)
-    return _running.running_average_rule(momentum, debias, unbiased_running_var)
-
-
-def warn_if_one_value_per_feature(layout: Layout, virtual_batch_size: int | None = None) -> None:
-    per_participant = _axes.element_count(layout.shape, layout.reduce)
-    _validate.warn_if_one_value(
-        per_participant * _axes.participants(layout), layout.shape, layout.axis, virtual_batch_size=virtual_batch_size
-    )
-
-
-def normalize_with_batch_stats(
-    x: Array,
-    scale: Array | None,
-    bias: Array | None,
-    *,
-    axis: Axes = -1,
-    epsilon: float = 1e-5,
-    mask: Array | None = None,
-    axis_name: AxisName = None,
-    axis_index_groups: Any = None,
-    dtype: Any = None,
-    activation: str | None = None,
-    negative_slope: float = 0.01,
-    save_output_only: bool = False,
-    fused: bool = True,
-) -> tuple[Array, Moments]:
-    """Normalize `x` with its own batch statistics: the training half of `batch_norm`,
-    without the running statistics. Arguments as in `batch_norm`.
-
-    Returns:
-      `(y, stats)`: `y` has `x`'s shape (dtype `dtype`, default flax's promotion of `x`,
-      `scale` and `bias`); `stats` are the batch `Moments`, whose mean and var are
-      differentiable (count is not).
-    """
-    x, scale, bias, layout, how = canonical_arguments(
-        x,
-        scale,
-        bias,
-        axis=axis,
-        mask=mask,
-        axis_name=axis_name,
-        axis_index_groups=axis_index_groups,
-        epsilon=epsilon,
-        dtype=dtype,
-        activation=activation,
-        negative_slope=negative_slope,
-        save_output_only=save_output_only,
-        fused=fused,
-    )
-    warn_if_one_value_per_feature(layout)
-    return train_with_layout(x, scale, bias, layout, how)
+# The public entry points: each checks its arguments once.
 
 
 def batch_norm(
@@ -279,9 +108,9 @@ def batch_norm(
     Training on one value per feature (one example without spatial axes) computes as
     flax does (the output is the bias) and emits one `jbn.OneValuePerFeatureWarning`.
     """
-    training = _validate.check_flag(training, "training")
-    rule = running_rule(running_average, momentum, debias, unbiased_running_var)
-    x, scale, bias, layout, how = canonical_arguments(
+    training = _options.check_flag(training, "training")
+    running_options = _options.check_running_options(momentum, debias, unbiased_running_var, running_average)
+    x, scale, bias, layout, how = _options.checked_arguments(
         x,
         scale,
         bias,
@@ -296,36 +125,177 @@ def batch_norm(
         save_output_only=save_output_only,
         fused=fused,
         training=training,
+        virtual_batch_size=virtual_batch_size,
     )
+    rule = _running.rule_of(*running_options)
     running = _running.check_running(running, layout.fshape, axis)
+    return batch_norm_core(x, scale, bias, running, layout, how, rule, training=training)
+
+
+def normalize_with_batch_stats(
+    x: Array,
+    scale: Array | None,
+    bias: Array | None,
+    *,
+    axis: Axes = -1,
+    epsilon: float = 1e-5,
+    mask: Array | None = None,
+    axis_name: AxisName = None,
+    axis_index_groups: Any = None,
+    dtype: Any = None,
+    activation: str | None = None,
+    negative_slope: float = 0.01,
+    save_output_only: bool = False,
+    fused: bool = True,
+) -> tuple[Array, Moments]:
+    """Normalize `x` with its own batch statistics: the training half of `batch_norm`,
+    without the running statistics. Arguments as in `batch_norm`.
+
+    Returns:
+      `(y, stats)`: `y` has `x`'s shape (dtype `dtype`, default flax's promotion of `x`,
+      `scale` and `bias`); `stats` are the batch `Moments`, whose mean and var are
+      differentiable (count is not).
+    """
+    x, scale, bias, layout, how = _options.checked_arguments(
+        x,
+        scale,
+        bias,
+        axis=axis,
+        mask=mask,
+        axis_name=axis_name,
+        axis_index_groups=axis_index_groups,
+        epsilon=epsilon,
+        dtype=dtype,
+        activation=activation,
+        negative_slope=negative_slope,
+        save_output_only=save_output_only,
+        fused=fused,
+    )
+    return train_with_layout(x, scale, bias, layout, how)
+
+
+def normalize(
+    x: Array,
+    mean: Array,
+    var: Array,
+    scale: Array | None = None,
+    bias: Array | None = None,
+    *,
+    axis: Axes = -1,
+    epsilon: float = 1e-5,
+    dtype: Any = None,
+) -> Array:
+    """`(x - mean) / sqrt(var + epsilon) * scale + bias`, feature-wise.
+
+    Args:
+      x: floating (or complex) input of any rank.
+      mean, var: feature-shaped statistics.
+      scale, bias: feature-shaped affine parameters, or None to leave them out.
+      axis: feature axis or axes of `x`.
+      epsilon: added to the variance; > 0.
+      dtype: output dtype; default flax's: the promoted dtype of `x`, `scale` and `bias`.
+        The arithmetic runs in float32 or wider.
+    """
+    x = _options.check_input(x)
+    epsilon = _options.check_epsilon(epsilon)
+    layout = _options.resolve(x, axis)
+    fshape = layout.fshape
+    mean = _options.check_feature_array(mean, fshape, "mean", axis)  # type: ignore[assignment]
+    var = _options.check_feature_array(var, fshape, "var", axis)  # type: ignore[assignment]
+    scale = _options.check_feature_array(scale, fshape, "scale", axis)
+    bias = _options.check_feature_array(bias, fshape, "bias", axis)
+    out = _options.output_dtype(_options.check_output_dtype(dtype), x, scale, bias)
+    return _fused.normalize_on_layout(x, layout, mean, var, scale, bias, epsilon=epsilon, out_dtype=out)
+
+
+# The core: trusts its arguments.
+
+
+def batch_norm_core(
+    x: Array, scale, bias, running: RunningStats, layout: Layout, how: Normalization, rule: Any, *, training: bool
+) -> tuple[Array, RunningStats]:
+    """`batch_norm` on checked arguments: `layout` and `how` from
+    `jbn._options.checked_arguments`, `rule` from `jbn._running.rule_of`, `running` checked
+    (or created by a wrapper for this input)."""
     if not training:
         return evaluate_with_layout(x, scale, bias, layout, running, how), running
 
     def train(x, scale, bias, layout):
         return train_with_layout(x, scale, bias, layout, how)
 
-    if virtual_batch_size is None:
-        warn_if_one_value_per_feature(layout)
+    if how.ghost_groups is None:
         y, stats = train(x, scale, bias, layout)
     else:
         unbiased = isinstance(rule, _running.UnbiasedVariance)
-        y, stats = ghost_batches(train, x, scale, bias, layout, virtual_batch_size, unbiased=unbiased)
+        y, stats = ghost_batches(train, x, scale, bias, layout, how.ghost_groups, unbiased=unbiased)
         rule = rule.rule if unbiased else rule  # the correction is already applied per sub-batch
     return y, _running.apply_rule(rule, running, stats)
 
 
+def train_with_layout(x: Array, scale, bias, layout: Layout, how: Normalization) -> tuple[Array, Moments]:
+    """Normalize with the batch's own statistics, on checked arguments."""
+    if how.fused and _fused.can_fuse(x, how.epsilon):
+        return _fused.fused_batch_norm(
+            x,
+            scale,
+            bias,
+            layout,
+            epsilon=how.epsilon,
+            out_dtype=how.out_dtype,
+            activation=how.activation,
+            negative_slope=how.negative_slope,
+            save_output_only=how.save_output_only,
+        )
+    if how.save_output_only:
+        raise ValueError(
+            "`save_output_only=True` needs the fused training path, which is off here: set fused=True, pass a "
+            "Python float `epsilon`, and a real (not complex) input."
+        )
+    x = without_nonfinite_padding(x, layout.valid)
+    stats = batch_moments(x, layout)
+    return normalized_with(x, layout, stats, scale, bias, how), stats
+
+
+def normalized_with(x: Array, layout: Layout, stats: Moments | RunningStats, scale, bias, how: Normalization) -> Array:
+    """`(x - mean) / sqrt(var + epsilon) * scale + bias`, then the activation, with `stats`."""
+    return _fused.normalize_on_layout(
+        x,
+        layout,
+        stats.mean,
+        stats.var,
+        scale,
+        bias,
+        epsilon=how.epsilon,
+        out_dtype=how.out_dtype,
+        activation=how.activation,
+        negative_slope=how.negative_slope,
+    )
+
+
+def evaluate_with_layout(x: Array, scale, bias, layout: Layout, running: RunningStats, how: Normalization) -> Array:
+    """Normalize with the running statistics, on checked arguments. Padding is treated as
+    in training: whatever it holds reaches no gradient."""
+    return normalized_with(without_nonfinite_padding(x, layout.valid), layout, running, scale, bias, how)
+
+
+def without_nonfinite_padding(x: Array, valid: Array | None) -> Array:
+    """`x` with NaN/inf padding replaced by 0: padding then reaches no statistic and no
+    gradient on any path, whatever it held (finite padding is kept as it is)."""
+    if valid is None:
+        return x
+    return jnp.where(valid | jnp.isfinite(x), x, jnp.zeros((), x.dtype))
+
+
 def ghost_batches(
-    train: Callable, x: Array, scale, bias, layout: Layout, size: Any, *, unbiased: bool
+    train: Callable, x: Array, scale, bias, layout: Layout, n_groups: int, *, unbiased: bool
 ) -> tuple[Array, Moments]:
     """Ghost batch norm as a reshape: (N, ...) -> (N // size, size, ...) with the new group
     axis 0 treated as one more feature axis, then the ordinary training path, so it
     composes with masks, `axis_name` and whatever the training path does. Returns the
     output and the sub-batch statistics combined for the running update."""
-    n_groups = _validate.check_virtual_batch_size(size, layout.shape, layout.features)
     size = layout.shape[0] // n_groups
     grouped_layout = layout.split_leading(n_groups)
     grouped_shape = grouped_layout.shape
-    warn_if_one_value_per_feature(grouped_layout, size)
     gshape = (n_groups,) + layout.fshape
     expand = lambda p: None if p is None else jnp.broadcast_to(p, gshape)  # noqa: E731  (gradients sum back)
 
@@ -336,7 +306,7 @@ def ghost_batches(
         y, stats = train(x.reshape(grouped_shape), expand(scale), expand(bias), grouped_layout._replace(valid=valid))
         return y.reshape(x.shape), stats
 
-    if _axes.sharded_in_type(x):
+    if sharded_in_type(x):
         # Sub-batches cut across the shards in ways that one mesh axis cannot name (a
         # ShardingTypeError for the reshape): XLA lays this part out (Auto axes), and y
         # comes back split as x was.

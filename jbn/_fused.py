@@ -1,5 +1,7 @@
-"""The fused training path of batch norm: one `jax.custom_jvp` for statistics,
-normalization and activation, whose tangent rule transposes into a lean backward pass.
+"""The normalization of batch norm (past 400 lines: one concept, the arithmetic from the
+statistics to the output and its derivative): `normalize_on_layout` and the activations it
+can apply, and the fused training path, one `jax.custom_jvp` for statistics, normalization
+and activation, whose tangent rule transposes into a lean backward pass.
 
 Why: differentiated by plain autodiff, batch norm keeps several activation-sized float32
 tensors alive for the backward pass (the centred input, its square, the normalized
@@ -15,7 +17,7 @@ output) and reads them back. Here the tangent rule is written so that
   `sum(g * x_hat)` (`g` the cotangent before the activation, `x_hat` the normalized
   input), then one elementwise pass `dx = k g + valid (c0 + c1 x_hat)`. Each of the three
   passes gets its own handle on the saved arrays, so that XLA:CPU fuses the
-  recomputation of `x_hat` into each (see jbn._fusion); with an output narrower than
+  recomputation of `x_hat` into each (see jbn._statistics.separate_uses); with an output narrower than
   the compute dtype (bfloat16, float16), each pass also gets its own handle on the
   output's cotangent and casts it inside its fusion (`kept_apart`);
 - under `axis_name` the two input-tangent sums travel in one psum, whose transpose is the
@@ -41,10 +43,10 @@ import jax.numpy as jnp
 from jax import lax
 from jax._src import core as jax_core  # extend_axis_env_nd: no public equivalent (see _names_bound)
 
-from jbn import _activations, _axes, _normalize, _statistics
-from jbn._axes import Layout
-from jbn._fusion import kept_apart, separate_uses
+from jbn import _statistics
+from jbn._options import Layout, bound_axis_size, reduction_axes
 from jbn._state import Moments
+from jbn._statistics import expand_features, kept_apart, real_dtype, separate_uses, stats_dtype, varying_axes
 
 Array = jax.Array
 
@@ -99,7 +101,7 @@ def fused_batch_norm(
         layout.axis,
         layout.features,
         layout.names,
-        None if layout.names is None else tuple(_axes.bound_axis_size((n,)) for n in layout.names),
+        None if layout.names is None else tuple(bound_axis_size((n,)) for n in layout.names),
         layout.groups,
         float(epsilon),
         jnp.dtype(out_dtype),
@@ -118,7 +120,7 @@ def _layout(cfg: FusedConfig, x: Array, valid: Array | None) -> Layout:
 def _primal(cfg: FusedConfig, x, scale, bias, valid):
     layout = _layout(cfg, x, valid)
     stats = _statistics.batch_moments(x, layout)
-    y = _normalize.normalize_on_layout(
+    y = normalize_on_layout(
         x,
         layout,
         stats.mean,
@@ -175,7 +177,7 @@ def _jvp_body(cfg: FusedConfig, primals, tangents):
     x, scale, bias, valid = primals
     dx, dscale, dbias, _ = tangents  # the mask is boolean: no tangent
     y, stats = _primal(cfg, x, scale, bias, valid)
-    compute = _normalize.compute_dtype(x, stats.mean, scale, bias)
+    compute = compute_dtype(x, stats.mean, scale, bias)
     inv = lax.rsqrt(stats.var.astype(compute) + cfg.epsilon)
     count = jnp.broadcast_to(stats.count, inv.shape).astype(compute)
     saved, mean = (y, None) if cfg.save_output_only else (x, stats.mean)
@@ -195,16 +197,16 @@ def _tangent(cfg: FusedConfig, saved, mean, inv, scale, bias, valid, count, dx, 
     `dz` is written as three terms, each with its own handle on the saved arrays, so that
     the transpose computes `sum(g x_hat)`, `sum(g)` and `k g` in three fused passes."""
     ndim, features = saved.ndim, cfg.features
-    reduce = _axes.reduction_axes(ndim, features)
+    reduce = reduction_axes(ndim, features)
     compute = inv.dtype
     per_element = jnp.where(count > 0, 1 / jnp.maximum(count, 1), 0)
     k = inv if scale is None else inv * scale.astype(compute)
 
     def expand(v):
-        return _axes.expand_features(v.astype(compute), ndim, features)
+        return expand_features(v.astype(compute), ndim, features)
 
     # Feature-shaped constants travel with `inv`, so that XLA cannot fold them back into
-    # scalars that it would then write out at full size (see _activations.cotangent).
+    # scalars that it would then write out at full size (see `cotangent`).
     constants = (
         inv,
         jnp.zeros_like(inv),
@@ -224,7 +226,7 @@ def _tangent(cfg: FusedConfig, saved, mean, inv, scale, bias, valid, count, dx, 
         inv, zero, gap, reciprocal, _ = (expand(c) for c in constants)
         s = saved.astype(compute)
         if cfg.save_output_only:
-            z = _activations.inverse(s, cfg.activation, cfg.negative_slope, zero=zero, reciprocal=reciprocal)
+            z = inverse(s, cfg.activation, cfg.negative_slope, zero=zero, reciprocal=reciprocal)
             x_hat = z
             if bias is not None:
                 x_hat = x_hat - expand(bias)
@@ -244,7 +246,7 @@ def _tangent(cfg: FusedConfig, saved, mean, inv, scale, bias, valid, count, dx, 
             z = jnp.where(valid | jnp.isfinite(z), z, 0)  # act'(z) of padding: never NaN
 
         def through_activation(t):
-            return _activations.cotangent(t, z, cfg.activation, cfg.negative_slope, zero=zero, gap=gap)
+            return cotangent(t, z, cfg.activation, cfg.negative_slope, zero=zero, gap=gap)
 
         return x_hat, through_activation
 
@@ -265,7 +267,7 @@ def _tangent(cfg: FusedConfig, saved, mean, inv, scale, bias, valid, count, dx, 
         b = b + dbias.astype(compute)
     # Where the data varies over manual axes that the per-feature terms do not (shard_map
     # with checks), say so once for both: the transpose is then one psum of the two sums.
-    missing = tuple(_axes.varying_axes(x_hat1) - _axes.varying_axes(a) - _axes.varying_axes(b))
+    missing = tuple(varying_axes(x_hat1) - varying_axes(a) - varying_axes(b))
     if missing:
         a, b = lax.pcast(jnp.stack([a, b]), missing, to="varying")
     # The third term is made full-size here, so that its transpose sums the cotangent in
@@ -282,3 +284,81 @@ def _tangent(cfg: FusedConfig, saved, mean, inv, scale, bias, valid, count, dx, 
     # tangent is the sum of the three terms rounded to `out_dtype` (a few of its ulps).
     dy = sum(kept_apart(*(t.astype(cfg.out_dtype) for t in terms)))
     return dy, d_mean, d_var
+
+
+# Normalization, and the activations batch norm can apply to its output, with what the fused
+# backward pass needs from them: the derivative as a function of the pre-activation, and (for the
+# invertible ones) the pre-activation recovered from the output. Names (checked by
+# `jbn._options.check_activation`): "identity", "relu" (`max(z, 0)`, derivative 0 at 0 as in
+# `jax.nn.relu`), "leaky_relu" (`z` where `z >= 0`, else `negative_slope * z`, as in
+# `jax.nn.leaky_relu`).
+
+
+def compute_dtype(x: Array, *arrays: Array | None) -> jnp.dtype:
+    """The arithmetic's dtype: float32 or wider (complex for complex data)."""
+    return stats_dtype(x.dtype, *(a.dtype for a in arrays if a is not None))
+
+
+def normalize_on_layout(
+    x, layout: Layout, mean, var, scale, bias, *, epsilon, out_dtype, activation="identity", negative_slope=0.01
+) -> Array:
+    """`normalize` (then the activation, in the compute dtype) on checked arguments."""
+    compute = compute_dtype(x, mean, scale, bias)
+
+    def expand(v):
+        return expand_features(v.astype(compute), len(layout.shape), layout.features)
+
+    multiplier = lax.rsqrt(var.astype(real_dtype(compute)) + epsilon).astype(compute)
+    if scale is not None:
+        multiplier = multiplier * scale.astype(compute)
+    y = (x.astype(compute) - expand(mean)) * expand(multiplier)
+    if bias is not None:
+        y = y + expand(bias)
+    return activate(y, activation, negative_slope).astype(out_dtype)
+
+
+def activate(z: Array, name: str, negative_slope: float) -> Array:
+    """The activation `name` of `z`."""
+    # max/min rather than a select: XLA:CPU fuses these into a following reduction.
+    if name == "relu":
+        return jnp.maximum(z, 0)
+    if name == "leaky_relu":
+        return jnp.maximum(z, 0) + negative_slope * jnp.minimum(z, 0)
+    return z
+
+
+def cotangent(
+    dy: Array, z: Array, name: str, negative_slope: float, *, zero: Any = 0, gap: Any = None, nan_safe: bool = False
+) -> Array:
+    """The cotangent of the pre-activation `z` given the cotangent `dy` of the output.
+
+    At `z == 0`: relu' = 0 and leaky_relu' = 1, as `jax.nn.relu`/`jax.nn.leaky_relu`.
+    The default form is arithmetic (sign/min/max): XLA:CPU fuses it into a following
+    reduction, where it does not fuse a comparison or select; it gives NaN where `z` is
+    NaN. `zero` is the 0 it compares against: an array that broadcasts against `z` (a
+    per-feature vector) lets XLA:CPU fuse it as well, where a scalar constant shared by
+    several reductions is written out at full size; `gap` (default `1 - negative_slope`)
+    likewise. `nan_safe=True` uses comparisons
+    instead, which give 0/1 (or the slope) for a NaN `z`, as `jax.nn` does.
+    """
+    if name == "identity":
+        return dy
+    if nan_safe:
+        if name == "relu":
+            return jnp.where(z > 0, dy, 0)
+        return jnp.where(z >= 0, dy, negative_slope * dy)
+    if name == "relu":
+        return dy * jnp.sign(jnp.maximum(z, zero))  # 1 where z > 0, else 0
+    # dy where z >= 0, slope * dy where z < 0 (sign(min(z, 0)) is -1 there, else 0).
+    gap = 1 - negative_slope if gap is None else gap
+    return dy + gap * dy * jnp.sign(jnp.minimum(z, zero))
+
+
+def inverse(y: Array, name: str, negative_slope: float, *, zero: Any = 0, reciprocal: Any = None) -> Array:
+    """The pre-activation `z` with `apply(z) == y`, for an invertible activation. The
+    sign of `y` equals the sign of `z` when the slope is positive, so the branch is known.
+    `zero` and `reciprocal` (default `1 / negative_slope`) as `zero` in `cotangent`."""
+    if name == "leaky_relu":
+        reciprocal = 1 / negative_slope if reciprocal is None else reciprocal
+        return jnp.maximum(y, zero) + jnp.minimum(y, zero) * reciprocal
+    return y

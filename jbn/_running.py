@@ -11,28 +11,17 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from jbn import _axes, _validate
+from jbn import _options
+from jbn._options import promoted
 from jbn._state import Moments, RunningStats
+from jbn._statistics import real_dtype, stats_dtype
 
 Array = jax.Array
-
-
-@runtime_checkable
-class RunningAverage(Protocol):
-    """A running-average rule: how `RunningStats` move toward one batch's `Moments`.
-
-    `needs_count`: whether the rule keeps `RunningStats.count` (the modules then create
-    `batch_stats/count`). `update` is called once per training step, with the batch
-    statistics after the mask and across devices."""
-
-    needs_count: bool
-
-    def update(self, running: RunningStats, batch: Moments) -> RunningStats: ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,19 +32,16 @@ class EMA:
     needs_count = False
 
     def update(self, running: RunningStats, batch: Moments) -> RunningStats:
-        return advance(running, batch, self.momentum, counted=False)
+        # a rule that keeps the count weighs the batch by it (the debiased EMA)
+        return advance(running, batch, self.momentum, counted=self.needs_count)
 
 
 @dataclasses.dataclass(frozen=True)
-class DebiasedEMA:
+class DebiasedEMA(EMA):
     """The bias-corrected EMA (`ema_t / (1 - momentum**t)`, `ema` starting from zero),
     kept in corrected form (see `update_running_stats`)."""
 
-    momentum: Any = 0.99
     needs_count = True
-
-    def update(self, running: RunningStats, batch: Moments) -> RunningStats:
-        return advance(running, batch, self.momentum, counted=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,22 +71,18 @@ class UnbiasedVariance:
 
 
 def running_average_rule(momentum: Any = 0.99, debias: Any = False, unbiased_running_var: Any = False) -> Any:
-    """The rule of `batch_norm`'s running options, each checked here once."""
-    momentum = _validate.check_momentum(momentum)
-    debias = _validate.check_flag(debias, "debias")
-    unbiased_running_var = _validate.check_flag(unbiased_running_var, "unbiased_running_var")
+    """The rule of `batch_norm`'s running options, each checked once."""
+    return rule_of(*_options.check_running_options(momentum, debias, unbiased_running_var, None))
+
+
+def rule_of(momentum: Any, debias: bool, unbiased_running_var: bool, running_average: Any) -> Any:
+    """The rule of checked running options (`jbn._options.check_running_options`):
+    `running_average` when given, else the rule `momentum`, `debias` and
+    `unbiased_running_var` name."""
+    if running_average is not None:
+        return running_average
     rule: Any = CumulativeAverage() if momentum is None else DebiasedEMA(momentum) if debias else EMA(momentum)
     return UnbiasedVariance(rule) if unbiased_running_var else rule
-
-
-def check_rule(rule: Any) -> Any:
-    """A rule passed as `running_average=`: it must have `update` and `needs_count`."""
-    if not isinstance(rule, RunningAverage):
-        raise TypeError(
-            f"`running_average` must be a rule with `update(running, batch) -> RunningStats` and a `needs_count` "
-            f"bool (e.g. jbn.EMA(0.9)), got {type(rule).__name__} {rule!r}."
-        )
-    return rule
 
 
 def check_running(running: Any, fshape: tuple[int, ...], axis: Any) -> RunningStats:
@@ -111,9 +93,9 @@ def check_running(running: Any, fshape: tuple[int, ...], axis: Any) -> RunningSt
             f"jbn.RunningStats(mean=jnp.zeros({fshape}), var=jnp.ones({fshape}))."
         )
     return RunningStats(
-        _validate.check_feature_array(running.mean, fshape, "running.mean", axis),  # type: ignore[arg-type]
-        _validate.check_feature_array(running.var, fshape, "running.var", axis, kind="real"),  # type: ignore[arg-type]
-        _validate.check_feature_array(running.count, fshape, "running.count", axis, kind="count"),
+        _options.check_feature_array(running.mean, fshape, "running.mean", axis),  # type: ignore[arg-type]
+        _options.check_feature_array(running.var, fshape, "running.var", axis, kind="real"),  # type: ignore[arg-type]
+        _options.check_feature_array(running.count, fshape, "running.count", axis, kind="count"),
     )
 
 
@@ -151,15 +133,15 @@ def counted_momentum(momentum: Any, t: Array) -> Array:
 def state_dtype(old, new) -> jnp.dtype:
     """The dtype of an updated running statistic: a narrow state (bfloat16, float16)
     keeps its dtype; a float64 (x64) or complex batch widens a float32 state, as flax."""
-    wide = _axes.promoted(old, new)
-    return wide if wide != _axes.promoted(old, jnp.float32) else jnp.dtype(old)
+    wide = promoted(old, new)
+    return wide if wide != promoted(old, jnp.float32) else jnp.dtype(old)
 
 
 def coefficient_dtype(running: RunningStats, batch: Moments) -> jnp.dtype:
     """The dtype of every coefficient of the running update: the (real) dtype the update is
     computed in, float32 or wider, so that a float64 state is float64-accurate."""
     dtypes = (running.mean.dtype, running.var.dtype, batch.mean.dtype, batch.var.dtype)
-    return _axes.real_dtype(_axes.stats_dtype(*dtypes))
+    return real_dtype(stats_dtype(*dtypes))
 
 
 def mix(old: Array, new: Array, keep: Any, ok: Array) -> Array:
@@ -170,7 +152,7 @@ def mix(old: Array, new: Array, keep: Any, ok: Array) -> Array:
     a bfloat16 mean stalls near 0.4 on its way to 0.5), it moves one unit in the last
     place toward the batch instead, so the state keeps converging."""
     out_dtype = state_dtype(old.dtype, new.dtype)
-    compute = _axes.stats_dtype(old.dtype, new.dtype)
+    compute = stats_dtype(old.dtype, new.dtype)
     o, n, keep = old.astype(compute), new.astype(compute), jnp.asarray(keep, compute)
     mixed = keep * o + (1 - keep) * n
     out = mixed.astype(out_dtype)

@@ -1,8 +1,9 @@
-"""The two state types of the pure layer: one batch's statistics and the running ones."""
+"""The state types of the pure layer: one batch's statistics, the running ones, and the
+interface of a rule that moves the second toward the first."""
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Protocol, runtime_checkable
 
 import jax
 
@@ -41,3 +42,16 @@ class RunningStats(NamedTuple):
     mean: Array
     var: Array
     count: Array | None = None  # type: ignore[assignment]
+
+
+@runtime_checkable
+class RunningAverage(Protocol):
+    """A running-average rule: how `RunningStats` move toward one batch's `Moments`.
+
+    `needs_count`: whether the rule keeps `RunningStats.count` (the modules then create
+    `batch_stats/count`). `update` is called once per training step, with the batch
+    statistics after the mask and across devices."""
+
+    needs_count: bool
+
+    def update(self, running: RunningStats, batch: Moments) -> RunningStats: ...

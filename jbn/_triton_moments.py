@@ -29,9 +29,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from jbn import _local_moments  # the cpu formulation, and what every formulation returns
-from jbn._axes import Layout
-from jbn._local_moments import Local
+from jbn import _statistics as _local_moments  # the cpu formulation, and what every formulation returns
+from jbn._options import Layout
+from jbn._statistics import Local
 
 Array = jax.Array
 

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 import jax
 import jax.numpy as jnp
 
-from jbn import _axes, _validate
+from jbn import _options, _statistics
 
 
 def fold_batch_norm(
@@ -41,7 +41,7 @@ def fold_batch_norm(
       its outputs equal the original layer followed by BN in eval mode. Dtypes are the
       kernel's; the arithmetic runs in float32 or wider.
     """
-    epsilon = _validate.check_epsilon(epsilon)
+    epsilon = _options.check_epsilon(epsilon)
     if "kernel" not in layer_params:
         raise ValueError(
             f"`layer_params` has keys {sorted(layer_params)}, not a 'kernel': pass the params of the nn.Dense or "
@@ -55,7 +55,7 @@ def fold_batch_norm(
     gamma = _feature(bn_params, "scale", out, "bn_params")
     beta = _feature(bn_params, "bias", out, "bn_params")
     bias = _feature(layer_params, "bias", out, "layer_params")
-    compute = _axes.stats_dtype(kernel.dtype, mean.dtype, var.dtype)
+    compute = _statistics.stats_dtype(kernel.dtype, mean.dtype, var.dtype)
 
     multiplier = jax.lax.rsqrt(var.astype(compute) + epsilon)
     if gamma is not None:

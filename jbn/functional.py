@@ -12,21 +12,19 @@ from __future__ import annotations
 
 import warnings
 
-from jbn._batch_norm import batch_norm, normalize_with_batch_stats
-from jbn._normalize import normalize
+from jbn._batch_norm import batch_norm, normalize, normalize_with_batch_stats
+from jbn._options import OneValuePerFeatureWarning
 from jbn._running import (
     EMA,
     CumulativeAverage,
     DebiasedEMA,
-    RunningAverage,
     UnbiasedVariance,
     bessel_corrected,
     running_average_rule,
     update_running_stats,
 )
-from jbn._state import Moments, RunningStats
+from jbn._state import Moments, RunningAverage, RunningStats
 from jbn._statistics import merge_moments, moments
-from jbn._validate import OneValuePerFeatureWarning
 
 
 def unbiased_moments(batch: Moments) -> Moments:

@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jbn import functional as F
-from jbn._validate import quiet_one_value
+from jbn._options import quiet_one_value
 
 Initializer = Callable[[Sequence[int], Any], jax.Array]
 

@@ -10,12 +10,21 @@ import jax.numpy as jnp
 from flax import linen as nn
 from flax.linen import initializers
 
-from jbn import _axes, _validate, precise
-from jbn._batch_norm import batch_norm, running_rule
+from jbn import _options, _running, precise
+from jbn._batch_norm import batch_norm_core
 from jbn._state import Moments, RunningStats
-from jbn.renorm import Limit, batch_renorm, next_step
+from jbn.renorm import Limit, batch_renorm_core, next_step, resolve_limit
 
 Initializer = Callable[..., jax.Array]
+
+# The variables whose feature shape must match the input's, when they exist.
+EXISTING = (
+    ("params", "scale"),
+    ("params", "bias"),
+    ("batch_stats", "mean"),
+    ("batch_stats", "var"),
+    ("batch_stats", "count"),
+) + tuple(("batch_stats", name) for name in precise.POPULATION_VARIABLES)
 
 
 class _Normalization(nn.Module):
@@ -36,17 +45,35 @@ class _Normalization(nn.Module):
     axis_index_groups: Any = None
 
     @nn.nowrap
-    def _check_existing(self, fshape: tuple[int, ...]) -> None:
-        """Clear error when the input's feature shape differs from already-created variables
-        (a checkpoint for another width, or `axis` pointing at the wrong dimension)."""
-        names = [
-            ("params", "scale"),
-            ("params", "bias"),
-            ("batch_stats", "mean"),
-            ("batch_stats", "var"),
-            ("batch_stats", "count"),
-        ] + [("batch_stats", name) for name in precise.POPULATION_VARIABLES]
-        for collection, name in names:
+    def _run(
+        self,
+        x,
+        use_running_average: bool | None,
+        mask,
+        running_average: tuple,
+        normalization: dict,
+        core: Callable,
+        **core_options,
+    ):
+        """One call, in the order it runs: settle the mode; check `x` and this module's
+        options once (`jbn._options`); create (or fetch) the variables; call the trusting
+        `core`; store the new running statistics (or, in a `recompute_batch_stats` pass,
+        merge the batch into the population). Returns the output. Written as one function:
+        each step a helper of its own would make a call walk back into this module.
+
+        `running_average`: (momentum, debias, unbiased_running_var, running_average) as
+        the fields hold them; `normalization`: this module's own options of
+        `checked_arguments`; `core_options`: the core's own (renorm's limits). At init, as in
+        flax: the axis names need not be bound, one value per feature is not worth a warning
+        (init trains nothing), and the running statistics are not stored."""
+        training = not nn.merge_param("use_running_average", self.use_running_average, use_running_average)
+        initializing = self.is_initializing()
+        x = _options.check_input(x)
+        fshape = _options.feature_shape(x.shape, _options.feature_axes(x.ndim, self.axis))
+        running_options = _options.check_running_options(*running_average)
+        # Existing variables of another feature shape (a checkpoint for another width, or
+        # `axis` pointing at the wrong dimension): a clear error.
+        for collection, name in EXISTING:
             if not self.has_variable(collection, name):
                 continue
             shape = tuple(jnp.shape(nn.meta.unbox(self.get_variable(collection, name))))  # boxed: nn.with_partitioning
@@ -56,57 +83,34 @@ class _Normalization(nn.Module):
                     f"axis={self.axis!r}, but the existing variable {collection}/{name} has shape {shape}: pass an "
                     "input with that feature shape, set `axis` to the input's feature axis, or re-initialize."
                 )
-
-    @nn.nowrap
-    def _prepare(self, x, use_running_average: bool | None, rule: Any):
-        """Settle the mode, check `x`, create (or fetch) the variables. Returns
-        (training, x, running variables, scale, bias). `rule`: the running-average
-        rule, which says whether `batch_stats/count` is kept."""
-        use_running_average = nn.merge_param("use_running_average", self.use_running_average, use_running_average)
-        x = _validate.check_input(x)
-        fshape = _axes.feature_shape(x.shape, _axes.feature_axes(x.ndim, self.axis))
-        self._check_existing(fshape)
         mean = self.variable("batch_stats", "mean", lambda s: jnp.zeros(s, jnp.float32), fshape)
         var = self.variable("batch_stats", "var", lambda s: jnp.ones(s, jnp.float32), fshape)
-        count = None  # batch_stats/count only when the update needs it or a checkpoint brought one
-        if rule.needs_count or self.has_variable("batch_stats", "count"):
-            count = self.variable("batch_stats", "count", lambda s: jnp.zeros(s, jnp.int32), fshape)
         scale = self.param("scale", self.scale_init, fshape, self.param_dtype) if self.use_scale else None
         bias = self.param("bias", self.bias_init, fshape, self.param_dtype) if self.use_bias else None
-        return not use_running_average, x, (mean, var, count), scale, bias
-
-    @nn.nowrap
-    def _call_pure(self, function, x, scale, bias, running_vars, training: bool, mask, **options):
-        """The pure call with this module's `options`. At init, as in flax: the axis names
-        need not be bound, and one value per feature is not worth a warning (init trains
-        nothing)."""
-        mean, var, count = running_vars
-        running = RunningStats(mean.value, var.value, None if count is None else count.value)
-        initializing = self.is_initializing()
         names = (None, None) if initializing else (self.axis_name, self.axis_index_groups)
-        with _validate.quiet_one_value(initializing):
-            return function(
+        with _options.quiet_one_value(initializing):
+            x, scale, bias, layout, how = _options.checked_arguments(
                 x,
                 scale,
                 bias,
-                running,
-                training=training,
-                mask=mask,
                 axis=self.axis,
-                epsilon=self.epsilon,
-                dtype=self.dtype,
+                mask=mask,
                 axis_name=names[0],
                 axis_index_groups=names[1],
-                **options,
+                epsilon=self.epsilon,
+                dtype=self.dtype,
+                training=training,
+                **normalization,
             )
-
-    @nn.nowrap
-    def _record(self, x, mask, running_vars, new: RunningStats) -> bool:
-        """After a training call: store the new running statistics, or, in a
-        `recompute_batch_stats` pass, merge the batch into the population instead. Returns
-        whether the running statistics were stored (never during init)."""
-        if self.is_initializing():
-            return False
+        rule = _running.rule_of(*running_options)
+        count = None  # batch_stats/count only when the rule keeps one or a checkpoint brought one
+        if rule.needs_count or self.has_variable("batch_stats", "count"):
+            count = self.variable("batch_stats", "count", lambda s: jnp.zeros(s, jnp.int32), fshape)
+        running = RunningStats(mean.value, var.value, None if count is None else count.value)
+        running = _running.check_running(running, fshape, self.axis)
+        y, new = core(x, scale, bias, running, layout, how, rule, training=training, **core_options)
+        if not training or initializing:
+            return y
         if self.has_variable("batch_stats", "population_count"):
             population = [self.variable("batch_stats", name) for name in precise.POPULATION_VARIABLES]  # type: ignore[var-annotated]
             merged = precise.add_batch(
@@ -119,12 +123,11 @@ class _Normalization(nn.Module):
             )
             for v, value in zip(population, merged):
                 v.value = value
-            return False
-        mean, var, count = running_vars
+            return y
         mean.value, var.value = new.mean, new.var
         if count is not None:
             count.value = new.count
-        return True
+        return y
 
 
 class BatchNorm(_Normalization):
@@ -185,10 +188,6 @@ class BatchNorm(_Normalization):
     fused: bool = True
     running_average: Any = None
 
-    @nn.nowrap
-    def _rule(self) -> Any:
-        return running_rule(self.running_average, self.momentum, self.debias, self.unbiased_running_var)
-
     @nn.compact
     def __call__(self, x, use_running_average: bool | None = None, *, mask: jax.Array | None = None):
         """Normalize `x` (any rank, features on `axis`).
@@ -202,31 +201,25 @@ class BatchNorm(_Normalization):
           The normalized input, same shape; `batch_stats` is updated in training
           (when mutable) and never during `init`.
         """
-        rule = self._rule()
-        training, x, running_vars, scale, bias = self._prepare(x, use_running_average, rule)
-        y, new = self._call_pure(
-            batch_norm,
+        return self._run(
             x,
-            scale,
-            bias,
-            running_vars,
-            training,
+            use_running_average,
             mask,
-            running_average=rule,
-            # a dummy example at init is no multiple of the ghost batch size
-            virtual_batch_size=None if self.is_initializing() else self.virtual_batch_size,
-            activation=self.activation,
-            negative_slope=self.negative_slope,
-            save_output_only=self.save_output_only,
-            fused=self.fused,
+            (self.momentum, self.debias, self.unbiased_running_var, self.running_average),
+            dict(
+                # a dummy example at init is no multiple of the ghost batch size
+                virtual_batch_size=None if self.is_initializing() else self.virtual_batch_size,
+                activation=self.activation,
+                negative_slope=self.negative_slope,
+                save_output_only=self.save_output_only,
+                fused=self.fused,
+            ),
+            batch_norm_core,
         )
-        if training:
-            self._record(x, mask, running_vars, new)
-        return y
 
 
 class BatchRenorm(_Normalization):
-    """Batch Renormalization (Ioffe 2017) for flax linen; calls `jbn.batch_renorm`.
+    """Batch Renormalization (Ioffe 2017) for flax linen: `jbn.batch_renorm` as a module.
 
     Variables: `params/{scale,bias}` and `batch_stats/{mean,var}` as in `BatchNorm` (eval is
     batch norm's, so the checkpoint is interchangeable with a `BatchNorm` one), plus
@@ -245,29 +238,21 @@ class BatchRenorm(_Normalization):
     unbiased_running_var: bool = False
     running_average: Any = None
 
-    @nn.nowrap
-    def _rule(self) -> Any:
-        return running_rule(self.running_average, self.momentum, self.debias, self.unbiased_running_var)
-
     @nn.compact
     def __call__(self, x, use_running_average: bool | None = None, *, mask: jax.Array | None = None):
         """Renormalize `x` (any rank, features on `axis`); arguments as in `BatchNorm`."""
-        rule = self._rule()
-        training, x, running_vars, scale, bias = self._prepare(x, use_running_average, rule)
         step = self.variable("batch_stats", "step", lambda: jnp.zeros((), jnp.int32))
-        y, new = self._call_pure(
-            batch_renorm,
+        y = self._run(
             x,
-            scale,
-            bias,
-            running_vars,
-            training,
+            use_running_average,
             mask,
-            running_average=rule,
-            r_max=self.r_max,
-            d_max=self.d_max,
-            step=step.value,
+            (self.momentum, self.debias, self.unbiased_running_var, self.running_average),
+            dict(fused=False),
+            batch_renorm_core,
+            r_max=resolve_limit(self.r_max, step.value, "r_max"),
+            d_max=resolve_limit(self.d_max, step.value, "d_max"),
         )
-        if training and self._record(x, mask, running_vars, new):
+        training = not nn.merge_param("use_running_average", self.use_running_average, use_running_average)
+        if training and not self.is_initializing() and not self.has_variable("batch_stats", "population_count"):
             step.value = next_step(step.value)
         return y

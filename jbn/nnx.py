@@ -16,19 +16,19 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.nnx.nn import initializers
 
-from jbn import _validate, accumulation, precise
-from jbn._batch_norm import batch_norm, running_rule
+from jbn import _options, _running, accumulation, precise
+from jbn._batch_norm import batch_norm_core
 from jbn._state import Moments, RunningStats
-from jbn.renorm import Limit, batch_renorm, next_step
+from jbn.renorm import Limit, batch_renorm_core, next_step, resolve_limit
 
 Initializer = Callable[..., jax.Array]
 
 
 def _feature_shape(num_features: Any) -> tuple[int, ...]:
     sizes = (num_features,) if not isinstance(num_features, (tuple, list)) else tuple(num_features)
-    if sizes and all(_validate.is_index(n) for n in sizes) and not all(n > 0 for n in sizes):
+    if sizes and all(_options.is_index(n) for n in sizes) and not all(n > 0 for n in sizes):
         raise ValueError(f"`num_features`={num_features!r} must be positive: the size of the feature axis, e.g. 64.")
-    if not sizes or not all(_validate.is_index(n) for n in sizes):
+    if not sizes or not all(_options.is_index(n) for n in sizes):
         raise TypeError(
             f"`num_features` must be a positive int (or a tuple of them, one per feature axis), got {num_features!r}: "
             "e.g. nnx.BatchNorm(64, rngs=rngs) for 64 channels."
@@ -74,9 +74,10 @@ class _Normalization(nnx.Module):
     ):
         fshape = _feature_shape(num_features)
         # checked here, once: a bad option fails when the layer is built
-        self.rule = running_rule(running_average, momentum, debias, unbiased_running_var)
-        self.epsilon = _validate.check_epsilon(epsilon)
-        self.momentum = _validate.check_momentum(momentum)
+        running_options = _options.check_running_options(momentum, debias, unbiased_running_var, running_average)
+        self.rule = _running.rule_of(*running_options)
+        self.epsilon = _options.check_epsilon(epsilon)
+        self.momentum = running_options[0]
         self.use_running_average = use_running_average
         self.axis = axis
         self.dtype = dtype
@@ -101,8 +102,10 @@ class _Normalization(nnx.Module):
         self.use_scale = use_scale
         self.use_bias = use_bias
 
-    def _call_pure(self, function, x, use_running_average: bool | None, mask, **options):
-        """The pure call with this layer's shared options and its own `options`."""
+    def _call_pure(self, core, x, use_running_average: bool | None, mask, normalization: dict, **core_options):
+        """One call: the records of `jbn._options.checked_arguments` from this layer's
+        options (and its own `normalization` options), then the trusting `core` with the
+        rule built at construction (and the core's own `core_options`)."""
         value = use_running_average if use_running_average is not None else self.use_running_average
         if value is None:
             raise ValueError(
@@ -113,21 +116,21 @@ class _Normalization(nnx.Module):
         running = RunningStats(self.mean[...], self.var[...], None if self.count is None else self.count[...])
         scale = None if self.scale is None else self.scale[...]
         bias = None if self.bias is None else self.bias[...]
-        y, new = function(
+        x, scale, bias, layout, how = _options.checked_arguments(
             x,
             scale,
             bias,
-            running,
-            training=training,
-            mask=mask,
             axis=self.axis,
-            epsilon=self.epsilon,
-            dtype=self.dtype,
+            mask=mask,
             axis_name=self.axis_name,
             axis_index_groups=self.axis_index_groups,
-            running_average=self.rule,
-            **options,
+            epsilon=self.epsilon,
+            dtype=self.dtype,
+            training=training,
+            **normalization,
         )
+        running = _running.check_running(running, layout.fshape, self.axis)
+        y, new = core(x, scale, bias, running, layout, how, self.rule, training=training, **core_options)
         stored = training and not self._capture(x, mask)
         if stored:
             # The running statistics are state, never differentiated.
@@ -261,21 +264,23 @@ class BatchNorm(_Normalization):
         """Normalize `x` (features on `axis`); `mask` as in `jbn.moments`. In training the
         running statistics are updated in place."""
         y, _ = self._call_pure(
-            batch_norm,
+            batch_norm_core,
             x,
             use_running_average,
             mask,
-            virtual_batch_size=self.virtual_batch_size,
-            activation=self.activation,
-            negative_slope=self.negative_slope,
-            save_output_only=self.save_output_only,
-            fused=self.fused,
+            dict(
+                virtual_batch_size=self.virtual_batch_size,
+                activation=self.activation,
+                negative_slope=self.negative_slope,
+                save_output_only=self.save_output_only,
+                fused=self.fused,
+            ),
         )
         return y
 
 
 class BatchRenorm(_Normalization):
-    """Batch Renormalization (Ioffe 2017) for flax NNX; calls `jbn.batch_renorm`.
+    """Batch Renormalization (Ioffe 2017) for flax NNX: `jbn.batch_renorm` as a layer.
 
     Arguments as `BatchNorm` (without `virtual_batch_size` and the fused options), plus
     `r_max` (>= 1) and `d_max` (>= 0), floats or schedules of the step count
@@ -335,8 +340,15 @@ class BatchRenorm(_Normalization):
 
     def __call__(self, x, use_running_average: bool | None = None, *, mask: jax.Array | None = None):
         """Renormalize `x`; in training the running statistics and `step` are updated."""
+        step = self.step[...]
         y, stored = self._call_pure(
-            batch_renorm, x, use_running_average, mask, r_max=self.r_max, d_max=self.d_max, step=self.step[...]
+            batch_renorm_core,
+            x,
+            use_running_average,
+            mask,
+            dict(fused=False),
+            r_max=resolve_limit(self.r_max, step, "r_max"),
+            d_max=resolve_limit(self.d_max, step, "d_max"),
         )
         if stored:
             self.step[...] = next_step(self.step[...])

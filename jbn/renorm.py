@@ -18,16 +18,10 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jbn import _validate
-from jbn._axes import Axes, AxisName, promoted
-from jbn._batch_norm import (
-    canonical_arguments,
-    evaluate_with_layout,
-    running_rule,
-    warn_if_one_value_per_feature,
-    without_nonfinite_padding,
-)
-from jbn._normalize import normalize_on_layout
+from jbn import _options, _running
+from jbn._batch_norm import evaluate_with_layout, without_nonfinite_padding
+from jbn._fused import normalize_on_layout
+from jbn._options import Axes, AxisName, Layout, Normalization, promoted
 from jbn._running import apply_rule, check_running
 from jbn._state import RunningStats
 from jbn._statistics import batch_moments
@@ -85,7 +79,7 @@ def resolve_limit(limit: Limit, step: Any, name: str) -> Array | float:
             if bad:
                 raise ValueError(f"`{name}` schedule returned {raw} at step {step}: it must be >= {low:g} ({meaning}).")
         return jnp.maximum(value, low)
-    if _validate.is_bool(limit) or not isinstance(limit, (int, float, jnp.integer, jnp.floating)):
+    if _options.is_bool(limit) or not isinstance(limit, (int, float, jnp.integer, jnp.floating)):
         raise TypeError(
             f"`{name}` must be a float or a callable of the step count, got {type(limit).__name__} {limit!r}."
         )
@@ -141,9 +135,9 @@ def batch_renorm(
     Returns:
       `(y, new_running)`: `y` has `x`'s shape.
     """
-    training = _validate.check_flag(training, "training")
-    rule = running_rule(running_average, momentum, debias, unbiased_running_var)
-    x, scale, bias, layout, how = canonical_arguments(
+    training = _options.check_flag(training, "training")
+    running_options = _options.check_running_options(momentum, debias, unbiased_running_var, running_average)
+    x, scale, bias, layout, how = _options.checked_arguments(
         x,
         scale,
         bias,
@@ -156,23 +150,40 @@ def batch_renorm(
         fused=False,
         training=training,
     )
+    rule = _running.rule_of(*running_options)
+    running = check_running(running, layout.fshape, axis)
+    limits = dict(r_max=resolve_limit(r_max, step, "r_max"), d_max=resolve_limit(d_max, step, "d_max"))
+    return batch_renorm_core(x, scale, bias, running, layout, how, rule, training=training, **limits)
+
+
+def batch_renorm_core(
+    x: Array,
+    scale,
+    bias,
+    running: RunningStats,
+    layout: Layout,
+    how: Normalization,
+    rule: Any,
+    *,
+    r_max: Array | float,
+    d_max: Array | float,
+    training: bool,
+) -> tuple[Array, RunningStats]:
+    """`batch_renorm` on checked arguments (as `jbn._batch_norm.batch_norm_core`), with the
+    limits resolved by `resolve_limit`."""
     if jnp.iscomplexobj(x):
         raise TypeError(f"`x` is complex ({x.dtype}): batch renormalization supports real inputs; use batch_norm.")
     epsilon, out_dtype = how.epsilon, how.out_dtype
-    running = check_running(running, layout.fshape, axis)
-    r_max = resolve_limit(r_max, step, "r_max")  # type: ignore[assignment]
-    d_max = resolve_limit(d_max, step, "d_max")  # type: ignore[assignment]
     if not training:
         return evaluate_with_layout(x, scale, bias, layout, running, how), running
 
-    warn_if_one_value_per_feature(layout)
     x = without_nonfinite_padding(x, layout.valid)
     stats = batch_moments(x, layout)
     compute = stats.mean.dtype
     sigma_batch = jnp.sqrt(stats.var + epsilon)
     sigma = jnp.sqrt(running.var.astype(compute) + epsilon)
-    r = lax.stop_gradient(jnp.clip(sigma_batch / sigma, 1 / r_max, r_max))  # type: ignore[arg-type,operator]
-    d = lax.stop_gradient(jnp.clip((stats.mean - running.mean.astype(compute)) / sigma, -d_max, d_max))  # type: ignore[arg-type,operator]
+    r = lax.stop_gradient(jnp.clip(sigma_batch / sigma, 1 / r_max, r_max))
+    d = lax.stop_gradient(jnp.clip((stats.mean - running.mean.astype(compute)) / sigma, -d_max, d_max))
     # scale * (xhat * r + d) + bias == xhat * (scale * r) + (scale * d + bias): batch norm's
     # normalize with a corrected affine map; r = 1, d = 0 leave scale and bias exactly as they are.
     wide = promoted(compute, *(p.dtype for p in (scale, bias) if p is not None))  # explicit: strict promotion

@@ -1,4 +1,4 @@
-"""The per-backend formulations of one participant's statistics (jbn/_accelerator_moments.py),
+"""The per-backend formulations of one participant's statistics (jbn._statistics.FORMULATIONS),
 each run here on CPU and checked against float64 NumPy: called directly, and as the formulation
 that `jbn.moments` dispatches to (the CPU entry of FORMULATIONS replaced by it) under jit, vmap,
 shard_map, pmap and sharded jit, in forward and reverse mode. The accuracy promise is the
@@ -15,12 +15,12 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jbn
-from jbn import _accelerator_moments, _axes, _triton_moments
+from jbn import _options, _statistics, _triton_moments
 
 # The GPU kernel runs on CPU through Pallas' interpreter: the same kernel, interpreted.
 FORMULATIONS = {
     name: partial(f, interpret=True) if f is _triton_moments.triton_moments else f
-    for name, f in _accelerator_moments.FORMULATIONS.items()
+    for name, f in ((name, _statistics.formulation(name)) for name in _statistics.FORMULATIONS)
     if name != "cpu"
 }
 DEVICES = 8
@@ -63,7 +63,7 @@ def check(mean, var, x32, mask):
 def test_formulation_called_directly_matches_float64(formulation, case):
     _, x, mask = hard_batches()[case]
     x32 = jnp.asarray(x, jnp.float32)
-    layout = _axes.resolve(x32, -1, None if mask is None else jnp.asarray(mask))
+    layout = _options.resolve(x32, -1, None if mask is None else jnp.asarray(mask))
     local = jax.jit(lambda v: FORMULATIONS[formulation](v, layout, jnp.float32).moments())(x32)
     check(local.mean, local.var, x32, mask)
 
@@ -71,7 +71,7 @@ def test_formulation_called_directly_matches_float64(formulation, case):
 @pytest.fixture(params=list(FORMULATIONS))
 def on_cpu(request, monkeypatch):
     """`jbn.moments` on CPU computing each participant's statistics with one accelerator formulation."""
-    monkeypatch.setitem(_accelerator_moments.FORMULATIONS, "cpu", FORMULATIONS[request.param])
+    monkeypatch.setitem(_statistics.FORMULATIONS, "cpu", lambda: FORMULATIONS[request.param])
     return request.param
 
 
@@ -167,7 +167,7 @@ def test_gpu_kernel_merges_many_chunks_exactly():
     x[:, 40] = 3.25  # a constant feature
     x32 = jnp.asarray(x, jnp.float32)
     assert _triton_moments.chunk_partials(x32, interpret=True)[0].shape[0] > 1
-    layout = _axes.resolve(x32, -1, None)
+    layout = _options.resolve(x32, -1, None)
     local = jax.jit(lambda v: FORMULATIONS["cuda"](v, layout, jnp.float32).moments())(x32)
     ref_mean, ref_var = reference(np.asarray(x32), None)
     constant = np.arange(c) == 40
@@ -178,7 +178,7 @@ def test_gpu_kernel_merges_many_chunks_exactly():
     np.testing.assert_array_less(np.abs(np.asarray(local.mean, np.float64) - ref_mean), 1e-6 * np.abs(ref_mean) + 1e-6)
     # Conv layout (N, H, W, C): the same statistics through the free reshape to (rows, C).
     x4 = x32[: 7 * 6 * 100].reshape(7, 6, 100, c)
-    layout4 = _axes.resolve(x4, -1, None)
+    layout4 = _options.resolve(x4, -1, None)
     local4 = jax.jit(lambda v: FORMULATIONS["cuda"](v, layout4, jnp.float32).moments())(x4)
     ref_mean4, ref_var4 = reference(np.asarray(x4).reshape(-1, c), None)
     np.testing.assert_array_less(
@@ -193,7 +193,7 @@ def test_gpu_kernel_second_order_derivative():
     x = jnp.asarray(rng.normal(size=(300, 3)) * 2 + 1, jnp.float32)
     t = jnp.asarray(rng.normal(size=(300, 3)), jnp.float32)
     b = jnp.asarray([1.0, -0.5, 2.0], jnp.float32)
-    layout = _axes.resolve(x, -1, None)
+    layout = _options.resolve(x, -1, None)
 
     def objective(v):
         return jnp.sum(b * FORMULATIONS["cuda"](v, layout, jnp.float32).moments().var)

@@ -195,7 +195,7 @@ def bfloat16_data(seed):
 @pytest.mark.parametrize("transform", ["pmap", "vmap", "shard_map"])
 def test_bfloat16_gradients_under_every_parallel_style_match_whole_batch_reference(transform):
     """A bfloat16 input and output: each backward pass casts its own handle on the
-    cotangent (jbn._fusion.kept_apart), also where the statistics are global."""
+    cotangent (jbn._statistics.kept_apart), also where the statistics are global."""
     (x, dy, mask, scale, bias, w_mean, w_var), (x_seen, dy_seen) = bfloat16_data(4)
     kwargs = dict(activation="relu", dtype=jnp.bfloat16)
     argnums = (0, 3, 4)
