@@ -181,10 +181,37 @@ def _jvp_body(cfg: FusedConfig, primals, tangents):
     inv = lax.rsqrt(stats.var.astype(compute) + cfg.epsilon)
     count = jnp.broadcast_to(stats.count, inv.shape).astype(compute)
     saved, mean = (y, None) if cfg.save_output_only else (x, stats.mean)
-    tangent = jax.checkpoint(partial(_tangent, cfg), policy=jax.checkpoint_policies.nothing_saveable)
-    dy, dmean, dvar = tangent(saved, mean, inv, scale, bias, valid, count, dx, dscale, dbias)
+    args = (saved, mean, inv, scale, bias, valid, count, dx, dscale, dbias)
+    dy, dmean, dvar = _recomputed(cfg)(*args)
     primal_out = (y, stats.mean, stats.var, stats.count)
     return primal_out, (dy, dmean.astype(stats.mean.dtype), dvar.astype(stats.var.dtype), jnp.zeros_like(stats.count))
+
+
+def _recomputed(cfg: FusedConfig):
+    """`_tangent` in a `jax.checkpoint` that saves nothing, without the checkpoint's own
+    barrier against common subexpressions: on XLA:GPU and XLA:TPU a barrier on the saved `x`
+    (or `y`) hides that the forward's output and the backward's last pass read the same array
+    (read twice instead of once, in one fusion), and one on the incoming cotangent keeps the
+    activation's backward before this layer (a relu's mask) from fusing into the passes that
+    read it (written out in full instead). On CPU the same barriers are put in explicitly
+    (`_cpu_barriers`, on the inputs of the recomputation and, transposed, on the cotangents),
+    where XLA:CPU would otherwise merge the recomputation with the forward pass."""
+
+    def behind_barriers(*args):
+        recomputed_from, linear = args[:7], args[7:]
+        return _cpu_barriers(_tangent(cfg, *_cpu_barriers(recomputed_from), *linear))
+
+    return jax.checkpoint(behind_barriers, policy=jax.checkpoint_policies.nothing_saveable, prevent_cse=False)
+
+
+def _cpu_barriers(tree):
+    """Each array of `tree` behind its own optimization barrier on CPU (one per array keeps
+    each one's device-variance type under shard_map); elsewhere the arrays themselves."""
+    leaves, treedef = jax.tree.flatten(tree)
+    out = lax.platform_dependent(
+        *leaves, cpu=lambda *a: [lax.optimization_barrier(v) for v in a], default=lambda *a: list(a)
+    )
+    return jax.tree.unflatten(treedef, out)
 
 
 def _tangent(cfg: FusedConfig, saved, mean, inv, scale, bias, valid, count, dx, dscale, dbias):
