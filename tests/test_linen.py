@@ -29,8 +29,14 @@ def data(seed=0, shape=(8, 5, 6, 4)):
     return jnp.asarray(rng.normal(0.5, 1.5, shape).astype(np.float32))
 
 
+def config_id(config: dict) -> str:
+    """A test id that is the same in every process (pytest-xdist compares them): a function by its name."""
+    text = (f"{k}={getattr(v, '__qualname__', v)}" for k, v in config.items())
+    return ",".join(text) or "default"
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=config_id)
 @pytest.mark.parametrize("flax_fast_variance", [False, True], ids=["flax-two-pass-var", "flax-default-var"])
-@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()) or "default")
 def test_same_variables_outputs_stats_and_grads(config, flax_fast_variance):
     """Against flax as configured by default (its fast E[x^2]-E[x]^2 variance is accurate
     on this well-conditioned data) and with its two-pass variance."""
