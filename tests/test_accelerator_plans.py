@@ -50,20 +50,16 @@ FLAX = accelerators.FLAX
 RECORDED: dict[tuple[str, str, str, str, str], tuple[float, int, int]] = {
     ("H100", "train_fwd", "4096x1024", "bfloat16", "bytes"): (1.0005, 3, 3),
     ("H100", "train_fwd", "4096x1024", "float32", "bytes"): (1.0002, 3, 3),
-    ("H100", "train_fwd_bwd", "128x16x16x256", "float32", "bytes"): (1.1396, 10, 10),
-    ("H100", "train_fwd_bwd", "256x56x56x64", "float32", "bytes"): (1.1424, 10, 10),
-    ("H100", "train_fwd_bwd", "256x7x7x512", "float32", "bytes"): (1.1384, 10, 10),
-    ("H100", "train_fwd_bwd", "64x32x32x64", "float32", "bytes"): (1.1396, 10, 10),
     ("TPU v5e", "train_fwd", "128x16x16x256", "bfloat16", "bytes"): (1.0019, 16, 9),
     ("TPU v5e", "train_fwd", "128x16x16x256", "bfloat16", "kernels"): (1.0019, 16, 9),
-    ("TPU v5e", "train_fwd", "128x16x16x256", "float32", "bytes"): (1.0010, 16, 9),
-    ("TPU v5e", "train_fwd", "128x16x16x256", "float32", "kernels"): (1.0010, 16, 9),
+    ("TPU v5e", "train_fwd", "128x16x16x256", "float32", "bytes"): (1.001, 16, 9),
+    ("TPU v5e", "train_fwd", "128x16x16x256", "float32", "kernels"): (1.001, 16, 9),
     ("TPU v5e", "train_fwd", "256x56x56x64", "bfloat16", "bytes"): (1.0002, 29, 9),
     ("TPU v5e", "train_fwd", "256x56x56x64", "bfloat16", "kernels"): (1.0002, 29, 9),
     ("TPU v5e", "train_fwd", "256x56x56x64", "float32", "bytes"): (1.0001, 29, 9),
     ("TPU v5e", "train_fwd", "256x56x56x64", "float32", "kernels"): (1.0001, 29, 9),
-    ("TPU v5e", "train_fwd", "256x7x7x512", "bfloat16", "bytes"): (1.0050, 15, 9),
-    ("TPU v5e", "train_fwd", "256x7x7x512", "bfloat16", "kernels"): (1.0050, 15, 9),
+    ("TPU v5e", "train_fwd", "256x7x7x512", "bfloat16", "bytes"): (1.005, 15, 9),
+    ("TPU v5e", "train_fwd", "256x7x7x512", "bfloat16", "kernels"): (1.005, 15, 9),
     ("TPU v5e", "train_fwd", "256x7x7x512", "float32", "bytes"): (1.0025, 15, 9),
     ("TPU v5e", "train_fwd", "256x7x7x512", "float32", "kernels"): (1.0025, 15, 9),
     ("TPU v5e", "train_fwd", "4096x1024", "bfloat16", "bytes"): (1.0264, 20, 9),
@@ -74,26 +70,21 @@ RECORDED: dict[tuple[str, str, str, str, str], tuple[float, int, int]] = {
     ("TPU v5e", "train_fwd", "64x32x32x64", "bfloat16", "kernels"): (1.0022, 29, 9),
     ("TPU v5e", "train_fwd", "64x32x32x64", "float32", "bytes"): (1.0011, 29, 9),
     ("TPU v5e", "train_fwd", "64x32x32x64", "float32", "kernels"): (1.0011, 29, 9),
-    ("TPU v5e", "train_fwd_bwd", "128x16x16x256", "bfloat16", "bytes"): (1.0728, 29, 18),
-    ("TPU v5e", "train_fwd_bwd", "128x16x16x256", "bfloat16", "kernels"): (1.0728, 29, 18),
-    ("TPU v5e", "train_fwd_bwd", "128x16x16x256", "float32", "bytes"): (1.0006, 29, 22),
-    ("TPU v5e", "train_fwd_bwd", "128x16x16x256", "float32", "kernels"): (1.0006, 29, 22),
-    ("TPU v5e", "train_fwd_bwd", "256x56x56x64", "bfloat16", "bytes"): (1.0715, 43, 18),
-    ("TPU v5e", "train_fwd_bwd", "256x56x56x64", "bfloat16", "kernels"): (1.0715, 43, 18),
-    ("TPU v5e", "train_fwd_bwd", "256x56x56x64", "float32", "bytes"): (1.0001, 38, 17),
-    ("TPU v5e", "train_fwd_bwd", "256x56x56x64", "float32", "kernels"): (1.0001, 38, 17),
-    ("TPU v5e", "train_fwd_bwd", "256x7x7x512", "bfloat16", "bytes"): (1.0748, 29, 17),
-    ("TPU v5e", "train_fwd_bwd", "256x7x7x512", "bfloat16", "kernels"): (1.0748, 29, 17),
-    ("TPU v5e", "train_fwd_bwd", "256x7x7x512", "float32", "bytes"): (1.0015, 29, 21),
-    ("TPU v5e", "train_fwd_bwd", "256x7x7x512", "float32", "kernels"): (1.0015, 29, 21),
-    ("TPU v5e", "train_fwd_bwd", "4096x1024", "bfloat16", "bytes"): (1.0868, 34, 17),
-    ("TPU v5e", "train_fwd_bwd", "4096x1024", "bfloat16", "kernels"): (1.0868, 34, 17),
-    ("TPU v5e", "train_fwd_bwd", "4096x1024", "float32", "bytes"): (1.0070, 34, 21),
-    ("TPU v5e", "train_fwd_bwd", "4096x1024", "float32", "kernels"): (1.0070, 34, 21),
-    ("TPU v5e", "train_fwd_bwd", "64x32x32x64", "bfloat16", "bytes"): (1.0728, 43, 18),
-    ("TPU v5e", "train_fwd_bwd", "64x32x32x64", "bfloat16", "kernels"): (1.0728, 43, 18),
-    ("TPU v5e", "train_fwd_bwd", "64x32x32x64", "float32", "bytes"): (1.0006, 43, 22),
-    ("TPU v5e", "train_fwd_bwd", "64x32x32x64", "float32", "kernels"): (1.0006, 43, 22),
+    ("TPU v5e", "train_fwd_bwd", "128x16x16x256", "bfloat16", "bytes"): (1.0013, 27, 18),
+    ("TPU v5e", "train_fwd_bwd", "128x16x16x256", "bfloat16", "kernels"): (1.0013, 27, 18),
+    ("TPU v5e", "train_fwd_bwd", "128x16x16x256", "float32", "kernels"): (0.9339, 27, 22),
+    ("TPU v5e", "train_fwd_bwd", "256x56x56x64", "bfloat16", "bytes"): (1.0001, 40, 18),
+    ("TPU v5e", "train_fwd_bwd", "256x56x56x64", "bfloat16", "kernels"): (1.0001, 40, 18),
+    ("TPU v5e", "train_fwd_bwd", "256x56x56x64", "float32", "kernels"): (0.9167, 35, 17),
+    ("TPU v5e", "train_fwd_bwd", "256x7x7x512", "bfloat16", "bytes"): (1.0032, 26, 17),
+    ("TPU v5e", "train_fwd_bwd", "256x7x7x512", "bfloat16", "kernels"): (1.0032, 26, 17),
+    ("TPU v5e", "train_fwd_bwd", "256x7x7x512", "float32", "kernels"): (0.9347, 26, 21),
+    ("TPU v5e", "train_fwd_bwd", "4096x1024", "bfloat16", "bytes"): (1.0148, 31, 17),
+    ("TPU v5e", "train_fwd_bwd", "4096x1024", "bfloat16", "kernels"): (1.0148, 31, 17),
+    ("TPU v5e", "train_fwd_bwd", "4096x1024", "float32", "kernels"): (0.9401, 31, 21),
+    ("TPU v5e", "train_fwd_bwd", "64x32x32x64", "bfloat16", "bytes"): (1.0014, 40, 18),
+    ("TPU v5e", "train_fwd_bwd", "64x32x32x64", "bfloat16", "kernels"): (1.0014, 40, 18),
+    ("TPU v5e", "train_fwd_bwd", "64x32x32x64", "float32", "kernels"): (0.9339, 40, 22),
 }
 
 
@@ -141,8 +132,9 @@ def test_jbn_launches_at_most_one_kernel_more_than_flax(target, case, shape, dty
     assert jbn["kernels"] <= flax["kernels"] + 1, (jbn["kernels"], flax["kernels"])
 
 
-# The ResNet-18 step on H100, not met yet: jbn's bytes / flax's, as measured when marked.
-RESNET_RECORDED: dict[str, float] = {"bfloat16": 1.0375, "float32": 1.107}
+# The ResNet-18 step on H100, where not met yet: jbn's bytes / flax's, as measured when marked (met in both
+# dtypes: 0.977x in float32, 0.958x in bfloat16).
+RESNET_RECORDED: dict[str, float] = {}
 
 
 @pytest.mark.parametrize(
