@@ -21,6 +21,10 @@ import yaml
 from experiments import protocol
 
 CRITERIA = "criteria"  # every experiment config's pre-registered criteria (experiments/protocol.py)
+# Config keys holding the seeds of the judged runs (initialization and data order). Not moved:
+# data_seed and split_seed (which examples form the data set and its test split) and
+# tuning_seeds (the runs that choose learning rates), so a rerun asks the same question.
+JUDGED_SEED_KEYS = ("seeds", "order_seeds", "ghost_seeds", "init_seed", "draw_order_seed")
 
 
 class ConfigError(ValueError):

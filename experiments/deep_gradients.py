@@ -24,6 +24,7 @@ from experiments import data as datasets
 from experiments import report
 from experiments.models import MLP, NormSpec
 from experiments.training import cross_entropy, fit, make_optimizer
+from experiments.tuning import test_once, tune, validation_rows
 
 NAME = "deep_gradients"
 DEFAULTS = {
@@ -37,7 +38,12 @@ DEFAULTS = {
     "train_steps": 300,
     "train_eval_every": 30,
     "optimizer": "momentum",
-    "learning_rate": 0.05,
+    # Each trained arm (activation, BN or not, depth) takes its own rate from this grid, chosen
+    # on a validation split (the last `num_val` training examples) on tuning seeds by the same
+    # procedure (experiments/tuning.py); the test split is evaluated once per judged run.
+    "learning_rates": [0.003, 0.01, 0.03, 0.1, 0.3],
+    "num_val": 500,
+    "tuning_seeds": [100, 101, 102],
 }
 TINY = {
     "depths": [2, 3],
@@ -47,6 +53,8 @@ TINY = {
     "train_depths": [3],
     "train_steps": 4,
     "train_eval_every": 2,
+    "learning_rates": [0.05],
+    "tuning_seeds": [100],
 }
 
 CLAIM = (
@@ -95,7 +103,9 @@ def gradient_probe(model: MLP, x: jax.Array, y: jax.Array):
 
 def run(config: dict, out_dir: pathlib.Path) -> dict:
     out_dir = pathlib.Path(out_dir)
-    data = datasets.load(config["data"])
+    full = datasets.load(config["data"])
+    splits = datasets.validation_split(full, config["num_val"])
+    data = splits.tuning  # training examples without the validation ones; its "test" split is validation
     seeds, b = config["seeds"], config["batch_size"]
     rng = np.random.default_rng(0)
     batches = [rng.choice(len(data.y_train), size=b, replace=False) for _ in seeds]
@@ -104,7 +114,7 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
     keys = [jax.random.PRNGKey(s) for s in seeds]
     arms = {"BN": NormSpec("bn"), "no BN": NormSpec("none")}
     acts, depths = config["activations"], config["depths"]
-    norms, trained, rows = {}, {}, []
+    norms, trained, chosen, test_acc, rows = {}, {}, {}, {}, []
     for act in acts:
         for arm, spec in arms.items():
             for depth in depths:
@@ -131,19 +141,48 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
             for depth in config["train_depths"]:
                 # Training: the same nets, a fixed probe batch (the first seed's) for the gradient norms.
                 model = MLP((config["width"],) * depth, data.num_classes, activation=act, norm=spec, weight_init="he")
-                r = fit(
-                    model,
-                    make_optimizer(config["optimizer"], config["learning_rate"]),
-                    data,
-                    seeds=seeds,
-                    steps=config["train_steps"],
-                    batch_size=b,
-                    eval_every=config["train_eval_every"],
-                    probe=gradient_probe(model, xs[0], ys[0]),
-                    desc=f"{act} {arm} depth {depth}",
+
+                def train(lr, run_seeds, desc, model=model):
+                    return fit(
+                        model,
+                        make_optimizer(config["optimizer"], lr),
+                        data,
+                        seeds=run_seeds,
+                        steps=config["train_steps"],
+                        batch_size=b,
+                        eval_every=config["train_eval_every"],
+                        probe=gradient_probe(model, xs[0], ys[0]),
+                        desc=desc,
+                    )
+
+                key = (act, arm, depth)
+                chosen[key], tuning = tune(
+                    lambda lr, train=train, key=key: train(lr, config["tuning_seeds"], f"tune {key} lr {lr:g}"),
+                    config["learning_rates"],
                 )
-                trained[act, arm, depth] = r
-                rows += r.rows(activation=act, arm=arm, depth=depth)
+                for lr, t in tuning.items():
+                    rows += validation_rows(
+                        t, phase="tuning", activation=act, arm=arm, depth=depth, learning_rate=lr, layer=""
+                    )
+                r = train(chosen[key], seeds, f"{act} {arm} depth {depth} lr {chosen[key]:g}")
+                trained[key], test_acc[key] = r, test_once(model, r, splits.final)["accuracy"]
+                rows += validation_rows(
+                    r, phase="judged", activation=act, arm=arm, depth=depth, learning_rate=chosen[key], layer=""
+                )
+                rows += [
+                    {
+                        "phase": "judged",
+                        "activation": act,
+                        "arm": arm,
+                        "depth": depth,
+                        "learning_rate": chosen[key],
+                        "layer": "",
+                        "seed": s,
+                        "metric": "test_accuracy",
+                        "value": float(v),
+                    }
+                    for s, v in zip(r.seeds, test_acc[key].tolist())
+                ]
     report.write_metrics(out_dir, rows)
 
     def log_ratio(n: np.ndarray) -> np.ndarray:
@@ -185,6 +224,7 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
             "activation",
             "depth",
             "arm",
+            "rate (chosen on validation)",
             "log10(first/last) at init (probe batch)",
             "after the first evaluation interval",
             f"after {t_steps} steps",
@@ -195,10 +235,11 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
                 act,
                 d,
                 arm,
+                f"{chosen[act, arm, d]:g}",
                 report.fmt_seeds(log_ratio(r.series["grad_norms"][0]), 2),
                 report.fmt_seeds(log_ratio(r.series["grad_norms"][1]), 2),
                 report.fmt_seeds(log_ratio(r.series["grad_norms"][-1]), 2),
-                report.fmt_seeds(r.final("test_accuracy")),
+                report.fmt_seeds(test_acc[act, arm, d]),
             )
             for (act, arm, d), r in trained.items()
         ],
@@ -216,7 +257,7 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
         for arm, key in (("BN", "BN"), ("no BN", "noBN")):
             for d in config["train_depths"]:
                 r = trained[act, arm, d]
-                quantities[f"test_acc/{act}/{key}/depth{d}"] = r.final("test_accuracy")
+                quantities[f"test_acc/{act}/{key}/depth{d}"] = test_acc[act, arm, d]
                 quantities[f"log10_first_over_last/{act}/{key}/depth{d}/init"] = log_ratio(r.series["grad_norms"][0])
                 quantities[f"log10_first_over_last/{act}/{key}/depth{d}/trained"] = log_ratio(
                     r.series["grad_norms"][-1]
@@ -252,13 +293,15 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
     axes[0, 2].legend(fontsize=6)
     figures = [report.save_figure(fig, out_dir, "deep_gradients.png")]
     setup = (
-        f"{data.name}; MLPs of {depths} hidden layers of {config['width']} units ({', '.join(acts)}), He-initialized "
+        f"{full.name}; MLPs of {depths} hidden layers of {config['width']} units ({', '.join(acts)}), He-initialized "
         f"kernels, no skips; BN = jbn.BatchNorm before each activation (no Dense bias there); no BN = Dense with bias. "
         f"At initialization, the cross-entropy gradient of one batch of {b} training examples (training mode), per hidden "
         f"Dense kernel; {len(seeds)} initializations (seeds {seeds}), each with its own batch. Growth per layer = "
         f"10^(-slope) of a least-squares line through log10 norm vs layer index. Training: depths {config['train_depths']}, "
-        f"{config['optimizer']} lr {config['learning_rate']}, batch {b}, {t_steps} steps, the same seeds; gradient norms "
-        f"on one fixed batch every {config['train_eval_every']} steps; test accuracy with the running statistics."
+        f"{config['optimizer']}, each trained arm at its own rate of {config['learning_rates']}, chosen on a "
+        f"validation split (the last {config['num_val']} training examples, held out from all training) by the best mean "
+        f"final validation accuracy over tuning seeds {config['tuning_seeds']}; batch {b}, {t_steps} steps, the same seeds; gradient norms "
+        f"on one fixed batch every {config['train_eval_every']} steps; test accuracy with the running statistics, once per judged run."
     )
     return report.finish(
         NAME,

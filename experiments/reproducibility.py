@@ -1,11 +1,14 @@
-"""Drift between two sets of runs of the default configs (e.g. two data-order seed sets).
+"""Drift between two sets of runs of the default configs: a run against its rerun with other
+data orders (`run_all --order-seed-offset K`) or with other initializations and data orders
+(`run_all --init-and-order-seed-offset K`).
 
     python -m experiments.reproducibility RUNS_A RUNS_B [--out experiments/results/reproducibility.md]
 
 For every experiment found in both folders, every criterion of its config is decided again
 from each run's quantities.csv, and the report lists, per criterion: the mean of the
 criterion's per-seed values in each run, the drift (B - A), the drift in units of the
-run-A sample SD, and whether the verdict of the criterion is the same.
+run-A sample SD, and whether the verdict of the criterion is the same; and, per experiment,
+the judged seeds of each run (from its resolved config.yaml), so the report says what varied.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import pathlib
 from collections import defaultdict
 
 import numpy as np
+import yaml
 
 from experiments import config as cfg
 from experiments import protocol, registry, report
@@ -27,6 +31,35 @@ def read_quantities(path: pathlib.Path) -> dict[str, np.ndarray]:
         for row in csv.DictReader(f):
             values[row["quantity"]].append(float(row["value"]))
     return {k: np.asarray(v) for k, v in values.items()}
+
+
+def judged_seeds(run_dir: pathlib.Path) -> dict:
+    """{key: value} of the judged-seed keys in a run's resolved config.yaml ({} if it has none)."""
+    path = run_dir / "config.yaml"
+    if not path.exists():
+        return {}
+    config = yaml.safe_load(path.read_text()) or {}
+    return {k: config[k] for k in cfg.JUDGED_SEED_KEYS if k in config}
+
+
+def seed_lines(runs_a: pathlib.Path, runs_b: pathlib.Path) -> list[str]:
+    """One markdown line per experiment with results in both folders: its judged seeds in A and in B."""
+    lines = []
+    for e in registry.EXPERIMENTS:
+        if not ((runs_a / e.name / "quantities.csv").exists() and (runs_b / e.name / "quantities.csv").exists()):
+            continue
+        a, b = judged_seeds(runs_a / e.name), judged_seeds(runs_b / e.name)
+        what = (
+            "the same judged seeds (only the data order can differ)"
+            if a == b
+            else "new initializations and data orders"
+        )
+        fmt = "; ".join
+        lines.append(
+            f"- {e.number} {e.name}: {what}. A: {fmt(f'{k} {v}' for k, v in a.items())}; "
+            f"B: {fmt(f'{k} {v}' for k, v in b.items())}"
+        )
+    return lines
 
 
 def compare(runs_a: pathlib.Path, runs_b: pathlib.Path) -> tuple[str, list[dict]]:
@@ -84,7 +117,9 @@ def main(argv=None) -> int:
     text = (
         f"# Reproducibility: run A ({args.runs_a}) vs run B ({args.runs_b})\n\n"
         f"Every criterion decided again on each run's per-seed quantities; {len(rows)} criteria compared, "
-        f"{flips} change their outcome.\n\n{table}\n"
+        f"{flips} change their outcome.\n\n{table}\n\nJudged seeds of each run:\n\n"
+        + "\n".join(seed_lines(pathlib.Path(args.runs_a), pathlib.Path(args.runs_b)))
+        + "\n"
     )
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

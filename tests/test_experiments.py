@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import yaml
 
-from experiments import cli, data, external, features, protocol, registry, report
+from experiments import cli, data, external, features, protocol, registry, report, significance
 from experiments import config as cfg
 
 NAMES = [e.name for e in registry.EXPERIMENTS]
@@ -551,6 +551,20 @@ def test_every_committed_config_states_its_criteria_with_dates():
             assert not any(w in key for w in ("margin", "tolerance", "factor", "threshold")), (e.name, key)
 
 
+def test_every_committed_config_is_one_holm_family_with_effect_sizes():
+    # Each config's criteria are decided together by Holm's correction: every criterion has a
+    # p-value test and says in `reason` why its threshold is the effect size it is. The one
+    # exception is a per-seed direction check of experiment 8 (every seed, no p-value).
+    exceptions = {("dropout_variance", "direction")}
+    for e in registry.EXPERIMENTS:
+        module = registry.load_module(e.name)
+        for c in cfg.load(registry.config_path(e.name), module.DEFAULTS)["criteria"]:
+            if (e.name, c["id"]) in exceptions:
+                continue
+            assert c["test"] in significance.P_TESTS, (e.name, c["id"], c["test"])
+            assert c["reason"].strip(), (e.name, c["id"])
+
+
 def test_reproducibility_report_gives_the_drift_of_each_criterion(tmp_path):
     from experiments import reproducibility
 
@@ -573,6 +587,40 @@ def test_reproducibility_report_gives_the_drift_of_each_criterion(tmp_path):
     assert np.isclose(acc["drift"], acc["mean_b"] - acc["mean_a"])
     assert acc["holds_a"] == "yes" and acc["holds_b"] == "no" and "yes -> no **(flips)**" in table
     assert "| 2 | learning_rates | not rerun |" in table
+
+
+def test_init_and_order_seed_offset_moves_every_judged_seed_and_nothing_else():
+    from experiments import run_all
+
+    assert run_all.seed_overrides("bn_benefit", 0) == []
+    for name, moved, kept in (
+        ("bn_benefit", ["seeds"], ["tuning_seeds", "data_seed"]),
+        ("batch_order", ["order_seeds", "init_seed"], []),
+        ("init_scale", ["seeds", "draw_order_seed"], []),
+        ("small_batches", ["seeds", "ghost_seeds"], []),
+        ("sync_bn", ["seeds"], ["split_seed"]),
+    ):
+        _, _, base = cli.resolve(registry.config_path(name))
+        _, _, rerun = cli.resolve(registry.config_path(name), run_all.seed_overrides(name, 1000))
+        for key in moved:
+            want = [v + 1000 for v in base[key]] if isinstance(base[key], list) else base[key] + 1000
+            assert rerun[key] == want, (name, key)
+        for key in kept:
+            assert rerun[key] == base[key], (name, key)
+        assert {k: v for k, v in rerun.items() if k not in moved} == {k: v for k, v in base.items() if k not in moved}
+
+
+def test_reproducibility_report_says_which_seeds_each_run_judged(tmp_path):
+    from experiments import reproducibility
+
+    for folder, seeds in (("a", [0, 1, 2]), ("b", [1000, 1001, 1002]), ("c", [0, 1, 2])):
+        (tmp_path / folder / "ioffe_fig1").mkdir(parents=True)
+        (tmp_path / folder / "ioffe_fig1" / "config.yaml").write_text(yaml.safe_dump({"seeds": seeds, "steps": 5}))
+        (tmp_path / folder / "ioffe_fig1" / "quantities.csv").write_text("quantity,seed,value\n")
+    (line,) = reproducibility.seed_lines(tmp_path / "a", tmp_path / "b")
+    assert "1 ioffe_fig1: new initializations and data orders" in line and "[1000, 1001, 1002]" in line
+    (line,) = reproducibility.seed_lines(tmp_path / "a", tmp_path / "c")
+    assert "the same judged seeds (only the data order can differ)" in line
 
 
 def test_at_least_sixteen_experiments_are_listed(capsys):
