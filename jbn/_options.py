@@ -541,6 +541,34 @@ def checked_arguments(
     mask,
     axis_name,
     axis_index_groups,
+    training=True,
+    **normalization,
+) -> tuple[jax.Array, Any, Any, Layout, Normalization]:
+    """The arguments shared by the entry points, checked once: (x, scale, bias, layout,
+    how to normalize); `normalization`: the keywords of `checked_normalization` (epsilon,
+    dtype, activation, ...). In training, warns once when the batch (or each ghost batch)
+    holds one value per feature."""
+    x, layout = checked_layout(
+        x, axis=axis, mask=mask, axis_name=axis_name, axis_index_groups=axis_index_groups, training=training
+    )
+    return (x, *checked_normalization(x, scale, bias, layout, axis=axis, training=training, **normalization))
+
+
+def checked_layout(x, *, axis, mask, axis_name, axis_index_groups, training=True) -> tuple[jax.Array, Layout]:
+    """`checked_arguments`' first half: x and its layout (a module needs the feature shape to
+    create its parameters before it can pass them)."""
+    x = check_input(x)
+    synced = training  # evaluation uses no statistics of the batch: its axis names need not be bound
+    return x, resolve(x, axis, mask, axis_name if synced else None, axis_index_groups if synced else None)
+
+
+def checked_normalization(
+    x,
+    scale,
+    bias,
+    layout: Layout,
+    *,
+    axis,
     epsilon,
     dtype,
     activation=None,
@@ -549,17 +577,13 @@ def checked_arguments(
     fused=True,
     training=True,
     virtual_batch_size=None,
-) -> tuple[jax.Array, Any, Any, Layout, Normalization]:
-    """The arguments shared by the entry points, checked once: (x, scale, bias, layout,
-    how to normalize). In training, warns once when the batch (or each ghost batch) holds
-    one value per feature."""
-    x = check_input(x)
+) -> tuple[Any, Any, Layout, Normalization]:
+    """`checked_arguments`' second half, on the x and layout of `checked_layout`: (scale, bias,
+    layout, how to normalize)."""
     epsilon = check_epsilon(epsilon)
     save_output_only = check_flag(save_output_only, "save_output_only")
     fused = check_flag(fused, "fused")
     negative_slope = check_negative_slope(negative_slope)
-    synced = training  # evaluation uses no statistics of the batch: its axis names need not be bound
-    layout = resolve(x, axis, mask, axis_name if synced else None, axis_index_groups if synced else None)
     scale, bias = check_params(scale, bias, x, layout.fshape, axis)
     act = check_activation(activation, negative_slope, save_output_only and training)
     if act != "identity" and jnp.iscomplexobj(x):
@@ -579,7 +603,7 @@ def checked_arguments(
         fused=fused,
         ghost_groups=ghost_groups,
     )
-    return x, scale, bias, layout, how
+    return scale, bias, layout, how
 
 
 def warn_if_one_value(

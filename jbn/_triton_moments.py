@@ -99,7 +99,10 @@ def _kernel(
         n_b = jnp.sum(row_ok.astype(jnp.float32))
         inv_b = 1 / jnp.maximum(n_b, 1)
         rough_b = jnp.sum(x, axis=0) * inv_b
-        base = jnp.where(n_a > 0, base_a, rough_b)
+        # The base on x's own grid (a bfloat16 or float16 x): x - base is then exact for every x
+        # within 2^15 of it. A base between grid points would round every x - base the same way
+        # (the data's low bits are all zero), a bias that no compensated sum removes.
+        base = jnp.where(n_a > 0, base_a, rough_b.astype(x_ref.dtype).astype(jnp.float32))
         d = jnp.where(ok, x - rough_b[None, :], 0)
         s1 = jnp.sum(d, axis=0)
         m2_b = jnp.sum((d * scale) * (d * scale), axis=0) - (s1 * scale) * (s1 * scale) * inv_b

@@ -8,7 +8,8 @@ tuple of names for both; shard_map then with check_vma=False, since jax rejects 
 over a checked mesh axis and a vmap axis, for equinox's pmean too), state in `eqx.nn.State` from `eqx.nn.make_with_state`,
 switched with `eqx.nn.inference_mode`. The statistics come from jbn's pure layer:
 accurate when |mean| >> std, an optional per-example `mask`, and count-weighted across
-the named axes. This module only keeps the state and calls `jbn.functional`.
+the named axes. This module only keeps the state: each call checks its arguments once
+(`jbn._options.checked_arguments`) and calls jbn's trusting cores with the records.
 
 Where the numbers differ from equinox 0.13 (see docs/guides/equinox.md):
 - `mode="batch"` at inference: equinox divides the EMA of the variance, which starts at
@@ -31,7 +32,10 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
+from jbn import _options, _running
 from jbn import functional as F
+from jbn._batch_norm import batch_norm_core, evaluate_with_layout, normalized_with
+from jbn._statistics import batch_moments
 from jbn.accumulation import accumulate, apply_accumulated, empty_accumulator
 
 _MODES = ("ema", "batch")
@@ -211,23 +215,46 @@ class BatchNorm(eqx.nn.StatefulLayer):
             )
         if mask is not None and jnp.ndim(mask) == 0:
             mask = jnp.reshape(mask, (1,) * x.ndim)  # one flag for the whole example
-        running = self.running_stats(state)
-        if isinstance(inference, jax.core.Tracer) and self.accumulator_index is not None:
+        traced = isinstance(inference, jax.core.Tracer)
+        if traced and self.accumulator_index is not None:
             raise TypeError("`inference` must be a Python bool for a layer built with accumulation=True.")
-        if isinstance(inference, jax.core.Tracer):
+        training = traced or not inference
+        # This call's arguments, checked once; the cores below trust them.
+        running = self.running_stats(state)
+        rules = self._rules() if training else ()
+        with _options.quiet_one_value(self.mode == "ema"):  # "ema" normalizes with the running statistics
+            x, weight, bias, layout, how = _options.checked_arguments(
+                x,
+                self.weight,
+                self.bias,
+                axis=0,
+                mask=mask if training else None,  # inference reads no statistic of the batch
+                axis_name=self.axis_name,
+                axis_index_groups=self.axis_index_groups,
+                epsilon=self.eps,
+                dtype=self._out_dtype(x, running),
+                fused=self.fused,
+                training=training,
+            )
+        running = _running.check_running(running, layout.fshape, 0)
+        # Inference: the running statistics, no mask, no axis names.
+        inference_layout = layout._replace(valid=None, names=None, groups=None)
+        if not training:
+            return evaluate_with_layout(x, weight, bias, inference_layout, running, how), state
+        if traced:
             # jax.device_put(model) turns the Python bool into an array, which jit traces:
             # choose at run time (both branches compile; the flag is the same on every example).
             y, new = jax.lax.cond(
-                inference, lambda x, m: self._infer(x, running), lambda x, m: self._train(x, running, m), x, mask
+                inference,
+                lambda x: (evaluate_with_layout(x, weight, bias, inference_layout, running, how), running),
+                lambda x: self._train(x, weight, bias, layout, how, running, rules),
+                x,
             )
-        elif inference:
-            return self._infer(x, running)[0], state
         else:
-            y, new = self._train(x, running, mask)
+            y, new = self._train(x, weight, bias, layout, how, running, rules)
         if self.accumulator_index is not None:
-            batch = F.moments(x, axis=0, mask=mask, axis_name=self.axis_name, axis_index_groups=self.axis_index_groups)
             held = F.Moments(*state.get(self.accumulator_index))
-            return y, state.set(self.accumulator_index, tuple(accumulate(held, batch)))
+            return y, state.set(self.accumulator_index, tuple(accumulate(held, batch_moments(x, layout))))
         return y, self._with_running_stats(state, jax.lax.stop_gradient(new))
 
     def _stats_index(self) -> eqx.nn.StateIndex:
@@ -252,55 +279,33 @@ class BatchNorm(eqx.nn.StatefulLayer):
         with jax.numpy_dtype_promotion("standard"):  # a choice of dtype, not an implicit promotion
             return jnp.promote_types(x.dtype, running.mean.dtype)  # as equinox: the wider of x and the state
 
-    def _infer(self, x: jax.Array, running: F.RunningStats) -> tuple[jax.Array, F.RunningStats]:
-        return F.batch_norm(
-            x,
-            self.weight,
-            self.bias,
-            running,
-            training=False,
-            axis=0,
-            epsilon=self.eps,
-            dtype=self._out_dtype(x, running),
+    def _rules(self) -> tuple:
+        """The running-average rules of this layer's options, checked once: mode "batch"
+        and an "ema" layer with `debias` or `momentum=None` use one; equinox's start in
+        mode "ema" uses two, the filling rule (momentum 0) and the moving one."""
+        debias = (self.debias is None or self.debias) if self.mode == "batch" else bool(self.debias)
+        momentum, debias, unbiased, _ = _options.check_running_options(
+            self.momentum, debias, self.unbiased_running_var, None
         )
+        rule = _running.rule_of(momentum, debias, unbiased, None)
+        if self.mode == "batch" or self.debias is not None or momentum is None:
+            return (rule,)
+        return (_running.rule_of(0.0, False, unbiased, None), rule)
 
-    def _train(self, x: jax.Array, running: F.RunningStats, mask) -> tuple[jax.Array, F.RunningStats]:
-        out_dtype = self._out_dtype(x, running)
-        names, groups = self.axis_name, self.axis_index_groups
+    def _train(self, x, weight, bias, layout, how, running: F.RunningStats, rules: tuple) -> tuple:
+        """The training output and the new running statistics, on checked arguments."""
         if self.mode == "batch":
-            return F.batch_norm(
-                x,
-                self.weight,
-                self.bias,
-                running,
-                training=True,
-                axis=0,
-                momentum=self.momentum,
-                epsilon=self.eps,
-                mask=mask,
-                dtype=out_dtype,
-                debias=self.debias is None or self.debias,
-                unbiased_running_var=self.unbiased_running_var,
-                axis_name=names,
-                axis_index_groups=groups,
-                fused=self.fused,
-            )
-        batch = F.moments(x, axis=0, mask=mask, axis_name=names, axis_index_groups=groups)
-        new = self._ema_update(running, batch)
-        y = F.normalize(x, new.mean, new.var, self.weight, self.bias, axis=0, epsilon=self.eps, dtype=out_dtype)
-        return y, new
+            return batch_norm_core(x, weight, bias, running, layout, how, rules[0], training=True)
+        new = self._ema_update(running, batch_moments(x, layout), rules)
+        return normalized_with(x, layout, new, weight, bias, how), new
 
-    def _ema_update(self, running: F.RunningStats, batch: F.Moments) -> F.RunningStats:
+    def _ema_update(self, running: F.RunningStats, batch: F.Moments, rules: tuple) -> F.RunningStats:
         """The running update of mode "ema"."""
-        unbiased = self.unbiased_running_var
-        if self.debias is not None or self.momentum is None:
-            return F.update_running_stats(
-                running, batch, self.momentum, debias=bool(self.debias), unbiased_running_var=unbiased
-            )
+        if len(rules) == 1:
+            return _running.apply_rule(rules[0], running, batch)
         # equinox's start: a feature's first batch replaces the initial statistics (a
         # per-feature count, so a feature that saw only padding waits for real data).
-        filled = F.update_running_stats(running, batch, 0.0, unbiased_running_var=unbiased)
-        moved = F.update_running_stats(running, batch, self.momentum, unbiased_running_var=unbiased)
+        filled, moved = (_running.apply_rule(rule, running, batch) for rule in rules)
         first = running.count == 0
         return F.RunningStats(
             jnp.where(first, filled.mean, moved.mean), jnp.where(first, filled.var, moved.var), moved.count

@@ -10,7 +10,8 @@ offset=None`), and the same parameters and state, by name, shape and meaning:
             <name>/~/var_ema/{counter, hidden, average}   debiased as Adam: average = hidden / (1 - d**t)
 
 so a haiku checkpoint runs here and continues training in haiku afterwards. The numbers
-come from jbn's pure layer; this module only reads and writes haiku's parameters and state.
+come from jbn's pure layer; this module only reads and writes haiku's parameters and state, and
+checks each call's arguments once (`jbn._options.checked_arguments`) for jbn's trusting cores.
 
 Where it differs from haiku (docs/guides/haiku.md lists them with examples):
 - Statistics in float32 (or wider) whatever the input dtype; a new state for a bfloat16 or
@@ -39,7 +40,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jbn import _options
 from jbn import functional as F
+from jbn._batch_norm import normalized_with, train_with_layout
 from jbn._options import quiet_one_value
 
 Initializer = Callable[[Sequence[int], Any], jax.Array]
@@ -186,6 +189,10 @@ class BatchNorm(hk.Module):
         self.create_scale = bool(create_scale)
         self.create_offset = bool(create_offset)
         self.decay_rate = _check_unit_interval(decay_rate, "decay_rate")
+        # The rules of the two moving averages, built once from the checked decay rate:
+        # `average` is the debiased EMA, `hidden` the plain EMA from zero.
+        self.debiased_average = F.DebiasedEMA(self.decay_rate)
+        self.plain_average = F.EMA(self.decay_rate)
         self.eps = _check_eps(eps)
         self.scale_init = scale_init or jnp.ones
         self.offset_init = offset_init or jnp.zeros
@@ -259,29 +266,35 @@ class BatchNorm(hk.Module):
             # Every axis reduced: jbn's layer wants a feature axis, so add one of size 1.
             x, features = x[None], (0,)
             mask = None if mask is None else jnp.asarray(mask)[None]
-        if is_training or test_local_stats:
-            # haiku's init often runs outside the map that binds the axis names, on a dummy
-            # batch; it returns the initial state whatever this call computes, so there it
-            # synchronizes only over names that are bound and does not warn.
-            initializing = hk.running_init()
-            synced = not initializing or _bound(self.cross_replica_axis)
-            with quiet_one_value(initializing):
-                y, batch = F.normalize_with_batch_stats(
-                    x,
-                    scale,
-                    offset,
-                    axis=features,
-                    epsilon=self.eps,
-                    mask=mask,
-                    axis_name=self.cross_replica_axis if synced else None,
-                    axis_index_groups=self.cross_replica_axis_index_groups if synced else None,
-                    fused=self.fused,
-                )
+        batch_stats = bool(is_training or test_local_stats)
+        # haiku's init often runs outside the map that binds the axis names, on a dummy
+        # batch; it returns the initial state whatever this call computes, so there it
+        # synchronizes only over names that are bound and does not warn.
+        initializing = hk.running_init()
+        synced = batch_stats and (not initializing or _bound(self.cross_replica_axis))
+        # This call's arguments, checked once; the cores below trust them.
+        with quiet_one_value(initializing):
+            x, scale, offset, layout, how = _options.checked_arguments(
+                x,
+                scale,
+                offset,
+                axis=features,
+                mask=mask if batch_stats else None,  # the moving averages read no statistic of the batch
+                axis_name=self.cross_replica_axis if synced else None,
+                axis_index_groups=self.cross_replica_axis_index_groups if synced else None,
+                epsilon=self.eps,
+                dtype=None,
+                fused=self.fused,
+                training=batch_stats,
+            )
+        if batch_stats:
+            y, batch = train_with_layout(x, scale, offset, layout, how)
             if is_training:
                 self._update(mean_state, var_state, batch, fshape)
         else:
-            mean, var = mean_state[2].reshape(fshape), var_state[2].reshape(fshape)
-            y = F.normalize(x, mean, var, scale, offset, axis=features, epsilon=self.eps)
+            mean = _options.check_feature_array(mean_state[2].reshape(fshape), fshape, "mean", features)
+            var = _options.check_feature_array(var_state[2].reshape(fshape), fshape, "var", features)
+            y = normalized_with(x, layout, F.RunningStats(mean, var), scale, offset, how)  # type: ignore[arg-type]
         y = y.reshape(jnp.shape(inputs))  # drops the unit axis added above
         if late_scale is not None:
             y = y * late_scale
@@ -303,16 +316,14 @@ class BatchNorm(hk.Module):
         (Adam's correction, kept corrected), `hidden` the plain EMA from zero."""
         (counter, mean_hidden, mean_average), (_, var_hidden, var_average) = mean_state, var_state
         batch = jax.lax.stop_gradient(batch)
-        average = F.update_running_stats(
+        average = self.debiased_average.update(
             F.RunningStats(
                 mean_average.reshape(fshape), var_average.reshape(fshape), jnp.broadcast_to(counter, fshape)
             ),
             batch,
-            self.decay_rate,
-            debias=True,
         )
-        hidden = F.update_running_stats(
-            F.RunningStats(mean_hidden.reshape(fshape), var_hidden.reshape(fshape)), batch, self.decay_rate
+        hidden = self.plain_average.update(
+            F.RunningStats(mean_hidden.reshape(fshape), var_hidden.reshape(fshape)), batch
         )
         # One counter per moving average, as haiku: it advances when any feature was updated.
         assert average.count is not None  # kept by the debiased rule

@@ -31,8 +31,10 @@ import jax
 import jax.numpy as jnp
 import keras
 
+from jbn import _options, _running, precise
 from jbn import functional as F
-from jbn import precise
+from jbn._batch_norm import batch_norm_core, evaluate_with_layout, train_with_layout
+from jbn._options import Layout, Normalization
 
 __all__ = ["BatchNormalization", "batch_norm_layers", "recompute_batch_stats"]
 
@@ -158,11 +160,30 @@ class BatchNormalization(keras.layers.BatchNormalization):
         """
         x = jnp.asarray(inputs)
         mask = self._full_rank_mask(x, mask)
-        gamma = self.gamma.value if self.scale else None
-        beta = self.beta.value if self.center else None
-        if not (training and self.trainable):
-            return self._normalize_with_moving(x, gamma, beta)
-        y, updates = (self._renormalize if self.renorm else self._batch_normalize)(x, gamma, beta, mask)
+        training = bool(training and self.trainable)
+        renormalizing = training and self.renorm
+        if renormalizing:
+            with jax.numpy_dtype_promotion("standard"):  # a choice of dtype (strict mode refuses bfloat16 with float32)
+                dtype = jnp.promote_types(x.dtype, jnp.float32)  # float32 or wider until renorm's affine map
+        else:
+            dtype = self.compute_dtype
+        # This call's arguments, checked once; the cores below trust them.
+        x, gamma, beta, layout, how = _options.checked_arguments(
+            x,
+            self.gamma.value if self.scale else None,
+            self.beta.value if self.center else None,
+            axis=self.axis,
+            mask=mask if training else None,  # inference reads no statistic of the batch
+            axis_name=self.axis_name,
+            axis_index_groups=None,
+            epsilon=self.epsilon,
+            dtype=dtype,
+            training=training,
+            virtual_batch_size=None if renormalizing else self.virtual_batch_size,
+        )
+        if not training:
+            return evaluate_with_layout(x, gamma, beta, layout, self._moving(layout), how)
+        y, updates = (self._renormalize if renormalizing else self._batch_normalize)(x, gamma, beta, layout, how)
         if self._population is not None:
             # recompute_batch_stats is running: the training output, the population grows, the
             # moving statistics stay as they are.
@@ -174,29 +195,16 @@ class BatchNormalization(keras.layers.BatchNormalization):
             variable.assign(value)
         return y
 
-    def _batch_normalize(self, x: jax.Array, gamma: Any, beta: Any, mask: jax.Array | None) -> tuple[jax.Array, list]:
-        """The training output and the (variable, new value) pairs of the moving statistics."""
-        y, new = F.batch_norm(
-            x,
-            gamma,
-            beta,
-            F.RunningStats(self.moving_mean.value, self.moving_variance.value),
-            training=True,
-            axis=self.axis,
-            momentum=self.momentum,
-            epsilon=self.epsilon,
-            mask=mask,
-            dtype=self.compute_dtype,
-            virtual_batch_size=self.virtual_batch_size,
-            axis_name=self.axis_name,
-        )
-        return y, [(self.moving_mean, new.mean), (self.moving_variance, new.var)]
-
-    def _normalize_with_moving(self, x: jax.Array, gamma: Any, beta: Any) -> jax.Array:
+    def _moving(self, layout: Layout) -> F.RunningStats:
+        """The moving statistics as `RunningStats`, checked against this call's input."""
         moving = F.RunningStats(self.moving_mean.value, self.moving_variance.value)
-        return F.batch_norm(
-            x, gamma, beta, moving, training=False, axis=self.axis, epsilon=self.epsilon, dtype=self.compute_dtype
-        )[0]
+        return _running.check_running(moving, layout.fshape, self.axis)
+
+    def _batch_normalize(self, x: jax.Array, gamma: Any, beta: Any, layout: Layout, how: Normalization) -> tuple:
+        """The training output and the (variable, new value) pairs of the moving statistics."""
+        rule = F.running_average_rule(self.momentum)
+        y, new = batch_norm_core(x, gamma, beta, self._moving(layout), layout, how, rule, training=True)
+        return y, [(self.moving_mean, new.mean), (self.moving_variance, new.var)]
 
     def _full_rank_mask(self, x: jax.Array, mask: Any) -> jax.Array | None:
         """keras's mask covers every axis but the last (Masking's `(N, T)` for `(N, T, C)`):
@@ -213,25 +221,14 @@ class BatchNormalization(keras.layers.BatchNormalization):
             )
         return mask if mask.dtype == jnp.bool_ else mask != 0
 
-    def _renormalize(self, x: jax.Array, gamma: Any, beta: Any, mask: jax.Array | None) -> tuple[jax.Array, list]:
+    def _renormalize(self, x: jax.Array, gamma: Any, beta: Any, layout: Layout, how: Normalization) -> tuple:
         """Batch Renorm as keras defines it: r and d measured against `renorm_mean` and
         `renorm_stddev` (moving averages of the batch mean and standard deviation with
         `renorm_momentum`), clipped by `renorm_clipping` to [rmin, rmax] and [-dmax, dmax],
         applied to jbn's batch-normalized output; `moving_variance` follows from
         `moving_stddev`. (jbn.batch_renorm measures r and d against the running variance
         with symmetric clipping, so it cannot hold keras's state.)"""
-        with jax.numpy_dtype_promotion("standard"):  # a choice of dtype (strict mode refuses bfloat16 with float32)
-            wide = jnp.promote_types(x.dtype, jnp.float32)
-        x_hat, batch = F.normalize_with_batch_stats(  # float32 or wider until the corrected affine map
-            x,
-            None,
-            None,
-            axis=self.axis,
-            epsilon=self.epsilon,
-            mask=mask,
-            axis_name=self.axis_name,
-            dtype=wide,
-        )
+        x_hat, batch = train_with_layout(x, None, None, layout, how)  # in `how.out_dtype`: float32 or wider
         stddev = jnp.sqrt(batch.var + self.epsilon)
         renorm_mean = self.renorm_mean.value.astype(stddev.dtype)
         renorm_stddev = jnp.maximum(self.renorm_stddev.value.astype(stddev.dtype), jnp.sqrt(self.epsilon))
@@ -249,11 +246,11 @@ class BatchNormalization(keras.layers.BatchNormalization):
         y = x_hat * r_scale.reshape(shape) + d_bias.reshape(shape)
 
         by_stddev = F.Moments(batch.mean, stddev, batch.count)  # the moving averages of the stddev
-        renorm = F.update_running_stats(
-            F.RunningStats(self.renorm_mean.value, self.renorm_stddev.value), by_stddev, self.renorm_momentum
+        renorm = F.running_average_rule(self.renorm_momentum).update(
+            F.RunningStats(self.renorm_mean.value, self.renorm_stddev.value), by_stddev
         )
-        moving = F.update_running_stats(
-            F.RunningStats(self.moving_mean.value, self.moving_stddev.value), by_stddev, self.momentum
+        moving = F.running_average_rule(self.momentum).update(
+            F.RunningStats(self.moving_mean.value, self.moving_stddev.value), by_stddev
         )
         updates = [
             (self.renorm_mean, renorm.mean),

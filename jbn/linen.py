@@ -68,8 +68,11 @@ class _Normalization(nn.Module):
         (init trains nothing), and the running statistics are not stored."""
         training = not nn.merge_param("use_running_average", self.use_running_average, use_running_average)
         initializing = self.is_initializing()
-        x = _options.check_input(x)
-        fshape = _options.feature_shape(x.shape, _options.feature_axes(x.ndim, self.axis))
+        names = (None, None) if initializing else (self.axis_name, self.axis_index_groups)
+        x, layout = _options.checked_layout(
+            x, axis=self.axis, mask=mask, axis_name=names[0], axis_index_groups=names[1], training=training
+        )
+        fshape = layout.fshape
         running_options = _options.check_running_options(*running_average)
         # Existing variables of another feature shape (a checkpoint for another width, or
         # `axis` pointing at the wrong dimension): a clear error.
@@ -87,16 +90,13 @@ class _Normalization(nn.Module):
         var = self.variable("batch_stats", "var", lambda s: jnp.ones(s, jnp.float32), fshape)
         scale = self.param("scale", self.scale_init, fshape, self.param_dtype) if self.use_scale else None
         bias = self.param("bias", self.bias_init, fshape, self.param_dtype) if self.use_bias else None
-        names = (None, None) if initializing else (self.axis_name, self.axis_index_groups)
         with _options.quiet_one_value(initializing):
-            x, scale, bias, layout, how = _options.checked_arguments(
+            scale, bias, layout, how = _options.checked_normalization(
                 x,
                 scale,
                 bias,
+                layout,
                 axis=self.axis,
-                mask=mask,
-                axis_name=names[0],
-                axis_index_groups=names[1],
                 epsilon=self.epsilon,
                 dtype=self.dtype,
                 training=training,

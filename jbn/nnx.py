@@ -1,8 +1,12 @@
-"""Flax NNX wrappers: `jbn.nnx.BatchNorm` and `jbn.nnx.BatchRenorm` (past 400 lines: one concept).
+"""jbn for flax NNX: the layers and the passes over a model's layers (past 400 lines: the passes own the layers' state).
 
-They mirror `flax.nnx.BatchNorm`: the same constructor arguments and defaults, the same
-state (`scale`, `bias` as `nnx.Param`; `mean`, `var` as `nnx.BatchStat`), `train()` /
-`eval()` / `nnx.view(..., use_running_average=...)` switching, and they call the pure layer.
+`jbn.nnx.BatchNorm` and `jbn.nnx.BatchRenorm` mirror `flax.nnx.BatchNorm`: the same
+constructor arguments and defaults, the same state (`scale`, `bias` as `nnx.Param`; `mean`,
+`var` as `nnx.BatchStat`), `train()` / `eval()` / `nnx.view(..., use_running_average=...)`
+switching; each call checks its arguments once and calls the pure layer's trusting cores.
+`recompute_batch_stats` and the gradient-accumulation passes add variables to the layers,
+which the layers' call reads, and remove them: apart, each half would import the other's
+private names (as jbn.keras and jbn.equinox, this module holds its framework's passes).
 """
 
 from __future__ import annotations

@@ -17,6 +17,23 @@ from pathlib import Path
 
 import pytest
 
+REPO = Path(__file__).resolve().parents[1]
+RECORDER_DIR = Path(__file__).resolve().parent / "peer_plugin"  # jbn_peer_recorder, the plugins' shared part
+
+
+def plugin_environment(plugin_dir: Path, **variables: str) -> dict[str, str]:
+    """The environment of a peer's pytest subprocess: its swap plugin's folder, the shared
+    recorder's and this repository on PYTHONPATH, the `variables` set, and one XLA thread
+    pool (two passes run side by side) unless one is asked for."""
+    env = dict(os.environ)
+    path = [str(plugin_dir), str(RECORDER_DIR), str(REPO), env.get("PYTHONPATH", "")]
+    env["PYTHONPATH"] = os.pathsep.join(path).rstrip(os.pathsep)
+    env.update(variables)
+    env.setdefault("JAX_PLATFORMS", "cpu")
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env.pop("PYTEST_ADDOPTS", None)
+    return env
+
 
 class DownloadError(RuntimeError):
     pass

@@ -186,20 +186,20 @@ def ema(old, batch, momentum, ok):
     return np.where(ok, momentum * f64(old) + (1 - momentum) * f64(batch), f64(old))
 
 
-def ghost_running(x, valid, size, running_mean, running_var, *, momentum, unbiased):
-    """Ghost batch norm's running update from the float64 formulas: sub-batch g is rows
+def ghost_statistics(x, valid, size, *, unbiased):
+    """Ghost batch norm's batch statistics from the float64 formulas: sub-batch g is rows
     [g*size, (g+1)*size) of axis 1 of `x` (shape (participants, n, C)) on every participant.
     Per feature, a sub-batch counts when its variance is defined: at least one valid element
-    (biased), at least two (unbiased, Bessel's n / (n - 1)). The update uses the mean of
-    the counted sub-batches' means and of their variances; a feature with no counted
-    sub-batch keeps its running statistics."""
+    (biased), at least two (unbiased, Bessel's n / (n - 1)). Returns the per-sub-batch
+    (means, variances, counts), each (sub-batches, C), and what the running update uses: the
+    mean of the counted sub-batches' means and of their variances, and whether any counted."""
     x, valid = f64(x), np.broadcast_to(valid, x.shape)
-    groups = x.shape[1] // size
-    means, variances, used = [], [], []
-    for g in range(groups):
+    means, variances, counts, used = [], [], [], []
+    for g in range(x.shape[1] // size):
         rows = slice(g * size, (g + 1) * size)
         sub = x[:, rows].reshape(-1, x.shape[-1])
         mean, var, count = moments(sub, -1, valid[:, rows].reshape(sub.shape))
+        counts.append(count)
         if unbiased:
             var = np.where(count > 1, var * count / np.maximum(count - 1, 1), 0.0)
         means.append(mean), variances.append(var), used.append(count >= (2 if unbiased else 1))
@@ -207,7 +207,13 @@ def ghost_running(x, valid, size, running_mean, running_var, *, momentum, unbias
     n = np.maximum(used.sum(0), 1)
     mean = np.where(used, means, 0).sum(0) / n
     var = np.where(used, variances, 0).sum(0) / n
-    ok = used.any(0)
+    return (np.array(means), np.array(variances), np.array(counts)), (mean, var, used.any(0))
+
+
+def ghost_running(x, valid, size, running_mean, running_var, *, momentum, unbiased):
+    """Ghost batch norm's running update (`ghost_statistics`): the EMA of the counted
+    sub-batches' mean statistics; a feature with no counted sub-batch keeps its running ones."""
+    _, (mean, var, ok) = ghost_statistics(x, valid, size, unbiased=unbiased)
     return ema(running_mean, mean, momentum, ok), ema(running_var, var, momentum, ok)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import inspect
 import pathlib
 import sys
 
@@ -199,3 +200,153 @@ def test_optax_mask_is_a_deprecated_alias_of_weight_decay_mask():
     with pytest.warns(DeprecationWarning, match="weight_decay_mask"):
         old = jbn.optax_mask(params)
     assert old == {"Dense_0": {"kernel": True, "bias": True}, "BN": {"scale": False}}
+
+
+# Check once: a wrapper's call checks `x`, its axes and epsilon once each (it builds the
+# records of `jbn._options.checked_arguments` in one place and calls the trusting cores);
+# a wrapper that called jbn's public functions again, or two of them in a row, would check
+# them twice. Counted per run of the wrapper's own call method, with a profiler (as
+# `module_tour`), so that a check reached by any import path is seen.
+
+CHECKS = ("check_input", "feature_axes", "check_epsilon")
+
+
+def checks_per_call(run, entry, checks=CHECKS) -> dict[str, float]:
+    """How many times each check of `jbn._options` named in `checks` runs per run of
+    `entry` (a wrapper's call method) while `run()` runs; `run` must reach `entry`."""
+    from jbn import _options
+
+    codes = {getattr(_options, name).__code__: name for name in checks}
+    entry_code = inspect.unwrap(entry).__code__  # haiku wraps every method of a module
+    counts = dict.fromkeys(checks, 0)
+    entries = 0
+
+    def profile(frame, event, arg):
+        nonlocal entries
+        if event != "call":
+            return
+        if frame.f_code in codes:
+            counts[codes[frame.f_code]] += 1
+        elif frame.f_code is entry_code:
+            entries += 1
+
+    sys.setprofile(profile)
+    try:
+        run()
+    finally:
+        sys.setprofile(None)
+    assert entries, f"{entry.__qualname__} was not called"
+    return {name: count / entries for name, count in counts.items()}
+
+
+def _x():
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.normal(1.0, 2.0, size=(6, 3, 4)), jnp.float32)
+    return x, jnp.asarray(rng.random((6, 3)) > 0.3)
+
+
+def _equinox(mode, inference):
+    import equinox as eqx
+
+    from jbn.equinox import BatchNorm
+
+    x, mask = _x()
+    bn, state = eqx.nn.make_with_state(BatchNorm)(4, "batch", mode=mode, inference=inference)
+    xe = jnp.moveaxis(x, -1, 1)  # per example (C, T)
+    call = jax.vmap(lambda e, m: bn(e, state, mask=m), axis_name="batch", out_axes=(0, None))
+    return lambda: call(xe, mask), BatchNorm.__call__
+
+
+def _keras(renorm, training):
+    from jbn.keras import BatchNormalization
+
+    x, mask = _x()
+    layer = BatchNormalization(renorm=renorm)
+    layer.build(x.shape)
+    return lambda: layer(x, training=training, mask=mask), BatchNormalization.call
+
+
+def _haiku(is_training, test_local_stats):
+    import haiku as hk
+
+    from jbn.haiku import BatchNorm
+
+    x, mask = _x()
+    f = hk.transform_with_state(lambda x, m: BatchNorm(True, True, 0.9)(x, is_training, test_local_stats, mask=m))
+    params, state = f.init(jax.random.key(0), x, mask[..., None])
+    return lambda: f.apply(params, state, None, x, mask[..., None]), BatchNorm.__call__
+
+
+def _nnx(renorm, use_running_average):
+    from flax import nnx
+
+    from jbn.nnx import BatchNorm, BatchRenorm
+
+    x, mask = _x()
+    layer = (BatchRenorm if renorm else BatchNorm)(4, rngs=nnx.Rngs(0), use_running_average=use_running_average)
+    return lambda: layer(x, mask=mask), type(layer).__call__
+
+
+def _linen(renorm, use_running_average):
+    from jbn.linen import BatchNorm, BatchRenorm
+
+    x, mask = _x()
+    layer = (BatchRenorm if renorm else BatchNorm)(use_running_average=use_running_average)
+    variables = layer.init(jax.random.key(0), x, mask=mask)
+    return lambda: layer.apply(variables, x, mask=mask, mutable=["batch_stats"]), type(layer).__call__
+
+
+WRAPPER_CALLS = {
+    "linen training": lambda: _linen(False, False),
+    "linen renorm training": lambda: _linen(True, False),
+    "linen evaluation": lambda: _linen(False, True),
+    "equinox batch training": lambda: _equinox("batch", False),
+    "equinox ema training": lambda: _equinox("ema", False),
+    "equinox inference": lambda: _equinox("batch", True),
+    "keras training": lambda: _keras(False, True),
+    "keras renorm training": lambda: _keras(True, True),
+    "keras inference": lambda: _keras(False, False),
+    "haiku training": lambda: _haiku(True, False),
+    "haiku local statistics": lambda: _haiku(False, True),
+    "haiku evaluation": lambda: _haiku(False, False),
+    "nnx training": lambda: _nnx(False, False),
+    "nnx renorm training": lambda: _nnx(True, False),
+    "nnx evaluation": lambda: _nnx(False, True),
+}
+
+
+@pytest.mark.parametrize("case", WRAPPER_CALLS)
+def test_a_wrapper_call_checks_x_its_axes_and_epsilon_once(case):
+    run, entry = WRAPPER_CALLS[case]()
+    assert checks_per_call(run, entry) == dict.fromkeys(CHECKS, 1), case
+
+
+# The momentum: once per call for each running average the call updates, none where the
+# layer built its rules at construction (haiku's decay rate, NNX's options).
+MOMENTUM_CHECKS = {
+    "equinox batch training": 1,
+    "equinox ema training": 1,  # equinox's start: the filling rule (momentum 0) needs no check
+    "keras training": 1,
+    "keras renorm training": 2,  # keras's renorm_momentum and momentum
+    "haiku training": 0,
+    "nnx training": 0,
+    "nnx renorm training": 0,
+}
+
+
+@pytest.mark.parametrize("case", MOMENTUM_CHECKS)
+def test_a_wrapper_call_checks_each_momentum_once(case):
+    run, entry = WRAPPER_CALLS[case]()
+    assert checks_per_call(run, entry, ("check_momentum",)) == {"check_momentum": MOMENTUM_CHECKS[case]}, case
+
+
+def test_the_check_counter_sees_a_second_check():
+    """Two public functions in a row (the training output, then the normalization with
+    the batch's statistics), as a wrapper that checks twice would call them, count two of each."""
+    x, mask = _x()
+
+    def twice(x):
+        _, stats = jbn.normalize_with_batch_stats(x, None, None, mask=mask)
+        return jbn.normalize(x, stats.mean, stats.var)
+
+    assert checks_per_call(lambda: twice(x), twice) == dict.fromkeys(CHECKS, 2)

@@ -166,42 +166,37 @@ def _stacked(bn_cls, layers):
     return create(nnx.Rngs(0))
 
 
+def assert_stack_like_flax(layers, forward):
+    """`forward(stack)` over a stack of `layers` jbn blocks and of flax's: the same outputs and
+    batch statistics."""
+
+    def run(bn_cls):
+        stack = _stacked(bn_cls, layers)
+        return forward(stack), nnx.state(stack, nnx.BatchStat)
+
+    (y1, s1), (y2, s2) = run(jbn.nnx.BatchNorm), run(nnx.BatchNorm)
+    np.testing.assert_allclose(y1, y2, **F32)
+    assert_trees_close(nnx.to_pure_dict(s1), nnx.to_pure_dict(s2))
+
+
 def test_one_value_nnx_vmap_over_layers_like_flax():
     x = normal((5, 1, 3))  # each layer's slice holds one example
 
-    def run(bn_cls):
-        stack = _stacked(bn_cls, 5)
+    @nnx.vmap(in_axes=(0, 0), out_axes=0)
+    def forward(block, x):
+        return block(x)
 
-        @nnx.vmap(in_axes=(0, 0), out_axes=0)
-        def forward(block, x):
-            return block(x)
-
-        y = forward(stack, x)
-        return y, nnx.state(stack, nnx.BatchStat)
-
-    y1, s1 = run(jbn.nnx.BatchNorm)
-    y2, s2 = run(nnx.BatchNorm)
-    np.testing.assert_allclose(y1, y2, **F32)
-    assert_trees_close(nnx.to_pure_dict(s1), nnx.to_pure_dict(s2))
+    assert_stack_like_flax(5, lambda stack: forward(stack, x))
 
 
 def test_one_value_nnx_scan_over_layers_like_flax():
     x = normal((1, 3))
 
-    def run(bn_cls):
-        stack = _stacked(bn_cls, 4)
+    @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+    def forward(x, block):
+        return block(x)
 
-        @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
-        def forward(x, block):
-            return block(x)
-
-        y = forward(x, stack)
-        return y, nnx.state(stack, nnx.BatchStat)
-
-    y1, s1 = run(jbn.nnx.BatchNorm)
-    y2, s2 = run(nnx.BatchNorm)
-    np.testing.assert_allclose(y1, y2, **F32)
-    assert_trees_close(nnx.to_pure_dict(s1), nnx.to_pure_dict(s2))
+    assert_stack_like_flax(4, lambda stack: forward(x, stack))
 
 
 def test_one_value_linen_bind_like_flax():

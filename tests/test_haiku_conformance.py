@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -22,11 +21,11 @@ from pathlib import Path
 
 import pytest
 
+from tests import peer_suites
+
 pytest.importorskip("haiku")
 
-HERE = Path(__file__).resolve().parent
-PLUGIN_DIR = HERE / "haiku_conformance"
-REPO = HERE.parent
+PLUGIN_DIR = Path(__file__).resolve().parent / "haiku_conformance"
 
 
 def installed_test_file() -> Path:
@@ -44,7 +43,7 @@ def run_pass(folder: Path, swap: bool) -> dict:
     command += ["--rootdir", str(folder), "-c", str(folder / "pytest.ini"), f"--jbn-results={results}"]
     command += ["--jbn-swap"] if swap else []
     command += [str(folder / "batch_norm_test.py")]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(PLUGIN_DIR), str(REPO), os.environ.get("PYTHONPATH", "")]))
+    env = peer_suites.plugin_environment(PLUGIN_DIR)
     proc = subprocess.run(command, cwd=folder, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode in (0, 1) and results.is_file(), (
         f"the pass did not run:\n{proc.stdout[-4000:]}{proc.stderr[-4000:]}"

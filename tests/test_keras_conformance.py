@@ -14,12 +14,10 @@ No network: the test fails with the reason when CI=true, and skips otherwise.
 Same from the command line: `.venv/bin/python -m tests.keras_conformance.runner`.
 """
 
-import os
-
 import pytest
 
 from tests import peer_suites
-from tests.keras_conformance import jbn_keras_swap, runner
+from tests.keras_conformance import runner
 
 # Under pytest-xdist these tests stay on one worker: they share the keras source distribution it downloads once.
 pytestmark = pytest.mark.xdist_group("keras-sdist")
@@ -28,18 +26,6 @@ pytestmark = pytest.mark.xdist_group("keras-sdist")
 def keras_tests_or_stop():
     """The extracted keras tests; without the download, a failure in CI and a skip elsewhere."""
     return runner.extract_tests(peer_suites.sdist_or_stop("keras", runner.keras_version(), runner.CACHE))
-
-
-@pytest.mark.parametrize("ci", ["true", ""])
-def test_no_download_fails_in_ci_and_skips_locally(ci, monkeypatch, tmp_path):
-    monkeypatch.setattr(runner, "CACHE", tmp_path / "empty-cache")
-    monkeypatch.setenv("PIP_NO_INDEX", "1")  # pip cannot reach any index: the offline case
-    monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)  # nor a find-links folder from a config file
-    monkeypatch.delenv("PIP_FIND_LINKS", raising=False)
-    monkeypatch.setenv("CI", ci)
-    expected = pytest.fail.Exception if ci else pytest.skip.Exception
-    with pytest.raises(expected, match="source distribution"):
-        keras_tests_or_stop()
 
 
 @pytest.mark.timeout(1200)
@@ -55,7 +41,9 @@ def test_keras_batch_normalization_tests_pass_with_jbn():
     summary = runner.summarize(keras_pass, jbn_pass)
     report = summary.text(keras_pass, jbn_pass)
     print(report)
-    expected = {f"{m}.BatchNormalization": "jbn.keras.BatchNormalization" for m in jbn_keras_swap.SWAPPED_MODULES}
+    # every name keras's tests reach the class by
+    modules = ("keras.layers", "keras.src.layers", "keras.src.layers.normalization.batch_normalization")
+    expected = {f"{m}.BatchNormalization": "jbn.keras.BatchNormalization" for m in modules}
     assert jbn_pass.results["swapped"] == expected
     assert jbn_pass.results["swapped_at_end"] == expected
     assert set(jbn_pass.results["outcomes"]) == set(keras_pass.results["outcomes"]), "the passes ran different tests"

@@ -154,18 +154,23 @@ def test_vmap_axis_index_groups_matches_per_group_bn():
     )
 
 
-def test_shard_map_1d_grad_inside_leaves_replicated():
-    """Running statistics and parameter gradients leave shard_map as P() with check_vma=True."""
-    f = jax.jit(
+def sharded_step(**options):
+    """`step` under jit(shard_map) over the 1-D mesh: the batch split, the parameters and
+    running statistics replicated in and out (`options`: shard_map's)."""
+    return jax.jit(
         jax.shard_map(
             functools.partial(step, axis_name="d"),
             mesh=mesh_1d(),
             in_specs=(P("d"), P("d"), P("d"), P(), P(), P(), P()),
             out_specs=(P("d"), P(), P(), P("d"), P(), P()),
-            check_vma=True,
+            **options,
         )
     )
-    check(f(*args()), REF, BATCH.mask)
+
+
+def test_shard_map_1d_grad_inside_leaves_replicated():
+    """Running statistics and parameter gradients leave shard_map as P() with check_vma=True."""
+    check(sharded_step(check_vma=True)(*args()), REF, BATCH.mask)
 
 
 def test_shard_map_1d_grad_outside():
@@ -487,15 +492,7 @@ def test_variance_across_devices_is_accurate_when_mean_is_1e4_times_std():
 
 def test_all_padding_everywhere_keeps_running_stats_and_stays_finite():
     b = BATCH._replace(mask=np.zeros_like(BATCH.mask))
-    f = jax.jit(
-        jax.shard_map(
-            functools.partial(step, axis_name="d"),
-            mesh=mesh_1d(),
-            in_specs=(P("d"), P("d"), P("d"), P(), P(), P(), P()),
-            out_specs=(P("d"), P(), P(), P("d"), P(), P()),
-        )
-    )
-    y, mean, var, dx, dscale, dbias = (np.asarray(a) for a in f(*args(b)))
+    y, mean, var, dx, dscale, dbias = (np.asarray(a) for a in sharded_step()(*args(b)))
     assert all(np.all(np.isfinite(a)) for a in (y, mean, var, dx, dscale, dbias))
     np.testing.assert_array_equal(mean, b.mean)
     np.testing.assert_array_equal(var, b.var)

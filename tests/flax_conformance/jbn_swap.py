@@ -21,17 +21,16 @@ listed in the results: a deliberate, counted difference, not a hidden one.
 
 from __future__ import annotations
 
-import json
-
 import jbn_select
 import pytest
+from jbn_peer_recorder import OutcomeRecorder, swap
 
 WARNING = "OneValuePerFeatureWarning"  # jbn's UserWarning subclass for one value per feature
-SWAPS = {  # module path -> (attribute, replacement "module:attribute")
-    "flax.linen": "jbn.linen:BatchNorm",
-    "flax.linen.normalization": "jbn.linen:BatchNorm",
-    "flax.nnx": "jbn.nnx:BatchNorm",
-    "flax.nnx.nn.normalization": "jbn.nnx:BatchNorm",
+TARGETS = {
+    "flax.linen.BatchNorm": "jbn.linen:BatchNorm",
+    "flax.linen.normalization.BatchNorm": "jbn.linen:BatchNorm",
+    "flax.nnx.BatchNorm": "jbn.nnx:BatchNorm",
+    "flax.nnx.nn.normalization.BatchNorm": "jbn.nnx:BatchNorm",
 }
 
 
@@ -42,40 +41,23 @@ def pytest_addoption(parser):
     group.addoption("--jbn-results", default=None, help="write selection and outcomes to this JSON file")
 
 
-def _swap():
-    import importlib
+class _Recorder(OutcomeRecorder):
+    """Outcomes (xfails told apart), the selection, and the tests that warned."""
 
-    swapped = {}
-    for module_path, target in SWAPS.items():
-        module = importlib.import_module(module_path)
-        target_module, name = target.split(":")
-        replacement = getattr(importlib.import_module(target_module), name)
-        module.BatchNorm = replacement
-        swapped[module_path + ".BatchNorm"] = f"{replacement.__module__}.{replacement.__qualname__}"
-    return swapped
-
-
-class _Recorder:
-    def __init__(self, path):
-        self.path = path
+    def __init__(self, path, swapped):
+        super().__init__(path, swapped)
         self.selected: list[str] = []
         self.unresolved: list[str] = []
-        self.outcomes: dict[str, str] = {}
-        self.messages: dict[str, str] = {}
-        self.swapped: dict[str, str] = {}
         self.warned: set[str] = set()
 
     def pytest_warning_recorded(self, warning_message, when, nodeid, location):
         if warning_message.category.__name__ == WARNING and nodeid:
             self.warned.add(nodeid)
 
-    def _set(self, nodeid, outcome, report=None):
-        # A failure in any phase (setup, call, teardown) decides; otherwise the call phase does.
-        if self.outcomes.get(nodeid) in ("failed", "error"):
-            return
-        self.outcomes[nodeid] = outcome
-        if report is not None and outcome in ("failed", "error"):
-            self.messages[nodeid] = _reason(report)
+    def outcome(self, report) -> str:
+        if hasattr(report, "wasxfail"):
+            return "xfailed" if report.skipped else "xpassed"
+        return report.outcome
 
     @pytest.hookimpl(trylast=True)
     def pytest_collection_modifyitems(self, session, config, items):
@@ -94,50 +76,21 @@ class _Recorder:
         items[:] = keep
         self.selected = [item.nodeid for item in keep]
 
-    def pytest_runtest_logreport(self, report):
-        if report.when == "call":
-            if hasattr(report, "wasxfail"):
-                self._set(report.nodeid, "xfailed" if report.skipped else "xpassed")
-            else:
-                self._set(report.nodeid, report.outcome, report)
-        elif report.failed:
-            self._set(report.nodeid, "error", report)
-        elif report.when == "setup" and report.skipped:
-            self._set(report.nodeid, "skipped")
-
-    def pytest_sessionfinish(self, session):
-        if self.path is None:
-            return
-        with open(self.path, "w", encoding="utf-8") as f:
-            json.dump(
-                {
-                    "selected": self.selected,
-                    "unresolved": self.unresolved,
-                    "outcomes": self.outcomes,
-                    "messages": self.messages,
-                    "swapped": self.swapped,
-                    "warned": sorted(self.warned),
-                },
-                f,
-                indent=1,
-            )
-
-
-def _reason(report) -> str:
-    """The exception line of a failure (`TypeError: ...`), shortened, for grouping causes."""
-    crash = getattr(report.longrepr, "reprcrash", None)
-    text = crash.message if crash is not None else str(report.longrepr)
-    first = text.strip().splitlines()[0] if text.strip() else ""
-    return first[:300]
+    def results(self) -> dict:
+        return {
+            "selected": self.selected,
+            "unresolved": self.unresolved,
+            **super().results(),
+            "warned": sorted(self.warned),
+        }
 
 
 def pytest_configure(config):
-    recorder = _Recorder(config.getoption("--jbn-results"))
-    if config.getoption("--jbn-swap"):
-        recorder.swapped = _swap()
+    swapped = swap(TARGETS) if config.getoption("--jbn-swap") else {}
+    if swapped:
         import jbn
 
         if hasattr(jbn, WARNING):
             # Appended after flax's "error": a later filter takes precedence in pytest.
             config.addinivalue_line("filterwarnings", f"always::jbn.{WARNING}")
-    config.pluginmanager.register(recorder, "jbn_swap_recorder")
+    config.pluginmanager.register(_Recorder(config.getoption("--jbn-results"), swapped), "jbn_swap_recorder")

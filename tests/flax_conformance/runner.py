@@ -15,7 +15,6 @@ import contextlib
 import dataclasses
 import importlib.metadata
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -27,8 +26,7 @@ from pathlib import Path
 from tests import peer_suites
 from tests.peer_suites import Pass
 
-REPO = Path(__file__).resolve().parents[2]
-CACHE = REPO / ".cache" / "flax-sdist"
+CACHE = peer_suites.REPO / ".cache" / "flax-sdist"
 PLUGIN_DIR = Path(__file__).resolve().parent
 TARGET = "BatchNorm"
 # flax's CI runs its tests with 4 fake CPU devices (tests/run_all_tests.sh); so do we.
@@ -37,10 +35,6 @@ XLA_FLAGS = "--xla_force_host_platform_device_count=4"
 
 def flax_version() -> str:
     return importlib.metadata.version("flax")
-
-
-def ensure_sdist(version: str) -> Path:
-    return peer_suites.ensure_sdist("flax", version, CACHE)
 
 
 def extract_tests(sdist: Path) -> Path:
@@ -93,14 +87,7 @@ def _command(root: Path, files, swap: bool, results: Path, extra) -> list[str]:
 
 
 def _environment() -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(PLUGIN_DIR), str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    env["XLA_FLAGS"] = XLA_FLAGS
-    env.setdefault("JAX_PLATFORMS", "cpu")
-    env.pop("PYTEST_ADDOPTS", None)
-    # Each pass gets half the machine; unpinned, two XLA thread pools oversubscribe it.
-    env.setdefault("OMP_NUM_THREADS", "1")
-    return env
+    return peer_suites.plugin_environment(PLUGIN_DIR, XLA_FLAGS=XLA_FLAGS)
 
 
 def _run_all(root: Path, jobs: list[tuple[bool, list[str]]], timeout: float, parallel: int = 2) -> list[Pass]:
@@ -211,7 +198,7 @@ def main(argv=None) -> int:
     parser.add_argument("-k", default=None, help="pytest -k expression, to run a subset")
     parser.add_argument("--json", default=None, help="also write the summary as JSON here")
     args = parser.parse_args(argv)
-    root = extract_tests(ensure_sdist(flax_version()))
+    root = extract_tests(peer_suites.ensure_sdist("flax", flax_version(), CACHE))
     extra = ["-k", args.k] if args.k else []
     flax, jbn = run_passes(root, candidate_files(root), extra)
     summary = summarize(flax, jbn)

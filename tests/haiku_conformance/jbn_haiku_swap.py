@@ -16,9 +16,9 @@ CPU devices before JAX starts, so its multi-device tests run instead of skipping
 
 from __future__ import annotations
 
-import json
+from jbn_peer_recorder import OutcomeRecorder, swap
 
-SWAPPED = ("haiku.BatchNorm", "haiku._src.batch_norm.BatchNorm")
+TARGETS = {"haiku.BatchNorm": "jbn.haiku:BatchNorm", "haiku._src.batch_norm.BatchNorm": "jbn.haiku:BatchNorm"}
 
 
 def pytest_addoption(parser):
@@ -27,59 +27,17 @@ def pytest_addoption(parser):
     group.addoption("--jbn-results", default=None, help="write the outcomes to this JSON file")
 
 
-def _swap() -> dict[str, str]:
-    import importlib
-
-    from jbn.haiku import BatchNorm
-
-    swapped = {}
-    for path in SWAPPED:
-        module_path, name = path.rsplit(".", 1)
-        setattr(importlib.import_module(module_path), name, BatchNorm)
-        swapped[path] = f"{BatchNorm.__module__}.{BatchNorm.__qualname__}"
-    return swapped
-
-
-class _Recorder:
-    def __init__(self, path, swapped):
-        self.path = path
-        self.swapped = swapped
-        self.outcomes: dict[str, str] = {}
-        self.messages: dict[str, str] = {}
-
-    def pytest_runtest_logreport(self, report):
-        name = report.nodeid.split("::")[-1]
-        if self.outcomes.get(name) in ("failed", "error"):
-            return  # a failure in any phase decides
-        if report.when == "call":
-            self.outcomes[name] = report.outcome
-        elif report.failed:
-            self.outcomes[name] = "error"
-        elif report.when == "setup" and report.skipped:
-            self.outcomes[name] = "skipped"
-        if report.failed:
-            crash = getattr(report.longrepr, "reprcrash", None)
-            text = (crash.message if crash is not None else str(report.longrepr)).strip()
-            self.messages[name] = text.splitlines()[0][:300] if text else ""
-
-    def pytest_sessionfinish(self, session):
-        if self.path is None:
-            return
+class _Recorder(OutcomeRecorder):
+    def results(self) -> dict:
         import jax
 
-        with open(self.path, "w", encoding="utf-8") as f:
-            results = {
-                "outcomes": self.outcomes,
-                "messages": self.messages,
-                "swapped": self.swapped,
-                "devices": jax.local_device_count(),
-            }
-            json.dump(results, f, indent=1)
+        return {**super().results(), "devices": jax.local_device_count()}
 
 
 def pytest_configure(config):
     import jax
 
     jax.config.update("jax_num_cpu_devices", 8)
-    swapped = _swap() if config.getoption("--jbn-swap") else {}
-    config.pluginmanager.register(_Recorder(config.getoption("--jbn-results"), swapped), "jbn_haiku_recorder")
+    swapped = swap(TARGETS) if config.getoption("--jbn-swap") else {}
+    recorder = _Recorder(config.getoption("--jbn-results"), swapped, key=lambda nodeid: nodeid.split("::")[-1])
+    config.pluginmanager.register(recorder, "jbn_haiku_recorder")

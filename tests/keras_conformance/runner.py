@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import importlib.metadata
 import json
-import os
 import subprocess
 import sys
 import tarfile
@@ -28,18 +27,13 @@ from pathlib import Path
 from tests import peer_suites
 from tests.peer_suites import Pass
 
-REPO = Path(__file__).resolve().parents[2]
-CACHE = REPO / ".cache" / "keras-sdist"
+CACHE = peer_suites.REPO / ".cache" / "keras-sdist"
 PLUGIN_DIR = Path(__file__).resolve().parent
 TEST_FILE = "keras/src/layers/normalization/batch_normalization_test.py"
 
 
 def keras_version() -> str:
     return importlib.metadata.version("keras")
-
-
-def ensure_sdist(version: str) -> Path:
-    return peer_suites.ensure_sdist("keras", version, CACHE)
 
 
 def extract_tests(sdist: Path) -> Path:
@@ -60,12 +54,7 @@ def extract_tests(sdist: Path) -> Path:
 
 
 def _run(root: Path, swap: bool, timeout: float) -> Pass:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(PLUGIN_DIR), str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    env["KERAS_BACKEND"] = "jax"
-    env.setdefault("JAX_PLATFORMS", "cpu")
-    env.pop("PYTEST_ADDOPTS", None)
-    env.setdefault("OMP_NUM_THREADS", "1")  # two passes side by side: one XLA pool each
+    env = peer_suites.plugin_environment(PLUGIN_DIR, KERAS_BACKEND="jax")
     with tempfile.TemporaryDirectory() as tmp:
         results = Path(tmp) / "results.json"
         command = [
@@ -134,7 +123,7 @@ def summarize(keras_pass: Pass, jbn_pass: Pass) -> Summary:
 
 
 def main() -> int:
-    root = extract_tests(ensure_sdist(keras_version()))
+    root = extract_tests(peer_suites.ensure_sdist("keras", keras_version(), CACHE))
     keras_pass, jbn_pass = run_passes(root)
     summary = summarize(keras_pass, jbn_pass)
     print(summary.text(keras_pass, jbn_pass))
