@@ -18,7 +18,17 @@ from flax import linen as nn
 
 import jbn
 
-NORMS = ("none", "bn", "ghost", "renorm", "group", "noisy_bn", "bn_per_activation", "flax_bn")
+NORMS = (
+    "none",
+    "bn",
+    "ghost",
+    "renorm",
+    "group",
+    "noisy_bn",
+    "bn_per_activation",
+    "bn_per_activation_channel_affine",
+    "flax_bn",
+)
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "relu": nn.relu,
     "sigmoid": nn.sigmoid,
@@ -57,6 +67,8 @@ class NormSpec:
     "bn_per_activation" is jbn.BatchNorm with one mean and variance per activation, i.e.
     every non-batch axis is a feature axis (for a conv activation (N, H, W, C): statistics
     over N only, for each (h, w, c)), instead of "bn"'s one per channel over N, H, W.
+    "bn_per_activation_channel_affine" normalizes as "bn_per_activation" but its gamma and
+    beta are one per channel, as "bn"'s are: the same parameters, only the statistics differ.
     """
 
     kind: str = "bn"
@@ -119,6 +131,21 @@ class Norm(nn.Module):
                 use_bias=s.use_bias,
                 epsilon=s.epsilon,
             )(x)
+        if s.kind == "bn_per_activation_channel_affine":
+            y = jbn.BatchNorm(
+                use_running_average=not train,
+                momentum=s.momentum,
+                axis=tuple(range(1, x.ndim)),
+                use_scale=False,
+                use_bias=False,
+                epsilon=s.epsilon,
+            )(x)
+            channels, per_channel = (x.shape[-1],), (1,) * (x.ndim - 1) + (x.shape[-1],)
+            if s.use_scale:
+                y = y * self.param("scale", nn.initializers.ones, channels, y.dtype).reshape(per_channel)
+            if s.use_bias:
+                y = y + self.param("bias", nn.initializers.zeros, channels, y.dtype).reshape(per_channel)
+            return y
         if s.kind in ("bn", "noisy_bn"):
             y = jbn.BatchNorm(
                 use_running_average=not train,
