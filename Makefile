@@ -44,7 +44,8 @@ bench: $(STAMP)
 # The differential fuzz's long profile (tests/test_differential_fuzz.py): 20 times the CI run's examples (23,000),
 # each path of jbn against the float64 reference; `make test` runs the CI profile (1,150 examples, fixed seed).
 # Each of its tests runs for longer than the suite's per-test timeout (pyproject.toml), so that is lifted here;
-# each runs in a process of its own (one process through all of them ended in a segfault of XLA's CPU compiler).
+# each runs in a process of its own (one process through all of them once died: XLA:CPU's executables had used up the
+# kernel's memory mappings; tests/compiled_programs.py now clears the caches before that).
 FUZZ_TESTS = moments batch_norm_training evaluation batch_renorm_training ghost_batches synchronized_statistics \
 	gradients bad_arguments
 fuzz: $(STAMP)

@@ -31,6 +31,8 @@ import jax
 
 jax.config.update("jax_num_cpu_devices", 8)
 
+from tests.compiled_programs import release_compiled_programs_if_needed  # noqa: E402 (after the device count)
+
 SETTINGS = os.environ.get("JBN_STRICT", "1")
 if SETTINGS not in ("0", "1", "x64"):
     raise ValueError(f"JBN_STRICT={SETTINGS!r} must be unset, 0, 1 or x64.")
@@ -64,10 +66,14 @@ def pytest_report_header(config):
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_protocol(item, nextitem):
-    """Run a `peer_not_strict` or `script_not_strict` test (its fixtures too) under JAX's default promotion rules.
+    """Run a `peer_not_strict` or `script_not_strict` test (its fixtures too) under JAX's default promotion rules;
+    after each test, drop compiled programs if the process holds too many (`tests/compiled_programs.py`).
 
     A hook rather than an autouse fixture: hypothesis refuses function-scoped fixtures around its tests."""
-    if STRICT and any(item.get_closest_marker(m) is not None for m in ("peer_not_strict", "script_not_strict")):
-        with jax.numpy_rank_promotion("allow"), jax.numpy_dtype_promotion("standard"):
-            return (yield)
-    return (yield)
+    try:
+        if STRICT and any(item.get_closest_marker(m) is not None for m in ("peer_not_strict", "script_not_strict")):
+            with jax.numpy_rank_promotion("allow"), jax.numpy_dtype_promotion("standard"):
+                return (yield)
+        return (yield)
+    finally:
+        release_compiled_programs_if_needed()

@@ -35,6 +35,7 @@ from jax.sharding import PartitionSpec as P
 
 import jbn
 from tests import reference as ref
+from tests.compiled_programs import release_compiled_programs_if_needed
 
 # ---------------------------------------------------------------------------- profiles
 
@@ -51,8 +52,19 @@ PROFILE = settings.get_profile(os.environ.get("JBN_FUZZ_PROFILE", "ci"))
 
 
 def fuzz(examples: int):
-    """The profile's settings with `examples` times its multiplier (1 for ci, 20 for long)."""
-    return settings(PROFILE, max_examples=examples * PROFILE.max_examples)
+    """A fuzz test of `examples` times the profile's multiplier (1 for ci, 20 for long), drawing
+    from `st.data()`; before each example, compiled programs are dropped if the process holds too
+    many of them (`tests/compiled_programs.py`: the long profile compiles tens of thousands)."""
+
+    def decorate(test):
+        @functools.wraps(test)
+        def example(draw):
+            release_compiled_programs_if_needed()
+            return test(draw)
+
+        return settings(PROFILE, max_examples=examples * PROFILE.max_examples)(given(st.data())(example))
+
+    return decorate
 
 
 # -------------------------------------------------------------------------- tolerances
@@ -297,7 +309,6 @@ def check_statistics(stats, x64v, full, axis, features, dtype, what):
 
 
 @fuzz(300)
-@given(st.data())
 def test_moments_match_the_reference(draw):
     shape, axis, features = draw.draw(layouts())
     dtype = draw.draw(st.sampled_from(list(DTYPES)))
@@ -433,7 +444,6 @@ def parameters(rng, fshape, complex_input):
 
 
 @fuzz(250)
-@given(st.data())
 def test_batch_norm_training_matches_the_reference(draw):
     shape, axis, features, dtype, given_mask, full, padding, x = draw.draw(bn_case(list(DTYPES)))
     state_dtype = "float64" if dtype == "float64" else draw.draw(st.sampled_from(STATE_DTYPES))
@@ -471,7 +481,6 @@ def test_batch_norm_training_matches_the_reference(draw):
 
 
 @fuzz(100)
-@given(st.data())
 def test_evaluation_matches_the_reference(draw):
     shape, axis, features, dtype, given_mask, full, padding, x = draw.draw(bn_case(["float32", "bfloat16", "float64"]))
     renorm, compiled = draw.draw(st.booleans()), draw.draw(st.booleans())
@@ -503,7 +512,6 @@ def test_evaluation_matches_the_reference(draw):
 
 
 @fuzz(100)
-@given(st.data())
 def test_batch_renorm_training_matches_the_reference(draw):
     shape, axis, features, dtype, given_mask, full, padding, x = draw.draw(
         bn_case(["float32", "bfloat16", "float16", "float64"])
@@ -577,7 +585,6 @@ def test_batch_renorm_training_matches_the_reference(draw):
 
 
 @fuzz(80)
-@given(st.data())
 def test_ghost_batches_match_the_reference(draw):
     rank = draw.draw(st.integers(2, 4))
     shape = draw.draw(st.sampled_from([(8, 3), (12, 2), (8, 2, 3), (6, 2, 2, 2)][rank - 2 : rank]))
@@ -700,7 +707,6 @@ def synchronized_call(transform, kind, groups=None, virtual_batch_size=None):
 
 
 @fuzz(120)
-@given(st.data())
 def test_synchronized_statistics_match_the_reference(draw):
     transform = draw.draw(st.sampled_from(["vmap", "jit-vmap", "pmap", "shard_map", "sharded-jit"]))
     kind = draw.draw(st.sampled_from(["moments", "batch_norm"]))
@@ -806,7 +812,6 @@ def gradient_of(path, axis, activation, has_mask):
 
 
 @fuzz(100)
-@given(st.data())
 def test_gradients_match_the_reference(draw):
     shape, axis, features = draw.draw(layouts(min_rank=2))
     path = draw.draw(st.sampled_from(["fused", "fused-save-output-only", "unfused", "renorm", "evaluation"]))
@@ -915,7 +920,6 @@ BAD_ARGUMENTS = [
 
 
 @fuzz(100)
-@given(st.data())
 def test_bad_arguments_raise_naming_the_argument(draw):
     shape, axis, features = draw.draw(layouts(min_rank=2))
     bad = draw.draw(st.sampled_from(BAD_ARGUMENTS))
