@@ -25,8 +25,10 @@ X64_TESTS := tests/test_functional.py tests/test_running_average.py
 
 # Each invocation spreads its tests over TEST_WORKERS processes (pytest-xdist; the tests that share a downloaded
 # source distribution are one xdist_group, kept on one process). Two: the suite's budget is 20 minutes on 2 cores.
+# tests/run_suite.py runs an invocation once more, whole, if a test process crashed (a signal inside XLA, not a
+# failing test); xdist restarts no crashed worker, since with --dist loadgroup it hangs after one.
 TEST_WORKERS ?= 2
-PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
+PYTEST := $(PY) tests/run_suite.py -q -n $(TEST_WORKERS) --dist loadgroup --max-worker-restart=0
 test: $(STAMP)
 	$(PYTEST)
 	JBN_STRICT=x64 $(PYTEST) $(X64_TESTS)
@@ -44,8 +46,8 @@ bench: $(STAMP)
 # The differential fuzz's long profile (tests/test_differential_fuzz.py): 20 times the CI run's examples (23,000),
 # each path of jbn against the float64 reference; `make test` runs the CI profile (1,150 examples, fixed seed).
 # Each of its tests runs for longer than the suite's per-test timeout (pyproject.toml), so that is lifted here;
-# each runs in a process of its own (one process through all of them once died: XLA:CPU's executables had used up the
-# kernel's memory mappings; tests/compiled_programs.py now clears the caches before that).
+# each runs in a process of its own (one process through all of them once died; its compiled programs near the
+# kernel's limit on memory mappings are the likely cause, which tests/compiled_programs.py now keeps it from).
 FUZZ_TESTS = moments batch_norm_training evaluation batch_renorm_training ghost_batches synchronized_statistics \
 	gradients bad_arguments
 fuzz: $(STAMP)

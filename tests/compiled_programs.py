@@ -1,11 +1,14 @@
 """Keeping a long test process under the kernel's limit on memory mappings.
 
-Every executable XLA:CPU compiles holds a few memory mappings of its own until JAX's caches drop
-it (an eager op on a new shape is one such executable). A process that compiles thousands of
-them reaches the kernel's limit (`vm.max_map_count`, 65530 by default) and the next compile
-aborts it: a test worker died that way mid-suite, and so did one process running the whole long
-fuzz profile. Past half the limit JAX's compilation caches are cleared (`tests/conftest.py` after
-each test, the differential fuzz before each example); nothing is cleared below it.
+Every executable XLA:CPU compiles holds about ten memory mappings of its own until JAX's caches
+drop it (an eager op on a new shape is one such executable). A process that compiles thousands
+of them reaches the kernel's limit (`vm.max_map_count`, 65530 by default), where compiling fails
+("LLVM compilation error: Cannot allocate memory") or, measured with a pmap program at a lowered
+limit, the process segfaults. One worker of the suite held 22,000 mappings three quarters of the
+way through, the CI profile of the differential fuzz adds 15,000, and one process through the
+whole long fuzz profile died. Past half the limit JAX's compilation caches are cleared
+(`tests/conftest.py` after each test, the differential fuzz before each example); nothing is
+cleared below it.
 """
 
 import gc
