@@ -736,6 +736,9 @@ def test_report_tables_state_what_the_committed_summaries_say(entry):
         rf"^\| {entry.number} \| \[{entry.name}\]\(results/{entry.name}/summary\.md\).*$", readme, re.M
     )
     assert overview and f"| **{verdict}" in overview.group(0), (entry.name, verdict)
+    if parts:  # the overview names each part's verdict as the summary does
+        stated = f"**{verdict} (" + "; ".join(f"{p}: {v}" for p, v in parts) + ")**"
+        assert stated in overview.group(0), (entry.name, stated)
     section = _report_section(readme, entry.number)
     line = f"**Verdict: {verdict}**" + "".join(f"; {p}: {v}" for p, v in parts) + "."
     assert line in section or line.replace("**.", ".**") in section, (entry.name, line)
