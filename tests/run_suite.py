@@ -19,12 +19,13 @@ CRASHED = b"crashed while running"
 def run(args: list[str]) -> tuple[int, bool]:
     """pytest's exit status, and whether a worker crashed; its output passes through as it comes."""
     proc = subprocess.Popen([sys.executable, "-m", "pytest", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    seen = b""
+    crashed, tail = False, b""
     while chunk := os.read(proc.stdout.fileno(), 65536):
         sys.stdout.buffer.write(chunk)
         sys.stdout.buffer.flush()
-        seen = (seen + chunk)[-4096:] if CRASHED not in seen else seen
-    return proc.wait(), CRASHED in seen
+        crashed = crashed or CRASHED in tail + chunk  # the tail: a match split across two reads
+        tail = chunk[-len(CRASHED) :]
+    return proc.wait(), crashed
 
 
 def main(args: list[str]) -> int:
