@@ -15,43 +15,16 @@ import pathlib
 
 import numpy as np
 
-from experiments import data as datasets
-from experiments import protocol, report
+from experiments import protocol, report, testbed
 from experiments.models import MLP, NormSpec
-from experiments.training import Run, first_step_reaching, fit, make_optimizer
-from experiments.tuning import choose_rate, test_once, validation_rows
+from experiments.training import first_step_reaching
 
 NAME = "bn_benefit"
 DEFAULTS = {
-    "num_train": 30000,
-    "num_val": 5000,
-    "num_test": 10000,
-    "data_seed": 42,  # mnist1d.data.make_dataset's seed
-    "widths": [64] * 16,
-    "activation": "tanh",
-    "weight_init": "lecun",  # variance 1/fan_in: the variance-preserving scale for tanh
-    "batch_size": 128,
-    "steps": 2000,
-    "eval_every": 100,
-    "optimizer": "momentum",
-    "learning_rates": [0.003, 0.01, 0.03, 0.1, 0.3],  # both arms tune over the whole grid
-    "bn_momentum": 0.9,
-    "tuning_seeds": [100, 101, 102],  # choose each arm's rate; never judged
-    "seeds": [0, 1, 2, 3, 4, 5, 6, 7, 8, 9],  # judged
+    **testbed.DEFAULTS,
     "target_val_accuracy": 0.7,  # "steps to" this validation accuracy measures speed
 }
-TINY = {
-    "num_train": 512,
-    "num_val": 128,
-    "num_test": 128,
-    "widths": [8, 8],
-    "steps": 4,
-    "eval_every": 2,
-    "learning_rates": [0.1],
-    "tuning_seeds": [100],
-    "seeds": [0, 1],
-    "target_val_accuracy": 0.2,
-}
+TINY = {**testbed.TINY, "target_val_accuracy": 0.2}
 ARMS = ("no BN", "BN")
 
 CLAIM = (
@@ -62,66 +35,22 @@ CLAIM = (
 
 
 def _model(config: dict, arm: str) -> MLP:
-    norm = NormSpec("bn", momentum=config["bn_momentum"]) if arm == "BN" else NormSpec("none")
-    return MLP(
-        tuple(config["widths"]),
-        10,
-        activation=config["activation"],
-        norm=norm,
-        weight_init=config["weight_init"],
-    )
-
-
-def _fit(config: dict, arm: str, lr: float, data: datasets.Dataset, seeds: list[int], desc: str) -> Run:
-    return fit(
-        _model(config, arm),
-        make_optimizer(config["optimizer"], lr),
-        data,
-        seeds=seeds,
-        steps=config["steps"],
-        batch_size=config["batch_size"],
-        eval_every=config["eval_every"],
-        desc=desc,
-    )
+    return testbed.mlp(config, None if arm == "BN" else NormSpec("none"))
 
 
 def run(config: dict, out_dir: pathlib.Path) -> dict:
     out_dir = pathlib.Path(out_dir)
-    splits = datasets.mnist1d_splits(
-        config["num_train"], config["num_val"], config["num_test"], seed=config["data_seed"]
-    )
+    splits = testbed.splits(config)
     lrs, steps, target = config["learning_rates"], config["steps"], config["target_val_accuracy"]
-    rows: list[dict] = []
 
-    # 1. Each arm's rate, chosen on the validation split by the same procedure.
-    scores: dict[str, dict[float, np.ndarray]] = {a: {} for a in ARMS}
-    for arm in ARMS:
-        for lr in lrs:
-            r = _fit(config, arm, lr, splits.tuning, config["tuning_seeds"], f"tune {arm} lr {lr:g}")
-            scores[arm][lr] = r.final("test_accuracy")
-            rows += validation_rows(r, phase="tuning", arm=arm, learning_rate=lr)
-    chosen = {a: choose_rate(scores[a]) for a in ARMS}
-
-    # 2. The judged seeds at the chosen rates; the test split once per run, after training.
-    runs, test = {}, {}
-    for arm in ARMS:
-        r = _fit(config, arm, chosen[arm], splits.tuning, config["seeds"], f"{arm} lr {chosen[arm]:g}")
-        runs[arm], test[arm] = r, test_once(_model(config, arm), r, splits.final)
-        rows += validation_rows(r, phase="judged", arm=arm, learning_rate=chosen[arm])
-        rows += [
-            {
-                "phase": "judged",
-                "arm": arm,
-                "learning_rate": chosen[arm],
-                "seed": s,
-                "step": steps,
-                "metric": m,
-                "value": v,
-            }
-            for m in ("loss", "accuracy")
-            for s, v in zip(r.seeds, test[arm][m].tolist())
-        ]
-    report.write_metrics(out_dir, rows)
+    # Each arm's rate chosen on the validation split by the same procedure, then the judged
+    # seeds at the chosen rates; the test split once per run, after training.
+    arms = {arm: testbed.tune_and_judge(config, arm, _model(config, arm), splits) for arm in ARMS}
+    scores = {a: t.scores for a, t in arms.items()}
+    chosen = {a: t.rate for a, t in arms.items()}
+    runs = {a: t.run for a, t in arms.items()}
+    test = {a: t.test for a, t in arms.items()}
+    report.write_metrics(out_dir, [row for t in arms.values() for row in t.rows])
 
     censor = steps + config["eval_every"]  # a seed that never reaches the target counts as one evaluation past the end
     reach = {a: np.nan_to_num(first_step_reaching(runs[a], target), nan=censor) for a in ARMS}
@@ -138,14 +67,7 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
     }
     gain = protocol.summarize(quantities["test_acc/BN"] - quantities["test_acc/no_BN"])
 
-    def tuning_cell(arm, lr):
-        mark = " (chosen)" if lr == chosen[arm] else ""
-        return report.fmt_seeds(scores[arm][lr]) + mark
-
-    table = report.markdown_table(
-        ["learning rate", *(f"{a}: final validation acc (tuning seeds)" for a in ARMS)],
-        [(f"{lr:g}", *(tuning_cell(a, lr) for a in ARMS)) for lr in lrs],
-    )
+    table = testbed.tuning_table(arms, lrs)
     table += "\n\n" + report.markdown_table(
         [
             "arm",

@@ -14,31 +14,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments import data as datasets
-from experiments import report
-from experiments.models import MLP, NormSpec
-from experiments.training import TrainState, fit_from_config, training_loss
+from experiments import report, testbed
+from experiments.models import NormSpec
+from experiments.training import TrainState, training_loss
 
 NAME = "bn_placement"
+# Experiment zero's testbed (until 2026-12-05: a 3x100 ReLU MLP on the 4000-example MNIST-1D at
+# one learning rate for every arm).
 DEFAULTS = {
-    "data": "mnist1d",
-    "widths": [100, 100, 100],
-    "activation": "relu",
-    "batch_size": 60,
-    "steps": 3000,
-    "eval_every": 100,
-    "optimizer": "momentum",
-    "learning_rate": 0.05,
-    "bn_momentum": 0.99,
-    "seeds": [0, 1, 2, 3, 4, 5, 6, 7, 8, 9],
-    "grad_examples": 60,  # training examples the bias gradient is measured on
+    **testbed.DEFAULTS,
+    "grad_examples": 128,  # training examples the bias gradient is measured on
 }
-TINY = {"widths": [8], "steps": 4, "eval_every": 2, "seeds": [0, 1]}
+TINY = {**testbed.TINY, "grad_examples": 16}
 
 CLAIM = (
-    "(A) BN before the activation (Dense -> BN -> ReLU, as Ioffe & Szegedy place it) trains better than after it "
-    "(Dense -> ReLU -> BN). (B) A bias in the Dense layer before BN is redundant: its gradient is zero and the "
-    "training curves are the same with and without it."
+    "(A) BN before the activation (Dense -> BN -> tanh, as Ioffe & Szegedy place it) trains better than after it "
+    "(Dense -> tanh -> BN), each at its own tuned learning rate. (B) A bias in the Dense layer before BN is "
+    "redundant: its gradient is zero and the training curves are the same with and without it."
 )
 
 
@@ -64,37 +56,41 @@ def first_gap_step(steps: np.ndarray, gap: np.ndarray, threshold: float = 1e-6) 
 
 def run(config: dict, out_dir: pathlib.Path) -> dict:
     out_dir = pathlib.Path(out_dir)
-    data = datasets.load(config["data"])
-    bn = NormSpec("bn", momentum=config["bn_momentum"])
-    gx, gy = jnp.asarray(data.x_train[: config["grad_examples"]]), jnp.asarray(data.y_train[: config["grad_examples"]])
-    arms = {
-        # (A) placement; the Dense before BN has no bias, the one before the activation keeps it.
-        "BN before act": dict(norm=bn, placement="before", dense_bias=False),
-        "BN after act": dict(norm=bn, placement="after", dense_bias=True),
-        "no BN": dict(norm=NormSpec("none"), dense_bias=True),
-        # (B) the same net as "BN before act" with a bias before BN ...
-        "BN before act + bias": dict(norm=bn, placement="before", dense_bias=True),
-        # ... and a control: the same bias-free net with its training inputs moved by one float32
-        # rounding step (x * (1 +- 2^-23)), to see how far rounding alone separates two curves.
-        "BN before act, inputs +-1 ulp": dict(norm=bn, placement="before", dense_bias=False),
+    data = testbed.splits(config)
+    train = data.tuning  # every run trains on the train split; its "test_" series are the validation split's
+    gx, gy = (
+        jnp.asarray(train.x_train[: config["grad_examples"]]),
+        jnp.asarray(train.y_train[: config["grad_examples"]]),
+    )
+    # (A) placement, every arm at its own rate chosen on validation; the Dense before BN has no
+    # bias, the one before the activation keeps it.
+    placements = {
+        "BN before act": testbed.mlp(config, placement="before", dense_bias=False),
+        "BN after act": testbed.mlp(config, placement="after", dense_bias=True),
+        "no BN": testbed.mlp(config, NormSpec("none"), dense_bias=True),
     }
-    sign = np.random.default_rng(12345).choice([-1.0, 1.0], size=data.x_train.shape)
-    nudged = data._replace(x_train=(data.x_train * (1 + sign * 2.0**-23)).astype(np.float32))
-    runs, rows = {}, []
-    for arm, kw in arms.items():
-        model = MLP(tuple(config["widths"]), data.num_classes, activation=config["activation"], **kw)
-        r = fit_from_config(
-            model,
-            nudged if "ulp" in arm else data,
-            config,
-            probe=gradient_probe(model, gx, gy),
-            desc=arm,
-        )
-        runs[arm] = r
-        rows += r.rows(arm=arm)
+    tuned = {arm: testbed.tune_and_judge(config, arm, model, data) for arm, model in placements.items()}
+    rows = [row for t in tuned.values() for row in t.rows]
+    runs = {a: t.run for a, t in tuned.items()}
+    test = {a: t.test["accuracy"] for a, t in tuned.items()}
+    # (B) the same net as "BN before act", at its chosen rate, with a bias before BN, and a control:
+    # the bias-free net with its training inputs moved by one float32 rounding step
+    # (x * (1 +- 2^-23)), to see how far rounding alone separates two curves.
+    rate = tuned["BN before act"].rate
+    with_bias = testbed.mlp(config, placement="before", dense_bias=True)
+    sign = np.random.default_rng(12345).choice([-1.0, 1.0], size=train.x_train.shape)
+    nudged = data._replace(tuning=train._replace(x_train=(train.x_train * (1 + sign * 2.0**-23)).astype(np.float32)))
+    part_b = {
+        "BN before act + bias": (with_bias, data, gradient_probe(with_bias, gx, gy)),
+        "BN before act, inputs +-1 ulp": (placements["BN before act"], nudged, None),
+    }
+    for arm, (model, arm_data, probe) in part_b.items():
+        runs[arm], t, arm_rows = testbed.judge_at(config, arm, model, rate, arm_data, probe, part="B")
+        test[arm] = t["accuracy"]
+        rows += arm_rows
     report.write_metrics(out_dir, rows)
 
-    acc = {a: r.final("test_accuracy") for a, r in runs.items()}
+    acc = test  # the test split, once per run
     loss = {a: r.final("train_loss") for a, r in runs.items()}
     with_b, without_b = runs["BN before act + bias"], runs["BN before act"]
     grad_ratio = with_b.series["max_abs_grad_bias"] / with_b.series["max_abs_grad_kernel"]  # (T, S)
@@ -104,17 +100,18 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
     acc_gap = np.abs(with_b.series["test_accuracy"] - without_b.series["test_accuracy"])
     control_acc_gap = np.abs(control.series["test_accuracy"] - without_b.series["test_accuracy"])
 
+    rates = {a: t.rate for a, t in tuned.items()} | dict.fromkeys(part_b, rate)
     table_a = report.markdown_table(
-        ["arm", "final test acc", "final train loss", "max |grad bias| / max |grad kernel| (over training)"],
+        ["arm", "rate", "test acc (once, after training)", "final val acc", "final train loss"],
         [
             (
                 a,
+                f"{rates[a]:g}",
                 report.fmt_seeds(acc[a]),
+                report.fmt_seeds(runs[a].final("test_accuracy")),
                 report.fmt_seeds(loss[a]),
-                f"{np.nanmax(grad_ratio):.1e}" if a == "BN before act + bias" else "",
             )
             for a in runs
-            if "ulp" not in a
         ],
     )
     table_b = report.markdown_table(
@@ -124,10 +121,13 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
             ("first evaluation with a train-loss difference > 1e-6 (step)", first_gap_step(with_b.steps[1:], loss_gap)),
             ("mean |train loss difference| over training", f"{np.mean(loss_gap):.2e}"),
             ("control (inputs +-1 ulp, no bias): mean |train loss difference|", f"{np.mean(control_gap):.2e}"),
-            ("max |test accuracy difference|; control", f"{np.max(acc_gap):.4f}; {np.max(control_acc_gap):.4f}"),
+            (
+                "max |validation accuracy difference| over training; control",
+                f"{np.max(acc_gap):.4f}; {np.max(control_acc_gap):.4f}",
+            ),
         ],
     )
-    table = table_a + "\n\n" + table_b
+    table = testbed.tuning_table(tuned, config["learning_rates"]) + "\n\n" + table_a + "\n\n" + table_b
 
     # Per-seed quantities; every arm shares each seed's init seed and data order (paired).
     quantities = {
@@ -143,7 +143,7 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
     fig, axes = report.figure(3, 1, width=3.6)
     for a in ("BN before act", "BN after act", "no BN"):  # (A)
         report.band(axes[0, 0], runs[a].steps, runs[a].series["test_accuracy"], a)
-    axes[0, 0].set(xlabel="step", ylabel="test accuracy", title="(A) placement")
+    axes[0, 0].set(xlabel="step", ylabel="validation accuracy", title="(A) placement, each at its rate")
     axes[0, 0].legend()
     for a, ls in (("BN before act", "-"), ("BN before act + bias", "--")):
         axes[0, 1].plot(runs[a].steps[1:], np.nanmean(runs[a].series["train_loss"][1:], 1), ls=ls, label=a)
@@ -156,10 +156,11 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
     axes[0, 2].legend(fontsize=7)
     figures = [report.save_figure(fig, out_dir, "bn_placement.png")]
     setup = (
-        f"{data.name}; MLP {config['widths']} {config['activation']}, batch {config['batch_size']}, {config['optimizer']} "
-        f"lr {config['learning_rate']}, {config['steps']} steps, seeds {config['seeds']} (same init and data order in "
-        f"every arm); BN = jbn.BatchNorm (momentum {config['bn_momentum']}). Bias gradients are taken on "
-        f"{config['grad_examples']} fixed training examples in training mode, at every evaluation."
+        f"{testbed.describe(config, data)} (A) BN before the activation (the Dense before it without bias), after it "
+        f"(the Dense with bias), and no BN, each tuned. (B) 'BN before act' with a bias in every Dense before BN, and "
+        f"the bias-free net on inputs moved by one float32 rounding step, both at the rate 'BN before act' chose "
+        f"({rate:g}). Bias gradients are taken on {config['grad_examples']} fixed training examples in training mode, "
+        f"at every evaluation."
     )
     return report.finish(
         NAME,

@@ -25,27 +25,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments import data as datasets
-from experiments import features, report
+from experiments import features, report, testbed
 from experiments.models import MLP, NormSpec
 from experiments.population import recompute, seed_state
-from experiments.training import TrainState, fit_from_config, make_evaluate, variables_of
+from experiments.training import TrainState, make_evaluate, variables_of
 
 NAME = "dropout_variance"
+# Experiment zero's testbed (until 2026-12-05: a 4x128 ReLU MLP on the 4000-example MNIST-1D at
+# one learning rate for every arm).
 DEFAULTS = {
-    "data": "mnist1d",
-    "widths": [128, 128, 128, 128],
+    **testbed.DEFAULTS,
     "dropout": 0.5,
-    "batch_size": 64,
-    "steps": 3000,
-    "eval_every": 100,
-    "optimizer": "momentum",
-    "learning_rate": 0.05,
-    "bn_momentum": 0.99,
     "recompute_batch_size": 500,
-    "seeds": [0, 1, 2, 3, 4, 5, 6, 7, 8, 9],
+    "variance_examples": 10000,  # training examples the test-mode variance of each BN input is taken over
 }
-TINY = {"widths": [8, 8], "steps": 4, "eval_every": 2, "seeds": [0, 1]}
+TINY = {**testbed.TINY, "variance_examples": 64, "recompute_batch_size": 64}
 
 CLAIM = (
     "Dropout before BN layers shifts the variance BN sees between training and test, so the running statistics no "
@@ -79,32 +73,26 @@ def variance_ratios(model: MLP, state: TrainState, x: jax.Array) -> jax.Array:
 
 def run(config: dict, out_dir: pathlib.Path) -> dict:
     out_dir = pathlib.Path(out_dir)
-    data = datasets.load(config["data"])
-    bn = NormSpec("bn", momentum=config["bn_momentum"])
-    x_train = jnp.asarray(data.x_train)
+    data = testbed.splits(config)
+    train, final = data.tuning, data.final
+    x_var = jnp.asarray(train.x_train[: config["variance_examples"]])
     waiting = features.waiting("recompute")
-    runs, ratios, recomputed_acc, rows = {}, {}, {}, []
+    runs, rates, acc, ratios, recomputed_acc, rows = {}, {}, {}, {}, {}, []
+    tuned = {}
     for arm, (placement, with_bn) in ARMS.items():
-        model = MLP(
-            tuple(config["widths"]),
-            data.num_classes,
-            activation="relu",
-            norm=bn if with_bn else NormSpec("none"),
+        model = testbed.mlp(
+            config,
+            None if with_bn else NormSpec("none"),
             dropout=config["dropout"] if placement else 0.0,
             dropout_placement=placement or "each",
         )
-        r = fit_from_config(
-            model,
-            data,
-            config,
-            desc=arm,
-        )
-        runs[arm] = r
-        rows += r.rows(arm=arm)
+        tuned[arm] = t = testbed.tune_and_judge(config, arm, model, data)
+        runs[arm], rates[arm], acc[arm] = t.run, t.rate, t.test["accuracy"]
+        rows += t.rows
         if not with_bn:
             continue
         ratios[arm] = np.asarray(
-            jax.jit(jax.vmap(lambda st: variance_ratios(model, st, x_train)))(r.state)
+            jax.jit(jax.vmap(lambda st: variance_ratios(model, st, x_var)))(t.run.state)
         )  # (S, layers)
         rows += [
             {
@@ -114,7 +102,7 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
                 "metric": "var_test_over_running",
                 "value": float(ratios[arm][i, layer]),
             }
-            for i, s in enumerate(r.seeds)
+            for i, s in enumerate(t.run.seeds)
             for layer in range(len(config["widths"]))
         ]
         if waiting:
@@ -122,12 +110,12 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
             continue
         evaluate = jax.jit(make_evaluate(model))
         accs = []
-        for i, s in enumerate(r.seeds):
-            st = seed_state(r.state, i)
+        for i, s in enumerate(t.run.seeds):
+            st = seed_state(t.run.state, i)
             st = st._replace(
-                batch_stats=recompute(model, st, data.x_train, config["recompute_batch_size"], dropout=False)
+                batch_stats=recompute(model, st, train.x_train, config["recompute_batch_size"], dropout=False)
             )
-            accs.append(float(evaluate(st, jnp.asarray(data.x_test), jnp.asarray(data.y_test))["accuracy"]))
+            accs.append(float(evaluate(st, jnp.asarray(final.x_test), jnp.asarray(final.y_test))["accuracy"]))
             rows.append({"arm": arm, "seed": s, "metric": "test_accuracy_recomputed", "value": accs[-1]})
         recomputed_acc[arm] = np.asarray(accs)
     report.write_metrics(out_dir, rows)
@@ -139,25 +127,30 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
         due to dropout, beyond the mismatch that running averages have anyway."""
         return np.mean(np.abs(np.log(ratios[arm] / control)), axis=1)
 
-    acc = {a: r.final("test_accuracy") for a, r in runs.items()}
-    table = report.markdown_table(
-        [
-            "arm",
-            "test acc (running stats)",
-            "test acc (recomputed, dropout off)",
-            "Var_test / running var per BN layer",
-            "dropout shift: mean |log(ratio / no-dropout ratio)|",
-        ],
-        [
-            (
-                a,
-                report.fmt_seeds(acc[a]),
-                (waiting or report.fmt_seeds(recomputed_acc[a])) if a in ratios else "(no BN)",
-                ", ".join(f"{v:.3f}" for v in ratios[a].mean(0)) if a in ratios else "",
-                report.fmt_seeds(shift(a)) if a in ratios else "",
-            )
-            for a in runs
-        ],
+    table = (
+        testbed.tuning_table(tuned, config["learning_rates"])
+        + "\n\n"
+        + report.markdown_table(
+            [
+                "arm",
+                "rate",
+                "test acc (running stats; once, after training)",
+                "test acc (recomputed, dropout off)",
+                "Var_test / running var: last BN layer; mean of the others",
+                "dropout shift: mean |log(ratio / no-dropout ratio)|",
+            ],
+            [
+                (
+                    a,
+                    f"{rates[a]:g}",
+                    report.fmt_seeds(acc[a]),
+                    (waiting or report.fmt_seeds(recomputed_acc[a])) if a in ratios else "(no BN)",
+                    f"{ratios[a][:, -1].mean():.3f}; {ratios[a][:, :-1].mean():.3f}" if a in ratios else "",
+                    report.fmt_seeds(shift(a)) if a in ratios else "",
+                )
+                for a in runs
+            ],
+        )
     )
     before, after = "dropout before BN", "dropout after last BN"
     # Per-seed quantities; all arms share each seed's init seed and data order (paired).
@@ -182,34 +175,31 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
 
     fig, axes = report.figure(2, 1)
     layers = np.arange(len(config["widths"]))
-    for j, a in enumerate(ratios):
-        sd = ratios[a].std(0, ddof=1) if len(ratios[a]) > 1 else None
-        axes[0, 0].bar(layers + (j - 1) * 0.27, ratios[a].mean(0), width=0.27, yerr=sd, label=a)
+    for a in ratios:  # each arm's seeds: mean and min-max band (the paired differences are in criteria.png)
+        report.band(axes[0, 0], layers, ratios[a].T, a)
     axes[0, 0].axhline(1.0, color="gray", lw=1)
     axes[0, 0].set(
         xlabel="BN layer",
         ylabel="Var_test / running var",
         title="variance shift per BN layer",
-        xticks=layers,
-        ylim=(0, 1.6),
     )
     axes[0, 0].legend(fontsize=7, ncol=2, loc="upper center")
     for a, r in runs.items():
         report.band(axes[0, 1], r.steps, r.series["test_accuracy"], a)
-    axes[0, 1].set(xlabel="step", ylabel="test accuracy (running stats)", title="test accuracy")
+    axes[0, 1].set(xlabel="step", ylabel="validation accuracy (running stats)", title="each arm at its rate")
     axes[0, 1].legend(fontsize=7)
     figures = [report.save_figure(fig, out_dir, "dropout_variance.png")]
     setup = (
-        f"{data.name}; MLP {config['widths']} ReLU with jbn.BatchNorm (momentum {config['bn_momentum']}) before each ReLU; "
-        f"one dropout layer of rate {config['dropout']} in both placements: on the input of the last hidden Dense (so it "
-        f"feeds the last BN: 'before BN') or on the last hidden layer's output, before the classifier ('after last BN'); batch {config['batch_size']}, {config['optimizer']} lr "
-        f"{config['learning_rate']}, {config['steps']} steps, seeds {config['seeds']}. Var_test = variance of each BN "
-        f"layer's input over the training set in test mode (no dropout, running statistics), divided by that layer's "
-        f"running variance (accumulated in training, with dropout); the no-dropout arm's ratio is the control for the "
-        f"mismatch running averages have without dropout. Only the last BN layer follows a dropout. Recomputed = jbn.recompute_batch_stats over the "
-        f"training set with BN in training mode and dropout off. No-BN control: the same MLP without BN (Dense with "
-        f"bias), the same dropout layer in the same two places; dropout cost = test accuracy with the dropout before "
-        f"the classifier minus with it before the last hidden layer, per seed."
+        f"{testbed.describe(config, data)} BN before each activation; one dropout layer of rate {config['dropout']} "
+        f"in both placements: on the input of the last hidden Dense (so it feeds the last BN: 'before BN') or on the "
+        f"last hidden layer's output, before the classifier ('after last BN'); every arm tuned. Var_test = variance "
+        f"of each BN layer's input over the first {config['variance_examples']} training examples in test mode (no "
+        f"dropout, running statistics), divided by that layer's running variance (accumulated in training, with "
+        f"dropout); the no-dropout arm's ratio is the control for the mismatch running averages have without "
+        f"dropout. Only the last BN layer follows a dropout. Recomputed = jbn.recompute_batch_stats over the training "
+        f"split with BN in training mode and dropout off, then the test split once. No-BN control: the same MLP "
+        f"without BN (Dense with bias), the same dropout layer in the same two places; dropout cost = test accuracy "
+        f"with the dropout before the classifier minus with it before the last hidden layer, per seed."
     )
     return report.finish(
         NAME,
