@@ -8,7 +8,9 @@ GroupNorm normalizes over channels x space as Wu & He define it.
 (B) Ghost BN is Hoffer et al. 2017's ("Train longer, generalize better") remedy for LARGE
 batches: statistics over small virtual batches inside a large optimizer batch close part of
 the generalization gap of large-batch training. It is not a small-batch remedy, so it is
-tested on its own claim: large batch with ghost BN vs large batch with plain BN.
+tested on its own claim: large batch with ghost BN vs large batch with plain BN, on
+experiment zero's testbed, every arm's rate tuned on its validation split (until 2026-12-05:
+a 3x128 ReLU MLP on the 4000-example MNIST-1D at one linearly scaled rate).
 """
 
 from __future__ import annotations
@@ -18,11 +20,25 @@ import pathlib
 import numpy as np
 
 from experiments import data as datasets
-from experiments import features, report
-from experiments.models import MLP, ConvNet, NormSpec, renorm_ramp
+from experiments import features, report, testbed
+from experiments.models import ConvNet, NormSpec, renorm_ramp
 from experiments.training import fit, make_optimizer
 
 NAME = "small_batches"
+# The testbed settings part B takes from experiment zero (as ghost_<key>).
+TESTBED_KEYS = (
+    "num_train",
+    "num_val",
+    "num_test",
+    "data_seed",
+    "widths",
+    "activation",
+    "weight_init",
+    "optimizer",
+    "bn_momentum",
+    "tuning_seeds",
+    "seeds",
+)
 DEFAULTS = {
     # (A) small statistics batches, conv net
     "data": "digits_image",
@@ -43,14 +59,14 @@ DEFAULTS = {
     "renorm_d_max": 5.0,
     "renorm_ramp": [0.05, 0.4],  # plain BN for the first 5% of steps, limits reached at 40%; [] = fixed limits
     "seeds": [0, 1, 2, 3, 4, 5, 6, 7, 8, 9],
-    # (B) ghost BN for large batches (Hoffer et al. 2017), MLP on MNIST-1D
-    "ghost_data": "mnist1d",
-    "ghost_widths": [128, 128, 128],
+    # (B) ghost BN for large batches (Hoffer et al. 2017) on experiment zero's testbed: its keys
+    # with a "ghost_" prefix; batch, steps and rate grid are part B's own.
+    **{f"ghost_{k}": v for k, v in testbed.DEFAULTS.items() if k in TESTBED_KEYS},
     "large_batch": 512,
-    "ghost_batch_size": 32,
-    "ghost_epochs": 30.0,
-    "ghost_learning_rate": 0.05,  # at batch reference_batch_size, scaled linearly (Hoffer et al. use sqrt; see setup)
-    "ghost_seeds": [0, 1, 2, 3, 4, 5, 6, 7, 8, 9],
+    "virtual_batch_size": 32,  # ghost BN's statistics batch, and the small-batch reference arm's batch
+    "ghost_epochs": 8.5,  # the testbed's 2000 steps of 128 examples over 30000 training examples
+    # the testbed's grid and one more rate: a larger batch may want a larger rate
+    "ghost_learning_rates": [0.003, 0.01, 0.03, 0.1, 0.3, 1.0],
 }
 TINY = {
     "statistics_batch_sizes": [2],
@@ -59,11 +75,11 @@ TINY = {
     "evaluations": 1,
     "channels": [4],
     "group_size": 2,
-    "ghost_widths": [16],
+    **{f"ghost_{k}": v for k, v in testbed.TINY.items() if k in TESTBED_KEYS},
     "ghost_epochs": 0.5,
-    "ghost_seeds": [0, 1],
     "large_batch": 64,
-    "ghost_batch_size": 16,
+    "virtual_batch_size": 16,
+    "ghost_learning_rates": [0.1],
 }
 
 CLAIM = (
@@ -121,34 +137,30 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
             rows += r.rows(part="A", norm=kind, statistics_batch=b, batch=b, learning_rate=lr)
 
     # (B) ghost BN at a large optimizer batch vs plain BN at the same batch (and BN at the small
-    # batch for reference), same number of epochs.
-    gdata = datasets.load(config["ghost_data"])
-    large, small_b = config["large_batch"], config["ghost_batch_size"]
-    ghost_acc = {}
+    # batch for reference), the same number of epochs, each arm's rate tuned on validation.
+    base = {k: config[f"ghost_{k}"] for k in TESTBED_KEYS}
+    gdata = testbed.splits(base)
+    large, small_b = config["large_batch"], config["virtual_batch_size"]
+    ghost, ghost_acc = {}, {}
     for arm, batch, spec in (
-        ("BN, large batch", large, NormSpec("bn", momentum=config["bn_momentum"])),
-        ("ghost BN, large batch", large, NormSpec("ghost", momentum=config["bn_momentum"], virtual_batch_size=small_b)),
-        ("BN, small batch", small_b, NormSpec("bn", momentum=config["bn_momentum"])),
+        ("BN, large batch", large, NormSpec("bn", momentum=base["bn_momentum"])),
+        ("ghost BN, large batch", large, NormSpec("ghost", momentum=base["bn_momentum"], virtual_batch_size=small_b)),
+        ("BN, small batch", small_b, NormSpec("bn", momentum=base["bn_momentum"])),
     ):
         wait = features.waiting_for_norm(spec.kind)
         if wait:
             rows += report.waiting_rows(wait, part="B", arm=arm)
             continue
-        steps = max(1, int(config["ghost_epochs"] * len(gdata.y_train)) // batch)
-        lr = config["ghost_learning_rate"] * batch / config["reference_batch_size"]
-        model = MLP(tuple(config["ghost_widths"]), gdata.num_classes, norm=spec)
-        r = fit(
-            model,
-            make_optimizer(config["optimizer"], lr),
-            gdata,
-            seeds=config["ghost_seeds"],
-            steps=steps,
-            batch_size=batch,
-            eval_every=max(1, steps // config["evaluations"]),
-            desc=arm,
-        )
-        ghost_acc[arm] = r.final("test_accuracy")
-        rows += r.rows(part="B", arm=arm, batch=batch, learning_rate=lr)
+        steps = max(1, int(config["ghost_epochs"] * len(gdata.tuning.y_train)) // batch)
+        arm_config = base | {
+            "batch_size": batch,
+            "steps": steps,
+            "eval_every": max(1, steps // config["evaluations"]),
+            "learning_rates": config["ghost_learning_rates"],
+        }
+        ghost[arm] = t = testbed.tune_and_judge(arm_config, arm, testbed.mlp(arm_config, spec), gdata)
+        ghost_acc[arm] = t.test["accuracy"]
+        rows += [{**row, "part": "B", "batch": batch} for row in t.rows]
     report.write_metrics(out_dir, rows)
 
     table = report.markdown_table(
@@ -159,8 +171,13 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
             for k in config["norms"]
         ],
     )
+    table += "\n\n" + testbed.tuning_table(ghost, config["ghost_learning_rates"])
     table += "\n\n" + report.markdown_table(
-        ["(B) arm", "final test acc"], [(a, report.fmt_seeds(v)) for a, v in ghost_acc.items()]
+        ["(B) arm", "rate", "test acc (once, after training)", "final val acc"],
+        [
+            (a, f"{t.rate:g}", report.fmt_seeds(t.test["accuracy"]), report.fmt_seeds(t.run.final("test_accuracy")))
+            for a, t in ghost.items()
+        ],
     )
     small = [b for b in sizes if b <= 4] or [min(sizes)]
     largest = max(sizes)
@@ -192,15 +209,18 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
     ax.legend(fontsize=7)
     ax = axes[0, 1]
     names = list(ghost_acc)
-    ax.bar(
-        range(len(names)),
-        [np.mean(ghost_acc[a]) for a in names],
-        yerr=[np.nan_to_num(report.mean_std(ghost_acc[a])[1]) for a in names],
-        capsize=3,
-    )
+    if names:  # each seed's arms joined by a line: the comparison is paired by seed
+        ax.plot(range(len(names)), np.stack([ghost_acc[a] for a in names]), color="gray", lw=0.8, alpha=0.6)
+        ax.plot(range(len(names)), [np.mean(ghost_acc[a]) for a in names], "ko-", label="mean")
+        ax.legend(fontsize=7)
     ax.set_xticks(range(len(names)), [a.replace(", ", "\n") for a in names], fontsize=7)
-    ax.set(ylabel="final test accuracy", title=f"(B) batch {large}: ghost BN ({small_b}) vs BN")
+    ax.set(
+        ylabel="test accuracy (once, after training)", title=f"(B) batch {large}: ghost BN ({small_b}) vs BN, per seed"
+    )
     figures = [report.save_figure(fig, out_dir, "small_batches.png")]
+    part_b = testbed.describe(
+        base | {"learning_rates": config["ghost_learning_rates"]}, gdata, f"{base['optimizer']} (0.9)"
+    )
     setup = (
         f"(A) {data.name}; conv net {config['channels']} channels (3x3, the norm before each ReLU, max-pool after block(s) "
         f"{config['pool_after']}, global average pool); {config['steps']} updates for every arm (so "
@@ -212,12 +232,13 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
         f"{ramp_text(config['renorm_ramp'])}), GroupNorm = flax.linen.GroupNorm with {config['group_size']} channels per "
         f"group, normalizing each example over its group's channels and all spatial positions (Wu & He's definition); "
         f"every arm trains with batches of the statistics size. Test accuracy with the running statistics (GroupNorm has "
-        f"none). Drop = accuracy at batch {largest} minus the mean over batches {small}. (B) {gdata.name}; MLP "
-        f"{config['ghost_widths']} ReLU with the norm before each ReLU, {config['ghost_epochs']} epochs, lr "
-        f"{config['ghost_learning_rate']} x batch/{config['reference_batch_size']}, seeds {config['ghost_seeds']}: batch "
-        f"{large} with plain BN vs batch {large} with ghost BN (jbn.BatchNorm(virtual_batch_size={small_b})), and batch "
-        f"{small_b} with BN for reference. Hoffer et al. also scale the rate by sqrt(batch) and train longer; here both "
-        f"large-batch arms share the same (linear) rate and epochs, so only the statistics batch differs."
+        f"none). Drop = accuracy at batch {largest} minus the mean over batches {small}. (B) "
+        f"{part_b} "
+        f"Here the batch and steps differ by arm: {config['ghost_epochs']} epochs each, batch {large} with plain BN vs "
+        f"batch {large} with ghost BN (jbn.BatchNorm(virtual_batch_size={small_b})), and batch {small_b} with BN for "
+        f"reference; every arm's rate tuned over {config['ghost_learning_rates']} by the same procedure. Hoffer et al. "
+        f"also train longer at the large batch; here every arm has the same epochs, so the large-batch arms differ only "
+        f"in the statistics batch."
     )
     return report.finish(
         NAME,

@@ -163,13 +163,16 @@ def tuning_table(arms: dict[str, TunedArm], learning_rates: Sequence[float]) -> 
     )
 
 
-def describe(config: dict, data: datasets.Splits) -> str:
-    """The testbed, in a sentence or two for an experiment's setup."""
+def describe(config: dict, data: datasets.Splits, schedule: str | None = None) -> str:
+    """The testbed, in a sentence or two for an experiment's setup; `schedule` replaces its
+    batch, optimizer and steps where an experiment sets them per arm."""
+    if schedule is None:
+        schedule = f"batch {config['batch_size']}, {config['optimizer']} (0.9), {config['steps']} steps"
     return (
         f"Experiment zero's testbed: {data.final.name.rsplit(',', 1)[0]} examples (train / validation / test; "
         f"mnist1d.data.make_dataset seed {config['data_seed']}); MLP {len(config['widths'])}x{config['widths'][0]} "
-        f"{config['activation']}, no skip connections, {config['weight_init']} init; batch {config['batch_size']}, "
-        f"{config['optimizer']} (0.9), {config['steps']} steps; BN = jbn.BatchNorm (momentum {config['bn_momentum']}). "
+        f"{config['activation']}, no skip connections, {config['weight_init']} init; {schedule}; "
+        f"BN = jbn.BatchNorm (momentum {config['bn_momentum']}). "
         f"Every arm's rate is chosen the same way: each rate of {config['learning_rates']} on tuning seeds "
         f"{config['tuning_seeds']}, the best mean final validation accuracy; judged seeds {config['seeds']} then train at "
         f"the chosen rate (same initialization and data order in every arm) and the test split is evaluated once, "
