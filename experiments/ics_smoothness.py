@@ -40,7 +40,7 @@ DEFAULTS = {
     "steps": 2000,
     "eval_every": 100,
     "learning_rate": 0.05,  # plain SGD: the common rate of parts B and C
-    "learning_rates": [0.0125, 0.025, 0.05, 0.1, 0.2, 0.4, 0.8],  # part A: each arm tunes over the whole grid
+    "learning_rates": [0.0125, 0.025, 0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2],  # part A: each arm tunes over the whole grid
     "tuning_seeds": [100, 101, 102],  # choose part A's rates; never judged
     "bn_momentum": 0.99,
     "noise_scale": 1.25,  # noisy BN: per activation, sample and step, scale ~ U(1, noise_scale), shift ~ U(-noise_shift, noise_shift)
