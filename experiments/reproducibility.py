@@ -111,12 +111,14 @@ def main(argv=None) -> int:
     parser.add_argument("runs_a")
     parser.add_argument("runs_b")
     parser.add_argument("--out", default="experiments/results/reproducibility.md")
+    parser.add_argument("--note", default="", help="a paragraph under the title: what differs between the runs")
     args = parser.parse_args(argv)
     table, rows = compare(pathlib.Path(args.runs_a), pathlib.Path(args.runs_b))
     flips = sum(r["holds_a"] != r["holds_b"] for r in rows)
     text = (
         f"# Reproducibility: run A ({args.runs_a}) vs run B ({args.runs_b})\n\n"
-        f"Every criterion decided again on each run's per-seed quantities; {len(rows)} criteria compared, "
+        + (f"{args.note}\n\n" if args.note else "")
+        + f"Every criterion decided again on each run's per-seed quantities; {len(rows)} criteria compared, "
         f"{flips} change their outcome.\n\n{table}\n\nJudged seeds of each run:\n\n"
         + "\n".join(seed_lines(pathlib.Path(args.runs_a), pathlib.Path(args.runs_b)))
         + "\n"

@@ -587,6 +587,12 @@ def test_reproducibility_report_gives_the_drift_of_each_criterion(tmp_path):
     assert np.isclose(acc["drift"], acc["mean_b"] - acc["mean_a"])
     assert acc["holds_a"] == "yes" and acc["holds_b"] == "no" and "yes -> no **(flips)**" in table
     assert "| 2 | learning_rates | not rerun |" in table
+    # the command line writes the same table under the title and what differs between the runs
+    out = tmp_path / "report.md"
+    note = "Run B: the same seeds on another machine."
+    assert reproducibility.main([str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(out), "--note", note]) == 0
+    text = out.read_text()
+    assert text.index(note) < text.index("1 change their outcome") < text.index("yes -> no **(flips)**")
 
 
 def test_init_and_order_seed_offset_moves_every_judged_seed_and_nothing_else():
