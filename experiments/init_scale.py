@@ -12,6 +12,11 @@ of optimization on the initialization of weights") and its random draw (003: dee
 100x; part "draw" keeps He's scale and one data order for every seed (`draw_order_seed`),
 so the seeds differ only in their initial weights, and measures each seed's distance from
 its arm's median final test accuracy (a paired, Levene-style dispersion measure).
+
+Each arm trains at its own learning rate, chosen at He's scale on a validation split (the last
+`num_val` training sequences) by the procedure of experiment zero (`experiments.tuning`); every
+scale and the draw part then train at that rate on the other training sequences, and the test
+split is read once per run (until 2026-12-05: both arms at lr 0.02, read on the test split).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from experiments import data as datasets
 from experiments import report
 from experiments.models import MLP, NormSpec
 from experiments.training import fit_from_config
+from experiments.tuning import test_once, tune, validation_rows
 
 NAME = "init_scale"
 DEFAULTS = {
@@ -34,12 +40,22 @@ DEFAULTS = {
     "steps": 1500,
     "eval_every": 100,
     "optimizer": "momentum",
-    "learning_rate": 0.02,
+    "num_val": 1000,  # the last 1000 of the 4000 training sequences: validation, for the rate
+    "learning_rates": [0.005, 0.01, 0.02, 0.05, 0.1],  # each arm's rate chosen from these at He's scale
+    "tuning_seeds": [100, 101, 102],
     "bn_momentum": 0.99,
     "seeds": [0, 1, 2, 3, 4, 5, 6, 7, 8, 9],
     "draw_order_seed": 0,  # part "draw": every seed trains on this one data order
 }
-TINY = {"widths": [8], "init_scales": [0.1, 10.0], "steps": 4, "eval_every": 2, "seeds": [0, 1]}
+TINY = {
+    "widths": [8],
+    "init_scales": [0.1, 10.0],
+    "steps": 4,
+    "eval_every": 2,
+    "seeds": [0, 1],
+    "learning_rates": [0.02],
+    "tuning_seeds": [100],
+}
 
 CLAIM = (
     "BN makes training less sensitive to the weight initialization: over a 100x range of initial kernel scales, a BN "
@@ -49,29 +65,58 @@ CLAIM = (
 
 def run(config: dict, out_dir: pathlib.Path) -> dict:
     out_dir = pathlib.Path(out_dir)
-    data = datasets.load(config["data"])
+    splits = datasets.validation_split(datasets.load(config["data"]), config["num_val"])
+    data = splits.tuning  # training sequences and validation: every run trains here
     scales = config["init_scales"]
     chance = 1.0 / data.num_classes
     arms = {"no BN": NormSpec("none"), "BN": NormSpec("bn", momentum=config["bn_momentum"])}
-    acc, diverged, runs, rows = {}, {}, {}, []
-    for arm, spec in arms.items():
-        for sc in scales:
-            model = MLP(tuple(config["widths"]), data.num_classes, norm=spec, weight_init="he", init_scale=sc)
-            r = fit_from_config(
-                model,
+    acc, diverged, runs, rates, scores, rows = {}, {}, {}, {}, {}, []
+
+    def model_of(spec, scale):
+        return MLP(tuple(config["widths"]), data.num_classes, norm=spec, weight_init="he", init_scale=scale)
+
+    def tested(model, r):
+        """Per seed, the test accuracy (once, after training); a seed that diverged is at chance."""
+        return np.where(np.isfinite(r.final("train_loss")), test_once(model, r, splits.final)["accuracy"], chance)
+
+    for arm, spec in arms.items():  # each arm's rate, at He's scale, on the validation split
+        rates[arm], tuning = tune(
+            lambda lr, spec=spec, arm=arm: fit_from_config(
+                model_of(spec, 1.0),
                 data,
-                config,
-                desc=f"{arm} x{sc:g}",
-            )
-            finite = np.isfinite(r.final("train_loss"))
-            acc[arm, sc] = np.where(finite, r.final("test_accuracy"), chance)  # a diverged seed is at chance
-            diverged[arm, sc] = int(np.sum(~finite))
+                config | {"learning_rate": lr},
+                seeds=config["tuning_seeds"],
+                desc=f"tune {arm} lr {lr:g}",
+            ),
+            config["learning_rates"],
+        )
+        scores[arm] = {lr: r.final("test_accuracy") for lr, r in tuning.items()}
+        for lr, r in tuning.items():
+            rows += validation_rows(r, phase="tuning", arm=arm, learning_rate=lr)
+    for arm, spec in arms.items():
+        arm_config = config | {"learning_rate": rates[arm]}
+        for sc in scales:
+            model = model_of(spec, sc)
+            r = fit_from_config(model, data, arm_config, desc=f"{arm} x{sc:g} lr {rates[arm]:g}")
+            acc[arm, sc] = tested(model, r)
+            diverged[arm, sc] = int(np.sum(~np.isfinite(r.final("train_loss"))))
             runs[arm, sc] = r
-            rows += r.rows(arm=arm, init_scale=sc)
+            rows += validation_rows(r, phase="judged", arm=arm, init_scale=sc, learning_rate=rates[arm])
+            rows += [
+                {"phase": "judged", "arm": arm, "init_scale": sc, "seed": seed, "metric": "test_accuracy", "value": v}
+                for seed, v in zip(r.seeds, acc[arm, sc].tolist())
+            ]
     report.write_metrics(out_dir, rows)
 
     table = report.markdown_table(
-        ["init scale"] + [f"{a} final test acc" for a in arms],
+        ["learning rate", *(f"{a}: final val acc at He's scale (tuning seeds)" for a in arms)],
+        [
+            (f"{lr:g}", *(report.fmt_seeds(scores[a][lr]) + (" (chosen)" if lr == rates[a] else "") for a in arms))
+            for lr in config["learning_rates"]
+        ],
+    )
+    table += "\n\n" + report.markdown_table(
+        ["init scale"] + [f"{a} test acc (lr {rates[a]:g})" for a in arms],
         [
             [f"{sc:g}"]
             + [
@@ -83,12 +128,21 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
     )
     draw_acc = {}
     for arm, spec in arms.items():  # part "draw": He's scale, one data order, the seeds vary the weights only
-        model = MLP(tuple(config["widths"]), data.num_classes, norm=spec, weight_init="he", init_scale=1.0)
+        model = model_of(spec, 1.0)
         r = fit_from_config(
-            model, data, config, order_seeds=[config["draw_order_seed"]] * len(config["seeds"]), desc=f"{arm} draw"
+            model,
+            data,
+            config | {"learning_rate": rates[arm]},
+            order_seeds=[config["draw_order_seed"]] * len(config["seeds"]),
+            desc=f"{arm} draw",
         )
-        draw_acc[arm] = np.where(np.isfinite(r.final("train_loss")), r.final("test_accuracy"), chance)
-        rows += r.rows(arm=arm, init_scale=1.0, part="draw")
+        draw_acc[arm] = tested(model, r)
+        rows += validation_rows(r, phase="judged", arm=arm, init_scale=1.0, part="draw", learning_rate=rates[arm])
+        rows += [
+            {"phase": "judged", "part": "draw", "arm": arm, "seed": seed, "metric": "test_accuracy", "value": v}
+            for seed, v in zip(r.seeds, draw_acc[arm].tolist())
+        ]
+    report.write_metrics(out_dir, rows)
     quantities = {}
     for a, key in (("no BN", "noBN"), ("BN", "BN")):
         quantities[f"draw_final_test_acc/{key}"] = draw_acc[a]
@@ -110,7 +164,9 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
         )
     report.log_ticks(axes[0, 0], scales)
     axes[0, 0].axhline(chance, color="gray", ls=":", lw=1)
-    axes[0, 0].set(xlabel="initial kernel scale (x He std)", ylabel="final test accuracy", title="(± sample SD)")
+    axes[0, 0].set(
+        xlabel="initial kernel scale (x He std)", ylabel="test accuracy", title="each arm at its rate (± sample SD)"
+    )
     axes[0, 0].legend()
     for a, ls in (("no BN", "--"), ("BN", "-")):
         for j, sc in enumerate(scales):
@@ -118,17 +174,21 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
             axes[0, 1].plot(
                 r.steps, np.nanmean(r.series["test_accuracy"], 1), ls=ls, color=f"C{j}", label=f"{a} x{sc:g}"
             )
-    axes[0, 1].set(xlabel="step", ylabel="test accuracy", title="mean over seeds")
+    axes[0, 1].set(xlabel="step", ylabel="validation accuracy", title="mean over seeds")
     axes[0, 1].legend(fontsize=5, ncol=2)
     figures = [report.save_figure(fig, out_dir, "init_scale.png")]
     setup = (
-        f"{data.name}; ReLU MLP {config['widths']}, hidden kernels He-normal times {scales}; no norm (Dense with bias) or "
-        f"jbn.BatchNorm before each ReLU; batch {config['batch_size']}, {config['optimizer']} lr {config['learning_rate']}, "
-        f"{config['steps']} steps, seeds {config['seeds']} (paired: each seed's data order is shared by every arm and "
-        f"scale). A seed whose final training loss is not finite counts at chance. Per seed: the range (max - min) of the "
-        f'final test accuracy over the scales, and its worst scale. Part "draw": He\'s scale, every seed on data '
+        f"{splits.final.name.rsplit(',', 1)[0]}, its last {config['num_val']} training sequences held out as the "
+        f"validation split; ReLU MLP {config['widths']}, hidden kernels He-normal times {scales}; no norm (Dense with "
+        f"bias) or jbn.BatchNorm before each ReLU; batch {config['batch_size']}, {config['optimizer']}, "
+        f"{config['steps']} steps. Rates: each arm trains every rate of {config['learning_rates']} at He's scale on "
+        f"tuning seeds {config['tuning_seeds']} and takes the best mean final validation accuracy (no BN "
+        f"{rates['no BN']:g}, BN {rates['BN']:g}); every scale then trains at its arm's rate, seeds {config['seeds']} "
+        f"(paired: each seed's data order is shared by every arm and scale), and the test split is read once per run. "
+        f"A seed whose final training loss is not finite counts at chance. Per seed: the range (max - min) of the "
+        f'test accuracy over the scales, and its worst scale. Part "draw": He\'s scale, every seed on data '
         f"order {config['draw_order_seed']}, so the seeds differ only in their initial weights; per seed, "
-        f"|final test accuracy - its arm's median|."
+        f"|test accuracy - its arm's median|."
     )
     return report.finish(
         NAME,
