@@ -41,7 +41,7 @@ DEFAULTS = {
     "eval_every": 100,
     "optimizer": "momentum",
     "num_val": 1000,  # the last 1000 of the 4000 training sequences: validation, for the rate
-    "learning_rates": [0.005, 0.01, 0.02, 0.05, 0.1],  # each arm's rate chosen from these at He's scale
+    "learning_rates": [0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.4],  # each arm's rate chosen from these at He's scale
     "tuning_seeds": [100, 101, 102],
     "bn_momentum": 0.99,
     "seeds": [0, 1, 2, 3, 4, 5, 6, 7, 8, 9],
