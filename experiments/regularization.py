@@ -7,6 +7,14 @@ does. A fair test compares nets that fit the training data equally well: the tra
 gap is read where each net's training-set loss (eval mode, no
 dropout) crosses the same value (interpolated between the two evaluations around the
 crossing), over several training-set sizes.
+
+Every arm takes its own learning rate at every training-set size, chosen on a validation split
+by the procedure of experiment zero (`experiments.tuning`: the whole grid on tuning seeds, the
+best mean final validation accuracy). The data is experiment zero's generated MNIST-1D (the
+subsets are the first N of its 30000 training sequences, validation 5000, test 10000). The
+step is chosen on the training loss alone; the test split is read at every evaluation to find
+the accuracy at that step, and nothing is chosen on it. (Until 2026-12-05: every arm at lr
+0.05, subsets of the 4000-sequence MNIST-1D, test 1000.)
 """
 
 from __future__ import annotations
@@ -16,14 +24,15 @@ import pathlib
 import jax.numpy as jnp
 import numpy as np
 
-from experiments import data as datasets
-from experiments import report
+from experiments import report, testbed
 from experiments.models import MLP, NormSpec
 from experiments.training import TrainState, fit_from_config, make_evaluate
+from experiments.tuning import tune, validation_rows
 
 NAME = "regularization"
 DEFAULTS = {
-    "data": "mnist1d",
+    # experiment zero's generated MNIST-1D: the subsets come from its training split
+    **{k: testbed.DEFAULTS[k] for k in ("num_train", "num_val", "num_test", "data_seed")},
     "widths": [128, 128, 128],
     "train_sizes": [500, 1000, 4000],  # the first N training examples
     "dropout": 0.3,  # the dropout arm: on every hidden layer, no BN
@@ -31,12 +40,23 @@ DEFAULTS = {
     "steps": 2000,
     "eval_every": 50,
     "optimizer": "momentum",
-    "learning_rate": 0.05,
+    "learning_rates": [0.01, 0.02, 0.05, 0.1, 0.2],  # every arm at every size tunes over the whole grid
+    "tuning_seeds": [100, 101, 102],
     "bn_momentum": 0.99,
     "matched_train_loss": 0.3,  # the gap is read where the training-set loss first reaches this
     "seeds": [0, 1, 2, 3, 4, 5, 6, 7, 8, 9],
 }
-TINY = {"widths": [8], "train_sizes": [200], "steps": 4, "eval_every": 2, "seeds": [0, 1], "matched_train_loss": 5.0}
+TINY = {
+    **{k: testbed.TINY[k] for k in ("num_train", "num_val", "num_test")},
+    "widths": [8],
+    "train_sizes": [200],
+    "steps": 4,
+    "eval_every": 2,
+    "seeds": [0, 1],
+    "learning_rates": [0.05],
+    "tuning_seeds": [100],
+    "matched_train_loss": 5.0,
+}
 
 CLAIM = (
     "BN regularizes: at the same training loss, a BN net has a smaller train-test gap than the same net without BN, "
@@ -87,31 +107,46 @@ def at_matched_loss(run, target: float) -> dict[str, np.ndarray]:
 
 def run(config: dict, out_dir: pathlib.Path) -> dict:
     out_dir = pathlib.Path(out_dir)
-    full = datasets.load(config["data"])
+    splits = testbed.splits(config)
     target = config["matched_train_loss"]
-    runs, matched, rows = {}, {}, []
+    runs, matched, rates, rows = {}, {}, {}, []
     for n in config["train_sizes"]:
-        data = full._replace(x_train=full.x_train[:n], y_train=full.y_train[:n])
-        px, py = jnp.asarray(data.x_train), jnp.asarray(data.y_train)
+        # the first n training sequences; held out: the validation split (choices) or the test split (measurements)
+        tuning, final = (d._replace(x_train=d.x_train[:n], y_train=d.y_train[:n]) for d in splits)
+        px, py = jnp.asarray(final.x_train), jnp.asarray(final.y_train)
         for arm, kw in ARMS.items():
             spec = kw["norm"] if arm != "BN" else NormSpec("bn", momentum=config["bn_momentum"])
             model = MLP(
                 tuple(config["widths"]),
-                full.num_classes,
+                final.num_classes,
                 norm=spec,
                 dropout=config["dropout"] if arm == "dropout" else 0.0,
             )
+            batch = min(config["batch_size"], n)
+            rates[arm, n], tuned = tune(
+                lambda lr, model=model, batch=batch, arm=arm, n=n: fit_from_config(
+                    model,
+                    tuning,
+                    config | {"learning_rate": lr},
+                    seeds=config["tuning_seeds"],
+                    batch_size=batch,
+                    desc=f"tune {arm} n={n} lr {lr:g}",
+                ),
+                config["learning_rates"],
+            )
+            for lr, r in tuned.items():
+                rows += validation_rows(r, phase="tuning", arm=arm, train_size=n, learning_rate=lr)
             r = fit_from_config(
                 model,
-                data,
-                config,
-                batch_size=min(config["batch_size"], n),
+                final,
+                config | {"learning_rate": rates[arm, n]},
+                batch_size=batch,
                 probe=train_set_probe(model, px, py),
-                desc=f"{arm} n={n}",
+                desc=f"{arm} n={n} lr {rates[arm, n]:g}",
             )
             runs[arm, n] = r
             matched[arm, n] = at_matched_loss(r, target)
-            rows += r.rows(arm=arm, train_size=n)
+            rows += r.rows(phase="judged", arm=arm, train_size=n, learning_rate=rates[arm, n])
     report.write_metrics(out_dir, rows)
 
     sizes = config["train_sizes"]
@@ -119,6 +154,7 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
         [
             "train size",
             "arm",
+            "rate",
             f"step where train loss = {target:g}",
             "train acc there",
             "test acc there",
@@ -129,6 +165,7 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
             (
                 n,
                 a,
+                f"{rates[a, n]:g}",
                 report.fmt_seeds(matched[a, n]["step"], 0, missing="never reached"),
                 report.fmt_seeds(matched[a, n]["train_accuracy"]),
                 report.fmt_seeds(matched[a, n]["test_accuracy"]),
@@ -164,13 +201,16 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
     axes[0, 1].legend(fontsize=7)
     figures = [report.save_figure(fig, out_dir, "regularization.png")]
     setup = (
-        f"{full.name}, the first {sizes} training examples; ReLU MLP {config['widths']}: no norm / jbn.BatchNorm before "
-        f"each ReLU (momentum {config['bn_momentum']}) / dropout {config['dropout']} on every hidden layer (no BN); batch "
-        f"{config['batch_size']}, {config['optimizer']} lr {config['learning_rate']}, {config['steps']} steps, seeds "
-        f"{config['seeds']} (paired: the arms share each seed's data order). Every {config['eval_every']} steps the "
-        f"training-set loss and accuracy in eval mode (running statistics, no dropout) and the test accuracy; the gap is "
-        f"read where that loss crosses {target:g}, interpolated linearly in log(loss) between the evaluations before and "
-        f"after the crossing (a seed that never gets there is left out, and n says so)."
+        f"{splits.final.name.rsplit(',', 1)[0]} (experiment zero's data), the first {sizes} training sequences; ReLU "
+        f"MLP {config['widths']}: no norm / jbn.BatchNorm before each ReLU (momentum {config['bn_momentum']}) / dropout "
+        f"{config['dropout']} on every hidden layer (no BN); batch {config['batch_size']} (or the whole subset), "
+        f"{config['optimizer']}, {config['steps']} steps. Rates: every arm at every size trains each rate of "
+        f"{config['learning_rates']} on tuning seeds {config['tuning_seeds']} and takes the best mean final validation "
+        f"accuracy; seeds {config['seeds']} then train at it (paired: the arms share each seed's data order). Every "
+        f"{config['eval_every']} steps the training-set loss and accuracy in eval mode (running statistics, no "
+        f"dropout) and the test accuracy (read, never chosen on); the gap is read where that loss crosses {target:g}, "
+        f"interpolated linearly in log(loss) between the evaluations before and after the crossing (a seed that never "
+        f"gets there is left out, and n says so)."
     )
     return report.finish(
         NAME,
