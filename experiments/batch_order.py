@@ -6,6 +6,11 @@ on the same data in different orders gives different results (seed article 000; 
 non-i.i.d. batches (each batch drawn from a few classes) BN suffers, because its batch
 statistics no longer match the population statistics used at test time; Batch Renorm
 (Ioffe 2017) reduces the damage.
+
+Every norm in every order takes its own learning rate, chosen on a validation split (the last
+`num_val` training sequences) by the procedure of experiment zero (`experiments.tuning`); the
+judged runs train on the other sequences and read the test split once (until 2026-12-05: every
+run at lr 0.05 on all 4000 sequences, read on the test split).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from experiments import features, report
 from experiments.models import MLP, NormSpec, renorm_ramp
 from experiments.small_batches import ramp_text
 from experiments.training import fit, make_optimizer
+from experiments.tuning import test_once, tune, validation_rows
 
 NAME = "batch_order"
 DEFAULTS = {
@@ -30,7 +36,9 @@ DEFAULTS = {
     "steps": 1500,
     "eval_every": 100,
     "optimizer": "momentum",
-    "learning_rate": 0.05,
+    "num_val": 1000,  # the last 1000 of the 4000 training sequences: validation, for the rates
+    "learning_rates": [0.01, 0.02, 0.05, 0.1, 0.2],  # every norm in every order tunes over the whole grid
+    "tuning_seeds": [100, 101, 102],  # initialization and order seeds of the tuning runs
     "bn_momentum": 0.99,
     "renorm_r_max": 3.0,
     "renorm_d_max": 5.0,
@@ -38,7 +46,14 @@ DEFAULTS = {
     "init_seed": 0,  # every run starts from this initialization ...
     "order_seeds": [0, 1, 2, 3, 4, 5, 6, 7, 8, 9],  # ... and sees the training set in these orders
 }
-TINY = {"widths": [8], "steps": 4, "eval_every": 2, "order_seeds": [0, 1]}
+TINY = {
+    "widths": [8],
+    "steps": 4,
+    "eval_every": 2,
+    "order_seeds": [0, 1],
+    "learning_rates": [0.05],
+    "tuning_seeds": [100],
+}
 
 CLAIM = (
     "(A) BN makes training sensitive to the batch order: one initialization trained on the same data in different "
@@ -51,10 +66,11 @@ ORDERS = {"shuffle": "i.i.d. (reshuffled each epoch)", "class_grouped": "class-g
 
 def run(config: dict, out_dir: pathlib.Path) -> dict:
     out_dir = pathlib.Path(out_dir)
-    data = datasets.load(config["data"])
+    splits = datasets.validation_split(datasets.load(config["data"]), config["num_val"])
+    data = splits.tuning  # every run trains on the training sequences; its "test_" series are the validation's
     order_seeds = config["order_seeds"]
     seeds = [config["init_seed"]] * len(order_seeds)
-    runs, status, rows = {}, {}, []
+    runs, test, rates, status, rows = {}, {}, {}, {}, []
     for kind in config["norms"]:
         status[kind] = features.waiting_for_norm(kind)
         for order in ORDERS:
@@ -69,35 +85,55 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
                 renorm_ramp=renorm_ramp(config["renorm_ramp"], config["steps"]),
             )
             model = MLP(tuple(config["widths"]), data.num_classes, activation="relu", norm=spec)
-            r = fit(
-                model,
-                make_optimizer(config["optimizer"], config["learning_rate"]),
-                data,
-                seeds=seeds,
-                order_seeds=order_seeds,
-                steps=config["steps"],
-                batch_size=config["batch_size"],
-                eval_every=config["eval_every"],
-                order=order,
-                classes_per_batch=config["classes_per_batch"],
-                desc=f"{LABELS[kind]}, {order}",
+
+            def train(lr, seeds, order_seeds, desc, model=model, order=order):
+                return fit(
+                    model,
+                    make_optimizer(config["optimizer"], lr),
+                    data,
+                    seeds=seeds,
+                    order_seeds=order_seeds,
+                    steps=config["steps"],
+                    batch_size=config["batch_size"],
+                    eval_every=config["eval_every"],
+                    order=order,
+                    classes_per_batch=config["classes_per_batch"],
+                    desc=desc,
+                )
+
+            tuning_seeds = config["tuning_seeds"]
+            rates[kind, order], tuned = tune(
+                lambda lr, train=train, kind=kind, order=order: train(
+                    lr, tuning_seeds, tuning_seeds, f"tune {LABELS[kind]}, {order}, lr {lr:g}"
+                ),
+                config["learning_rates"],
             )
+            for lr, r in tuned.items():
+                rows += validation_rows(r, phase="tuning", norm=kind, order=order, learning_rate=lr)
+            lr = rates[kind, order]
+            r = train(lr, seeds, order_seeds, f"{LABELS[kind]}, {order}, lr {lr:g}")
             runs[kind, order] = r
-            rows += r.rows(norm=kind, order=order)
+            test[kind, order] = test_once(model, r, splits.final)["accuracy"]
+            rows += validation_rows(r, phase="judged", norm=kind, order=order, learning_rate=lr)
+            rows += [
+                {"phase": "judged", "norm": kind, "order": order, "seed": o, "metric": "test_accuracy", "value": v}
+                for o, v in zip(order_seeds, test[kind, order].tolist())
+            ]
     report.write_metrics(out_dir, rows)
 
     def acc(kind, order) -> np.ndarray:
-        return runs[kind, order].final("test_accuracy")
+        return test[kind, order]
 
     def train_acc(kind, order) -> np.ndarray:
         return runs[kind, order].final("train_accuracy")
 
     table = report.markdown_table(
-        ["norm", "order", "final test acc (mean ± std over orders)", "train acc in training mode (batch stats)"],
+        ["norm", "order", "rate", "test acc (mean ± std over orders)", "train acc in training mode (batch stats)"],
         [
             (
                 LABELS[k],
                 ORDERS[o],
+                status[k] or f"{rates[k, o]:g}",
                 status[k] or report.fmt_seeds(acc(k, o)),
                 status[k] or report.fmt_seeds(train_acc(k, o)),
             )
@@ -123,17 +159,20 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
                 ax.plot([], [], ls="none", label=f"{LABELS[kind]} ({status[kind]})")
                 continue
             report.band(ax, runs[kind, order].steps, runs[kind, order].series["test_accuracy"], LABELS[kind])
-        ax.set(xlabel="step", ylabel="test accuracy", title=ORDERS[order], ylim=(0, 1))
+        ax.set(xlabel="step", ylabel="validation accuracy", title=ORDERS[order], ylim=(0, 1))
         ax.legend(fontsize=7)
     figures = [report.save_figure(fig, out_dir, "batch_order.png")]
     setup = (
-        f"{data.name}; MLP {config['widths']} ReLU, the norm before each ReLU (BN = jbn.BatchNorm, Batch Renorm = "
+        f"{splits.final.name.rsplit(',', 1)[0]}, its last {config['num_val']} training sequences held out as the "
+        f"validation split; MLP {config['widths']} ReLU, the norm before each ReLU (BN = jbn.BatchNorm, Batch Renorm = "
         f"jbn.BatchRenorm r_max {config['renorm_r_max']}, d_max {config['renorm_d_max']}, "
         f"{ramp_text(config['renorm_ramp'])}; momentum {config['bn_momentum']}); "
-        f"batch {config['batch_size']}, {config['optimizer']} lr {config['learning_rate']}, {config['steps']} steps. Every run "
+        f"batch {config['batch_size']}, {config['optimizer']}, {config['steps']} steps. Rates: every norm in every order "
+        f"trains each rate of {config['learning_rates']} on tuning seeds {config['tuning_seeds']} (as initialization "
+        f"and order seeds) and takes the best mean final validation accuracy; the judged runs train at it. Every run "
         f"starts from initialization seed {config['init_seed']}; the batch orders use seeds {order_seeds}. i.i.d. = the "
         f"training set reshuffled every epoch; class-grouped = each batch drawn from {config['classes_per_batch']} random "
-        f"classes. Test accuracy uses the running statistics; train accuracy is the training-mode accuracy of the last "
+        f"classes. Test accuracy (the test split, once per run) uses the running statistics; train accuracy is the training-mode accuracy of the last "
         f"{config['eval_every']} steps (batch statistics)."
     )
     notes = (
