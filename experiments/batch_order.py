@@ -24,7 +24,7 @@ from experiments import features, report
 from experiments.models import MLP, NormSpec, renorm_ramp
 from experiments.small_batches import ramp_text
 from experiments.training import fit, make_optimizer
-from experiments.tuning import test_once, tune, validation_rows
+from experiments.tuning import judged_rows, test_once, tune, validation_rows
 
 NAME = "batch_order"
 DEFAULTS = {
@@ -114,11 +114,9 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
             r = train(lr, seeds, order_seeds, f"{LABELS[kind]}, {order}, lr {lr:g}")
             runs[kind, order] = r
             test[kind, order] = test_once(model, r, splits.final)["accuracy"]
-            rows += validation_rows(r, phase="judged", norm=kind, order=order, learning_rate=lr)
-            rows += [
-                {"phase": "judged", "norm": kind, "order": order, "seed": o, "metric": "test_accuracy", "value": v}
-                for o, v in zip(order_seeds, test[kind, order].tolist())
-            ]
+            rows += judged_rows(
+                r, {"test_accuracy": test[kind, order]}, order_seeds, norm=kind, order=order, learning_rate=lr
+            )
     report.write_metrics(out_dir, rows)
 
     def acc(kind, order) -> np.ndarray:

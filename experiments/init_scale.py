@@ -29,7 +29,7 @@ from experiments import data as datasets
 from experiments import report
 from experiments.models import MLP, NormSpec
 from experiments.training import fit_from_config
-from experiments.tuning import test_once, tune, validation_rows
+from experiments.tuning import judged_rows, test_once, tune, validation_rows
 
 NAME = "init_scale"
 DEFAULTS = {
@@ -101,11 +101,7 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
             acc[arm, sc] = tested(model, r)
             diverged[arm, sc] = int(np.sum(~np.isfinite(r.final("train_loss"))))
             runs[arm, sc] = r
-            rows += validation_rows(r, phase="judged", arm=arm, init_scale=sc, learning_rate=rates[arm])
-            rows += [
-                {"phase": "judged", "arm": arm, "init_scale": sc, "seed": seed, "metric": "test_accuracy", "value": v}
-                for seed, v in zip(r.seeds, acc[arm, sc].tolist())
-            ]
+            rows += judged_rows(r, {"test_accuracy": acc[arm, sc]}, arm=arm, init_scale=sc, learning_rate=rates[arm])
     report.write_metrics(out_dir, rows)
 
     table = report.markdown_table(
@@ -137,11 +133,9 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
             desc=f"{arm} draw",
         )
         draw_acc[arm] = tested(model, r)
-        rows += validation_rows(r, phase="judged", arm=arm, init_scale=1.0, part="draw", learning_rate=rates[arm])
-        rows += [
-            {"phase": "judged", "part": "draw", "arm": arm, "seed": seed, "metric": "test_accuracy", "value": v}
-            for seed, v in zip(r.seeds, draw_acc[arm].tolist())
-        ]
+        rows += judged_rows(
+            r, {"test_accuracy": draw_acc[arm]}, arm=arm, init_scale=1.0, part="draw", learning_rate=rates[arm]
+        )
     report.write_metrics(out_dir, rows)
     quantities = {}
     for a, key in (("no BN", "noBN"), ("BN", "BN")):

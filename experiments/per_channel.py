@@ -28,7 +28,7 @@ from experiments import data as datasets
 from experiments import report
 from experiments.models import ConvNet, NormSpec
 from experiments.training import fit, make_optimizer
-from experiments.tuning import test_once, tune, validation_rows
+from experiments.tuning import judged_rows, test_once, tune, validation_rows
 
 NAME = "per_channel"
 DEFAULTS = {
@@ -113,11 +113,9 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
             r = train(chosen[kind, b], config["seeds"], f"{arm} b={b} lr {chosen[kind, b]:g}")
             runs[kind, b], test[kind, b] = r, test_once(model, r, splits.final)
             params[kind] = parameter_count(r)
-            rows += validation_rows(r, phase="judged", arm=kind, batch_size=b, learning_rate=chosen[kind, b])
-            rows += [
-                {"phase": "judged", "arm": kind, "batch_size": b, "seed": s, "metric": "test_accuracy", "value": v}
-                for s, v in zip(r.seeds, test[kind, b]["accuracy"].tolist())
-            ]
+            rows += judged_rows(
+                r, {"test_accuracy": test[kind, b]["accuracy"]}, arm=kind, batch_size=b, learning_rate=chosen[kind, b]
+            )
     report.write_metrics(out_dir, rows)
 
     sizes = config["batch_sizes"]

@@ -21,7 +21,7 @@ from experiments import data as datasets
 from experiments import report
 from experiments.models import MLP, NormSpec
 from experiments.training import Run, TrainState, fit, make_optimizer
-from experiments.tuning import choose_rate, test_once, validation_rows
+from experiments.tuning import choose_rate, judged_rows, test_once, validation_rows
 
 DEFAULTS = {
     "num_train": 30000,
@@ -120,21 +120,9 @@ def judge_at(config: dict, arm: str, model: MLP, rate: float, data: datasets.Spl
     evaluated once after training. `extra` joins every row (e.g. phase)."""
     run = train(config, model, rate, data.tuning, config["seeds"], f"{arm} lr {rate:g}", probe)
     test = test_once(model, run, data.final)
-    rows = validation_rows(run, phase="judged", arm=arm, learning_rate=rate, **extra)
-    rows += [
-        {
-            "phase": "judged",
-            "arm": arm,
-            "learning_rate": rate,
-            "seed": s,
-            "step": config["steps"],
-            "metric": m,
-            "value": v,
-            **extra,
-        }
-        for m in ("loss", "accuracy")
-        for s, v in zip(run.seeds, test[m].tolist())
-    ]
+    rows = judged_rows(
+        run, {m: test[m] for m in ("loss", "accuracy")}, step=config["steps"], arm=arm, learning_rate=rate, **extra
+    )
     return run, test, rows
 
 

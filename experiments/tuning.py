@@ -39,3 +39,16 @@ def test_once(model, run: Run, final: Dataset) -> dict[str, np.ndarray]:
 def validation_rows(run: Run, **extra) -> list[dict]:
     """metrics.csv rows of a run on a (train, validation) Dataset: its "test_" metrics renamed "val_"."""
     return [{**r, "metric": r["metric"].replace("test_", "val_")} for r in run.rows(**extra)]
+
+
+def judged_rows(run: Run, test: dict[str, np.ndarray], seeds=None, step=None, **extra) -> list[dict]:
+    """metrics.csv rows of a judged run: its validation rows, then the test split's numbers
+    (`test`: metric -> (S,), read once after training), one row per seed (`seeds`, default the
+    run's) and metric; `step` (optional) is written on the test rows only."""
+    at = {} if step is None else {"step": step}
+    rows = validation_rows(run, phase="judged", **extra)
+    return rows + [
+        {"phase": "judged", **extra, "seed": s, **at, "metric": m, "value": v}
+        for m, values in test.items()
+        for s, v in zip(run.seeds if seeds is None else seeds, np.asarray(values).tolist())
+    ]
