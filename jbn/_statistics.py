@@ -154,9 +154,9 @@ def batch_moments(x: Array, layout: Layout, shift: Array | None = None) -> Momen
         by_shard = moments_by_shard(x, layout, dtype)
         if by_shard is not None:
             return by_shard
-    local = platform_moments(x, layout, dtype)  # the formulation of the target platform
     if layout.names is None:
-        return local.moments()
+        return platform_batch_moments(x, layout, dtype)  # one participant: its moments are the batch's
+    local = platform_moments(x, layout, dtype)  # the formulation of the target platform
     gathered = gather(stack_participant(local), layout.names, layout.groups)
     return chan_merge(unstack_participants(gathered, 1, jnp.iscomplexobj(local.base)))
 
@@ -174,9 +174,31 @@ FORMULATIONS: dict[str, Callable[[], Formulation]] = {
 }
 
 
+# Where one participant holds the whole batch, nothing merges its `Local`: `Local.moments()`
+# (the mean rounded once from base + delta) is all that is used. Per backend, optionally, a
+# formulation of exactly those `Moments` that moves less than its `Local` would: the cuda kernel
+# writes the rounded mean (two per-feature vectors, not three). Backends without an entry use
+# `Local.moments()` of their `FORMULATIONS` entry.
+BatchFormulation = Callable[[Array, "Layout", Any], Moments]
+BATCH_FORMULATIONS: dict[str, Callable[[], BatchFormulation]] = {
+    "cuda": lambda: importlib.import_module("jbn._triton_moments").triton_batch_moments,
+}
+
+
 def formulation(platform: str) -> Formulation:
     """The formulation `FORMULATIONS` loads for `platform`."""
     return FORMULATIONS[platform]()
+
+
+def batch_formulation(platform: str) -> BatchFormulation:
+    """`BATCH_FORMULATIONS`' entry for `platform`, else `Local.moments()` of its `FORMULATIONS` entry."""
+    if platform in BATCH_FORMULATIONS:
+        return BATCH_FORMULATIONS[platform]()
+    return partial(_local_then_moments, formulation(platform))
+
+
+def _local_then_moments(f: Formulation, x: Array, layout: Layout, dtype) -> Moments:
+    return f(x, layout, dtype).moments()
 
 
 def platform_moments(x: Array, layout: Layout, dtype) -> Local:
@@ -195,7 +217,22 @@ def platform_moments(x: Array, layout: Layout, dtype) -> Local:
     return lax.platform_dependent(x, default=partial(_call, cpu, layout, dtype), **branches)
 
 
-def _call(f: Formulation, layout: Layout, dtype, x: Array) -> Local:
+def platform_batch_moments(x: Array, layout: Layout, dtype) -> Moments:
+    """The `Moments` of one participant that holds the whole batch, in the formulation of
+    the platform the program is lowered for (`batch_formulation`; as `platform_moments`
+    otherwise): the same values as `platform_moments(...).moments()`."""
+    symbolic = not all(isinstance(d, int) for d in x.shape)
+    if symbolic or jnp.iscomplexobj(x) or jnp.issubdtype(dtype, jnp.complexfloating):
+        return local_moments(x, layout, dtype).moments()
+    cpu = formulation("cpu")
+    others = [p for p in FORMULATIONS if p != "cpu"]
+    if not BATCH_FORMULATIONS and all(formulation(p) is cpu for p in others):
+        return cpu(x, layout, dtype).moments()
+    branches = {p: partial(_call, batch_formulation(p), layout, dtype) for p in others}
+    return lax.platform_dependent(x, default=partial(_call, batch_formulation("cpu"), layout, dtype), **branches)
+
+
+def _call(f: Callable, layout: Layout, dtype, x: Array) -> Any:
     return f(x, layout, dtype)
 
 

@@ -8,7 +8,9 @@ exact two-pass statistics in registers (the tile's mean, then the corrected sum 
 deviations from it), and merges tiles with Chan's formula, the mean carried as an unevaluated
 sum `hi + lo` (Knuth's TwoSum) so that |mean| / std = 1e4 costs no accuracy. It writes one
 (hi, lo, M2) per chunk and feature; a small XLA merge of those partials (Chan's formula again,
-around the first chunk's mean) gives the `Local` statistics.
+around the first chunk's mean) gives the `Local` statistics. Where one participant holds the
+whole batch, nothing merges that `Local`: `triton_batch_moments` has the kernels write the mean
+rounded once and the variance instead (two per-feature vectors, not three, for the layer to read).
 
 The squared deviations are scaled by 1 / (elements per feature) before they are summed, so a
 representable variance comes out finite. Masks, and feature axes that are not the trailing
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import math
 from functools import partial
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +34,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from jbn import _statistics as _local_moments  # the cpu formulation, and what every formulation returns
 from jbn._options import Layout
+from jbn._state import Moments
 from jbn._statistics import Local
 
 Array = jax.Array
@@ -67,10 +71,7 @@ def chunk_rows(rows: int, features: int) -> int:
 
 def _kernel(
     x_ref,
-    base_ref,
-    offset_ref,
-    m2_ref,
-    *,
+    *out_refs,
     rows: int,
     features: int,
     chunk: int,
@@ -80,7 +81,8 @@ def _kernel(
 ):
     """One (row chunk, feature block): the chunk's mean as base + offset (base: its first
     tile's mean; offset: the compensated sum of x - base over the chunk, divided by its
-    rows) and its M2 / rows (Chan's merge of the tiles' corrected two-pass M2)."""
+    rows) and its M2 / rows (Chan's merge of the tiles' corrected two-pass M2). With two
+    outputs (one chunk, `rounded`), the mean rounded once and M2 / rows."""
     first_row = pl.program_id(0) * chunk
     cols = pl.program_id(1) * FEATURE_BLOCK + jnp.arange(FEATURE_BLOCK, dtype=jnp.int32)
     col_ok = cols < features
@@ -122,14 +124,16 @@ def _kernel(
     n_chunk = jnp.minimum(rows - first_row, chunk).astype(jnp.float32)
     # The mean as its rounded value plus the rest, exactly (TwoSum): base + offset with base
     # rounded to the mean, whatever the first tile held (an outlier first).
+    # TwoSum: `mean` is also the mean rounded once (what the two outputs write).
     mean, rest = _two_sum(base, (s_hi + s_lo) / n_chunk)
-    base_ref[...] = mean[None, :]
-    offset_ref[...] = rest[None, :]
-    m2_ref[...] = (m2 + r)[None, :]
+    outputs = (mean, m2 + r) if len(out_refs) == 2 else (mean, rest, m2 + r)
+    for ref, value in zip(out_refs, outputs):
+        ref[...] = value[None, :]
 
 
-def chunk_partials(x2d: Array, *, interpret: bool) -> tuple[Array, Array, Array, int]:
-    """Per (row chunk, feature): the mean as base + offset, and M2 / rows; with the rows per chunk."""
+def chunk_partials(x2d: Array, *, interpret: bool, rounded: bool = False) -> tuple[Any, ...]:
+    """Per (row chunk, feature): the mean as base + offset, and M2 / rows; with the rows per
+    chunk. `rounded` (one chunk only): the mean rounded once, and M2 / rows."""
     rows, features = x2d.shape
     chunk = chunk_rows(rows, features)
     grid = (-(-rows // chunk), -(-features // FEATURE_BLOCK))
@@ -145,26 +149,28 @@ def chunk_partials(x2d: Array, *, interpret: bool) -> tuple[Array, Array, Array,
     # Under shard_map the partials vary over the mesh axes that x varies over.
     part = jax.ShapeDtypeStruct((grid[0], features), jnp.float32, manual_axis_type=jax.typeof(x2d).mat)
     out_spec = pl.BlockSpec((1, FEATURE_BLOCK), lambda i, j: (i, j))
-    base, offset, m2 = pl.pallas_call(
+    outputs = 2 if rounded else 3
+    if rounded and grid[0] != 1:
+        raise ValueError(f"rounded partials need one chunk, not {grid[0]}")
+    partials = pl.pallas_call(
         kernel,
-        out_shape=(part, part, part),
+        out_shape=(part,) * outputs,
         grid=grid,
         in_specs=[pl.BlockSpec((chunk, FEATURE_BLOCK), lambda i, j: (i, j))],
-        out_specs=(out_spec, out_spec, out_spec),
+        out_specs=(out_spec,) * outputs,
         compiler_params=plgpu.CompilerParams(num_warps=4),
         interpret=interpret,
         name="jbn_moments",
     )(x2d)
-    return base, offset, m2, chunk
+    return (*partials, chunk)
 
 
-def _merge_kernel(
-    base_ref, offset_ref, m2_ref, hi_ref, lo_ref, var_ref, *, rows, features, chunk, chunks, interpreted, unrolled
-):
+def _merge_kernel(base_ref, offset_ref, m2_ref, *out_refs, rows, features, chunk, chunks, interpreted, unrolled):
     """One feature block: Chan's merge of the chunk partials, in three passes over them (they
     are < 0.1% of x): the rounded weighted mean hi of the chunk bases, each chunk's mean less
     hi as d (base - hi is exact where they are close, and weighted by the chunk's share where
-    not), their weighted mean lo, and the spread of the d around lo added to the chunks' M2."""
+    not), their weighted mean lo, and the spread of the d around lo added to the chunks' M2.
+    Writes (hi, lo, var), or with two outputs (the mean rounded once: hi + lo, var)."""
     cols = pl.program_id(0) * FEATURE_BLOCK + jnp.arange(FEATURE_BLOCK, dtype=jnp.int32)
     col_ok = cols < features
     zeros = jnp.zeros((FEATURE_BLOCK,), jnp.float32)
@@ -201,9 +207,9 @@ def _merge_kernel(
         return acc + jnp.sum(read(m2_ref, k, ok) + e * e * share, axis=0)
 
     var = _loop(tiles, spread, zeros, unrolled)
-    hi_ref[...] = hi[None, :]
-    lo_ref[...] = lo[None, :]
-    var_ref[...] = var[None, :]
+    outputs = (hi + lo, var) if len(out_refs) == 2 else (hi, lo, var)
+    for ref, value in zip(out_refs, outputs):
+        ref[...] = value[None, :]
 
 
 def _unrolled(x: Array, interpret: bool) -> bool:
@@ -222,14 +228,16 @@ def _loop(steps: int, body, init, unrolled: bool):
     return init
 
 
-def _merged(x2d: Array, interpret: bool) -> tuple[Array, Array, Array]:
-    """(mean hi, mean lo, var) of the columns of x2d: the one-read kernel's chunk partials,
-    merged by a second, small kernel (one kernel where XLA makes several of the merge); one
-    chunk needs no merge."""
+def _merged(x2d: Array, interpret: bool, rounded: bool = False) -> tuple[Array, ...]:
+    """(mean hi, mean lo, var) of the columns of x2d, or with `rounded` (the mean rounded
+    once: fl(hi + lo), var): the one-read kernel's chunk partials, merged by a second, small
+    kernel (one kernel where XLA makes several of the merge); one chunk needs no merge."""
     rows, features = x2d.shape
-    base, offset, m2, chunk = chunk_partials(x2d, interpret=interpret)
-    if base.shape[0] == 1:
-        return base[0], offset[0], m2[0]
+    one_chunk = chunk_rows(rows, features) >= rows
+    *partials, chunk = chunk_partials(x2d, interpret=interpret, rounded=rounded and one_chunk)
+    if one_chunk:
+        return tuple(p[0] for p in partials)
+    base, offset, m2 = partials
     kernel = partial(
         _merge_kernel,
         rows=rows,
@@ -243,22 +251,24 @@ def _merged(x2d: Array, interpret: bool) -> tuple[Array, Array, Array]:
     # All the chunks, in whole tiles (interpreted, padded in memory; compiled, masked loads).
     whole = pl.BlockSpec((-(-base.shape[0] // TILE_ROWS) * TILE_ROWS, FEATURE_BLOCK), lambda j: (0, j))
     one = pl.BlockSpec((1, FEATURE_BLOCK), lambda j: (0, j))
-    hi, lo, var = pl.pallas_call(
+    outputs = 2 if rounded else 3
+    merged = pl.pallas_call(
         kernel,
-        out_shape=(out, out, out),
+        out_shape=(out,) * outputs,
         grid=(-(-features // FEATURE_BLOCK),),
         in_specs=[whole, whole, whole],
-        out_specs=(one, one, one),
+        out_specs=(one,) * outputs,
         compiler_params=plgpu.CompilerParams(num_warps=4),
         interpret=interpret,
         name="jbn_moments_merge",
     )(base, offset, m2)
-    return hi[0], lo[0], var[0]
+    return tuple(m[0] for m in merged)
 
 
 @partial(jax.custom_jvp, nondiff_argnums=(1,))
 def _moments(x2d: Array, interpret: bool) -> tuple[Array, Array, Array]:
-    return _merged(x2d, interpret)
+    hi, lo, var = _merged(x2d, interpret)
+    return hi, lo, var
 
 
 @_moments.defjvp
@@ -271,6 +281,22 @@ def _moments_jvp(interpret, primals, tangents):
     centred = (x2d.astype(jnp.float32) - hi[None]) - lo[None]  # explicit broadcast (rank promotion "raise")
     d_var = 2 * jnp.sum(centred * dx, axis=0) * inv_n
     return (hi, lo, var), (d_mean, jnp.zeros_like(lo), d_var)
+
+
+@partial(jax.custom_jvp, nondiff_argnums=(1,))
+def _rounded_moments(x2d: Array, interpret: bool) -> tuple[Array, Array]:
+    """(mean rounded once, var), one per-feature vector fewer written than `_moments`: its
+    var, and its hi + lo rounded once (one chunk: TwoSum's rounded sum, which equals
+    fl(hi + lo) in exact IEEE arithmetic; several: fl(hi + lo) in the merge kernel)."""
+    mean, var = _merged(x2d, interpret, rounded=True)
+    return mean, var
+
+
+@_rounded_moments.defjvp
+def _rounded_moments_jvp(interpret, primals, tangents):
+    # The derivative centres x on hi + lo unrounded, as `_moments`' does.
+    (hi, lo, var), (d_mean, _, d_var) = _moments_jvp(interpret, primals, tangents)
+    return (hi + lo, var), (d_mean, d_var)
 
 
 def applies(x: Array, layout: Layout, dtype) -> bool:
@@ -299,3 +325,16 @@ def triton_moments(x: Array, layout: Layout, dtype, *, interpret: bool = False) 
     hi, lo, var = _moments(x.reshape(-1, features), interpret)
     count = _local_moments.valid_count(layout, dtype)
     return Local(count, var.reshape(feature_shape), hi.reshape(feature_shape), lo.reshape(feature_shape))
+
+
+def triton_batch_moments(x: Array, layout: Layout, dtype, *, interpret: bool = False) -> Moments:
+    """`triton_moments(...).moments()` where nothing merges the `Local` (one participant
+    holds the whole batch): the same var, and the mean rounded once by the kernel instead
+    of after it (two per-feature vectors written, not three, for the layer to read)."""
+    if not applies(x, layout, dtype):
+        return _local_moments.local_moments(x, layout, dtype).moments()
+    feature_shape = tuple(x.shape[a] for a in layout.features)
+    features = math.prod(feature_shape)
+    mean, var = _rounded_moments(x.reshape(-1, features), interpret)
+    count = _local_moments.valid_count(layout, dtype)  # > 0: `applies` asks for rows
+    return Moments(mean.reshape(feature_shape), var.reshape(feature_shape), count)

@@ -23,6 +23,8 @@ FORMULATIONS = {
     for name, f in ((name, _statistics.formulation(name)) for name in _statistics.FORMULATIONS)
     if name != "cpu"
 }
+# Their single-participant entries (jbn._statistics.BATCH_FORMULATIONS), likewise interpreted.
+BATCH_FORMULATIONS = {"cuda": partial(_triton_moments.triton_batch_moments, interpret=True)}
 DEVICES = 8
 VAR_RTOL = 1e-6
 
@@ -77,6 +79,8 @@ def on_cpu(request, monkeypatch):
     after (so no later test, in any order pytest-xdist gives it, reuses a trace made with it)."""
     jax.clear_caches()
     monkeypatch.setitem(_statistics.FORMULATIONS, "cpu", lambda: FORMULATIONS[request.param])
+    if request.param in BATCH_FORMULATIONS:  # one participant: the backend's own entry, as on the device
+        monkeypatch.setitem(_statistics.BATCH_FORMULATIONS, "cpu", lambda: BATCH_FORMULATIONS[request.param])
     yield request.param
     jax.clear_caches()
 
@@ -244,3 +248,64 @@ def test_tpu_formulation_under_sharded_jit(case, split):
     )(placed)
     expected = derivative_reference(np.asarray(x32), None, np.asarray(a), np.asarray(b))
     np.testing.assert_allclose(np.asarray(grad), expected, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("rows", [300, _triton_moments.MAX_CHUNK_ROWS, _triton_moments.MAX_CHUNK_ROWS + 1000 + 3])
+def test_gpu_kernel_rounded_mean_is_that_of_its_parts(rows, dtype):
+    """One participant's entry (the kernel writing the mean rounded once, and var) gives
+    the var of the `Local` entry's `moments()` bitwise and its mean within one unit in the
+    last place (rounded in the kernel rather than after it: TwoSum's rounded sum, where
+    compiled code may not keep the pair exact at a tie), in one chunk and merged from several
+    (|mean| / std = 1e4, an outlier first), and the same derivatives; a mask falls back to
+    the cpu formulation in both."""
+    rng = np.random.default_rng(rows)
+    x = rng.normal(size=(rows, 70))
+    x[:, :20] = x[:, :20] * 0.5 + 5e3
+    x[0, 20:40] = 1e3
+    xd = jnp.asarray(x, dtype)
+    layout = _options.resolve(xd, -1, None)
+    whole = jax.jit(lambda v: BATCH_FORMULATIONS["cuda"](v, layout, jnp.float32))(xd)
+    parts = jax.jit(lambda v: FORMULATIONS["cuda"](v, layout, jnp.float32).moments())(xd)
+    for a, b in ((whole.var, parts.var), (whole.count, parts.count)):
+        assert np.asarray(a).tobytes() == np.asarray(b).tobytes()
+    np.testing.assert_array_max_ulp(np.asarray(whole.mean), np.asarray(parts.mean), maxulp=1)
+    if dtype == "float32":  # in bfloat16 the features near 5e3 are constant (variance 0)
+        check(whole.mean, whole.var, xd, None)
+    a, b = jnp.linspace(-1.0, 2.0, 70), jnp.linspace(0.5, -1.5, 70)
+
+    def objective(f, v):
+        stats = f(v)
+        return jnp.sum(a * stats.mean + b * stats.var)
+
+    grads = [
+        jax.jit(jax.grad(partial(objective, f)))(xd.astype(jnp.float32))
+        for f in (
+            lambda v: BATCH_FORMULATIONS["cuda"](v, layout, jnp.float32),
+            lambda v: FORMULATIONS["cuda"](v, layout, jnp.float32).moments(),
+        )
+    ]
+    assert np.asarray(grads[0]).tobytes() == np.asarray(grads[1]).tobytes()
+    mask = jnp.asarray(rng.random((rows, 1)) < 0.6)
+    masked = _options.resolve(xd, -1, mask)
+    whole = jax.jit(lambda v: BATCH_FORMULATIONS["cuda"](v, masked, jnp.float32))(xd)
+    parts = jax.jit(lambda v: FORMULATIONS["cuda"](v, masked, jnp.float32).moments())(xd)
+    assert np.asarray(whole.var).tobytes() == np.asarray(parts.var).tobytes()
+
+
+def test_gpu_kernel_rounded_mean_second_order_derivative():
+    """The Hessian-vector product of `test_gpu_kernel_second_order_derivative` through the
+    single-participant entry's custom JVP."""
+    rng = np.random.default_rng(5)
+    x = jnp.asarray(rng.normal(size=(300, 3)) * 2 + 1, jnp.float32)
+    t = jnp.asarray(rng.normal(size=(300, 3)), jnp.float32)
+    b = jnp.asarray([1.0, -0.5, 2.0], jnp.float32)
+    layout = _options.resolve(x, -1, None)
+
+    def objective(v):
+        return jnp.sum(b * BATCH_FORMULATIONS["cuda"](v, layout, jnp.float32).var)
+
+    hvp = jax.jit(lambda v, u: jax.jvp(jax.grad(objective), (v,), (u,))[1])(x, t)
+    t64 = np.asarray(t, np.float64)
+    expected = 2 * np.asarray(b) * (t64 - t64.mean(0)) / 300
+    np.testing.assert_allclose(np.asarray(hvp), expected, rtol=1e-4, atol=1e-7)
