@@ -5,8 +5,15 @@ Four runs train in lockstep on the same batches from the same initialization:
 (`jbn.BatchNorm(axis_name=...)`) and without (each device normalizes its own small batch).
 Every step prints the loss of all four; the end prints their test accuracy. The four runs
 are repeated for each per-device batch size in `per_device_batch` and each seed in `seeds`
-(a seed picks the initialization and the batch order; the train/test split is drawn once,
-with `split_seed`), and the end also prints the mean and spread over the seeds.
+(a seed picks the initialization and the batch order; the train/validation/test split is
+drawn once, with `split_seed`), and the end also prints the mean and spread over the seeds.
+
+Each of the four runs takes its own Adam learning rate at each per-device batch size, chosen
+on the validation split by experiment zero's procedure (`experiments.tuning.choose_rate`): every
+rate of `learning_rates` trains on the tuning seeds (never judged ones), and the rate with the
+best mean final validation accuracy is the run's. The judged seeds then train at their run's
+rate, and the test split is evaluated once per run, after training (until 2026-12-05: every run
+at Adam lr 0.01, trained on all training images).
 
     python -m experiments.sync_bn [--config configs/sync_bn.yaml] [--steps N] [--out DIR]
 
@@ -37,16 +44,19 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jbn
+from experiments.tuning import choose_rate
 
 DEFAULTS: dict[str, Any] = {
     "devices": 8,  # devices to train on (fake CPU devices when there is no accelerator)
     "per_device_batch": [2, 4, 8],  # examples per device and step (an int or a list): small, where sync BN matters
     "steps": 300,
-    "learning_rate": 0.01,  # Adam
+    "learning_rates": [0.0025, 0.005, 0.01, 0.02, 0.04],  # Adam; every run tunes over the whole grid
+    "tuning_seeds": [100, 101, 102],  # initialization and order seeds of the tuning runs
     "bn_momentum": 0.9,
     "widths": [16, 32],  # channels of the conv layers; each is followed by BatchNorm and ReLU
     "test_fraction": 0.2,
-    "split_seed": 0,  # the train/test split (the same for every seed)
+    "num_val": 300,  # validation images, for the rates, taken from the training part
+    "split_seed": 0,  # the train/validation/test split (the same for every seed)
     "seeds": [0, 1, 2, 3, 4, 5, 6, 7, 8, 9],  # each seed: its own initialization and batch order
     "log_every": 1,  # print the four losses every this many steps
     "late_fraction": 0.2,  # the summary's training loss: mean over this last fraction of the steps
@@ -79,8 +89,11 @@ class TrainState(NamedTuple):
     opt_state: Any
 
 
-def load_digits(test_fraction: float, seed: int):
-    """scikit-learn's bundled 8x8 digits as NHWC float32 in [0, 1], split train/test."""
+def load_digits(test_fraction: float, num_val: int, seed: int):
+    """scikit-learn's bundled 8x8 digits as NHWC float32 in [0, 1]: (train, validation,
+    test), each (x, y). The test split is the first `test_fraction` of one permutation (the
+    same images as before the validation split existed); validation, the last `num_val` of
+    the rest."""
     from sklearn.datasets import load_digits as sk_load
 
     d = sk_load()
@@ -88,8 +101,18 @@ def load_digits(test_fraction: float, seed: int):
     y = d.target.astype(np.int32)
     order = np.random.RandomState(seed).permutation(len(y))
     n_test = round(test_fraction * len(y))
-    test, train = order[:n_test], order[n_test:]
-    return (x[train], y[train]), (x[test], y[test])
+    test, rest = order[:n_test], order[n_test:]
+    if not 0 < num_val < len(rest):
+        raise ValueError(f"num_val={num_val}: must leave training images; use 0 < num_val < {len(rest)}.")
+    train, val = rest[:-num_val], rest[-num_val:]
+    return (x[train], y[train]), (x[val], y[val]), (x[test], y[test])
+
+
+def set_learning_rate(opt_state, learning_rate: float):
+    """`opt_state` of `optax.inject_hyperparams(optax.adam)` with its rate replaced: one
+    compiled step per run serves every rate."""
+    rate = np.asarray(learning_rate, np.asarray(opt_state.hyperparams["learning_rate"]).dtype)
+    return opt_state._replace(hyperparams={**opt_state.hyperparams, "learning_rate": rate})
 
 
 def local_loss(model, params, stats, x, y, global_batch):
@@ -133,12 +156,15 @@ def _as_list(value) -> list:
     return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
-def train_one(c: dict, devices, mesh, per_device: int, fns: dict, seed: int, data, log) -> tuple[dict, dict]:
-    """The four runs for one per-device batch size and one seed.
+def train_one(
+    c: dict, devices, mesh, per_device: int, fns: dict, seed: int, rates: dict, data, log
+) -> tuple[dict, dict]:
+    """The four runs for one per-device batch size and one seed, run `name` at Adam rate
+    `rates[name]`; `data`: (train, {split: (x, y)} evaluated after training).
 
-    Returns ({run: per-step training losses}, {run: test accuracy}).
+    Returns ({run: per-step training losses}, {split: {run: accuracy}}).
     """
-    (x_train, y_train), (x_test, y_test) = data
+    (x_train, y_train), evaluated = data
     n = len(devices)
     global_batch = n * per_device
     init, evaluate, compiled = fns["init"], fns["evaluate"], fns["compiled"]
@@ -148,10 +174,11 @@ def train_one(c: dict, devices, mesh, per_device: int, fns: dict, seed: int, dat
     runs = {}
     for name, (step, style) in compiled.items():
         # The state starts where the step leaves it, so the step compiles once.
+        own = set_learning_rate(opt_state, rates[name])
         if style == "shard_map":
-            state = TrainState(place(params, P()), place(copies(stats), P(AXIS)), place(opt_state, P()))
+            state = TrainState(place(params, P()), place(copies(stats), P(AXIS)), place(own, P()))
         else:
-            state = place(copies(TrainState(params, stats, opt_state)), P(AXIS))
+            state = place(copies(TrainState(params, stats, own)), P(AXIS))
         runs[name] = [step, state, style]
 
     rs = np.random.RandomState(seed)
@@ -172,14 +199,15 @@ def train_one(c: dict, devices, mesh, per_device: int, fns: dict, seed: int, dat
         if i % c["log_every"] == 0 or i == c["steps"]:
             log.write(f"step {i:4d}  " + "  ".join(f"{name} {losses[name][-1]:.4f}" for name in runs))
 
-    accuracy = {}
+    accuracy = {split: {} for split in evaluated}
     for name, (_step, state, style) in runs.items():
         params = jax.device_get(state.params)
         if style == "pmap":
             params = jax.tree.map(lambda a: a[0], params)
         stats = jax.tree.map(lambda s: np.asarray(s).mean(0), state.batch_stats)
-        logits = evaluate(params, stats, x_test)
-        accuracy[name] = float(np.mean(np.argmax(np.asarray(logits), -1) == y_test))
+        for split, (x, y) in evaluated.items():
+            logits = evaluate(params, stats, x)
+            accuracy[split][name] = float(np.mean(np.argmax(np.asarray(logits), -1) == y))
     return losses, accuracy
 
 
@@ -198,8 +226,8 @@ class _Log:
 
 
 def run(config: dict, out_dir: pathlib.Path) -> dict:
-    """Train the four runs for every per-device batch size and seed; write metrics.csv
-    and sync_bn.png into `out_dir`.
+    """Tune, then train, the four runs for every per-device batch size and seed; write
+    metrics.csv (judged runs' per-step losses), tuning.csv and sync_bn.png into `out_dir`.
 
     Args:
       config: keys of DEFAULTS (missing ones take the default). `per_device_batch` may be
@@ -211,9 +239,11 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
       `by_batch`: per-device batch -> {"global_batch", and per run (`shard_map_sync`,
       `shard_map_local`, `pmap_sync`, `pmap_local`) lists over the seeds of the final
       loss (`NAME_final_loss`), the mean loss over the last `late_fraction` of the steps
-      (`NAME_late_loss`) and the test accuracy (`NAME_test_accuracy`)}. With a single
-      per-device batch size the top level also has its `global_batch` and, per run, the
-      means over the seeds of those three numbers.
+      (`NAME_late_loss`), the final validation accuracy (`NAME_val_accuracy`) and the
+      test accuracy (`NAME_test_accuracy`)}; `rates`: per-device batch -> {run: chosen
+      rate}; `tuning`: per-device batch -> {run: {rate: validation accuracy per tuning
+      seed}}. With a single per-device batch size the top level also has its
+      `global_batch` and, per run, the means over the seeds of those four numbers.
     """
     unknown = set(config) - set(DEFAULTS) - {"criteria"}  # criteria: judged by experiments.external
     if unknown:
@@ -223,8 +253,12 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
     c = {**DEFAULTS, **config}
     per_devices = [int(b) for b in _as_list(c["per_device_batch"])]
     seeds = [int(s) for s in _as_list(c["seeds"])]
-    if not per_devices or not seeds:
-        raise ValueError("per_device_batch and seeds must not be empty.")
+    tuning_seeds = [int(s) for s in _as_list(c["tuning_seeds"])]
+    grid = [float(lr) for lr in _as_list(c["learning_rates"])]
+    if not per_devices or not seeds or not tuning_seeds or not grid:
+        raise ValueError("per_device_batch, seeds, tuning_seeds and learning_rates must not be empty.")
+    if set(seeds) & set(tuning_seeds):
+        raise ValueError(f"tuning_seeds {sorted(set(seeds) & set(tuning_seeds))} are judged seeds too: use others.")
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -232,9 +266,10 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
     n = len(devices)
     if n < c["devices"]:
         print(f"note: {c['devices']} devices asked for, {n} available ({devices[0].platform}); training on {n}.")
-    data = load_digits(c["test_fraction"], c["split_seed"])
+    train, val, test = load_digits(c["test_fraction"], c["num_val"], c["split_seed"])
 
-    tx = optax.adam(c["learning_rate"])
+    # The rate lives in the optimizer state (set per run by `set_learning_rate`).
+    tx = optax.inject_hyperparams(optax.adam)(learning_rate=grid[0])
     mesh = Mesh(np.array(devices), (AXIS,))
     local_model = ConvNet(tuple(c["widths"]), c["bn_momentum"], None)
 
@@ -251,6 +286,8 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
         "seeds": seeds,
         "per_device_batch": per_devices,
         "by_batch": {},
+        "rates": {},
+        "tuning": {},
     }
     losses_by: dict[int, dict[str, np.ndarray]] = {}
     late_steps = max(1, int(c["steps"] * c["late_fraction"]))
@@ -267,16 +304,30 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
                 )
                 compiled[f"{style}_{'sync' if sync else 'local'}"] = (step, style)
         fns = {"init": init, "evaluate": evaluate, "compiled": compiled}
+        tuning: dict[str, dict[float, list[float]]] = {name: {lr: [] for lr in grid} for name in RUNS}
+        for lr in grid:  # the four runs in lockstep at each rate, scored on the validation split
+            for seed in tuning_seeds:
+                log.write(f"-- tuning {per_device} examples per device, lr {lr:g}, seed {seed}")
+                _, accuracy = train_one(
+                    c, devices, mesh, per_device, fns, seed, dict.fromkeys(RUNS, lr), (train, {"val": val}), log
+                )
+                for name in RUNS:
+                    tuning[name][lr].append(accuracy["val"][name])
+        rates = {name: choose_rate({lr: np.asarray(a) for lr, a in tuning[name].items()}) for name in RUNS}
+        summary["rates"][per_device], summary["tuning"][per_device] = rates, tuning
         per_seed_losses = {name: [] for name in RUNS}
         numbers: dict[str, Any] = {"global_batch": global_batch}
         for seed in seeds:
-            log.write(f"-- {per_device} examples per device (global batch {global_batch}), seed {seed}")
-            losses, accuracy = train_one(c, devices, mesh, per_device, fns, seed, data, log)
+            log.write(f"-- {per_device} examples per device (global batch {global_batch}), seed {seed}, rates {rates}")
+            losses, accuracy = train_one(
+                c, devices, mesh, per_device, fns, seed, rates, (train, {"val": val, "test": test}), log
+            )
             for name in RUNS:
                 per_seed_losses[name].append(losses[name])
                 numbers.setdefault(f"{name}_final_loss", []).append(losses[name][-1])
                 numbers.setdefault(f"{name}_late_loss", []).append(float(np.mean(losses[name][-late_steps:])))
-                numbers.setdefault(f"{name}_test_accuracy", []).append(accuracy[name])
+                numbers.setdefault(f"{name}_val_accuracy", []).append(accuracy["val"][name])
+                numbers.setdefault(f"{name}_test_accuracy", []).append(accuracy["test"][name])
         losses_by[per_device] = {name: np.asarray(v) for name, v in per_seed_losses.items()}  # (seeds, steps)
         summary["by_batch"][per_device] = numbers
 
@@ -286,7 +337,7 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
         for name in RUNS:
             acc, loss = np.asarray(numbers[f"{name}_test_accuracy"]), np.asarray(numbers[f"{name}_final_loss"])
             print(
-                f"  {name:16s} final loss {loss.mean():.4f} ± {loss.std():.4f}  "
+                f"  {name:16s} lr {summary['rates'][per_device][name]:g}  final loss {loss.mean():.4f} ± {loss.std():.4f}  "
                 f"test accuracy {acc.mean():.4f} ± {acc.std():.4f}  (per seed: {', '.join(f'{a:.3f}' for a in acc)})"
             )
     if len(per_devices) == 1:
@@ -316,6 +367,15 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
                         *(f"{losses[name][k, i]:.6f}" for name in RUNS for k in range(len(seeds))),
                     ]
                 )
+    with open(out_dir / "tuning.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["per_device_batch", "run", "learning_rate", "seed", "val_accuracy", "chosen"])
+        for per_device, tuning in summary["tuning"].items():
+            for name, by_rate in tuning.items():
+                for lr, accuracies in by_rate.items():
+                    chosen = int(lr == summary["rates"][per_device][name])
+                    for seed, acc in zip(tuning_seeds, accuracies):
+                        w.writerow([per_device, name, f"{lr:g}", seed, f"{acc:.6f}", chosen])
     plot(losses_by, summary, n, devices[0].platform, out_dir / "sync_bn.png")
     return summary
 

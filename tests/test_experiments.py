@@ -329,7 +329,15 @@ def test_sync_bn_report_judges_the_configs_criteria_paired_by_seed(tmp_path):
         numbers[f"{style}_local_late_loss"] = [0.50, 0.52, 0.51]  # local - sync = 0.40, 0.41, 0.39
         for sync in ("sync", "local"):
             numbers[f"{style}_{sync}_final_loss"] = [0.1, 0.1, 0.1]
-    result = {"devices": 8, "seeds": [0, 1, 2], "per_device_batch": [2], "by_batch": {2: numbers}}
+    runs = [f"{style}_{sync}" for style in ("shard_map", "pmap") for sync in ("sync", "local")]
+    result = {
+        "devices": 8,
+        "seeds": [0, 1, 2],
+        "per_device_batch": [2],
+        "by_batch": {2: numbers},
+        "rates": {2: dict.fromkeys(runs, 0.01)},
+        "tuning": {2: {name: {0.005: [0.9], 0.01: [0.95]} for name in runs}},
+    }
     committed = cfg.load(registry.config_path("sync_bn"), registry.load_module("sync_bn").DEFAULTS)
     config = {**committed, "criteria": [c for c in committed["criteria"] if "b2_" in c["id"]]}
     out = external.sync_bn(config, result, tmp_path)
@@ -604,7 +612,7 @@ def test_init_and_order_seed_offset_moves_every_judged_seed_and_nothing_else():
         ("batch_order", ["order_seeds", "init_seed"], []),
         ("init_scale", ["seeds", "draw_order_seed"], []),
         ("small_batches", ["seeds", "ghost_seeds"], []),
-        ("sync_bn", ["seeds"], ["split_seed"]),
+        ("sync_bn", ["seeds"], ["split_seed", "tuning_seeds"]),
     ):
         _, _, base = cli.resolve(registry.config_path(name))
         _, _, rerun = cli.resolve(registry.config_path(name), run_all.seed_overrides(name, 1000))

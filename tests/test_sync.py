@@ -516,7 +516,9 @@ def test_sync_bn_example_runs_at_tiny_size(tmp_path):
     with open(pathlib.Path(__file__).resolve().parents[1] / "configs" / "sync_bn.yaml") as f:
         assert set(yaml.safe_load(f)) - {"criteria"} == set(sync_bn.DEFAULTS)  # criteria: the protocol's block
     config = tmp_path / "tiny.yaml"
-    config.write_text("devices: 4\nper_device_batch: 2\nwidths: [4]\n")
+    config.write_text(
+        "devices: 4\nper_device_batch: 2\nwidths: [4]\nseeds: [0, 1]\nlearning_rates: [0.005, 0.01]\ntuning_seeds: [100]\n"
+    )
     summary = sync_bn.main(["--config", str(config), "--steps", "3", "--out", str(tmp_path / "out")])
 
     runs = ("shard_map_sync", "shard_map_local", "pmap_sync", "pmap_local")
@@ -534,6 +536,15 @@ def test_sync_bn_example_runs_at_tiny_size(tmp_path):
             float(rows[0][f"shard_map_{sync}_loss"]), float(rows[0][f"pmap_{sync}_loss"]), rtol=1e-5
         )
     assert (tmp_path / "out" / "sync_bn.png").stat().st_size > 0
+    # Each run's rate is the best mean validation accuracy of its tuning runs (ties: the smaller).
+    with open(tmp_path / "out" / "tuning.csv") as f:
+        tuning = list(csv.DictReader(f))
+    assert len(tuning) == 4 * 2 * 1
+    for name in runs:
+        scores = {float(r["learning_rate"]): float(r["val_accuracy"]) for r in tuning if r["run"] == name}
+        best = max(sorted(scores), key=lambda lr: (scores[lr], -lr))
+        assert summary["rates"][2][name] == best
+        assert [float(r["learning_rate"]) for r in tuning if r["run"] == name and r["chosen"] == "1"] == [best]
 
 
 def test_flax_pmean_is_wrong_with_uneven_masks_where_jbn_is_exact():
