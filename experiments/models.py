@@ -261,22 +261,25 @@ class ConvNet(nn.Module):
       num_classes: output logits.
       norm: the normalization of every block.
       pool_after: indices of the blocks followed by 2x max-pooling.
+      weight_init: kernel initializer of every conv and the classifier, a key of INITS.
     """
 
     channels: tuple[int, ...]
     num_classes: int
     norm: NormSpec = NormSpec("none")
     pool_after: tuple[int, ...] = (1,)
+    weight_init: str = "lecun"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         """x: (N, H, W, C) or (N, L, C); returns (N, num_classes) logits."""
         spatial = x.ndim - 2
         for i, c in enumerate(self.channels):
-            x = nn.Conv(c, (3,) * spatial, use_bias=not self.norm.normalizes, name=f"conv_{i}")(x)
+            init = INITS[self.weight_init]
+            x = nn.Conv(c, (3,) * spatial, use_bias=not self.norm.normalizes, kernel_init=init, name=f"conv_{i}")(x)
             self.sow("intermediates", f"norm_input_{i}", x)
             x = nn.relu(Norm(self.norm, name=f"norm_{i}")(x, train))
             if i in self.pool_after:
                 x = nn.max_pool(x, (2,) * spatial, strides=(2,) * spatial)
         x = x.mean(axis=tuple(range(1, 1 + spatial)))
-        return nn.Dense(self.num_classes, name="head")(x)
+        return nn.Dense(self.num_classes, kernel_init=INITS[self.weight_init], name="head")(x)

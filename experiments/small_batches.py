@@ -4,7 +4,11 @@
 normalization sees only 2-4 examples, while GroupNorm (statistics over groups of channels
 and the spatial positions of one example, so no batch dependence) and Batch Renorm
 (batch statistics corrected towards the running ones) degrade less. Run on a conv net, so
-GroupNorm normalizes over channels x space as Wu & He define it.
+GroupNorm normalizes over channels x space as Wu & He define it: a plain 16-layer 1-D conv
+net on experiment zero's MNIST-1D, where BN is shown to help (an un-normalized arm at the
+largest batch), every arm (norm and batch) at its own rate tuned on the validation split,
+the test split once per run (until 2026-12-05: a 2-layer conv net on the 8x8 digits, where
+BN was not shown to help, one linearly scaled rate, read on the test split).
 (B) Ghost BN is Hoffer et al. 2017's ("Train longer, generalize better") remedy for LARGE
 batches: statistics over small virtual batches inside a large optimizer batch close part of
 the generalization gap of large-batch training. It is not a small-batch remedy, so it is
@@ -22,7 +26,6 @@ import numpy as np
 from experiments import data as datasets
 from experiments import features, report, testbed
 from experiments.models import ConvNet, NormSpec, renorm_ramp
-from experiments.training import fit, make_optimizer
 
 NAME = "small_batches"
 # The testbed settings part B takes from experiment zero (as ghost_<key>).
@@ -40,19 +43,21 @@ TESTBED_KEYS = (
     "seeds",
 )
 DEFAULTS = {
-    # (A) small statistics batches, conv net
-    "data": "digits_image",
-    "channels": [8, 16],
-    "pool_after": [0],
+    # (A) small statistics batches: a plain 1-D conv net on experiment zero's data
+    **{k: testbed.DEFAULTS[k] for k in ("num_train", "num_val", "num_test", "data_seed")},
+    "channels": [16] * 16,
+    "pool_after": [1, 3, 5, 7],
+    "weight_init": "he",  # variance 2/fan_in: the variance-preserving scale for ReLU
     "norms": ["bn", "renorm", "group"],
     "statistics_batch_sizes": [2, 4, 32],
+    "reference_norm": "none",  # also trained at the largest batch: does BN help on this net?
     # Every arm takes the same number of updates (until 2026-12-04: the same 3 epochs, so batch 2
-    # took 16x the updates of batch 32); 2157 steps are 3 epochs at batch 2, 48 at batch 32.
-    "steps": 2157,
+    # took 16x the updates of batch 32).
+    "steps": 1000,
     "evaluations": 5,  # per run
     "optimizer": "momentum",
-    "learning_rate": 0.2,  # at batch `reference_batch_size`; scaled linearly with the batch
-    "reference_batch_size": 32,
+    "learning_rates": [0.0003, 0.001, 0.003, 0.01, 0.03, 0.1],  # every (norm, batch) tunes over the whole grid
+    "tuning_seeds": [100, 101, 102],
     "bn_momentum": 0.99,
     "group_size": 4,  # channels per group
     "renorm_r_max": 3.0,
@@ -69,12 +74,16 @@ DEFAULTS = {
     "ghost_learning_rates": [0.003, 0.01, 0.03, 0.1, 0.3, 1.0],
 }
 TINY = {
+    **{k: testbed.TINY[k] for k in ("num_train", "num_val", "num_test")},
     "statistics_batch_sizes": [2],
     "steps": 2,
     "seeds": [0, 1],
     "evaluations": 1,
     "channels": [4],
+    "pool_after": [0],
     "group_size": 2,
+    "learning_rates": [0.01],
+    "tuning_seeds": [100],
     **{f"ghost_{k}": v for k, v in testbed.TINY.items() if k in TESTBED_KEYS},
     "ghost_epochs": 0.5,
     "large_batch": 64,
@@ -87,7 +96,7 @@ CLAIM = (
     "2018; Ioffe 2017). (B) With a large optimizer batch, ghost BN (small virtual statistics batches) generalizes "
     "better than plain BN (Hoffer et al. 2017)."
 )
-LABELS = {"bn": "BN", "renorm": "Batch Renorm", "group": "GroupNorm"}
+LABELS = {"bn": "BN", "renorm": "Batch Renorm", "group": "GroupNorm", "none": "no norm"}
 
 
 def ramp_text(ramp) -> str:
@@ -98,43 +107,42 @@ def ramp_text(ramp) -> str:
 
 def run(config: dict, out_dir: pathlib.Path) -> dict:
     out_dir = pathlib.Path(out_dir)
-    data = datasets.load(config["data"])
+    data = datasets.mnist1d_splits(
+        config["num_train"], config["num_val"], config["num_test"], seed=config["data_seed"], layout="sequence"
+    )
     sizes = config["statistics_batch_sizes"]
-    acc, status, rows = {}, {}, []
-    for kind in config["norms"]:
+    largest = max(sizes)
+    arms = [(kind, b) for kind in config["norms"] for b in sizes] + [(config["reference_norm"], largest)]
+    acc, tuned, status, rows = {}, {}, {}, []
+    for kind, b in arms:
         status[kind] = features.waiting_for_norm(kind)
         if status[kind]:  # the arm needs a jbn feature that has not landed: no number, a marker
-            for b in sizes:
-                rows += report.waiting_rows(status[kind], norm=kind, statistics_batch=b)
+            rows += report.waiting_rows(status[kind], part="A", norm=kind, statistics_batch=b)
             continue
-        for b in sizes:
-            steps = config["steps"]
-            spec = NormSpec(
-                kind,
-                momentum=config["bn_momentum"],
-                group_size=config["group_size"],
-                r_max=config["renorm_r_max"],
-                d_max=config["renorm_d_max"],
-                renorm_ramp=renorm_ramp(config["renorm_ramp"], steps),
-            )
-            lr = config["learning_rate"] * b / config["reference_batch_size"]
-            model = ConvNet(
-                tuple(config["channels"]), data.num_classes, norm=spec, pool_after=tuple(config["pool_after"])
-            )
-            r = fit(
-                model,
-                make_optimizer(config["optimizer"], lr),
-                data,
-                seeds=config["seeds"],
-                steps=steps,
-                batch_size=b,
-                eval_every=max(1, steps // config["evaluations"]),
-                desc=f"{LABELS[kind]} b={b}",
-                vmap_seeds=False,
-                scan_steps=True,
-            )
-            acc[kind, b] = r.final("test_accuracy")
-            rows += r.rows(part="A", norm=kind, statistics_batch=b, batch=b, learning_rate=lr)
+        steps = config["steps"]
+        spec = NormSpec(
+            kind,
+            momentum=config["bn_momentum"],
+            group_size=config["group_size"],
+            r_max=config["renorm_r_max"],
+            d_max=config["renorm_d_max"],
+            renorm_ramp=renorm_ramp(config["renorm_ramp"], steps),
+        )
+        model = ConvNet(
+            tuple(config["channels"]),
+            data.final.num_classes,
+            norm=spec,
+            pool_after=tuple(config["pool_after"]),
+            weight_init=config["weight_init"],
+        )
+        arm_config = {
+            **{k: config[k] for k in ("optimizer", "steps", "learning_rates", "tuning_seeds", "seeds")},
+            "batch_size": b,
+            "eval_every": max(1, steps // config["evaluations"]),
+        }
+        tuned[kind, b] = t = testbed.tune_and_judge(arm_config, f"{LABELS[kind]} b={b}", model, data)
+        acc[kind, b] = t.test["accuracy"]
+        rows += [{**row, "part": "A", "norm": kind, "statistics_batch": b, "batch": b} for row in t.rows]
 
     # (B) ghost BN at a large optimizer batch vs plain BN at the same batch (and BN at the small
     # batch for reference), the same number of epochs, each arm's rate tuned on validation.
@@ -163,13 +171,20 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
         rows += [{**row, "part": "B", "batch": batch} for row in t.rows]
     report.write_metrics(out_dir, rows)
 
+    def cell(kind, b) -> str:
+        if (kind, b) not in acc:
+            return "waiting" if status.get(kind) else "-"
+        return f"{report.fmt_seeds(acc[kind, b])} (lr {tuned[kind, b].rate:g})"
+
     table = report.markdown_table(
-        ["(A) norm, conv net"] + [f"stat. batch {b}" for b in sizes],
+        ["(A) norm, conv net: test acc (its tuned rate)"] + [f"stat. batch {b}" for b in sizes],
         [
-            [LABELS[k] + (f" ({status[k]})" if status[k] else "")]
-            + ["waiting" if status[k] else report.fmt_seeds(acc[k, b]) for b in sizes]
-            for k in config["norms"]
+            [LABELS[k] + (f" ({status[k]})" if status[k] else "")] + [cell(k, b) for b in sizes]
+            for k in [*config["norms"], config["reference_norm"]]
         ],
+    )
+    table += "\n\n(A) each arm's rate:\n\n" + testbed.tuning_table(
+        {f"{LABELS[k]} b={b}": t for (k, b), t in tuned.items()}, config["learning_rates"]
     )
     table += "\n\n" + testbed.tuning_table(ghost, config["ghost_learning_rates"])
     table += "\n\n" + report.markdown_table(
@@ -180,13 +195,15 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
         ],
     )
     small = [b for b in sizes if b <= 4] or [min(sizes)]
-    largest = max(sizes)
 
     quantities = {}
     for kind in config["norms"]:
         if not status[kind]:
             # per seed: accuracy at the largest statistics batch minus the mean over batches <= 4
             quantities[f"drop/{kind}"] = acc[kind, largest] - np.mean([acc[kind, b] for b in small], axis=0)
+    for kind in (*config["norms"], config["reference_norm"]):
+        if (kind, largest) in acc:
+            quantities[f"test_acc/{kind}_b{largest}"] = acc[kind, largest]
     for arm, key in (
         ("BN, large batch", "bn_large"),
         ("ghost BN, large batch", "ghost_large"),
@@ -204,7 +221,23 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
         means = [np.mean(acc[kind, b]) for b in sizes]
         stds = [report.mean_std(acc[kind, b])[1] for b in sizes]
         ax.errorbar(sizes, means, yerr=np.nan_to_num(stds), marker="o", capsize=3, label=LABELS[kind])
-    ax.set(xlabel="examples per statistics batch", ylabel="final test accuracy", title="(A) conv net, small batches")
+    reference = config["reference_norm"]
+    if (reference, largest) in acc:
+        ax.errorbar(
+            [largest],
+            [np.mean(acc[reference, largest])],
+            yerr=[np.nan_to_num(report.mean_std(acc[reference, largest])[1])],
+            marker="x",
+            color="k",
+            capsize=3,
+            ls="none",
+            label=f"no norm (batch {largest})",
+        )
+    ax.set(
+        xlabel="examples per statistics batch",
+        ylabel="test accuracy (mean ± sample SD)",
+        title="(A) 16-layer conv net, small batches",
+    )
     report.log_ticks(ax, sizes)
     ax.legend(fontsize=7)
     ax = axes[0, 1]
@@ -221,18 +254,23 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
     part_b = testbed.describe(
         base | {"learning_rates": config["ghost_learning_rates"]}, gdata, f"{base['optimizer']} (0.9)"
     )
+    n_train = len(data.tuning.y_train)
     setup = (
-        f"(A) {data.name}; conv net {config['channels']} channels (3x3, the norm before each ReLU, max-pool after block(s) "
-        f"{config['pool_after']}, global average pool); {config['steps']} updates for every arm (so "
-        f"{config['steps'] * min(sizes) / len(data.y_train):.1f} epochs at batch {min(sizes)}, "
-        f"{config['steps'] * max(sizes) / len(data.y_train):.1f} at batch {max(sizes)}); {config['optimizer']} with "
-        f"lr {config['learning_rate']} x batch/{config['reference_batch_size']} (linear scaling); seeds {config['seeds']} "
-        f"(paired across batch sizes: the drop is taken per seed). BN = jbn.BatchNorm (per channel over N, H, W), Batch "
+        f"(A) {data.final.name.rsplit(',', 1)[0]} (train / validation / test; mnist1d.data.make_dataset seed "
+        f"{config['data_seed']}, experiment zero's data); a plain 1-D conv net of {len(config['channels'])} blocks of "
+        f"{config['channels'][0]} channels (length-3 convolutions, {config['weight_init']} init, the norm before each "
+        f"ReLU, max-pool after blocks {config['pool_after']}, global average pool, no skip connections); "
+        f"{config['steps']} updates for every arm (so {config['steps'] * min(sizes) / n_train:.2f} epochs at batch "
+        f"{min(sizes)}, {config['steps'] * max(sizes) / n_train:.2f} at batch {max(sizes)}); {config['optimizer']} "
+        f"(0.9), every arm (norm and batch) at its own rate: each rate of {config['learning_rates']} on tuning seeds "
+        f"{config['tuning_seeds']}, the best mean final validation accuracy; judged seeds {config['seeds']} (paired "
+        f"across batch sizes and norms: the drop is taken per seed), the test split read once per run. The same net "
+        f"without normalization at batch {largest} shows whether BN helps here. BN = jbn.BatchNorm (per channel over N, L), Batch "
         f"Renorm = jbn.BatchRenorm (r_max {config['renorm_r_max']}, d_max {config['renorm_d_max']}, "
         f"{ramp_text(config['renorm_ramp'])}), GroupNorm = flax.linen.GroupNorm with {config['group_size']} channels per "
         f"group, normalizing each example over its group's channels and all spatial positions (Wu & He's definition); "
         f"every arm trains with batches of the statistics size. Test accuracy with the running statistics (GroupNorm has "
-        f"none). Drop = accuracy at batch {largest} minus the mean over batches {small}. (B) "
+        f"none). Drop = test accuracy at batch {largest} minus the mean over batches {small}. (B) "
         f"{part_b} "
         f"Here the batch and steps differ by arm: {config['ghost_epochs']} epochs each, batch {large} with plain BN vs "
         f"batch {large} with ghost BN (jbn.BatchNorm(virtual_batch_size={small_b})), and batch {small_b} with BN for "
