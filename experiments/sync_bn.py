@@ -50,7 +50,7 @@ DEFAULTS: dict[str, Any] = {
     "devices": 8,  # devices to train on (fake CPU devices when there is no accelerator)
     "per_device_batch": [2, 4, 8],  # examples per device and step (an int or a list): small, where sync BN matters
     "steps": 300,
-    "learning_rates": [0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16],  # Adam; every run tunes over the whole grid
+    "learning_rates": [0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32],  # Adam; every run tunes over the whole grid
     "tuning_seeds": [100, 101, 102],  # initialization and order seeds of the tuning runs
     "bn_momentum": 0.9,
     "widths": [16, 32],  # channels of the conv layers; each is followed by BatchNorm and ReLU
