@@ -740,9 +740,9 @@ def _report_section(readme: str, number: int) -> str:
 @pytest.mark.parametrize("entry", registry.EXPERIMENTS, ids=NAMES)
 def test_report_tables_state_what_the_committed_summaries_say(entry):
     """experiments/README.md against results/NAME/summary.md: the overview row and the section's
-    verdict line give the summary's verdict and part verdicts; every criterion row gives the
-    summary's measured text and mark; every table whose header is the summary's has the
-    summary's numbers. Reads text only (no training)."""
+    verdict line give the summary's verdict and part verdicts; every criterion of the summary has
+    a row, and every criterion row gives the summary's measured text and mark; every table whose
+    header is the summary's has the summary's numbers. Reads text only (no training)."""
     readme = (registry.ROOT / "experiments" / "README.md").read_text()
     summary = (registry.ROOT / "experiments" / "results" / entry.name / "summary.md").read_text()
     verdict = re.search(r"^## Verdict: (.*)$", summary, re.M).group(1)
@@ -761,11 +761,12 @@ def test_report_tables_state_what_the_committed_summaries_say(entry):
     summary_tables = _markdown_tables(summary)
     summary_headers = {tuple(t[0]) for t in summary_tables}
     criteria = {row[0].split(": ")[-1]: row for t in summary_tables if t[0][0] == "id" for row in t[1:]}
-    checked = 0
+    checked, rows = 0, set()
     for table in _markdown_tables(section):
         if table[0][0] == "criterion":
             for row in table[1:]:
                 cid = row[0].split(": ")[-1]
+                rows.add(cid)
                 if entry.name == "bn_benefit":  # its section words the measured column itself: tested above
                     assert cid in criteria and f"**{criteria[cid][-1]}**" == row[-1], cid
                 else:
@@ -777,6 +778,7 @@ def test_report_tables_state_what_the_committed_summaries_say(entry):
                 assert "| " + " | ".join(row) + " |" in summary, (entry.name, row)
                 checked += 1
     assert checked, f"{entry.name}: no table of its section was checked against its summary"
+    assert rows == set(criteria), (entry.name, "criteria without a row:", sorted(set(criteria) - rows))
 
 
 def test_criteria_figure_is_drawn_only_for_a_summary_judged_on_the_configs_criteria():
