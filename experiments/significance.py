@@ -64,6 +64,25 @@ def sign_p(values: Sequence[float], threshold: float, greater: bool) -> float:
     return sum(math.comb(m, i) for i in range(k, m + 1)) / 2**m
 
 
+def median_interval(values: Sequence[float], level: float = 0.95) -> tuple[float, float]:
+    """A distribution-free confidence interval of the median: the order statistics
+    (x_(k), x_(n+1-k)), k the largest rank with P(Binomial(n, 1/2) < k) <= (1 - level) / 2,
+    so the coverage is at least `level` whatever the distribution; (nan, nan) when n is too
+    small for any such k (n < 6 at 95%)."""
+    v = np.sort(_finite(values))
+    n = v.size
+    tail = (1.0 - level) / 2.0
+    below, k = 0.0, 0  # below: P(Binomial(n, 1/2) < k + 1)
+    while k < n // 2:
+        below += math.comb(n, k) / 2**n
+        if below > tail:
+            break
+        k += 1
+    if k == 0:
+        return math.nan, math.nan
+    return float(v[k - 1]), float(v[n - k])
+
+
 def permutation_p(values: Sequence[float], threshold: float, greater: bool) -> float:
     """One-sided p-value of the paired sign-flip permutation test of the mean of
     values - threshold: the share of sign patterns whose mean is at least the observed one."""

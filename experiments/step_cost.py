@@ -22,7 +22,7 @@ import numpy as np
 
 from benchmarks.timing import interleaved
 from experiments import data as datasets
-from experiments import report
+from experiments import report, significance
 from experiments.models import MLP, ConvNet, NormSpec
 from experiments.training import init_state, make_optimizer, make_train_step
 
@@ -66,6 +66,12 @@ def step_call(kind: str, size: str):
     return lambda: jax.block_until_ready(step(state, x, y, key))
 
 
+def ratio_text(ratios: np.ndarray) -> str:
+    """The median of per-round ratios with its distribution-free 95% interval (order statistics)."""
+    low, high = significance.median_interval(ratios)
+    return f"{np.median(ratios):.3f} [{low:.3f}, {high:.3f}]"
+
+
 def run(config: dict, out_dir: pathlib.Path) -> dict:
     out_dir = pathlib.Path(out_dir)
     timings, rows = {}, []
@@ -85,14 +91,14 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
     report.write_metrics(out_dir, rows)
 
     table = report.markdown_table(
-        ["size", "arm", "median ms per step (IQR)", "per-round ratio to no norm (median)"],
+        ["size", "arm", "median ms per step (IQR)", "per-round ratio to no norm: median [95% CI]"],
         [
             (
                 size,
                 arm,
                 f"{1e3 * np.median(timings[size, k]):.3f} ({1e3 * np.percentile(timings[size, k], 25):.3f}-"
                 f"{1e3 * np.percentile(timings[size, k], 75):.3f})",
-                f"{np.median(timings[size, k] / timings[size, 'none']):.3f}",
+                ratio_text(timings[size, k] / timings[size, "none"]),
             )
             for size in config["sizes"]
             for arm, k in ARMS.items()
@@ -122,7 +128,8 @@ def run(config: dict, out_dir: pathlib.Path) -> dict:
         f"shuffled order after a {config['settle_s'] * 1e3:g} ms pause, a sample being the mean of back-to-back steps "
         f"lasting at least {config['min_sample_s'] * 1e3:g} ms. Rounds pair the arms (a slow period of the machine hits "
         f"all arms of a round), so ratios are taken round by round. CPU backend, {os.cpu_count()} cores visible, shared "
-        f"with other jobs: absolute times are noisy, the per-round ratios less so."
+        f"with other jobs: absolute times are noisy, the per-round ratios less so. The interval of a median ratio is "
+        f"distribution-free (order statistics: coverage at least 95% whatever the ratios' distribution)."
     )
     return report.finish(
         NAME,

@@ -352,6 +352,25 @@ def test_sync_bn_report_judges_the_configs_criteria_paired_by_seed(tmp_path):
 # ------------------------------------------------------------------ statistics protocol
 
 
+@pytest.mark.parametrize("n", range(1, 61))
+def test_median_interval_is_the_widest_order_statistic_pair_with_95_percent_coverage(n):
+    """significance.median_interval against scipy's binomial distribution: (x_(k), x_(n+1-k))
+    covers the median with probability 1 - 2 P(B <= k - 1), B ~ Binomial(n, 1/2); k is the
+    largest rank for which that is at least 95% (nan where no k is: n < 6)."""
+    from scipy import stats
+
+    values = np.random.default_rng(n).standard_cauchy(n)  # heavy-tailed: no moment assumption
+    low, high = significance.median_interval(values)
+    ranks = [k for k in range(1, n // 2 + 1) if 1 - 2 * stats.binom.cdf(k - 1, n, 0.5) >= 0.95]
+    if not ranks:
+        assert np.isnan(low) and np.isnan(high)
+        return
+    k, ordered = max(ranks), np.sort(values)
+    assert (low, high) == (ordered[k - 1], ordered[n - k])
+    if n in (10, 30):  # the textbook ranks: (2, 9) for 10, (10, 21) for 30
+        assert k == {10: 2, 30: 10}[n]
+
+
 def criterion(**kw):
     base = {
         "id": "c",
