@@ -190,11 +190,14 @@ def formulation(platform: str) -> Formulation:
     return FORMULATIONS[platform]()
 
 
-def batch_formulation(platform: str) -> BatchFormulation:
-    """`BATCH_FORMULATIONS`' entry for `platform`, else `Local.moments()` of its `FORMULATIONS` entry."""
+def batch_formulation(platform: str) -> tuple[Callable, BatchFormulation]:
+    """(what it is built on, the formulation): `BATCH_FORMULATIONS`' entry for `platform`,
+    else `Local.moments()` of its `FORMULATIONS` entry (built on that entry)."""
     if platform in BATCH_FORMULATIONS:
-        return BATCH_FORMULATIONS[platform]()
-    return partial(_local_then_moments, formulation(platform))
+        f = BATCH_FORMULATIONS[platform]()
+        return f, f
+    local = formulation(platform)
+    return local, partial(_local_then_moments, local)
 
 
 def _local_then_moments(f: Formulation, x: Array, layout: Layout, dtype) -> Moments:
@@ -203,33 +206,37 @@ def _local_then_moments(f: Formulation, x: Array, layout: Layout, dtype) -> Mome
 
 def platform_moments(x: Array, layout: Layout, dtype) -> Local:
     """This participant's statistics, in the formulation of the platform the program is
-    lowered for (`jax.lax.platform_dependent`; complex data, and symbolic sizes under
-    `jax.export`: the cpu one everywhere, since every branch is traced and a reduction
-    computation cannot close over a symbolic size)."""
-    symbolic = not all(isinstance(d, int) for d in x.shape)
-    if symbolic or jnp.iscomplexobj(x) or jnp.issubdtype(dtype, jnp.complexfloating):
-        return local_moments(x, layout, dtype)
-    cpu = formulation("cpu")
-    others = {platform: formulation(platform) for platform in FORMULATIONS if platform != "cpu"}
-    if all(f is cpu for f in others.values()):
-        return cpu(x, layout, dtype)
-    branches = {platform: partial(_call, f, layout, dtype) for platform, f in others.items()}
-    return lax.platform_dependent(x, default=partial(_call, cpu, layout, dtype), **branches)
+    lowered for (`_on_platform`)."""
+    return _on_platform(x, layout, dtype, _plain_formulation, local_moments)
 
 
 def platform_batch_moments(x: Array, layout: Layout, dtype) -> Moments:
     """The `Moments` of one participant that holds the whole batch, in the formulation of
-    the platform the program is lowered for (`batch_formulation`; as `platform_moments`
-    otherwise): the same values as `platform_moments(...).moments()`."""
+    the platform the program is lowered for (`batch_formulation`, `_on_platform`): the same
+    values as `platform_moments(...).moments()`."""
+    return _on_platform(x, layout, dtype, batch_formulation, partial(_local_then_moments, local_moments))
+
+
+def _plain_formulation(platform: str) -> tuple[Formulation, Formulation]:
+    f = formulation(platform)
+    return f, f
+
+
+def _on_platform(x: Array, layout: Layout, dtype, pick: Callable[[str], tuple[Callable, Callable]], portable: Callable):
+    """`pick(platform)`'s formulation (the second of the pair) of the platform the program is
+    lowered for (`jax.lax.platform_dependent`), one call where every platform's is built on
+    the same one (the first of the pair). Complex data, and symbolic sizes under `jax.export`:
+    `portable` everywhere, since every branch is traced and a reduction computation cannot
+    close over a symbolic size."""
     symbolic = not all(isinstance(d, int) for d in x.shape)
     if symbolic or jnp.iscomplexobj(x) or jnp.issubdtype(dtype, jnp.complexfloating):
-        return local_moments(x, layout, dtype).moments()
-    cpu = formulation("cpu")
-    others = [p for p in FORMULATIONS if p != "cpu"]
-    if not BATCH_FORMULATIONS and all(formulation(p) is cpu for p in others):
-        return cpu(x, layout, dtype).moments()
-    branches = {p: partial(_call, batch_formulation(p), layout, dtype) for p in others}
-    return lax.platform_dependent(x, default=partial(_call, batch_formulation("cpu"), layout, dtype), **branches)
+        return portable(x, layout, dtype)
+    chosen = {platform: pick(platform) for platform in FORMULATIONS}
+    base, default = chosen.pop("cpu")
+    if all(built_on is base for built_on, _ in chosen.values()):
+        return default(x, layout, dtype)
+    branches = {platform: partial(_call, f, layout, dtype) for platform, (_, f) in chosen.items()}
+    return lax.platform_dependent(x, default=partial(_call, default, layout, dtype), **branches)
 
 
 def _call(f: Callable, layout: Layout, dtype, x: Array) -> Any:

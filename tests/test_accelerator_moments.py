@@ -205,9 +205,17 @@ def test_gpu_kernel_merges_many_chunks_exactly():
     )
 
 
-def test_gpu_kernel_second_order_derivative():
-    """Hessian-vector product of sum(b * var) through the kernel's custom JVP, against the
-    closed form: d2/dx2 of b * var applied to t is 2 b (t - mean(t)) / n."""
+@pytest.mark.parametrize(
+    "variance",
+    [
+        pytest.param(lambda v, layout: FORMULATIONS["cuda"](v, layout, jnp.float32).moments().var, id="local"),
+        pytest.param(lambda v, layout: BATCH_FORMULATIONS["cuda"](v, layout, jnp.float32).var, id="one_participant"),
+    ],
+)
+def test_gpu_kernel_second_order_derivative(variance):
+    """Hessian-vector product of sum(b * var) through the kernel's custom JVP (the `Local`
+    entry's, and the single-participant entry's), against the closed form: d2/dx2 of
+    b * var applied to t is 2 b (t - mean(t)) / n."""
     rng = np.random.default_rng(5)
     x = jnp.asarray(rng.normal(size=(300, 3)) * 2 + 1, jnp.float32)
     t = jnp.asarray(rng.normal(size=(300, 3)), jnp.float32)
@@ -215,7 +223,7 @@ def test_gpu_kernel_second_order_derivative():
     layout = _options.resolve(x, -1, None)
 
     def objective(v):
-        return jnp.sum(b * FORMULATIONS["cuda"](v, layout, jnp.float32).moments().var)
+        return jnp.sum(b * variance(v, layout))
 
     hvp = jax.jit(lambda v, u: jax.jvp(jax.grad(objective), (v,), (u,))[1])(x, t)
     t64 = np.asarray(t, np.float64)
@@ -291,21 +299,3 @@ def test_gpu_kernel_rounded_mean_is_that_of_its_parts(rows, dtype):
     whole = jax.jit(lambda v: BATCH_FORMULATIONS["cuda"](v, masked, jnp.float32))(xd)
     parts = jax.jit(lambda v: FORMULATIONS["cuda"](v, masked, jnp.float32).moments())(xd)
     assert np.asarray(whole.var).tobytes() == np.asarray(parts.var).tobytes()
-
-
-def test_gpu_kernel_rounded_mean_second_order_derivative():
-    """The Hessian-vector product of `test_gpu_kernel_second_order_derivative` through the
-    single-participant entry's custom JVP."""
-    rng = np.random.default_rng(5)
-    x = jnp.asarray(rng.normal(size=(300, 3)) * 2 + 1, jnp.float32)
-    t = jnp.asarray(rng.normal(size=(300, 3)), jnp.float32)
-    b = jnp.asarray([1.0, -0.5, 2.0], jnp.float32)
-    layout = _options.resolve(x, -1, None)
-
-    def objective(v):
-        return jnp.sum(b * BATCH_FORMULATIONS["cuda"](v, layout, jnp.float32).var)
-
-    hvp = jax.jit(lambda v, u: jax.jvp(jax.grad(objective), (v,), (u,))[1])(x, t)
-    t64 = np.asarray(t, np.float64)
-    expected = 2 * np.asarray(b) * (t64 - t64.mean(0)) / 300
-    np.testing.assert_allclose(np.asarray(hvp), expected, rtol=1e-4, atol=1e-7)
