@@ -58,7 +58,8 @@ fuzz: $(STAMP)
 
 # The accelerator plans (benchmarks/accelerators.py): jbn and its peers compiled deviceless for TPU v5e
 # (libtpu, jax's tpu extra) and for NVIDIA H100 and H200 (the CUDA 12 plugin, no CUDA runtime needed), in an
-# environment of their own so the test environment keeps plain jaxlib. Rewrites benchmarks/RESULTS-accelerators.md.
+# environment of their own so the test environment keeps plain jaxlib. Rewrites benchmarks/RESULTS-accelerators.md,
+# then benchmarks/RESULTS-tpu-conv-fusion.md (benchmarks/tpu_conv_fusion.py: statistics beside a convolution on TPU).
 ACCEL_VENV  ?= .venv-accel
 ACCEL_PY    := $(ACCEL_VENV)/bin/python
 ACCEL_STAMP := $(ACCEL_VENV)/.installed
@@ -81,6 +82,7 @@ accel-env: $(ACCEL_STAMP)
 
 bench-accelerators: $(ACCEL_STAMP)
 	$(ACCEL_PY) -m benchmarks.accelerators
+	$(ACCEL_PY) -m benchmarks.tpu_conv_fusion
 
 # jbn's accelerator plans against flax's (tests/test_accelerator_plans.py; compile properties, not timings).
 test-accelerators: $(ACCEL_STAMP)

@@ -55,6 +55,9 @@ writes 5 results to flax's 2; at 4096x1024 bfloat16 the stack and the all-gather
 charged 114,688 bytes against 53,248 for flax's all-reduce and its whole per-feature fusion.
 Without it (remote DMA) the reduce's extra results and the kernel's own operands still
 leave jbn 0.0011x above flax there.
+
+Since then jbn's own exchange gathers the groups' values as one flat vector (the `jbn` column
+above is the stacked exchange of its time): 12 kernels, 1.00035 and 1.01269 in those two cases.
 """
 
 from __future__ import annotations

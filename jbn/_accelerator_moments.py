@@ -82,10 +82,14 @@ def _chan_reduce(x: Array, valid: Array | None, reduce: tuple[int, ...], dtype) 
 # the gathered rows in kernels of their own: 15-29 kernels on TPU v5e where flax has 9. The
 # mesh of an Auto-sharded array is known when tracing, how XLA splits it is not: so the batch is
 # cut into one group per device of the mesh, each group reduced where its rows are, the groups'
-# (mean hi, mean lo, M2 hi, lo) stacked into one array and exchanged in ONE all-gather (a
-# shard_map over the whole mesh; a batch split over fewer devices only re-slices the small
-# stacked array), and the groups merged with Chan's formula as the reduction merges its parts.
-# Each group holds total / groups elements per feature: the count needs no exchange.
+# (mean hi, mean lo, M2 hi, lo) laid end to end in one flat vector and exchanged in ONE
+# all-gather (a shard_map over the whole mesh; a batch split over fewer devices only re-slices
+# the small gathered vector), and the groups merged with Chan's formula as the reduction merges
+# its parts. Each group holds total / groups elements per feature: the count needs no exchange.
+# Flat, not stacked on a new axis: TPU tiles the second-minor axis in sublanes, so a gathered
+# (groups, 4, features) array was sliced apart in a kernel of its own, where slices of the
+# flat vector at multiples of the feature size are read by the merge itself (30-36% fewer
+# bytes than flax's in excess on every op-level case, benchmarks/RESULTS-accelerators.md).
 
 
 def _device_groups(x: Array, valid: Array | None, reduce: tuple[int, ...]) -> int:
@@ -117,9 +121,16 @@ def _grouped_reduce(xs: Array, reduce: tuple[int, ...], dtype, total: int, group
         out_specs=jax.sharding.PartitionSpec(),
         check_vma=False,
     )
-    rows = gather(jnp.stack((hi, lo, q, r), axis=1))  # (groups, 4, features...), replicated
-    count = jnp.full(hi.shape[1:], total // groups, dtype)
-    parts = [(count, *(rows[g, i] for i in range(4))) for g in range(groups)]
+    features = hi.shape[1:]
+    size = math.prod(features)
+    flat = gather(jnp.concatenate([v.reshape(groups, size) for v in (hi, lo, q, r)], axis=1).reshape(-1))
+
+    def piece(g: int, i: int) -> Array:  # statistic i of group g, from the flat (groups * 4 * size,) vector
+        start = (4 * g + i) * size
+        return flat[start : start + size].reshape(features)
+
+    count = jnp.full(features, total // groups, dtype)
+    parts = [(count, *(piece(g, i) for i in range(4))) for g in range(groups)]
     while len(parts) > 1:  # a merge tree: log2(groups) levels
         merged = [merge(parts[i], parts[i + 1]) for i in range(0, len(parts) - 1, 2)]
         parts = merged + parts[len(parts) - len(parts) % 2 :]
