@@ -18,7 +18,13 @@ from mkdocs.structure.files import File, Files
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 # (folder, patterns): what the reports consist of; anything else in those folders stays out.
 REPORTS = {
-    "benchmarks": ["RESULTS.md", "RESULTS-accelerators.md", "RESULTS-tpu-conv-fusion.md", "*.png"],
+    "benchmarks": [
+        "RESULTS.md",
+        "RESULTS-accelerators.md",
+        "RESULTS-tpu-conv-fusion.md",
+        "RESULTS-running-shift.md",
+        "*.png",
+    ],
     "experiments": ["README.md", "results/*/*.md", "results/*/*.png"],
 }
 LINK = re.compile(r"\]\(([^)#\s]+)")  # the target of a Markdown link or image, without its anchor

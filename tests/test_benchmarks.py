@@ -253,3 +253,37 @@ def test_device_script_dry_run(tmp_path):
     text = reports[0].read_text()
     assert "Dry run" in text and "probe ok" in text and "op ok" in text and "model ok" in text, text[:2000]
     assert "against the bandwidth roofline" in text and "## Model level" in text and "## Op-level suite" in text
+
+
+# benchmarks/running_shift.py: the pieces its table is computed from.
+
+
+def test_running_shift_tree_sum_adds_pairwise_in_float32():
+    from benchmarks import running_shift
+
+    rng = np.random.default_rng(0)
+    for rows in (1, 2, 7, 160, 1281):
+        a = rng.normal(size=(rows, 3)).astype(np.float32) + 100
+        total = running_shift.tree_sum(a)
+        assert total.dtype == np.float32
+        np.testing.assert_allclose(
+            total, a.astype(np.float64).sum(0), rtol=4 * np.finfo(np.float32).eps * np.log2(2 * rows)
+        )
+    # the pairwise order: (1 + 2^24) + (1 + 1) = 2^24 + 2, where adding row after row rounds each 1 away
+    np.testing.assert_equal(
+        running_shift.tree_sum(np.float32([[1.0], [2.0**24], [1.0], [1.0]])), np.float32([2.0**24 + 2])
+    )
+
+
+def test_running_shift_summary_counts_acceptance_and_the_settling_step():
+    from benchmarks import running_shift
+
+    steps, layers = running_shift.STEPS, 2
+    ratio = np.zeros((steps, layers))
+    ratio[[0, 5], 0] = running_shift.SHIFT_BOUND * 2  # layer 0 rejected at steps 0 and 5, then never again
+    run = {"ratio": ratio.tolist(), "error": np.full((steps, layers), 1e-7).tolist()}
+    run |= {"error_exact": run["error"], "error_two_pass": run["error"], "loss": [0.5] * steps}
+    summary = running_shift.summarize([run])
+    assert summary["accepted"] == pytest.approx(1 - 2 / (steps * layers))
+    assert summary["phases"]["0-0"] == 0.5 and summary["phases"]["1-9"] == pytest.approx(1 - 1 / 18)
+    assert summary["settled_max"] == 6 and summary["settled_median"] == 3
