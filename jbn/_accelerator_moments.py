@@ -88,8 +88,12 @@ def _chan_reduce(x: Array, valid: Array | None, reduce: tuple[int, ...], dtype) 
 # its parts. Each group holds total / groups elements per feature: the count needs no exchange.
 # Flat, not stacked on a new axis: TPU tiles the second-minor axis in sublanes, so a gathered
 # (groups, 4, features) array was sliced apart in a kernel of its own, where slices of the
-# flat vector at multiples of the feature size are read by the merge itself (30-36% fewer
-# bytes than flax's in excess on every op-level case, benchmarks/RESULTS-accelerators.md).
+# flat vector at multiples of the feature size are read by the merge itself. Each device lays
+# out its own values inside the shard_map (the reductions stay outside it, where XLA places
+# them with the rows, however `x` is split): the all-gather is then one of a 1-D vector, and at
+# 256-1024 features nothing is sliced out of it on its own (benchmarks/RESULTS-accelerators.md:
+# the forward's excess over flax's bytes 23-39% smaller in every op-level case, one kernel fewer
+# in the forward at 512 and 1024 features and in forward+backward at 256-1024).
 
 
 def _device_groups(x: Array, valid: Array | None, reduce: tuple[int, ...]) -> int:
@@ -115,15 +119,15 @@ def _grouped_reduce(xs: Array, reduce: tuple[int, ...], dtype, total: int, group
     axes = tuple(mesh.axis_names)
     spec = jax.sharding.PartitionSpec(axes)
     gather = jax.shard_map(
-        lambda v: lax.all_gather(v, axes, axis=0, tiled=True),
+        lambda *v: lax.all_gather(jnp.concatenate([s.reshape(-1) for s in v]), axes, axis=0, tiled=True),
         mesh=mesh,
-        in_specs=spec,
+        in_specs=(spec,) * 4,
         out_specs=jax.sharding.PartitionSpec(),
         check_vma=False,
     )
     features = hi.shape[1:]
     size = math.prod(features)
-    flat = gather(jnp.concatenate([v.reshape(groups, size) for v in (hi, lo, q, r)], axis=1).reshape(-1))
+    flat = gather(hi, lo, q, r)
 
     def piece(g: int, i: int) -> Array:  # statistic i of group g, from the flat (groups * 4 * size,) vector
         start = (4 * g + i) * size
