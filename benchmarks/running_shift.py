@@ -153,9 +153,8 @@ def summarize(runs: list[dict]) -> dict:
     error = np.array([r["error"] for r in runs])
     accepted = ratio <= SHIFT_BOUND
     out = {"accepted": float(accepted.mean()), "phases": {}}
-    for first, last in PHASES:
-        window = accepted[:, first:last]
-        out["phases"][f"{first}-{last - 1}"] = float(window.mean())
+    for name, (first, last) in zip(summary_phases(), PHASES):
+        out["phases"][name] = float(accepted[:, first:last].mean())
     # per (seed, layer): the first step from which every later step is accepted
     settled = []
     for s in range(ratio.shape[0]):

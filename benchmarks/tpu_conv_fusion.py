@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import re
 import time
@@ -60,11 +61,18 @@ def _conv(x: jax.Array, w: jax.Array) -> jax.Array:
     return lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
+@functools.cache
+def _layer(make, channels: int, dtype) -> tuple:
+    """(apply, params) of a peers.make_* layer, made once per (layer, channels, dtype), not per trace."""
+    apply, params, _ = make(jnp.zeros((2, 1, 1, channels), dtype))
+    return apply, params
+
+
 def _module_norm(make):
     """A norm from a peers.make_* layer: (y, running mean, running var) -> (out, mean, var)."""
 
     def norm(y, mean, var):
-        apply, params, _ = make(jnp.zeros((2, 1, 1, y.shape[-1]), y.dtype))
+        apply, params = _layer(make, y.shape[-1], y.dtype)
         out, state = apply(params, {"mean": mean, "var": var}, y, True)
         return out, state["mean"], state["var"]
 
@@ -81,14 +89,14 @@ def _shifted(y, mean, var):
 def _guarded(y, mean, var):
     import jbn
 
-    stats = jbn.moments(y, axis=-1, shift=mean)
-    near = jnp.all(jnp.square(stats.mean - mean) <= SHIFT_BOUND * stats.var)
+    shifted = _shifted(y, mean, var)
+    near = jnp.all(jnp.square(shifted[0] - mean) <= SHIFT_BOUND * shifted[1])
 
     def exact(y):
         s = jbn.moments(y, axis=-1)
         return s.mean, s.var
 
-    return lax.cond(near, lambda y: (stats.mean, stats.var), exact, y)
+    return lax.cond(near, lambda y: shifted, exact, y)
 
 
 def _functional_norm(statistics):
@@ -217,34 +225,25 @@ def write(results: dict, out: Path) -> None:
         "",
     ]
     for dtype, rows in results["conv_stack"].items():
-        flax = rows[accelerators.FLAX]
-        lines += [
-            f"## {LAYERS} x (3x3 convolution, batch norm, relu), {'x'.join(map(str, SHAPE))}, {dtype}, training forward",
-            "",
-            "| statistics | kernels | bytes | / flax's | convolution fusions that also reduce |",
-            "|---|---|---|---|---|",
-        ]
-        for name, row in rows.items():
-            ratio = row["hbm_bytes"] / flax["hbm_bytes"]
-            lines.append(
-                f"| {name} | {row['kernels']} | {row['hbm_bytes']:,} | {ratio:.4f} | "
-                f"{row['conv_fusions_reducing']} of {row['conv_fusions']} |"
-            )
-        lines.append("")
+        title = (
+            f"{LAYERS} x (3x3 convolution, batch norm, relu), {'x'.join(map(str, SHAPE))}, {dtype}, training forward"
+        )
+        fused = {name: f"{row['conv_fusions_reducing']} of {row['conv_fusions']}" for name, row in rows.items()}
+        lines += _table(title, "statistics", rows, ("convolution fusions that also reduce", fused))
     for dtype, rows in results.get("resnet", {}).items():
-        flax = rows[accelerators.FLAX]
-        lines += [
-            f"## ResNet-18 training step (batch 128, 224x224), {dtype}",
-            "",
-            "| variant | kernels | bytes | / flax's |",
-            "|---|---|---|---|",
-        ]
-        for name, row in rows.items():
-            lines.append(
-                f"| {name} | {row['kernels']} | {row['hbm_bytes']:,} | {row['hbm_bytes'] / flax['hbm_bytes']:.4f} |"
-            )
-        lines.append("")
+        lines += _table(f"ResNet-18 training step (batch 128, 224x224), {dtype}", "variant", rows)
     (out / "RESULTS-tpu-conv-fusion.md").write_text("\n".join(lines))
+
+
+def _table(title: str, first: str, rows: dict, extra: tuple[str, dict] | None = None) -> list[str]:
+    """A section: each row's kernels, bytes and bytes over flax's, and optionally one more column."""
+    flax = rows[accelerators.FLAX]
+    head = f"| {first} | kernels | bytes | / flax's |" + (f" {extra[0]} |" if extra else "")
+    lines = [f"## {title}", "", head, "|---" * head.count(" |") + "|"]
+    for name, row in rows.items():
+        cells = f"| {name} | {row['kernels']} | {row['hbm_bytes']:,} | {row['hbm_bytes'] / flax['hbm_bytes']:.4f} |"
+        lines.append(cells + (f" {extra[1][name]} |" if extra else ""))
+    return [*lines, ""]
 
 
 def main(argv=None) -> dict:
